@@ -1,0 +1,210 @@
+//! Grouped-query causal attention through libtorch's fused kernels, with the backward called
+//! explicitly so that the saved tensors (q, k, v, output, logsumexp) are ours to place.
+//!
+//! - CPU: `_scaled_dot_product_flash_attention_for_cpu` and its backward.
+//! - CUDA: `_scaled_dot_product_efficient_attention` (memory-efficient, supports float32 too) and
+//!   `_efficient_attention_backward`; both are in tch's generated API, so no C++ shim is needed
+//!   for this pair.
+//!
+//! The fused kernels take as many key/value heads as query heads, so grouped-query attention
+//! expands k/v before the call (HF's `repeat_kv`: query head h reads kv head h / n_rep) and sums
+//! the expanded gradients back per kv head. The logsumexp is the statistic that makes backward
+//! possible without the [T, T] score matrix; it is saved beside the output.
+use tch::{Device, Kind, Tensor};
+
+use crate::KernelError;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnConfig {
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+    /// Softmax scale; 1/sqrt(head_dim) for the supported models.
+    pub scale: f64,
+    /// Mistral-style sliding window: query i sees keys j with i - window < j ≤ i.
+    pub sliding_window: Option<i64>,
+}
+
+/// Everything backward needs, token-major where it has a token axis.
+pub struct Saved {
+    /// `[T, heads, head_dim]` queries after RoPE.
+    pub q: Tensor,
+    /// `[T, kv_heads, head_dim]` keys after RoPE.
+    pub k: Tensor,
+    /// `[T, kv_heads, head_dim]`
+    pub v: Tensor,
+    /// `[T, heads, head_dim]` attention output (before o_proj).
+    pub out: Tensor,
+    /// `[heads, T']` float32 logsumexp of each query's scores; T' ≥ T (the CUDA kernel pads to 32).
+    pub lse: Tensor,
+    /// CUDA only: the RNG state the efficient kernel reports (unused without dropout, but its
+    /// backward takes it).
+    pub philox: Option<(Tensor, Tensor)>,
+}
+
+/// `[T, h, d]` → `[1, h, T, d]`, a view (memory stays token-major, which the kernels accept).
+fn to_bhtd(x: &Tensor) -> Tensor {
+    x.transpose(0, 1).unsqueeze(0)
+}
+
+/// `[1, h, T, d]` → `[T, h, d]` contiguous.
+fn from_bhtd(x: &Tensor) -> Tensor {
+    x.squeeze_dim(0).transpose(0, 1).contiguous()
+}
+
+/// HF `repeat_kv`: `[1, kv, T, d]` → `[1, kv·n_rep, T, d]`.
+fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
+    if n_rep == 1 {
+        return x.shallow_clone();
+    }
+    let s = x.size();
+    x.unsqueeze(2).expand([s[0], s[1], n_rep, s[2], s[3]], false).reshape([s[0], s[1] * n_rep, s[2], s[3]])
+}
+
+/// Sum of the expanded heads' gradients per kv head: `[1, kv·n_rep, T, d]` → `[T, kv, d]`.
+fn reduce_kv(g: &Tensor, n_rep: i64) -> Tensor {
+    if n_rep == 1 {
+        return from_bhtd(g);
+    }
+    let s = g.size();
+    let r = g.reshape([s[0], s[1] / n_rep, n_rep, s[2], s[3]]).sum_dim_intlist(2, false, g.kind());
+    from_bhtd(&r)
+}
+
+/// Additive mask for a sliding window, or None when the window does not bite (T ≤ window).
+/// Materialises [T, T]: only for windowed models at lengths beyond their window.
+fn window_mask(t: i64, cfg: &AttnConfig, kind: Kind, device: Device) -> Option<Tensor> {
+    let w = cfg.sliding_window?;
+    if t <= w {
+        return None;
+    }
+    let i = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(1);
+    let j = Tensor::arange(t, (Kind::Int64, device)).unsqueeze(0);
+    let allowed = j.le_tensor(&i).logical_and(&(&i - &j).lt(w));
+    Some(Tensor::zeros([t, t], (kind, device)).masked_fill(&allowed.logical_not(), f64::NEG_INFINITY))
+}
+
+fn check(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttnConfig) -> Result<i64, KernelError> {
+    let (qs, ks, vs) = (q.size(), k.size(), v.size());
+    let t = qs.first().copied().unwrap_or(0);
+    if qs != [t, cfg.heads, cfg.head_dim] || ks != [t, cfg.kv_heads, cfg.head_dim] || vs != ks {
+        return Err(KernelError::shape(
+            "attention",
+            format!(
+                "q {qs:?}, k {ks:?}, v {vs:?} do not match heads={} kv_heads={} head_dim={}",
+                cfg.heads, cfg.kv_heads, cfg.head_dim
+            ),
+        ));
+    }
+    if cfg.kv_heads == 0 || cfg.heads % cfg.kv_heads != 0 {
+        return Err(KernelError::shape("attention", format!("heads {} not a multiple of kv_heads {}", cfg.heads, cfg.kv_heads)));
+    }
+    Ok(t)
+}
+
+/// Causal attention. Returns the output `[T, heads, head_dim]` and what backward needs.
+///
+/// # Shapes
+/// - `q`: `[T, heads, head_dim]`, `k`/`v`: `[T, kv_heads, head_dim]` → `[T, heads, head_dim]`
+pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttnConfig) -> Result<(Tensor, Saved), KernelError> {
+    let t = check(q, k, v, cfg)?;
+    let n_rep = cfg.heads / cfg.kv_heads;
+    let (q4, k4, v4) = (to_bhtd(q), repeat_kv(&to_bhtd(k), n_rep), repeat_kv(&to_bhtd(v), n_rep));
+    let (out4, lse, philox) = match q.device() {
+        Device::Cpu => {
+            let mask = window_mask(t, cfg, q.kind(), q.device());
+            let (o, l) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(
+                &q4,
+                &k4,
+                &v4,
+                0.0,
+                mask.is_none(),
+                mask.as_ref(),
+                cfg.scale,
+            )
+            .map_err(KernelError::torch("attention forward (cpu flash)"))?;
+            (o, l, None)
+        }
+        _ => {
+            if window_mask(t, cfg, q.kind(), Device::Cpu).is_some() {
+                return Err(KernelError::shape(
+                    "attention",
+                    format!("sliding window {:?} shorter than the sequence ({t}) is not supported on CUDA yet", cfg.sliding_window),
+                ));
+            }
+            let (o, l, seed, offset) = Tensor::f_internal_scaled_dot_product_efficient_attention(
+                &q4,
+                &k4,
+                &v4,
+                None::<Tensor>,
+                true,
+                0.0,
+                true,
+                cfg.scale,
+            )
+            .map_err(KernelError::torch("attention forward (cuda efficient)"))?;
+            (o, l, Some((seed, offset)))
+        }
+    };
+    let out = from_bhtd(&out4);
+    let lse = lse.squeeze_dim(0);
+    let saved = Saved { q: q.shallow_clone(), k: k.shallow_clone(), v: v.shallow_clone(), out: out.shallow_clone(), lse, philox };
+    Ok((out, saved))
+}
+
+/// Returns `(grad_q, grad_k, grad_v)` in the forward inputs' shapes.
+pub fn backward(grad_out: &Tensor, saved: &Saved, cfg: &AttnConfig) -> Result<(Tensor, Tensor, Tensor), KernelError> {
+    let t = check(&saved.q, &saved.k, &saved.v, cfg)?;
+    let n_rep = cfg.heads / cfg.kv_heads;
+    let q4 = to_bhtd(&saved.q);
+    let k4 = repeat_kv(&to_bhtd(&saved.k), n_rep);
+    let v4 = repeat_kv(&to_bhtd(&saved.v), n_rep);
+    let lse = saved.lse.unsqueeze(0);
+    let (dq4, dk4, dv4) = match &saved.philox {
+        None => {
+            let mask = window_mask(t, cfg, saved.q.kind(), saved.q.device());
+            Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(
+                &to_bhtd(&grad_out.contiguous()),
+                &q4,
+                &k4,
+                &v4,
+                &to_bhtd(&saved.out),
+                &lse,
+                0.0,
+                mask.is_none(),
+                mask.as_ref(),
+                cfg.scale,
+            )
+            .map_err(KernelError::torch("attention backward (cpu flash)"))?
+        }
+        Some((seed, offset)) => {
+            // _efficient_attention_backward takes [B, T, H, D] tensors.
+            let bthd = |x: &Tensor| x.transpose(1, 2);
+            let (dq, dk, dv, _dbias) = Tensor::f_internal_efficient_attention_backward(
+                &grad_out.contiguous().unsqueeze(0),
+                &bthd(&q4),
+                &bthd(&k4),
+                &bthd(&v4),
+                None::<Tensor>,
+                &saved.out.unsqueeze(0),
+                None::<Tensor>,
+                None::<Tensor>,
+                t,
+                t,
+                &lse,
+                0.0,
+                seed,
+                offset,
+                1, // causal, diagonal from the top left
+                false,
+                cfg.scale,
+                None,
+                None,
+                false,
+            )
+            .map_err(KernelError::torch("attention backward (cuda efficient)"))?;
+            (bthd(&dq), bthd(&dk), bthd(&dv))
+        }
+    };
+    Ok((from_bhtd(&dq4), reduce_kv(&dk4, n_rep), reduce_kv(&dv4, n_rep)))
+}

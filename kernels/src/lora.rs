@@ -1,0 +1,59 @@
+//! LoRA linear (PEFT's definition): `y = x Wᵀ + b + s · B(A(dropout(x)))`, `s = alpha / rank`.
+//! The base weight is frozen: backward never allocates a gradient for it.
+use tch::{Kind, Tensor};
+
+pub struct Saved {
+    /// `[T, in]` the input (shared with whatever else reads it; not a copy).
+    pub x: Tensor,
+    /// `[T, in]` bool keep-mask of the dropout, when dropout is active.
+    pub keep: Option<Tensor>,
+    /// `[T, rank]` `A(dropout(x))`, the low-rank activation (small: rank ≪ in).
+    pub xa: Tensor,
+}
+
+/// The adapter's hyper-parameters and its trainable pair.
+pub struct Adapter<'a> {
+    /// `[rank, in]`
+    pub a: &'a Tensor,
+    /// `[out, rank]`
+    pub b: &'a Tensor,
+    /// alpha / rank
+    pub scale: f64,
+    /// dropout probability on the adapter's input (training only).
+    pub dropout: f64,
+}
+
+fn dropped(x: &Tensor, keep: Option<&Tensor>, p: f64) -> Tensor {
+    match keep {
+        Some(k) => x * k.to_kind(x.kind()) / (1.0 - p),
+        None => x.shallow_clone(),
+    }
+}
+
+/// # Shapes
+/// - `x`: `[T, in]`, `weight`: `[out, in]`, `bias`: `[out]` → `[T, out]`
+///
+/// `train` enables dropout (its keep-mask is drawn from libtorch's generator, so a seeded run
+/// repeats).
+pub fn forward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, ad: &Adapter, train: bool) -> (Tensor, Saved) {
+    let keep = (train && ad.dropout > 0.0).then(|| x.ones_like().bernoulli_float_(1.0 - ad.dropout).to_kind(Kind::Bool));
+    let xd = dropped(x, keep.as_ref(), ad.dropout);
+    let xa = xd.matmul(&ad.a.tr());
+    let y = crate::linear::apply(x, weight, bias) + xa.matmul(&ad.b.tr()) * ad.scale;
+    (y, Saved { x: x.shallow_clone(), keep, xa })
+}
+
+pub struct Grads {
+    pub x: Tensor,
+    pub a: Tensor,
+    pub b: Tensor,
+}
+
+pub fn backward(grad_out: &Tensor, saved: &Saved, weight: &Tensor, ad: &Adapter) -> Grads {
+    let gb = grad_out.tr().matmul(&saved.xa) * ad.scale; // [out, rank]
+    let dxa = grad_out.matmul(ad.b) * ad.scale; // [T, rank]
+    let xd = dropped(&saved.x, saved.keep.as_ref(), ad.dropout);
+    let ga = dxa.tr().matmul(&xd); // [rank, in]
+    let dx = grad_out.matmul(weight) + dropped(&dxa.matmul(ad.a), saved.keep.as_ref(), ad.dropout);
+    Grads { x: dx, a: ga, b: gb }
+}

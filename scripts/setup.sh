@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One idempotent set-up step for `make demo` / `make test`: apt packages, the pinned torch in .venv.
+# Re-running it is cheap: every step checks before it acts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TORCH_VERSION=2.11.0
+TRANSFORMERS_VERSION=5.23.0
+# g++ builds tch's C++ glue; pkg-config and python3-venv for the venv.
+APT_PACKAGES=(g++ make pkg-config python3-venv)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  echo "setup: apt-get install ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+
+if [ ! -x .venv/bin/python3 ]; then
+  echo "setup: creating .venv"
+  python3 -m venv .venv
+fi
+have=$(.venv/bin/python3 -c 'import torch; print(torch.__version__)' 2>/dev/null || true)
+case "$have" in
+  "$TORCH_VERSION"|"$TORCH_VERSION"+*) ;;
+  *)
+    echo "setup: installing torch==$TORCH_VERSION into .venv (~2.6 GB download, ~1.5 min)"
+    .venv/bin/python3 -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION"
+    ;;
+esac
+# transformers is the independent reference that tests compare strata's losses and RoPE tables with.
+if ! .venv/bin/python3 -c 'import transformers, numpy; assert transformers.__version__ == "'"$TRANSFORMERS_VERSION"'"' 2>/dev/null; then
+  echo "setup: installing transformers==$TRANSFORMERS_VERSION (test reference)"
+  .venv/bin/python3 -m pip install -q --disable-pip-version-check "transformers==$TRANSFORMERS_VERSION" numpy
+fi
+echo "setup: ok (torch $(.venv/bin/python3 -c 'import torch; print(torch.__version__)'))"

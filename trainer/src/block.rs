@@ -1,0 +1,181 @@
+//! One decoder block: `h = x + o(attn(rope(q(n1(x))), rope(k(n1(x))), v(n1(x))))`,
+//! `y = h + down(silu(gate(n2(h))) * up(n2(h)))`, composed from the explicit ops in `kernels`.
+//!
+//! This is where a layer's activations are saved: [`BlockSaved`] is the complete list, every
+//! tensor token-major `[T, ...]`. Whoever holds a `BlockSaved` between forward and backward
+//! decides where its tensors live.
+use kernels::attention::{self, AttnConfig};
+use kernels::rope::RopeConfig;
+use kernels::{linear, rmsnorm, rope, swiglu};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::model::{Layer, Linear};
+
+/// What every layer of one sequence shares: RoPE tables and attention shapes.
+pub struct Context {
+    /// `[T, head_dim]`
+    pub cos: Tensor,
+    /// `[T, head_dim]`
+    pub sin: Tensor,
+    pub attn: Vec<AttnConfig>,
+    pub eps: f64,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+}
+
+impl Context {
+    /// For one sequence of `t` tokens at positions 0..t.
+    pub fn new(cfg: &ModelConfig, t: i64, kind: Kind, device: Device) -> Context {
+        let positions = Tensor::arange(t, (Kind::Int64, Device::Cpu));
+        Self::with_positions(cfg, &cfg.rope, &positions, kind, device)
+    }
+
+    pub fn with_positions(cfg: &ModelConfig, rope_cfg: &RopeConfig, positions: &Tensor, kind: Kind, device: Device) -> Context {
+        let (cos, sin) = rope_cfg.cos_sin(positions, kind, device);
+        let attn = cfg
+            .sliding_window
+            .iter()
+            .map(|w| AttnConfig {
+                heads: cfg.num_heads,
+                kv_heads: cfg.num_kv_heads,
+                head_dim: cfg.head_dim,
+                scale: 1.0 / (cfg.head_dim as f64).sqrt(),
+                sliding_window: *w,
+            })
+            .collect();
+        Context { cos, sin, attn, eps: cfg.rms_norm_eps, heads: cfg.num_heads, kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim }
+    }
+}
+
+/// Every activation one block keeps for its backward, token-major.
+pub struct BlockSaved {
+    /// `[T, D]` the layer input (the residual stream entering the block).
+    pub x: Tensor,
+    /// `[T, 1]` 1/rms of `x` (input_layernorm statistics).
+    pub rstd_attn: Tensor,
+    /// `[T, D]` input_layernorm(x): the input of q/k/v.
+    pub x_attn: Tensor,
+    /// q, k, v after RoPE, attention output and its logsumexp.
+    pub attn: attention::Saved,
+    /// `[T, D]` residual after attention: the input of post_attention_layernorm.
+    pub h: Tensor,
+    /// `[T, 1]` 1/rms of `h`.
+    pub rstd_mlp: Tensor,
+    /// `[T, D]` post_attention_layernorm(h): the input of gate/up.
+    pub x_mlp: Tensor,
+    /// `[T, I]` gate projection output.
+    pub gate: Tensor,
+    /// `[T, I]` up projection output.
+    pub up: Tensor,
+    /// `[T, I]` silu(gate)·up: the input of down_proj.
+    pub act: Tensor,
+}
+
+impl BlockSaved {
+    /// Every saved tensor by name, for accounting and placement.
+    pub fn named(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![
+            ("x", &self.x),
+            ("rstd_attn", &self.rstd_attn),
+            ("x_attn", &self.x_attn),
+            ("q", &self.attn.q),
+            ("k", &self.attn.k),
+            ("v", &self.attn.v),
+            ("attn_out", &self.attn.out),
+            ("attn_lse", &self.attn.lse),
+            ("h", &self.h),
+            ("rstd_mlp", &self.rstd_mlp),
+            ("x_mlp", &self.x_mlp),
+            ("gate", &self.gate),
+            ("up", &self.up),
+            ("act", &self.act),
+        ]
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.named().iter().map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum()
+    }
+}
+
+fn proj(lin: &Linear, x: &Tensor) -> Tensor {
+    linear::apply(x, &lin.weight, lin.bias.as_ref())
+}
+
+/// # Shapes
+/// - `x`: `[T, D]` → `[T, D]`
+pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize) -> Result<(Tensor, BlockSaved)> {
+    let t = x.size()[0];
+    let (x_attn, s1) = rmsnorm::forward(x, &layer.input_layernorm, ctx.eps);
+    let q = proj(&layer.q_proj, &x_attn).view([t, ctx.heads, ctx.head_dim]);
+    let k = proj(&layer.k_proj, &x_attn).view([t, ctx.kv_heads, ctx.head_dim]);
+    let v = proj(&layer.v_proj, &x_attn).view([t, ctx.kv_heads, ctx.head_dim]);
+    let q = rope::forward(&q, &ctx.cos, &ctx.sin);
+    let k = rope::forward(&k, &ctx.cos, &ctx.sin);
+    let (o, attn_saved) = attention::forward(&q, &k, &v, &ctx.attn[layer_idx])?;
+    let h = x + proj(&layer.o_proj, &o.view([t, ctx.heads * ctx.head_dim]));
+    let (x_mlp, s2) = rmsnorm::forward(&h, &layer.post_attention_layernorm, ctx.eps);
+    let gate = proj(&layer.gate_proj, &x_mlp);
+    let up = proj(&layer.up_proj, &x_mlp);
+    let (act, _) = swiglu::forward(&gate, &up);
+    let y = &h + proj(&layer.down_proj, &act);
+    let saved = BlockSaved {
+        x: x.shallow_clone(),
+        rstd_attn: s1.rstd,
+        x_attn,
+        attn: attn_saved,
+        h,
+        rstd_mlp: s2.rstd,
+        x_mlp,
+        gate,
+        up,
+        act,
+    };
+    Ok((y, saved))
+}
+
+/// Gradients of one projection, pushed under its HF sub-names.
+fn proj_backward(dy: &Tensor, x: &Tensor, lin: &Linear, name: &str, grads: &mut Vec<(String, Tensor)>) -> Tensor {
+    let g = linear::backward(dy, &linear::Saved { x: x.shallow_clone() }, &lin.weight, true, lin.bias.is_some());
+    if let Some(w) = g.weight {
+        grads.push((format!("{name}.weight"), w));
+    }
+    if let Some(b) = g.bias {
+        grads.push((format!("{name}.bias"), b));
+    }
+    g.x
+}
+
+/// Consumes the layer's saved activations; returns the gradient of the block input and the
+/// parameter gradients under their names relative to `model.layers.{i}`.
+pub fn backward(layer: &Layer, dy: &Tensor, s: BlockSaved, ctx: &Context, layer_idx: usize) -> Result<(Tensor, Vec<(String, Tensor)>)> {
+    let t = dy.size()[0];
+    let mut grads = Vec::new();
+    // MLP
+    let dact = proj_backward(dy, &s.act, &layer.down_proj, "mlp.down_proj", &mut grads);
+    let (dgate, dup) = swiglu::backward(&dact, &swiglu::Saved { gate: s.gate, up: s.up });
+    let dx_mlp = proj_backward(&dgate, &s.x_mlp, &layer.gate_proj, "mlp.gate_proj", &mut grads)
+        + proj_backward(&dup, &s.x_mlp, &layer.up_proj, "mlp.up_proj", &mut grads);
+    let (dh_norm, dw2) = rmsnorm::backward(&dx_mlp, &rmsnorm::Saved { x: s.h, rstd: s.rstd_mlp }, &layer.post_attention_layernorm, true);
+    if let Some(w) = dw2 {
+        grads.push(("post_attention_layernorm.weight".into(), w));
+    }
+    let dh = dy + dh_norm;
+    // Attention
+    let o_flat = s.attn.out.view([t, ctx.heads * ctx.head_dim]);
+    let do_ = proj_backward(&dh, &o_flat, &layer.o_proj, "self_attn.o_proj", &mut grads);
+    let (dq, dk, dv) = attention::backward(&do_.view([t, ctx.heads, ctx.head_dim]), &s.attn, &ctx.attn[layer_idx])?;
+    let dq = rope::backward(&dq, &ctx.cos, &ctx.sin).view([t, ctx.heads * ctx.head_dim]);
+    let dk = rope::backward(&dk, &ctx.cos, &ctx.sin).view([t, ctx.kv_heads * ctx.head_dim]);
+    let dv = dv.view([t, ctx.kv_heads * ctx.head_dim]);
+    let dx_attn = proj_backward(&dq, &s.x_attn, &layer.q_proj, "self_attn.q_proj", &mut grads)
+        + proj_backward(&dk, &s.x_attn, &layer.k_proj, "self_attn.k_proj", &mut grads)
+        + proj_backward(&dv, &s.x_attn, &layer.v_proj, "self_attn.v_proj", &mut grads);
+    let (dx_norm, dw1) = rmsnorm::backward(&dx_attn, &rmsnorm::Saved { x: s.x, rstd: s.rstd_attn }, &layer.input_layernorm, true);
+    if let Some(w) = dw1 {
+        grads.push(("input_layernorm.weight".into(), w));
+    }
+    Ok((dh + dx_norm, grads))
+}

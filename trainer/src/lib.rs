@@ -1,0 +1,20 @@
+//! The trainer: Hugging Face checkpoints, the decoder with explicit backward, evaluation.
+//!
+//! Where to look:
+//! - [`config`]: `config.json` → validated [`config::ModelConfig`]
+//! - [`checkpoint`]: safetensors (single or sharded), memory-mapped
+//! - [`model`]: parameters by HF name, whole-model forward + explicit backward
+//! - [`block`]: one decoder layer and the activations it saves ([`block::BlockSaved`])
+//! - [`reference`]: the autograd reference the tests compare against
+//! - [`eval`]: `train eval`
+pub mod block;
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod eval;
+pub mod model;
+pub mod reference;
+pub mod tokenizer;
+
+pub use error::{Result, TrainerError};

@@ -1,0 +1,251 @@
+//! The decoder (Llama / Qwen2 / Mistral) with parameter names equal to the Hugging Face ones.
+//! The block itself — where activations are saved — is in [`crate::block`].
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use kernels::{cross_entropy, embedding, rmsnorm};
+use tch::{Device, Kind, Tensor};
+
+use crate::block::{self, BlockSaved};
+use crate::checkpoint::WeightFiles;
+use crate::config::ModelConfig;
+use crate::error::{Result, TrainerError};
+
+/// A projection's parameters.
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+/// One decoder layer's parameters (`model.layers.{i}.*`).
+pub struct Layer {
+    pub input_layernorm: Tensor,
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub post_attention_layernorm: Tensor,
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    /// None when the embeddings are tied (`lm_head` reads `embed_tokens`).
+    pub lm_head: Option<Tensor>,
+}
+
+/// Gradients keyed by HF parameter name.
+pub type Grads = BTreeMap<String, Tensor>;
+
+/// Every parameter of the model with its HF name and shape, in checkpoint order. This one list
+/// drives loading, saving, initialisation and the planner's inventory, so they cannot disagree.
+pub fn param_specs(cfg: &ModelConfig) -> Vec<(String, Vec<i64>)> {
+    let (d, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, d])];
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        let mut lin = |name: &str, o: i64, inp: i64, bias: bool| {
+            out.push((format!("{p}.{name}.weight"), vec![o, inp]));
+            if bias {
+                out.push((format!("{p}.{name}.bias"), vec![o]));
+            }
+        };
+        lin("self_attn.q_proj", qd, d, cfg.qkv_bias);
+        lin("self_attn.k_proj", kvd, d, cfg.qkv_bias);
+        lin("self_attn.v_proj", kvd, d, cfg.qkv_bias);
+        lin("self_attn.o_proj", d, qd, cfg.o_bias);
+        lin("mlp.gate_proj", i, d, cfg.mlp_bias);
+        lin("mlp.up_proj", i, d, cfg.mlp_bias);
+        lin("mlp.down_proj", d, i, cfg.mlp_bias);
+        out.push((format!("{p}.input_layernorm.weight"), vec![d]));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+    }
+    out.push(("model.norm.weight".to_string(), vec![d]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![v, d]));
+    }
+    out
+}
+
+impl Model {
+    /// Builds the model from a name → tensor map that holds exactly [`param_specs`].
+    pub fn from_named(cfg: ModelConfig, mut named: BTreeMap<String, Tensor>) -> Result<Model> {
+        let mut take = |n: String| named.remove(&n).ok_or_else(|| TrainerError::Device(format!("internal: parameter `{n}` missing")));
+        let embed_tokens = take("model.embed_tokens.weight".into())?;
+        let mut layers = Vec::new();
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let mut lin = |name: &str, bias: bool| -> Result<Linear> {
+                let weight = take(format!("{p}.{name}.weight"))?;
+                let bias = if bias { Some(take(format!("{p}.{name}.bias"))?) } else { None };
+                Ok(Linear { weight, bias })
+            };
+            let q_proj = lin("self_attn.q_proj", cfg.qkv_bias)?;
+            let k_proj = lin("self_attn.k_proj", cfg.qkv_bias)?;
+            let v_proj = lin("self_attn.v_proj", cfg.qkv_bias)?;
+            let o_proj = lin("self_attn.o_proj", cfg.o_bias)?;
+            let gate_proj = lin("mlp.gate_proj", cfg.mlp_bias)?;
+            let up_proj = lin("mlp.up_proj", cfg.mlp_bias)?;
+            let down_proj = lin("mlp.down_proj", cfg.mlp_bias)?;
+            layers.push(Layer {
+                input_layernorm: take(format!("{p}.input_layernorm.weight"))?,
+                post_attention_layernorm: take(format!("{p}.post_attention_layernorm.weight"))?,
+                q_proj,
+                k_proj,
+                v_proj,
+                o_proj,
+                gate_proj,
+                up_proj,
+                down_proj,
+            });
+        }
+        let norm = take("model.norm.weight".into())?;
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(take("lm_head.weight".into())?) };
+        Ok(Model { cfg, embed_tokens, layers, norm, lm_head })
+    }
+
+    /// Loads the weights of an HF folder, converting them to `kind` on `device`. Returns the
+    /// names of tensors in the files that the model does not use (for a warning).
+    pub fn load(dir: &Path, cfg: ModelConfig, kind: Kind, device: Device) -> Result<(Model, Vec<String>)> {
+        let files = WeightFiles::open(dir)?;
+        let specs = param_specs(&cfg);
+        let mut named = BTreeMap::new();
+        for (name, shape) in &specs {
+            named.insert(name.clone(), files.load(name, shape, kind, device)?);
+        }
+        let unused: Vec<String> = files
+            .names()
+            .filter(|n| !named.contains_key(*n))
+            // Old checkpoints store RoPE tables; tied models may still carry lm_head.
+            .filter(|n| !n.ends_with("rotary_emb.inv_freq") && !(cfg.tie_word_embeddings && n.as_str() == "lm_head.weight"))
+            .cloned()
+            .collect();
+        Ok((Model::from_named(cfg, named)?, unused))
+    }
+
+    /// Parameters with their HF names, in [`param_specs`] order.
+    pub fn named_parameters(&self) -> Vec<(String, &Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed_tokens)];
+        for (l, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            for (name, lin) in layer.projections() {
+                out.push((format!("{p}.{name}.weight"), &lin.weight));
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{p}.{name}.bias"), b));
+                }
+            }
+            out.push((format!("{p}.input_layernorm.weight"), &layer.input_layernorm));
+            out.push((format!("{p}.post_attention_layernorm.weight"), &layer.post_attention_layernorm));
+        }
+        out.push(("model.norm.weight".to_string(), &self.norm));
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), h));
+        }
+        out
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.embed_tokens.kind()
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed_tokens.device()
+    }
+
+    fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    fn check_ids(&self, ids: &Tensor, what: &str) -> Result<()> {
+        if ids.numel() == 0 {
+            return Ok(());
+        }
+        let (lo, hi) = (ids.min().int64_value(&[]), ids.max().int64_value(&[]));
+        if lo < 0 || hi >= self.cfg.vocab_size {
+            return Err(TrainerError::Device(format!(
+                "{what} out of range: [{lo}, {hi}] for vocab_size {} (does the tokenizer belong to this model?)",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Mean-able loss of one sequence, without keeping activations (evaluation).
+    ///
+    /// # Shapes
+    /// - `ids`, `labels`: `[T]` int64; labels already shifted (label[t] is the target of token t)
+    pub fn loss(&self, ids: &Tensor, labels: &Tensor, ce_chunk: i64) -> Result<cross_entropy::LossSum> {
+        self.check_ids(ids, "token ids")?;
+        let _guard = tch::no_grad_guard();
+        let ctx = block::Context::new(&self.cfg, ids.size()[0], self.kind(), self.device());
+        let mut x = embedding::forward(&self.embed_tokens, &ids.to_device(self.device())).0;
+        for (l, layer) in self.layers.iter().enumerate() {
+            x = block::forward(layer, &x, &ctx, l)?.0;
+        }
+        let h = rmsnorm::forward(&x, &self.norm, self.cfg.rms_norm_eps).0;
+        Ok(cross_entropy::forward(&h, self.lm_head_weight(), &labels.to_device(self.device()), ce_chunk).0)
+    }
+
+    /// One forward and explicit backward over a sequence; the objective is the mean loss over the
+    /// counted tokens. Every layer's saved activations live in [`BlockSaved`] between the passes.
+    pub fn forward_backward(&self, ids: &Tensor, labels: &Tensor, ce_chunk: i64) -> Result<(cross_entropy::LossSum, Grads)> {
+        self.check_ids(ids, "token ids")?;
+        let _guard = tch::no_grad_guard();
+        let dev = self.device();
+        let (ids, labels) = (ids.to_device(dev), labels.to_device(dev));
+        let ctx = block::Context::new(&self.cfg, ids.size()[0], self.kind(), dev);
+        let (mut x, emb_saved) = embedding::forward(&self.embed_tokens, &ids);
+        let mut saved: Vec<BlockSaved> = Vec::with_capacity(self.layers.len());
+        for (l, layer) in self.layers.iter().enumerate() {
+            let (y, s) = block::forward(layer, &x, &ctx, l)?;
+            saved.push(s);
+            x = y;
+        }
+        let (h, norm_saved) = rmsnorm::forward(&x, &self.norm, self.cfg.rms_norm_eps);
+        let (loss, ce_saved) = cross_entropy::forward(&h, self.lm_head_weight(), &labels, ce_chunk);
+
+        let mut grads = Grads::new();
+        let scale = if loss.count > 0 { 1.0 / loss.count as f64 } else { 0.0 };
+        let (dh, dhead) = cross_entropy::backward(scale, &ce_saved, self.lm_head_weight(), true);
+        drop(ce_saved);
+        let (mut dx, dnorm) = rmsnorm::backward(&dh, &norm_saved, &self.norm, true);
+        grads.insert("model.norm.weight".into(), dnorm.expect("requested"));
+        for (l, (layer, s)) in self.layers.iter().zip(saved.into_iter()).enumerate().rev() {
+            let (d, g) = block::backward(layer, &dx, s, &ctx, l)?;
+            for (name, t) in g {
+                grads.insert(format!("model.layers.{l}.{name}"), t);
+            }
+            dx = d;
+        }
+        let mut demb = embedding::backward(&dx, &emb_saved, self.cfg.vocab_size);
+        let dhead = dhead.expect("requested");
+        if self.lm_head.is_some() {
+            grads.insert("lm_head.weight".into(), dhead);
+        } else {
+            demb += dhead;
+        }
+        grads.insert("model.embed_tokens.weight".into(), demb);
+        Ok((loss, grads))
+    }
+}
+
+impl Layer {
+    /// The projections with their HF sub-names, in checkpoint order.
+    pub fn projections(&self) -> [(&'static str, &Linear); 7] {
+        [
+            ("self_attn.q_proj", &self.q_proj),
+            ("self_attn.k_proj", &self.k_proj),
+            ("self_attn.v_proj", &self.v_proj),
+            ("self_attn.o_proj", &self.o_proj),
+            ("mlp.gate_proj", &self.gate_proj),
+            ("mlp.up_proj", &self.up_proj),
+            ("mlp.down_proj", &self.down_proj),
+        ]
+    }
+}
