@@ -30,12 +30,24 @@ pub fn tmp_dir(name: &str) -> PathBuf {
 /// Writes config.json, random weights and tokenizer.json. `shards` > 1 splits the weights into
 /// that many files with an index; `dtype` is the stored dtype.
 pub fn write_checkpoint(dir: &Path, config: &Value, dtype: Kind, shards: usize, seed: i64) -> ModelConfig {
+    write_checkpoint_with(dir, config, dtype, shards, seed, |_| {})
+}
+
+/// As [`write_checkpoint`], with a hook that may damage the tensor list before it is written.
+pub fn write_checkpoint_with(
+    dir: &Path,
+    config: &Value,
+    dtype: Kind,
+    shards: usize,
+    seed: i64,
+    mutate: impl FnOnce(&mut Vec<(String, Tensor)>),
+) -> ModelConfig {
     std::fs::create_dir_all(dir).unwrap();
     let text = serde_json::to_string_pretty(config).unwrap();
     std::fs::write(dir.join("config.json"), &text).unwrap();
     let (cfg, _) = ModelConfig::parse(&text, &dir.join("config.json")).unwrap();
     tch::manual_seed(seed);
-    let tensors: Vec<(String, Tensor)> = param_specs(&cfg)
+    let mut tensors: Vec<(String, Tensor)> = param_specs(&cfg)
         .into_iter()
         .map(|(name, shape)| {
             let t = if name.ends_with("norm.weight") {
@@ -50,6 +62,7 @@ pub fn write_checkpoint(dir: &Path, config: &Value, dtype: Kind, shards: usize, 
             (name, t.to_kind(dtype))
         })
         .collect();
+    mutate(&mut tensors);
     if shards <= 1 {
         write_safetensors(&dir.join("model.safetensors"), &tensors).unwrap();
     } else {

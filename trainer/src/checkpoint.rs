@@ -42,6 +42,13 @@ fn dtype_of(kind: Kind) -> Option<Dtype> {
         Kind::Half => Dtype::F16,
         Kind::Float => Dtype::F32,
         Kind::Double => Dtype::F64,
+        // Not model weights, but stored as they are (optimizer steps, RNG states, test files).
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int8 => Dtype::I8,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Bool => Dtype::BOOL,
         _ => return None,
     })
 }
