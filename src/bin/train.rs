@@ -42,6 +42,36 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmarks (numbers to read, not pass/fail).
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// One forward + explicit backward of a Llama-shaped model with random weights.
+    Step {
+        #[arg(long, default_value_t = 8)]
+        layers: i64,
+        #[arg(long, default_value_t = 512)]
+        hidden: i64,
+        #[arg(long, default_value_t = 8)]
+        heads: i64,
+        #[arg(long, default_value_t = 4)]
+        kv_heads: i64,
+        #[arg(long, default_value_t = 1376)]
+        intermediate: i64,
+        #[arg(long, default_value_t = 32000)]
+        vocab: i64,
+        #[arg(long, default_value_t = 4096)]
+        tokens: i64,
+        #[arg(long, default_value_t = 3)]
+        iters: usize,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, default_value = "float32")]
+        dtype: String,
+    },
 }
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
@@ -86,6 +116,16 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     );
                 }
             }
+            Ok(())
+        }
+        Cmd::Bench(BenchCmd::Step { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype }) => {
+            let dev = device::parse_device(&device)?;
+            let kind = device::parse_dtype(&dtype)?;
+            if [layers, hidden, heads, kv_heads, intermediate, vocab, tokens].iter().any(|v| *v <= 0) || iters == 0 {
+                return Err("bench step: every size and --iters must be positive".into());
+            }
+            let b = trainer::bench::StepBench { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters };
+            println!("{}", trainer::bench::run_step_bench(&b, kind, dev)?);
             Ok(())
         }
     }

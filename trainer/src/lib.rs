@@ -7,12 +7,14 @@
 //! - [`block`]: one decoder layer and the activations it saves ([`block::BlockSaved`])
 //! - [`reference`]: the autograd reference the tests compare against
 //! - [`eval`]: `train eval`
+pub mod bench;
 pub mod block;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod init;
 pub mod model;
 pub mod reference;
 pub mod tokenizer;

@@ -42,6 +42,13 @@ pub struct Model {
 /// Gradients keyed by HF parameter name.
 pub type Grads = BTreeMap<String, Tensor>;
 
+/// What one step held, measured on the tensors themselves.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepStats {
+    /// Bytes of every layer's [`BlockSaved`] together, at the end of forward (their peak).
+    pub saved_bytes: usize,
+}
+
 /// Every parameter of the model with its HF name and shape, in checkpoint order. This one list
 /// drives loading, saving, initialisation and the planner's inventory, so they cannot disagree.
 pub fn param_specs(cfg: &ModelConfig) -> Vec<(String, Vec<i64>)> {
@@ -194,7 +201,7 @@ impl Model {
 
     /// One forward and explicit backward over a sequence; the objective is the mean loss over the
     /// counted tokens. Every layer's saved activations live in [`BlockSaved`] between the passes.
-    pub fn forward_backward(&self, ids: &Tensor, labels: &Tensor, ce_chunk: i64) -> Result<(cross_entropy::LossSum, Grads)> {
+    pub fn forward_backward(&self, ids: &Tensor, labels: &Tensor, ce_chunk: i64) -> Result<(cross_entropy::LossSum, Grads, StepStats)> {
         self.check_ids(ids, "token ids")?;
         let _guard = tch::no_grad_guard();
         let dev = self.device();
@@ -207,6 +214,7 @@ impl Model {
             saved.push(s);
             x = y;
         }
+        let stats = StepStats { saved_bytes: saved.iter().map(BlockSaved::bytes).sum() };
         let (h, norm_saved) = rmsnorm::forward(&x, &self.norm, self.cfg.rms_norm_eps);
         let (loss, ce_saved) = cross_entropy::forward(&h, self.lm_head_weight(), &labels, ce_chunk);
 
@@ -231,7 +239,7 @@ impl Model {
             demb += dhead;
         }
         grads.insert("model.embed_tokens.weight".into(), demb);
-        Ok((loss, grads))
+        Ok((loss, grads, stats))
     }
 }
 

@@ -1,0 +1,79 @@
+//! `train bench step`: time of one forward + explicit backward of a Llama-shaped model with
+//! random weights, and the memory it held. Numbers for the README and closing notes, not tests.
+use std::time::Instant;
+
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::model::Model;
+
+#[derive(Debug, Clone)]
+pub struct StepBench {
+    pub layers: i64,
+    pub hidden: i64,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub intermediate: i64,
+    pub vocab: i64,
+    pub tokens: i64,
+    pub iters: usize,
+}
+
+/// Peak resident set of this process (VmHWM), in bytes; None where /proc is missing.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Runs the benchmark; returns one JSON object of results.
+pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde_json::Value> {
+    let text = json!({
+        "model_type": "llama", "vocab_size": b.vocab, "hidden_size": b.hidden, "intermediate_size": b.intermediate,
+        "num_hidden_layers": b.layers, "num_attention_heads": b.heads, "num_key_value_heads": b.kv_heads,
+        "max_position_embeddings": b.tokens.max(2048), "rms_norm_eps": 1e-5, "rope_theta": 500000.0
+    })
+    .to_string();
+    let (cfg, _) = ModelConfig::parse(&text, std::path::Path::new("<bench config>"))?;
+    let model = Model::init_random(cfg, 0.02, kind, device, 0)?;
+    let ids = Tensor::randint(b.vocab, [b.tokens], (Kind::Int64, Device::Cpu));
+    let labels = ids.roll([-1], [0]);
+    let mut times = Vec::new();
+    let mut saved = 0;
+    let mut loss = 0.0;
+    for i in 0..b.iters + 1 {
+        sync(device);
+        let t0 = Instant::now();
+        let (l, grads, stats) = model.forward_backward(&ids, &labels, 1024)?;
+        sync(device);
+        let dt = t0.elapsed().as_secs_f64();
+        drop(grads);
+        if i > 0 {
+            times.push(dt); // the first step warms up allocators and kernels
+        }
+        saved = stats.saved_bytes;
+        loss = l.sum.to_device(Device::Cpu).double_value(&[]) / l.count as f64;
+    }
+    times.sort_by(|a, c| a.total_cmp(c));
+    let median = times[times.len() / 2];
+    let params: i64 = model.named_parameters().iter().map(|(_, t)| t.numel() as i64).sum();
+    Ok(json!({
+        "device": format!("{device:?}"),
+        "dtype": format!("{kind:?}"),
+        "layers": b.layers, "hidden": b.hidden, "tokens": b.tokens, "params": params,
+        "step_seconds_median": median,
+        "tokens_per_second": b.tokens as f64 / median,
+        "saved_activation_bytes": saved,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "loss": loss,
+    }))
+}
