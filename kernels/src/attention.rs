@@ -102,11 +102,91 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttnConfig) -> Result<i64, Ke
     Ok(t)
 }
 
-/// Causal attention. Returns the output `[T, heads, head_dim]` and what backward needs.
+/// Causal attention over one sequence. Returns the output `[T, heads, head_dim]` and what
+/// backward needs.
 ///
 /// # Shapes
 /// - `q`: `[T, heads, head_dim]`, `k`/`v`: `[T, kv_heads, head_dim]` → `[T, heads, head_dim]`
 pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttnConfig) -> Result<(Tensor, Saved), KernelError> {
+    forward_packed(q, k, v, cfg, &[0, q.size().first().copied().unwrap_or(0)])
+}
+
+/// Returns `(grad_q, grad_k, grad_v)` in the forward inputs' shapes.
+pub fn backward(grad_out: &Tensor, saved: &Saved, cfg: &AttnConfig) -> Result<(Tensor, Tensor, Tensor), KernelError> {
+    let t = saved.q.size().first().copied().unwrap_or(0);
+    backward_packed(grad_out, saved, cfg, &[0, t])
+}
+
+fn check_offsets(t: i64, cu_seqlens: &[i64]) -> Result<(), KernelError> {
+    let ok = cu_seqlens.len() >= 2
+        && cu_seqlens[0] == 0
+        && *cu_seqlens.last().unwrap_or(&-1) == t
+        && cu_seqlens.windows(2).all(|w| w[0] < w[1]);
+    if ok {
+        Ok(())
+    } else {
+        Err(KernelError::shape("attention", format!("document offsets {cu_seqlens:?} must rise strictly from 0 to T={t}")))
+    }
+}
+
+/// Causal attention over several documents packed on the token axis: document `i` is tokens
+/// `cu_seqlens[i]..cu_seqlens[i+1]` and attends only within itself. No `[T, T]` mask exists:
+/// each document is its own kernel call on a slice (a view, no copy).
+pub fn forward_packed(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttnConfig, cu_seqlens: &[i64]) -> Result<(Tensor, Saved), KernelError> {
+    let t = check(q, k, v, cfg)?;
+    check_offsets(t, cu_seqlens)?;
+    if cu_seqlens.len() == 2 {
+        return forward_one(q, k, v, cfg);
+    }
+    let mut outs = Vec::new();
+    let mut lses = Vec::new();
+    let mut philox = None;
+    for w in cu_seqlens.windows(2) {
+        let (s, n) = (w[0], w[1] - w[0]);
+        let (o, sv) = forward_one(&q.narrow(0, s, n), &k.narrow(0, s, n), &v.narrow(0, s, n), cfg)?;
+        outs.push(o);
+        lses.push(sv.lse.narrow(1, 0, n)); // drop the CUDA kernel's padding
+        philox = sv.philox;
+    }
+    let out = Tensor::cat(&outs, 0);
+    let lse = Tensor::cat(&lses, 1);
+    let saved = Saved { q: q.shallow_clone(), k: k.shallow_clone(), v: v.shallow_clone(), out: out.shallow_clone(), lse, philox };
+    Ok((out, saved))
+}
+
+/// Backward of [`forward_packed`] with the same offsets.
+pub fn backward_packed(grad_out: &Tensor, saved: &Saved, cfg: &AttnConfig, cu_seqlens: &[i64]) -> Result<(Tensor, Tensor, Tensor), KernelError> {
+    let t = check(&saved.q, &saved.k, &saved.v, cfg)?;
+    check_offsets(t, cu_seqlens)?;
+    if cu_seqlens.len() == 2 {
+        return backward_one(grad_out, saved, cfg);
+    }
+    let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
+    for w in cu_seqlens.windows(2) {
+        let (s, n) = (w[0], w[1] - w[0]);
+        let lse = saved.lse.narrow(1, s, n);
+        // The CUDA backward expects its forward's padded logsumexp; pad back to a multiple of 32.
+        let lse = match &saved.philox {
+            Some(_) if n % 32 != 0 => lse.constant_pad_nd([0, 32 - n % 32]),
+            _ => lse,
+        };
+        let part = Saved {
+            q: saved.q.narrow(0, s, n),
+            k: saved.k.narrow(0, s, n),
+            v: saved.v.narrow(0, s, n),
+            out: saved.out.narrow(0, s, n),
+            lse,
+            philox: saved.philox.as_ref().map(|(a, b)| (a.shallow_clone(), b.shallow_clone())),
+        };
+        let (dq, dk, dv) = backward_one(&grad_out.narrow(0, s, n), &part, cfg)?;
+        dqs.push(dq);
+        dks.push(dk);
+        dvs.push(dv);
+    }
+    Ok((Tensor::cat(&dqs, 0), Tensor::cat(&dks, 0), Tensor::cat(&dvs, 0)))
+}
+
+fn forward_one(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttnConfig) -> Result<(Tensor, Saved), KernelError> {
     let t = check(q, k, v, cfg)?;
     let n_rep = cfg.heads / cfg.kv_heads;
     let (q4, k4, v4) = (to_bhtd(q), repeat_kv(&to_bhtd(k), n_rep), repeat_kv(&to_bhtd(v), n_rep));
@@ -152,8 +232,7 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttnConfig) -> Result<(
     Ok((out, saved))
 }
 
-/// Returns `(grad_q, grad_k, grad_v)` in the forward inputs' shapes.
-pub fn backward(grad_out: &Tensor, saved: &Saved, cfg: &AttnConfig) -> Result<(Tensor, Tensor, Tensor), KernelError> {
+fn backward_one(grad_out: &Tensor, saved: &Saved, cfg: &AttnConfig) -> Result<(Tensor, Tensor, Tensor), KernelError> {
     let t = check(&saved.q, &saved.k, &saved.v, cfg)?;
     let n_rep = cfg.heads / cfg.kv_heads;
     let q4 = to_bhtd(&saved.q);
