@@ -63,7 +63,7 @@ fn reference_loss(model_dir: &Path, data: &Path) -> (f64, i64) {
         let text: Value = serde_json::from_str(line).unwrap();
         let ids = trainer::tokenizer::encode(&tok, text["text"].as_str().unwrap(), model_dir).unwrap();
         let (x, y) = shifted(&ids);
-        let (mean, _) = trainer::reference::loss_and_grads(&m, &x, &y);
+        let (mean, _) = trainer::reference::loss_and_grads(&m, &trainer::model::Batch::single(x, y));
         sum += mean * (ids.len() - 1) as f64;
         n += ids.len() as i64 - 1;
     }
@@ -114,8 +114,8 @@ fn whole_model_explicit_backward_matches_autograd() {
         let ids: Vec<i64> = (0..29).map(|i| (i * 13 + 5) % VOCAB as i64).collect();
         let (x, y) = shifted(&ids);
         let _ = y.get(3).fill_(-100); // one ignored label
-        let (loss, grads, _) = m.forward_backward(&x, &y, 5).unwrap();
-        let (ref_loss, ref_grads) = trainer::reference::loss_and_grads(&m, &x, &y);
+        let (loss, grads, _) = m.forward_backward(&trainer::model::Batch::single(x.shallow_clone(), y.shallow_clone()), None, 5).unwrap();
+        let (ref_loss, ref_grads) = trainer::reference::loss_and_grads(&m, &trainer::model::Batch::single(x, y));
         let mean = loss.sum.double_value(&[]) / loss.count as f64;
         assert!((mean - ref_loss).abs() < 1e-12 * ref_loss.abs(), "{name}: loss {mean} vs {ref_loss}");
         assert_eq!(grads.len(), ref_grads.len(), "{name}: gradient count");

@@ -56,6 +56,17 @@ pub fn forward(hidden: &Tensor, weight: &Tensor, labels: &Tensor, chunk: i64) ->
     (LossSum { sum, count }, saved)
 }
 
+/// Greedy prediction (argmax of the logits) of every token, chunk by chunk: `[T]` int64.
+pub fn argmax(hidden: &Tensor, weight: &Tensor, chunk: i64) -> Tensor {
+    let t = hidden.size()[0];
+    let parts: Vec<Tensor> = chunks(t, chunk).map(|(s, n)| hidden.narrow(0, s, n).matmul(&weight.tr()).argmax(1, false)).collect();
+    if parts.is_empty() {
+        Tensor::zeros([0], (Kind::Int64, hidden.device()))
+    } else {
+        Tensor::cat(&parts, 0)
+    }
+}
+
 /// `grad_sum` is d(objective)/d(loss sum): `1/count` for a mean loss.
 /// Returns `(grad_hidden [T, D], grad_weight [V, D] when asked for)`.
 pub fn backward(grad_sum: f64, saved: &Saved, weight: &Tensor, need_weight_grad: bool) -> (Tensor, Option<Tensor>) {

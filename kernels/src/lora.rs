@@ -37,9 +37,11 @@ fn dropped(x: &Tensor, keep: Option<&Tensor>, p: f64) -> Tensor {
 /// repeats).
 pub fn forward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, ad: &Adapter, train: bool) -> (Tensor, Saved) {
     let keep = (train && ad.dropout > 0.0).then(|| x.ones_like().bernoulli_float_(1.0 - ad.dropout).to_kind(Kind::Bool));
-    let xd = dropped(x, keep.as_ref(), ad.dropout);
+    // The adapter may be kept in a wider dtype than the base (float32 over bf16): compute it there.
+    let xd = dropped(&x.to_kind(ad.a.kind()), keep.as_ref(), ad.dropout);
     let xa = xd.matmul(&ad.a.tr());
-    let y = crate::linear::apply(x, weight, bias) + xa.matmul(&ad.b.tr()) * ad.scale;
+    let base = crate::linear::apply(x, weight, bias);
+    let y = &base + (xa.matmul(&ad.b.tr()) * ad.scale).to_kind(base.kind());
     (y, Saved { x: x.shallow_clone(), keep, xa })
 }
 
@@ -50,10 +52,11 @@ pub struct Grads {
 }
 
 pub fn backward(grad_out: &Tensor, saved: &Saved, weight: &Tensor, ad: &Adapter) -> Grads {
-    let gb = grad_out.tr().matmul(&saved.xa) * ad.scale; // [out, rank]
-    let dxa = grad_out.matmul(ad.b) * ad.scale; // [T, rank]
-    let xd = dropped(&saved.x, saved.keep.as_ref(), ad.dropout);
+    let dy = grad_out.to_kind(ad.a.kind());
+    let gb = dy.tr().matmul(&saved.xa) * ad.scale; // [out, rank]
+    let dxa = dy.matmul(ad.b) * ad.scale; // [T, rank]
+    let xd = dropped(&saved.x.to_kind(ad.a.kind()), saved.keep.as_ref(), ad.dropout);
     let ga = dxa.tr().matmul(&xd); // [rank, in]
-    let dx = grad_out.matmul(weight) + dropped(&dxa.matmul(ad.a), saved.keep.as_ref(), ad.dropout);
+    let dx = grad_out.matmul(weight) + dropped(&dxa.matmul(ad.a), saved.keep.as_ref(), ad.dropout).to_kind(grad_out.kind());
     Grads { x: dx, a: ga, b: gb }
 }

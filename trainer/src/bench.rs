@@ -47,13 +47,14 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
     let model = Model::init_random(cfg, 0.02, kind, device, 0)?;
     let ids = Tensor::randint(b.vocab, [b.tokens], (Kind::Int64, Device::Cpu));
     let labels = ids.roll([-1], [0]);
+    let batch = crate::model::Batch::single(ids, labels);
     let mut times = Vec::new();
     let mut saved = 0;
     let mut loss = 0.0;
     for i in 0..b.iters + 1 {
         sync(device);
         let t0 = Instant::now();
-        let (l, grads, stats) = model.forward_backward(&ids, &labels, 1024)?;
+        let (l, grads, stats) = model.forward_backward(&batch, None, 1024)?;
         sync(device);
         let dt = t0.elapsed().as_secs_f64();
         drop(grads);

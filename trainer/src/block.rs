@@ -6,15 +6,22 @@
 //! decides where its tensors live.
 use kernels::attention::{self, AttnConfig};
 use kernels::rope::RopeConfig;
-use kernels::{linear, rmsnorm, rope, swiglu};
+use kernels::{linear, lora, rmsnorm, rope, swiglu};
 use tch::{Device, Kind, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::model::{Layer, Linear};
 
-/// What every layer of one sequence shares: RoPE tables and attention shapes.
+/// What every layer of one packed micro-batch shares: RoPE tables, document boundaries,
+/// attention shapes, and whether this is a training pass (LoRA dropout) and what is trained.
 pub struct Context {
+    /// Document offsets on the token axis: document i is tokens cu_seqlens[i]..cu_seqlens[i+1].
+    pub cu_seqlens: Vec<i64>,
+    /// Training pass: LoRA dropout is active.
+    pub train: bool,
+    /// Base weights get gradients (full fine-tuning); false under LoRA.
+    pub full: bool,
     /// `[T, head_dim]`
     pub cos: Tensor,
     /// `[T, head_dim]`
@@ -27,13 +34,19 @@ pub struct Context {
 }
 
 impl Context {
-    /// For one sequence of `t` tokens at positions 0..t.
-    pub fn new(cfg: &ModelConfig, t: i64, kind: Kind, device: Device) -> Context {
-        let positions = Tensor::arange(t, (Kind::Int64, Device::Cpu));
-        Self::with_positions(cfg, &cfg.rope, &positions, kind, device)
+    /// For documents of the given lengths packed one after another; positions restart at 0 in
+    /// each document.
+    pub fn new(cfg: &ModelConfig, doc_lens: &[i64], kind: Kind, device: Device) -> Context {
+        let positions: Vec<i64> = doc_lens.iter().flat_map(|&n| 0..n).collect();
+        let mut cu_seqlens = vec![0];
+        for n in doc_lens {
+            cu_seqlens.push(cu_seqlens.last().copied().unwrap_or(0) + n);
+        }
+        Self::with_positions(cfg, &cfg.rope, &Tensor::from_slice(&positions), cu_seqlens, kind, device)
     }
 
-    pub fn with_positions(cfg: &ModelConfig, rope_cfg: &RopeConfig, positions: &Tensor, kind: Kind, device: Device) -> Context {
+    pub fn with_positions(cfg: &ModelConfig, rope_cfg: &RopeConfig, positions: &Tensor, cu_seqlens: Vec<i64>, kind: Kind, device: Device) -> Context {
+        // Dynamic-NTK scales by the longest document, not by the packed length.
         let (cos, sin) = rope_cfg.cos_sin(positions, kind, device);
         let attn = cfg
             .sliding_window
@@ -46,7 +59,18 @@ impl Context {
                 sliding_window: *w,
             })
             .collect();
-        Context { cos, sin, attn, eps: cfg.rms_norm_eps, heads: cfg.num_heads, kv_heads: cfg.num_kv_heads, head_dim: cfg.head_dim }
+        Context {
+            cu_seqlens,
+            train: false,
+            full: true,
+            cos,
+            sin,
+            attn,
+            eps: cfg.rms_norm_eps,
+            heads: cfg.num_heads,
+            kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        }
     }
 }
 
@@ -72,6 +96,9 @@ pub struct BlockSaved {
     pub up: Tensor,
     /// `[T, I]` silu(gate)·up: the input of down_proj.
     pub act: Tensor,
+    /// LoRA only, per adapted projection: `[T, rank]` low-rank activation and the dropout
+    /// keep-mask (`[T, in]` bool) when dropout is on. The input x is one of the tensors above.
+    pub lora: Vec<(&'static str, Tensor, Option<Tensor>)>,
 }
 
 impl BlockSaved {
@@ -93,6 +120,9 @@ impl BlockSaved {
             ("up", &self.up),
             ("act", &self.act),
         ]
+        .into_iter()
+        .chain(self.lora.iter().flat_map(|(_, xa, keep)| std::iter::once(("lora_xa", xa)).chain(keep.iter().map(|k| ("lora_keep", k)))))
+        .collect()
     }
 
     pub fn bytes(&self) -> usize {
@@ -100,27 +130,37 @@ impl BlockSaved {
     }
 }
 
-fn proj(lin: &Linear, x: &Tensor) -> Tensor {
-    linear::apply(x, &lin.weight, lin.bias.as_ref())
+/// A projection's forward; under LoRA it also records the adapter's saved activations.
+fn proj(lin: &Linear, name: &'static str, x: &Tensor, ctx: &Context, lora_saved: &mut Vec<(&'static str, Tensor, Option<Tensor>)>) -> Tensor {
+    match &lin.lora {
+        None => linear::apply(x, &lin.weight, lin.bias.as_ref()),
+        Some(ad) => {
+            let adapter = lora::Adapter { a: &ad.a, b: &ad.b, scale: ad.scale, dropout: ad.dropout };
+            let (y, s) = lora::forward(x, &lin.weight, lin.bias.as_ref(), &adapter, ctx.train);
+            lora_saved.push((name, s.xa, s.keep));
+            y
+        }
+    }
 }
 
 /// # Shapes
 /// - `x`: `[T, D]` → `[T, D]`
 pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize) -> Result<(Tensor, BlockSaved)> {
     let t = x.size()[0];
+    let mut ls = Vec::new();
     let (x_attn, s1) = rmsnorm::forward(x, &layer.input_layernorm, ctx.eps);
-    let q = proj(&layer.q_proj, &x_attn).view([t, ctx.heads, ctx.head_dim]);
-    let k = proj(&layer.k_proj, &x_attn).view([t, ctx.kv_heads, ctx.head_dim]);
-    let v = proj(&layer.v_proj, &x_attn).view([t, ctx.kv_heads, ctx.head_dim]);
+    let q = proj(&layer.q_proj, "self_attn.q_proj", &x_attn, ctx, &mut ls).view([t, ctx.heads, ctx.head_dim]);
+    let k = proj(&layer.k_proj, "self_attn.k_proj", &x_attn, ctx, &mut ls).view([t, ctx.kv_heads, ctx.head_dim]);
+    let v = proj(&layer.v_proj, "self_attn.v_proj", &x_attn, ctx, &mut ls).view([t, ctx.kv_heads, ctx.head_dim]);
     let q = rope::forward(&q, &ctx.cos, &ctx.sin);
     let k = rope::forward(&k, &ctx.cos, &ctx.sin);
-    let (o, attn_saved) = attention::forward(&q, &k, &v, &ctx.attn[layer_idx])?;
-    let h = x + proj(&layer.o_proj, &o.view([t, ctx.heads * ctx.head_dim]));
+    let (o, attn_saved) = attention::forward_packed(&q, &k, &v, &ctx.attn[layer_idx], &ctx.cu_seqlens)?;
+    let h = x + proj(&layer.o_proj, "self_attn.o_proj", &o.view([t, ctx.heads * ctx.head_dim]), ctx, &mut ls);
     let (x_mlp, s2) = rmsnorm::forward(&h, &layer.post_attention_layernorm, ctx.eps);
-    let gate = proj(&layer.gate_proj, &x_mlp);
-    let up = proj(&layer.up_proj, &x_mlp);
+    let gate = proj(&layer.gate_proj, "mlp.gate_proj", &x_mlp, ctx, &mut ls);
+    let up = proj(&layer.up_proj, "mlp.up_proj", &x_mlp, ctx, &mut ls);
     let (act, _) = swiglu::forward(&gate, &up);
-    let y = &h + proj(&layer.down_proj, &act);
+    let y = &h + proj(&layer.down_proj, "mlp.down_proj", &act, ctx, &mut ls);
     let saved = BlockSaved {
         x: x.shallow_clone(),
         rstd_attn: s1.rstd,
@@ -132,13 +172,23 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize) -> Re
         gate,
         up,
         act,
+        lora: ls,
     };
     Ok((y, saved))
 }
 
-/// Gradients of one projection, pushed under its HF sub-names.
-fn proj_backward(dy: &Tensor, x: &Tensor, lin: &Linear, name: &str, grads: &mut Vec<(String, Tensor)>) -> Tensor {
-    let g = linear::backward(dy, &linear::Saved { x: x.shallow_clone() }, &lin.weight, true, lin.bias.is_some());
+/// Gradients of one projection, pushed under its HF / PEFT sub-names.
+fn proj_backward(dy: &Tensor, x: &Tensor, lin: &Linear, name: &str, ctx: &Context, lora_saved: &mut Vec<(&'static str, Tensor, Option<Tensor>)>, grads: &mut Vec<(String, Tensor)>) -> Tensor {
+    if let Some(ad) = &lin.lora {
+        let pos = lora_saved.iter().position(|(n, _, _)| *n == name).expect("forward saved every adapter");
+        let (_, xa, keep) = lora_saved.swap_remove(pos);
+        let adapter = lora::Adapter { a: &ad.a, b: &ad.b, scale: ad.scale, dropout: ad.dropout };
+        let g = lora::backward(dy, &lora::Saved { x: x.shallow_clone(), keep, xa }, &lin.weight, &adapter);
+        grads.push((format!("{name}.lora_A.weight"), g.a));
+        grads.push((format!("{name}.lora_B.weight"), g.b));
+        return g.x;
+    }
+    let g = linear::backward(dy, &linear::Saved { x: x.shallow_clone() }, &lin.weight, ctx.full, ctx.full && lin.bias.is_some());
     if let Some(w) = g.weight {
         grads.push((format!("{name}.weight"), w));
     }
@@ -153,27 +203,28 @@ fn proj_backward(dy: &Tensor, x: &Tensor, lin: &Linear, name: &str, grads: &mut 
 pub fn backward(layer: &Layer, dy: &Tensor, s: BlockSaved, ctx: &Context, layer_idx: usize) -> Result<(Tensor, Vec<(String, Tensor)>)> {
     let t = dy.size()[0];
     let mut grads = Vec::new();
+    let mut ls = s.lora;
     // MLP
-    let dact = proj_backward(dy, &s.act, &layer.down_proj, "mlp.down_proj", &mut grads);
+    let dact = proj_backward(dy, &s.act, &layer.down_proj, "mlp.down_proj", ctx, &mut ls, &mut grads);
     let (dgate, dup) = swiglu::backward(&dact, &swiglu::Saved { gate: s.gate, up: s.up });
-    let dx_mlp = proj_backward(&dgate, &s.x_mlp, &layer.gate_proj, "mlp.gate_proj", &mut grads)
-        + proj_backward(&dup, &s.x_mlp, &layer.up_proj, "mlp.up_proj", &mut grads);
-    let (dh_norm, dw2) = rmsnorm::backward(&dx_mlp, &rmsnorm::Saved { x: s.h, rstd: s.rstd_mlp }, &layer.post_attention_layernorm, true);
+    let dx_mlp = proj_backward(&dgate, &s.x_mlp, &layer.gate_proj, "mlp.gate_proj", ctx, &mut ls, &mut grads)
+        + proj_backward(&dup, &s.x_mlp, &layer.up_proj, "mlp.up_proj", ctx, &mut ls, &mut grads);
+    let (dh_norm, dw2) = rmsnorm::backward(&dx_mlp, &rmsnorm::Saved { x: s.h, rstd: s.rstd_mlp }, &layer.post_attention_layernorm, ctx.full);
     if let Some(w) = dw2 {
         grads.push(("post_attention_layernorm.weight".into(), w));
     }
     let dh = dy + dh_norm;
-    // Attention
     let o_flat = s.attn.out.view([t, ctx.heads * ctx.head_dim]);
-    let do_ = proj_backward(&dh, &o_flat, &layer.o_proj, "self_attn.o_proj", &mut grads);
-    let (dq, dk, dv) = attention::backward(&do_.view([t, ctx.heads, ctx.head_dim]), &s.attn, &ctx.attn[layer_idx])?;
-    let dq = rope::backward(&dq, &ctx.cos, &ctx.sin).view([t, ctx.heads * ctx.head_dim]);
-    let dk = rope::backward(&dk, &ctx.cos, &ctx.sin).view([t, ctx.kv_heads * ctx.head_dim]);
-    let dv = dv.view([t, ctx.kv_heads * ctx.head_dim]);
-    let dx_attn = proj_backward(&dq, &s.x_attn, &layer.q_proj, "self_attn.q_proj", &mut grads)
-        + proj_backward(&dk, &s.x_attn, &layer.k_proj, "self_attn.k_proj", &mut grads)
-        + proj_backward(&dv, &s.x_attn, &layer.v_proj, "self_attn.v_proj", &mut grads);
-    let (dx_norm, dw1) = rmsnorm::backward(&dx_attn, &rmsnorm::Saved { x: s.x, rstd: s.rstd_attn }, &layer.input_layernorm, true);
+    // Attention
+    let do_ = proj_backward(&dh, &o_flat, &layer.o_proj, "self_attn.o_proj", ctx, &mut ls, &mut grads);
+    let (dq, dk, dv) = attention::backward_packed(&do_.view([t, ctx.heads, ctx.head_dim]), &s.attn, &ctx.attn[layer_idx], &ctx.cu_seqlens)?;
+    let dq = rope::backward(&dq, &ctx.cos, &ctx.sin).reshape([t, ctx.heads * ctx.head_dim]);
+    let dk = rope::backward(&dk, &ctx.cos, &ctx.sin).reshape([t, ctx.kv_heads * ctx.head_dim]);
+    let dv = dv.reshape([t, ctx.kv_heads * ctx.head_dim]);
+    let dx_attn = proj_backward(&dq, &s.x_attn, &layer.q_proj, "self_attn.q_proj", ctx, &mut ls, &mut grads)
+        + proj_backward(&dk, &s.x_attn, &layer.k_proj, "self_attn.k_proj", ctx, &mut ls, &mut grads)
+        + proj_backward(&dv, &s.x_attn, &layer.v_proj, "self_attn.v_proj", ctx, &mut ls, &mut grads);
+    let (dx_norm, dw1) = rmsnorm::backward(&dx_attn, &rmsnorm::Saved { x: s.x, rstd: s.rstd_attn }, &layer.input_layernorm, ctx.full);
     if let Some(w) = dw1 {
         grads.push(("input_layernorm.weight".into(), w));
     }

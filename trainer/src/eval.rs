@@ -8,7 +8,7 @@ use tch::{Kind, Tensor};
 use tokenizers::Tokenizer;
 
 use crate::error::{Result, TrainerError};
-use crate::model::Model;
+use crate::model::{Batch, Model};
 
 #[derive(Debug, Clone)]
 pub struct EvalResult {
@@ -61,7 +61,7 @@ pub fn eval_file(model: &Model, tok: &Tokenizer, tok_path: &Path, file: &Path, m
             continue;
         }
         let (x, y) = shifted(&ids);
-        let l = model.loss(&x, &y, ce_chunk).map_err(|e| match e {
+        let l = model.loss(&Batch::single(x, y), ce_chunk).map_err(|e| match e {
             TrainerError::Device(msg) => TrainerError::Data { path: file.to_path_buf(), line: lineno, msg },
             other => other,
         })?;

@@ -15,6 +15,7 @@ pub mod device;
 pub mod error;
 pub mod eval;
 pub mod init;
+pub mod lora;
 pub mod model;
 pub mod reference;
 pub mod tokenizer;

@@ -11,10 +11,39 @@ use crate::checkpoint::WeightFiles;
 use crate::config::ModelConfig;
 use crate::error::{Result, TrainerError};
 
-/// A projection's parameters.
+/// A projection's parameters, with its LoRA adapter when one is attached.
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<LoraWeights>,
+}
+
+/// PEFT's `lora_A` / `lora_B` of one projection and its hyper-parameters.
+pub struct LoraWeights {
+    /// `[rank, in]`
+    pub a: Tensor,
+    /// `[out, rank]`
+    pub b: Tensor,
+    /// alpha / rank
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+/// One packed micro-batch: documents one after another on the token axis.
+pub struct Batch {
+    /// `[T]` int64
+    pub ids: Tensor,
+    /// `[T]` int64, shifted (label[t] is the target of token t), IGNORE_INDEX where not counted.
+    pub labels: Tensor,
+    /// Lengths of the packed documents, summing to T.
+    pub doc_lens: Vec<i64>,
+}
+
+impl Batch {
+    pub fn single(ids: Tensor, labels: Tensor) -> Batch {
+        let t = ids.size()[0];
+        Batch { ids, labels, doc_lens: vec![t] }
+    }
 }
 
 /// One decoder layer's parameters (`model.layers.{i}.*`).
@@ -32,6 +61,8 @@ pub struct Layer {
 
 pub struct Model {
     pub cfg: ModelConfig,
+    /// Full fine-tuning (every parameter trains) or LoRA (only adapters train).
+    pub full: bool,
     pub embed_tokens: Tensor,
     pub layers: Vec<Layer>,
     pub norm: Tensor,
@@ -91,7 +122,7 @@ impl Model {
             let mut lin = |name: &str, bias: bool| -> Result<Linear> {
                 let weight = take(format!("{p}.{name}.weight"))?;
                 let bias = if bias { Some(take(format!("{p}.{name}.bias"))?) } else { None };
-                Ok(Linear { weight, bias })
+                Ok(Linear { weight, bias, lora: None })
             };
             let q_proj = lin("self_attn.q_proj", cfg.qkv_bias)?;
             let k_proj = lin("self_attn.k_proj", cfg.qkv_bias)?;
@@ -114,7 +145,7 @@ impl Model {
         }
         let norm = take("model.norm.weight".into())?;
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(take("lm_head.weight".into())?) };
-        Ok(Model { cfg, embed_tokens, layers, norm, lm_head })
+        Ok(Model { cfg, full: true, embed_tokens, layers, norm, lm_head })
     }
 
     /// Loads the weights of an HF folder, converting them to `kind` on `device`. Returns the
@@ -157,6 +188,29 @@ impl Model {
         out
     }
 
+    /// LoRA adapter tensors with their PEFT names (`model.layers.{i}.self_attn.q_proj.lora_A.weight`).
+    pub fn named_adapters(&self) -> Vec<(String, &Tensor)> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            for (name, lin) in layer.projections() {
+                if let Some(ad) = &lin.lora {
+                    out.push((format!("model.layers.{l}.{name}.lora_A.weight"), &ad.a));
+                    out.push((format!("model.layers.{l}.{name}.lora_B.weight"), &ad.b));
+                }
+            }
+        }
+        out
+    }
+
+    /// What the optimizer updates: every parameter (full) or the adapters (LoRA).
+    pub fn trainable(&self) -> Vec<(String, &Tensor)> {
+        if self.full {
+            self.named_parameters()
+        } else {
+            self.named_adapters()
+        }
+    }
+
     pub fn kind(&self) -> Kind {
         self.embed_tokens.kind()
     }
@@ -187,26 +241,43 @@ impl Model {
     ///
     /// # Shapes
     /// - `ids`, `labels`: `[T]` int64; labels already shifted (label[t] is the target of token t)
-    pub fn loss(&self, ids: &Tensor, labels: &Tensor, ce_chunk: i64) -> Result<cross_entropy::LossSum> {
-        self.check_ids(ids, "token ids")?;
+    pub fn loss(&self, batch: &Batch, ce_chunk: i64) -> Result<cross_entropy::LossSum> {
+        let h = self.final_hidden(batch)?;
+        Ok(cross_entropy::forward(&h, self.lm_head_weight(), &batch.labels.to_device(self.device()), ce_chunk).0)
+    }
+
+    /// Greedy next-token prediction at every position, `[T]` int64 (evaluation of synthetic tasks).
+    pub fn argmax(&self, batch: &Batch, ce_chunk: i64) -> Result<Tensor> {
+        let h = self.final_hidden(batch)?;
+        Ok(cross_entropy::argmax(&h, self.lm_head_weight(), ce_chunk))
+    }
+
+    /// Hidden states after the final norm, without keeping activations.
+    fn final_hidden(&self, batch: &Batch) -> Result<Tensor> {
+        self.check_ids(&batch.ids, "token ids")?;
         let _guard = tch::no_grad_guard();
-        let ctx = block::Context::new(&self.cfg, ids.size()[0], self.kind(), self.device());
-        let mut x = embedding::forward(&self.embed_tokens, &ids.to_device(self.device())).0;
+        let ctx = block::Context::new(&self.cfg, &batch.doc_lens, self.kind(), self.device());
+        let mut x = embedding::forward(&self.embed_tokens, &batch.ids.to_device(self.device())).0;
         for (l, layer) in self.layers.iter().enumerate() {
             x = block::forward(layer, &x, &ctx, l)?.0;
         }
-        let h = rmsnorm::forward(&x, &self.norm, self.cfg.rms_norm_eps).0;
-        Ok(cross_entropy::forward(&h, self.lm_head_weight(), &labels.to_device(self.device()), ce_chunk).0)
+        Ok(rmsnorm::forward(&x, &self.norm, self.cfg.rms_norm_eps).0)
     }
 
     /// One forward and explicit backward over a sequence; the objective is the mean loss over the
     /// counted tokens. Every layer's saved activations live in [`BlockSaved`] between the passes.
-    pub fn forward_backward(&self, ids: &Tensor, labels: &Tensor, ce_chunk: i64) -> Result<(cross_entropy::LossSum, Grads, StepStats)> {
-        self.check_ids(ids, "token ids")?;
+    ///
+    /// `grad_scale` is d(objective)/d(loss sum): `1/count` for this batch's mean, or
+    /// `1/count_of_the_whole_step` under gradient accumulation. Only trainable tensors get
+    /// gradients (LoRA: the adapters).
+    pub fn forward_backward(&self, batch: &Batch, grad_scale: Option<f64>, ce_chunk: i64) -> Result<(cross_entropy::LossSum, Grads, StepStats)> {
+        self.check_ids(&batch.ids, "token ids")?;
         let _guard = tch::no_grad_guard();
         let dev = self.device();
-        let (ids, labels) = (ids.to_device(dev), labels.to_device(dev));
-        let ctx = block::Context::new(&self.cfg, ids.size()[0], self.kind(), dev);
+        let (ids, labels) = (batch.ids.to_device(dev), batch.labels.to_device(dev));
+        let mut ctx = block::Context::new(&self.cfg, &batch.doc_lens, self.kind(), dev);
+        ctx.train = true;
+        ctx.full = self.full;
         let (mut x, emb_saved) = embedding::forward(&self.embed_tokens, &ids);
         let mut saved: Vec<BlockSaved> = Vec::with_capacity(self.layers.len());
         for (l, layer) in self.layers.iter().enumerate() {
@@ -219,11 +290,13 @@ impl Model {
         let (loss, ce_saved) = cross_entropy::forward(&h, self.lm_head_weight(), &labels, ce_chunk);
 
         let mut grads = Grads::new();
-        let scale = if loss.count > 0 { 1.0 / loss.count as f64 } else { 0.0 };
-        let (dh, dhead) = cross_entropy::backward(scale, &ce_saved, self.lm_head_weight(), true);
+        let scale = grad_scale.unwrap_or(if loss.count > 0 { 1.0 / loss.count as f64 } else { 0.0 });
+        let (dh, dhead) = cross_entropy::backward(scale, &ce_saved, self.lm_head_weight(), self.full);
         drop(ce_saved);
-        let (mut dx, dnorm) = rmsnorm::backward(&dh, &norm_saved, &self.norm, true);
-        grads.insert("model.norm.weight".into(), dnorm.expect("requested"));
+        let (mut dx, dnorm) = rmsnorm::backward(&dh, &norm_saved, &self.norm, self.full);
+        if let Some(g) = dnorm {
+            grads.insert("model.norm.weight".into(), g);
+        }
         for (l, (layer, s)) in self.layers.iter().zip(saved.into_iter()).enumerate().rev() {
             let (d, g) = block::backward(layer, &dx, s, &ctx, l)?;
             for (name, t) in g {
@@ -231,19 +304,34 @@ impl Model {
             }
             dx = d;
         }
-        let mut demb = embedding::backward(&dx, &emb_saved, self.cfg.vocab_size);
-        let dhead = dhead.expect("requested");
-        if self.lm_head.is_some() {
-            grads.insert("lm_head.weight".into(), dhead);
-        } else {
-            demb += dhead;
+        if self.full {
+            let mut demb = embedding::backward(&dx, &emb_saved, self.cfg.vocab_size);
+            if let Some(dhead) = dhead {
+                if self.lm_head.is_some() {
+                    grads.insert("lm_head.weight".into(), dhead);
+                } else {
+                    demb += dhead;
+                }
+            }
+            grads.insert("model.embed_tokens.weight".into(), demb);
         }
-        grads.insert("model.embed_tokens.weight".into(), demb);
         Ok((loss, grads, stats))
     }
 }
 
 impl Layer {
+    pub fn projections_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        [
+            ("self_attn.q_proj", &mut self.q_proj),
+            ("self_attn.k_proj", &mut self.k_proj),
+            ("self_attn.v_proj", &mut self.v_proj),
+            ("self_attn.o_proj", &mut self.o_proj),
+            ("mlp.gate_proj", &mut self.gate_proj),
+            ("mlp.up_proj", &mut self.up_proj),
+            ("mlp.down_proj", &mut self.down_proj),
+        ]
+    }
+
     /// The projections with their HF sub-names, in checkpoint order.
     pub fn projections(&self) -> [(&'static str, &Linear); 7] {
         [

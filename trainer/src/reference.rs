@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use kernels::cross_entropy::IGNORE_INDEX;
 use tch::{Kind, Tensor};
 
-use crate::model::{Grads, Model};
+use crate::model::{Batch, Grads, Model};
 
 fn rms(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
     let acc = kernels::accum_kind(x.kind());
@@ -14,12 +14,15 @@ fn rms(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
     w * (&xf * (xf.square().mean_dim(-1, true, None) + eps).rsqrt()).to_kind(x.kind())
 }
 
-fn lin(p: &BTreeMap<String, Tensor>, name: &str, x: &Tensor) -> Tensor {
-    let y = x.matmul(&p[&format!("{name}.weight")].tr());
-    match p.get(&format!("{name}.bias")) {
-        Some(b) => y + b,
-        None => y,
+fn lin(p: &BTreeMap<String, Tensor>, lora_scale: &BTreeMap<String, f64>, name: &str, x: &Tensor) -> Tensor {
+    let mut y = x.matmul(&p[&format!("{name}.weight")].tr());
+    if let Some(b) = p.get(&format!("{name}.bias")) {
+        y = y + b;
     }
+    if let (Some(a), Some(b)) = (p.get(&format!("{name}.lora_A.weight")), p.get(&format!("{name}.lora_B.weight"))) {
+        y = y + x.matmul(&a.tr()).matmul(&b.tr()) * lora_scale[name];
+    }
+    y
 }
 
 fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
@@ -28,46 +31,68 @@ fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     x * cos.unsqueeze(1) + rot * sin.unsqueeze(1)
 }
 
-/// Mean loss over the counted tokens and the gradient of every parameter, by autograd.
-pub fn loss_and_grads(model: &Model, ids: &Tensor, labels: &Tensor) -> (f64, Grads) {
+/// Mean loss over the counted tokens and the gradient of every trainable tensor (all
+/// parameters, or the LoRA adapters; LoRA dropout is not modelled), by autograd. Packed
+/// documents get positions restarting at 0 and a block-diagonal causal mask.
+pub fn loss_and_grads(model: &Model, batch: &Batch) -> (f64, Grads) {
     let cfg = &model.cfg;
     let dev = model.device();
-    let p: BTreeMap<String, Tensor> =
-        model.named_parameters().into_iter().map(|(n, t)| (n, t.detach().copy().set_requires_grad(true))).collect();
-    let (ids, labels) = (ids.to_device(dev), labels.to_device(dev));
+    let trainable: Vec<String> = model.trainable().into_iter().map(|(n, _)| n).collect();
+    let p: BTreeMap<String, Tensor> = model
+        .named_parameters()
+        .into_iter()
+        .chain(model.named_adapters())
+        .map(|(n, t)| {
+            let leaf = t.detach().copy().set_requires_grad(trainable.contains(&n));
+            (n, leaf)
+        })
+        .collect();
+    let mut lora_scale = BTreeMap::new();
+    for (l, layer) in model.layers.iter().enumerate() {
+        for (name, lin) in layer.projections() {
+            if let Some(ad) = &lin.lora {
+                lora_scale.insert(format!("model.layers.{l}.{name}"), ad.scale);
+            }
+        }
+    }
+    let lin = |name: &str, x: &Tensor| lin(&p, &lora_scale, name, x);
+    let (ids, labels) = (batch.ids.to_device(dev), batch.labels.to_device(dev));
     let t = ids.size()[0];
     let (h, kv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-    let pos = Tensor::arange(t, (Kind::Int64, tch::Device::Cpu));
-    let (cos, sin) = cfg.rope.cos_sin(&pos, model.kind(), dev);
+    let pos: Vec<i64> = batch.doc_lens.iter().flat_map(|&n| 0..n).collect();
+    let doc: Vec<i64> = batch.doc_lens.iter().enumerate().flat_map(|(d, &n)| std::iter::repeat_n(d as i64, n as usize)).collect();
+    let (cos, sin) = cfg.rope.cos_sin(&Tensor::from_slice(&pos), model.kind(), dev);
+    let doc = Tensor::from_slice(&doc).to_device(dev);
     let i = Tensor::arange(t, (Kind::Int64, dev)).unsqueeze(1);
     let j = Tensor::arange(t, (Kind::Int64, dev)).unsqueeze(0);
+    let same_doc = doc.unsqueeze(1).eq_tensor(&doc.unsqueeze(0));
 
     let mut x = p["model.embed_tokens.weight"].index_select(0, &ids);
     for l in 0..cfg.num_layers as usize {
         let pre = format!("model.layers.{l}");
         let n1 = rms(&x, &p[&format!("{pre}.input_layernorm.weight")], cfg.rms_norm_eps);
-        let q = rotary(&lin(&p, &format!("{pre}.self_attn.q_proj"), &n1).view([t, h, hd]), &cos, &sin);
-        let k = rotary(&lin(&p, &format!("{pre}.self_attn.k_proj"), &n1).view([t, kv, hd]), &cos, &sin);
-        let v = lin(&p, &format!("{pre}.self_attn.v_proj"), &n1).view([t, kv, hd]);
+        let q = rotary(&lin(&format!("{pre}.self_attn.q_proj"), &n1).view([t, h, hd]), &cos, &sin);
+        let k = rotary(&lin(&format!("{pre}.self_attn.k_proj"), &n1).view([t, kv, hd]), &cos, &sin);
+        let v = lin(&format!("{pre}.self_attn.v_proj"), &n1).view([t, kv, hd]);
         let k = k.repeat_interleave_self_int(h / kv, 1, None);
         let v = v.repeat_interleave_self_int(h / kv, 1, None);
         let scores = q.transpose(0, 1).matmul(&k.permute([1, 2, 0])) / (hd as f64).sqrt(); // [H, T, T]
-        let mut allowed = j.le_tensor(&i);
+        let mut allowed = j.le_tensor(&i).logical_and(&same_doc);
         if let Some(w) = cfg.sliding_window[l] {
             allowed = allowed.logical_and(&(&i - &j).lt(w));
         }
         let probs = scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY).softmax(-1, scores.kind());
         let o = probs.matmul(&v.transpose(0, 1)).transpose(0, 1).reshape([t, h * hd]);
-        let hres = &x + lin(&p, &format!("{pre}.self_attn.o_proj"), &o);
+        let hres = &x + lin(&format!("{pre}.self_attn.o_proj"), &o);
         let n2 = rms(&hres, &p[&format!("{pre}.post_attention_layernorm.weight")], cfg.rms_norm_eps);
-        let act = lin(&p, &format!("{pre}.mlp.gate_proj"), &n2).silu() * lin(&p, &format!("{pre}.mlp.up_proj"), &n2);
-        x = hres + lin(&p, &format!("{pre}.mlp.down_proj"), &act);
+        let act = lin(&format!("{pre}.mlp.gate_proj"), &n2).silu() * lin(&format!("{pre}.mlp.up_proj"), &n2);
+        x = hres + lin(&format!("{pre}.mlp.down_proj"), &act);
     }
     let hfin = rms(&x, &p["model.norm.weight"], cfg.rms_norm_eps);
     let head = p.get("lm_head.weight").unwrap_or(&p["model.embed_tokens.weight"]);
     let logits = hfin.matmul(&head.tr()).to_kind(kernels::accum_kind(model.kind()));
     let loss = logits.log_softmax(-1, logits.kind()).nll_loss_nd(&labels, None::<Tensor>, tch::Reduction::Mean, IGNORE_INDEX);
     loss.backward();
-    let grads = p.iter().map(|(n, t)| (n.clone(), t.grad())).collect();
+    let grads = p.iter().filter(|(n, _)| trainable.contains(n)).map(|(n, t)| (n.clone(), t.grad())).collect();
     (loss.double_value(&[]), grads)
 }

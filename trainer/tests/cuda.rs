@@ -23,8 +23,8 @@ fn cuda_model_gradients_match_cpu_reference() {
     let mcuda = Model::from_named(cfg, named).unwrap();
     let ids: Vec<i64> = (0..777).map(|i| (i * 37 + 11) % 300).collect();
     let (x, y) = shifted(&ids);
-    let (loss, grads, stats) = mcuda.forward_backward(&x, &y, 128).unwrap();
-    let (ref_loss, ref_grads) = trainer::reference::loss_and_grads(&m64, &x, &y);
+    let (loss, grads, stats) = mcuda.forward_backward(&trainer::model::Batch::single(x.shallow_clone(), y.shallow_clone()), None, 128).unwrap();
+    let (ref_loss, ref_grads) = trainer::reference::loss_and_grads(&m64, &trainer::model::Batch::single(x, y));
     let mean = loss.sum.to_device(Device::Cpu).double_value(&[]) / loss.count as f64;
     println!("cuda loss {mean:.8} reference {ref_loss:.8}; saved activations {} bytes", stats.saved_bytes);
     assert!((mean - ref_loss).abs() < 1e-5 * ref_loss.abs());
