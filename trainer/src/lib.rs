@@ -11,12 +11,16 @@ pub mod bench;
 pub mod block;
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod eval;
 pub mod init;
 pub mod lora;
 pub mod model;
+pub mod optim;
+pub mod rng;
+pub mod synth;
 pub mod reference;
 pub mod tokenizer;
 

@@ -1,0 +1,254 @@
+//! Training data: JSONL in four shapes, tokenized into examples with a per-token loss mask, and
+//! packed into micro-batches of documents on one token axis.
+//!
+//! - `{"text": ...}`: every token after the first is a target.
+//! - `{"instruction", "input"?, "output"}`: the Alpaca prompt; only the output is a target.
+//! - `{"prompt", "completion"}`: only the completion is a target.
+//! - `{"messages": [{"role", "content"}, ...]}`: rendered with the model's chat template
+//!   (`tokenizer_config.json` `chat_template`, or `chat_template.jinja`); only assistant turns
+//!   are targets.
+use std::path::{Path, PathBuf};
+
+use kernels::cross_entropy::IGNORE_INDEX;
+use serde_json::Value;
+use tch::Tensor;
+use tokenizers::Tokenizer;
+
+use crate::error::{Result, TrainerError};
+use crate::model::Batch;
+
+/// One tokenized document. `target[t]` says whether token t is predicted (its loss counts at
+/// position t-1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub ids: Vec<i64>,
+    pub target: Vec<bool>,
+}
+
+impl Example {
+    pub fn targets(&self) -> usize {
+        self.target.iter().skip(1).filter(|&&t| t).count()
+    }
+}
+
+/// Packs documents one after another into one micro-batch.
+pub fn pack(examples: &[&Example]) -> Batch {
+    let mut ids = Vec::new();
+    let mut labels = Vec::new();
+    let mut doc_lens = Vec::new();
+    for e in examples {
+        for t in 0..e.ids.len() {
+            labels.push(match e.ids.get(t + 1) {
+                Some(&next) if e.target[t + 1] => next,
+                _ => IGNORE_INDEX,
+            });
+        }
+        ids.extend_from_slice(&e.ids);
+        doc_lens.push(e.ids.len() as i64);
+    }
+    Batch { ids: Tensor::from_slice(&ids), labels: Tensor::from_slice(&labels), doc_lens }
+}
+
+const ALPACA_WITH_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n";
+const ALPACA_NO_INPUT: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n";
+
+/// What turns a JSON line into an example.
+pub struct Encoder<'a> {
+    pub tok: &'a Tokenizer,
+    pub tok_path: PathBuf,
+    pub chat: Option<ChatTemplate>,
+    /// Appended after a text or completion (the model's first `eos_token_id`).
+    pub eos: Option<i64>,
+    /// Documents are truncated to this many tokens.
+    pub max_tokens: usize,
+}
+
+fn enc(tok: &Tokenizer, text: &str, special: bool, path: &Path) -> Result<Vec<i64>> {
+    let e = tok.encode(text, special).map_err(|e| TrainerError::Tokenizer { path: path.to_path_buf(), msg: format!("cannot encode: {e}") })?;
+    Ok(e.get_ids().iter().map(|&i| i as i64).collect())
+}
+
+fn field<'v>(obj: &'v serde_json::Map<String, Value>, key: &str) -> std::result::Result<&'v str, String> {
+    match obj.get(key) {
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(format!("`{key}` must be a string, found {other}")),
+        None => Err(format!("missing `{key}`")),
+    }
+}
+
+impl Encoder<'_> {
+    /// Prompt (not trained on) followed by completion (trained on) and EOS.
+    pub fn prompt_completion(&self, prompt: &str, completion: &str) -> Result<Example> {
+        let p = enc(self.tok, prompt, true, &self.tok_path)?;
+        let mut c = enc(self.tok, completion, false, &self.tok_path)?;
+        c.extend(self.eos);
+        let target = std::iter::repeat_n(false, p.len()).chain(std::iter::repeat_n(true, c.len())).collect();
+        Ok(self.truncate(Example { ids: [p, c].concat(), target }))
+    }
+
+    fn truncate(&self, mut e: Example) -> Example {
+        e.ids.truncate(self.max_tokens);
+        e.target.truncate(self.max_tokens);
+        e
+    }
+
+    /// One JSONL line. Errors are plain messages; the caller adds file and line.
+    pub fn line(&self, line: &str) -> std::result::Result<Example, String> {
+        let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+        let obj = v.as_object().ok_or("expected a JSON object")?;
+        let r = if obj.contains_key("messages") {
+            let chat = self.chat.as_ref().ok_or("`messages` needs a chat template (tokenizer_config.json `chat_template` or chat_template.jinja)")?;
+            chat.encode(self.tok, obj.get("messages").unwrap_or(&Value::Null)).map(|e| self.truncate(e))
+        } else if obj.contains_key("instruction") {
+            let instruction = field(obj, "instruction")?;
+            let input = match obj.get("input") {
+                None | Some(Value::Null) => "",
+                Some(Value::String(s)) => s.as_str(),
+                Some(other) => return Err(format!("`input` must be a string, found {other}")),
+            };
+            let prompt = if input.is_empty() {
+                ALPACA_NO_INPUT.replace("{instruction}", instruction)
+            } else {
+                ALPACA_WITH_INPUT.replace("{instruction}", instruction).replace("{input}", input)
+            };
+            self.prompt_completion(&prompt, field(obj, "output")?).map_err(|e| e.to_string())
+        } else if obj.contains_key("prompt") {
+            self.prompt_completion(field(obj, "prompt")?, field(obj, "completion")?).map_err(|e| e.to_string())
+        } else if obj.contains_key("text") {
+            let mut ids = enc(self.tok, field(obj, "text")?, true, &self.tok_path).map_err(|e| e.to_string())?;
+            ids.extend(self.eos);
+            let target = (0..ids.len()).map(|i| i > 0).collect();
+            Ok(self.truncate(Example { ids, target }))
+        } else {
+            Err("expected one of: text; instruction/input/output; prompt/completion; messages".into())
+        };
+        let e = r?;
+        if e.ids.len() < 2 || e.targets() == 0 {
+            return Err("no token to train on (empty text or completion, or truncated away by max_tokens)".into());
+        }
+        Ok(e)
+    }
+
+    /// Every line of a JSONL file; a bad line is an error naming the file and line number.
+    pub fn file(&self, path: &Path) -> Result<Vec<Example>> {
+        let text = std::fs::read_to_string(path).map_err(TrainerError::io(path))?;
+        let mut out = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            out.push(self.line(line).map_err(|msg| TrainerError::Data { path: path.to_path_buf(), line: i + 1, msg })?);
+        }
+        if out.is_empty() {
+            return Err(TrainerError::Data { path: path.to_path_buf(), line: 0, msg: "no examples".into() });
+        }
+        Ok(out)
+    }
+}
+
+/// A Hugging Face chat template (Jinja), rendered with minijinja and Python-compatible methods.
+pub struct ChatTemplate {
+    source: String,
+    path: PathBuf,
+    bos_token: String,
+    eos_token: String,
+}
+
+fn special_token(v: Option<&Value>) -> String {
+    match v {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).unwrap_or("").to_string(),
+        _ => String::new(),
+    }
+}
+
+impl ChatTemplate {
+    /// From `tokenizer_config.json` (`chat_template` as a string, or a list of named templates of
+    /// which "default" is used) or `chat_template.jinja`. None when the folder has neither.
+    pub fn load(dir: &Path) -> Result<Option<ChatTemplate>> {
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Value = if cfg_path.exists() {
+            let t = std::fs::read_to_string(&cfg_path).map_err(TrainerError::io(&cfg_path))?;
+            serde_json::from_str(&t).map_err(|e| TrainerError::config(&cfg_path, format!("line {}: {e}", e.line())))?
+        } else {
+            Value::Null
+        };
+        let jinja = dir.join("chat_template.jinja");
+        let (source, path) = if jinja.exists() {
+            (std::fs::read_to_string(&jinja).map_err(TrainerError::io(&jinja))?, jinja)
+        } else {
+            match cfg.get("chat_template") {
+                Some(Value::String(s)) => (s.clone(), cfg_path.clone()),
+                Some(Value::Array(list)) => {
+                    let pick = list.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default")).or(list.first());
+                    match pick.and_then(|t| t.get("template")).and_then(|t| t.as_str()) {
+                        Some(s) => (s.to_string(), cfg_path.clone()),
+                        None => return Err(TrainerError::config(&cfg_path, "`chat_template` list has no usable template")),
+                    }
+                }
+                _ => return Ok(None),
+            }
+        };
+        let t = ChatTemplate { source, path, bos_token: special_token(cfg.get("bos_token")), eos_token: special_token(cfg.get("eos_token")) };
+        // Compile once now, so a broken template fails before training starts.
+        t.env()?;
+        Ok(Some(t))
+    }
+
+    fn env(&self) -> Result<minijinja::Environment<'static>> {
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template_owned("chat", self.source.clone())
+            .map_err(|e| TrainerError::config(&self.path, format!("chat template does not compile: {e}")))?;
+        Ok(env)
+    }
+
+    pub fn render(&self, messages: &[Value], add_generation_prompt: bool) -> std::result::Result<String, String> {
+        let env = self.env().map_err(|e| e.to_string())?;
+        let tmpl = env.get_template("chat").map_err(|e| e.to_string())?;
+        tmpl.render(minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+        })
+        .map_err(|e| format!("chat template ({}): {e}", self.path.display()))
+    }
+
+    /// Renders a conversation and marks the tokens of assistant turns as targets: the text that
+    /// rendering `messages[..=i]` adds beyond `messages[..i]` with a generation prompt.
+    pub fn encode(&self, tok: &Tokenizer, messages: &Value) -> std::result::Result<Example, String> {
+        let msgs = messages.as_array().ok_or("`messages` must be a list")?;
+        for (i, m) in msgs.iter().enumerate() {
+            let role = m.get("role").and_then(|r| r.as_str()).ok_or(format!("messages[{i}]: missing string `role`"))?;
+            if m.get("content").is_none() {
+                return Err(format!("messages[{i}] ({role}): missing `content`"));
+            }
+        }
+        let full = self.render(msgs, false)?;
+        let mut spans = Vec::new();
+        for (i, m) in msgs.iter().enumerate() {
+            if m.get("role").and_then(|r| r.as_str()) != Some("assistant") {
+                continue;
+            }
+            let before = self.render(&msgs[..i], true)?;
+            let upto = self.render(&msgs[..=i], false)?;
+            if !full.starts_with(&upto) || !upto.starts_with(&before) {
+                return Err(format!("messages[{i}]: the chat template does not render conversations incrementally; cannot find the assistant turn"));
+            }
+            spans.push((before.len(), upto.len()));
+        }
+        if spans.is_empty() {
+            return Err("`messages` has no assistant turn to train on".into());
+        }
+        // The template writes BOS itself: no special tokens from the tokenizer.
+        let e = tok.encode(full.as_str(), false).map_err(|e| format!("cannot encode: {e}"))?;
+        let ids: Vec<i64> = e.get_ids().iter().map(|&i| i as i64).collect();
+        let target = e.get_offsets().iter().map(|&(s, _)| spans.iter().any(|&(a, b)| s >= a && s < b)).collect();
+        Ok(Example { ids, target })
+    }
+}
