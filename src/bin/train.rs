@@ -42,9 +42,47 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Fine-tune as a recipe says. Overrides use the recipe's dotted key paths:
+    /// `train run --recipe r.toml train.lr=3e-4 run.dir=runs/b`.
+    Run {
+        #[arg(long)]
+        recipe: PathBuf,
+        /// Continue from the newest complete checkpoint in run.dir.
+        #[arg(long)]
+        resume: bool,
+        /// key.path=value overrides.
+        overrides: Vec<String>,
+    },
+    /// Data tools.
+    #[command(subcommand)]
+    Data(DataCmd),
     /// Benchmarks (numbers to read, not pass/fail).
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Write synthetic long-context retrieval samples as prompt/completion JSONL.
+    Synth {
+        /// passkey | kv-recall
+        #[arg(long)]
+        task: String,
+        /// Sample length in words (one token each with the built-in tokenizer).
+        #[arg(long)]
+        tokens: usize,
+        #[arg(long, default_value_t = 100)]
+        samples: usize,
+        /// Where the answer sits, 0 (start) to 1 (end); random when absent.
+        #[arg(long)]
+        depth: Option<f64>,
+        #[arg(long, default_value_t = 5)]
+        digits: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -116,6 +154,46 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     );
                 }
             }
+            Ok(())
+        }
+        Cmd::Run { recipe, resume, overrides } => {
+            let s = trainer::run::run(&recipe, &overrides, resume)?;
+            let mut line = format!(
+                "done: {} steps in {:.1} s, final train loss {:.4}, {:.0} tokens/s",
+                s.steps, s.seconds, s.final_loss, s.tokens_per_sec
+            );
+            if let Some(l) = s.eval_loss {
+                line += &format!(", eval loss {l:.4}");
+            }
+            if let Some(a) = s.eval_accuracy {
+                line += &format!(", retrieval accuracy {:.1}%", 100.0 * a);
+            }
+            println!("{line}");
+            println!("run directory: {}", s.run_dir.display());
+            if let Some(rss) = trainer::bench::peak_rss_bytes() {
+                println!("peak RSS: {:.2} GiB", rss as f64 / (1u64 << 30) as f64);
+            }
+            Ok(())
+        }
+        Cmd::Data(DataCmd::Synth { task, tokens, samples, depth, digits, seed, out }) => {
+            let t = trainer::synth::Task::parse(&task).ok_or(format!("--task {task}: expected passkey or kv-recall"))?;
+            if tokens < 16 || digits == 0 || samples == 0 {
+                return Err("--tokens must be ≥ 16, --digits and --samples positive".into());
+            }
+            if let Some(d) = depth {
+                if !(0.0..=1.0).contains(&d) {
+                    return Err(format!("--depth {d}: expected a fraction in [0, 1]").into());
+                }
+            }
+            let mut text = String::new();
+            for i in 0..samples {
+                let mut rng = trainer::rng::Rng::derive(seed, 4, i as u64);
+                let s = trainer::synth::sample(t, &mut rng, tokens, depth, digits);
+                text += &serde_json::json!({"prompt": s.prompt, "completion": s.completion}).to_string();
+                text.push('\n');
+            }
+            std::fs::write(&out, text).map_err(|e| format!("{}: {e}", out.display()))?;
+            println!("wrote {samples} {task} samples of ~{tokens} words to {}", out.display());
             Ok(())
         }
         Cmd::Bench(BenchCmd::Step { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype }) => {

@@ -123,6 +123,31 @@ impl WeightFiles {
         Ok(WeightFiles { location, maps })
     }
 
+    /// Opens one safetensors file of any name (adapters, optimizer state).
+    pub fn open_file(path: &Path) -> Result<WeightFiles> {
+        let m = map_file(path)?;
+        let mut location = BTreeMap::new();
+        for name in parse(path, &m)?.names() {
+            location.insert(name.to_string(), path.to_path_buf());
+        }
+        let mut maps = HashMap::new();
+        maps.insert(path.to_path_buf(), m);
+        Ok(WeightFiles { location, maps })
+    }
+
+    /// Reads one tensor as stored (any shape), converted to `kind` on `device`.
+    pub fn load_any(&self, name: &str, kind: Kind, device: Device) -> Result<Tensor> {
+        let path = self.location.get(name).ok_or_else(|| TrainerError::Tensor {
+            path: self.describe(),
+            tensor: name.to_string(),
+            msg: "missing".into(),
+        })?;
+        let st = parse(path, &self.maps[path])?;
+        let view = st.tensor(name).map_err(|e| TrainerError::Tensor { path: path.clone(), tensor: name.into(), msg: e.to_string() })?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        self.load(name, &shape, kind, device)
+    }
+
     /// Reads one tensor, checks its shape, converts it to `kind` on `device`.
     pub fn load(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
         let path = self.location.get(name).ok_or_else(|| TrainerError::Tensor {

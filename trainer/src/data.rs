@@ -147,6 +147,7 @@ impl Encoder<'_> {
 }
 
 /// A Hugging Face chat template (Jinja), rendered with minijinja and Python-compatible methods.
+#[derive(Clone)]
 pub struct ChatTemplate {
     source: String,
     path: PathBuf,

@@ -19,8 +19,12 @@ pub mod init;
 pub mod lora;
 pub mod model;
 pub mod optim;
+pub mod recipe;
 pub mod rng;
+pub mod run;
+pub mod run_state;
 pub mod synth;
+pub mod tensorboard;
 pub mod reference;
 pub mod tokenizer;
 

@@ -1,0 +1,370 @@
+//! Recipes: TOML files that say everything a run does. A serde mirror that denies unknown keys
+//! (so a typo is an error naming the key and line), command-line overrides with the same dotted
+//! paths (`train.lr=3e-4`), and the resolved recipe written into the run directory.
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainerError};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub run: RunSection,
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+    #[serde(default)]
+    pub lora: Option<LoraSection>,
+    #[serde(default)]
+    pub checkpoint: CheckpointSection,
+    #[serde(default)]
+    pub eval: EvalSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    /// Run directory: resolved recipe, checkpoints, metrics, TensorBoard events, final export.
+    pub dir: PathBuf,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Dtype of the weights and activations (float32, bfloat16, float16, float64).
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A Hugging Face model folder. Exactly one of `path` and `init`.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// A fresh model from an HF-style config (keys as in config.json; vocab_size is taken from
+    /// the tokenizer). Needs `tokenizer = "synthetic"`.
+    #[serde(default)]
+    pub init: Option<toml::Table>,
+    /// "synthetic": the built-in word-level tokenizer of the synthetic tasks.
+    #[serde(default)]
+    pub tokenizer: Option<String>,
+    /// Standard deviation of fresh weights (transformers' initializer_range).
+    #[serde(default = "default_init_std")]
+    pub init_std: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// JSONL files (text, instruction/input/output, prompt/completion or messages lines).
+    #[serde(default)]
+    pub train: Vec<PathBuf>,
+    /// Synthetic retrieval samples generated on the fly instead of files.
+    #[serde(default)]
+    pub synth: Option<SynthSection>,
+    /// Documents longer than this are truncated.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
+    /// A micro-batch packs whole documents up to this many tokens (attention stays inside each
+    /// document). Activation memory grows linearly with it.
+    #[serde(default = "default_max_tokens")]
+    pub tokens_per_batch: usize,
+    #[serde(default = "default_true")]
+    pub shuffle: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SynthSection {
+    /// passkey | kv-recall
+    pub task: String,
+    /// Sample length in words, per curriculum stage.
+    pub words: Vec<usize>,
+    /// Step at which each stage begins (same length as `words`, starting at 0).
+    #[serde(default)]
+    pub from_step: Vec<i64>,
+    #[serde(default = "default_digits")]
+    pub digits: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// full | lora
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    pub steps: i64,
+    /// Micro-batches per optimizer step (their gradients add up; the loss is the mean over
+    /// all their target tokens).
+    #[serde(default = "default_one")]
+    pub grad_accum: i64,
+    pub lr: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    #[serde(default)]
+    pub warmup: i64,
+    /// constant | linear | cosine
+    #[serde(default = "default_schedule")]
+    pub schedule: String,
+    #[serde(default)]
+    pub min_lr_ratio: f64,
+    /// Clip gradients to this global L2 norm (0: no clipping).
+    #[serde(default = "default_clip")]
+    pub grad_clip: f64,
+    /// Tokens whose logits exist at once in the fused LM head + loss.
+    #[serde(default = "default_loss_chunk")]
+    pub loss_chunk: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    pub rank: i64,
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default = "default_targets")]
+    pub targets: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSection {
+    /// Save every N steps (0: only at the end).
+    #[serde(default)]
+    pub every: i64,
+    /// Complete checkpoints kept; older ones are deleted after a new one is complete.
+    #[serde(default = "default_keep")]
+    pub keep_last: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Evaluate every N steps (0: only at the end).
+    #[serde(default)]
+    pub every: i64,
+    /// Held-out JSONL: its loss is reported as eval/loss.
+    #[serde(default)]
+    pub data: Option<PathBuf>,
+    /// Synthetic tasks: fresh samples scored by exact match of the whole answer.
+    #[serde(default = "default_eval_samples")]
+    pub samples: usize,
+    /// Synthetic tasks: length in words of the eval samples (default: the last stage's).
+    #[serde(default)]
+    pub words: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    #[serde(default = "default_log_every")]
+    pub every: i64,
+    #[serde(default = "default_true")]
+    pub tensorboard: bool,
+}
+
+fn default_device() -> String {
+    "auto".into()
+}
+fn default_dtype() -> String {
+    "float32".into()
+}
+fn default_init_std() -> f64 {
+    0.02
+}
+fn default_max_tokens() -> usize {
+    4096
+}
+fn default_true() -> bool {
+    true
+}
+fn default_digits() -> usize {
+    5
+}
+fn default_mode() -> String {
+    "full".into()
+}
+fn default_one() -> i64 {
+    1
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_schedule() -> String {
+    "cosine".into()
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_loss_chunk() -> i64 {
+    1024
+}
+fn default_targets() -> Vec<String> {
+    ["q_proj", "k_proj", "v_proj", "o_proj"].iter().map(|s| s.to_string()).collect()
+}
+fn default_keep() -> usize {
+    2
+}
+fn default_eval_samples() -> usize {
+    20
+}
+fn default_log_every() -> i64 {
+    10
+}
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        CheckpointSection { every: 0, keep_last: default_keep() }
+    }
+}
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection { every: 0, data: None, samples: default_eval_samples(), words: None }
+    }
+}
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection { every: default_log_every(), tensorboard: true }
+    }
+}
+
+/// Sets `path` (dotted) in a TOML table to `raw`, parsed as a TOML value when it is one
+/// (`3e-4`, `true`, `[1, 2]`, `"text"`) and taken as a string otherwise (`runs/x`).
+pub fn apply_override(table: &mut toml::Table, assignment: &str) -> std::result::Result<(), String> {
+    let (path, raw) = assignment.split_once('=').ok_or_else(|| format!("override `{assignment}` is not key.path=value"))?;
+    let path = path.trim();
+    if path.is_empty() || path.split('.').any(|p| p.is_empty()) {
+        return Err(format!("override `{assignment}`: bad key path"));
+    }
+    let value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let parts: Vec<&str> = path.split('.').collect();
+    let mut cur = table;
+    for p in &parts[..parts.len() - 1] {
+        let entry = cur.entry(p.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry.as_table_mut().ok_or_else(|| format!("override `{path}`: `{p}` is not a table"))?;
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+impl Recipe {
+    /// Reads a recipe file and applies overrides. Errors name the file, and the key and line
+    /// where TOML knows them.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe> {
+        let text = std::fs::read_to_string(path).map_err(TrainerError::io(path))?;
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| TrainerError::config(path, e.to_string().trim_end().to_string()))?;
+        for o in overrides {
+            apply_override(&mut table, o).map_err(|msg| TrainerError::config(path, msg))?;
+        }
+        // Deserialize the source text when nothing was overridden, so errors carry line numbers.
+        let recipe: Recipe = if overrides.is_empty() {
+            toml::from_str(&text).map_err(|e| TrainerError::config(path, e.to_string().trim_end().to_string()))?
+        } else {
+            Recipe::deserialize(table).map_err(|e| TrainerError::config(path, format!("after overrides {overrides:?}: {e}")))?
+        };
+        recipe.validate(path)?;
+        Ok(recipe)
+    }
+
+    /// Checks what types alone cannot: ranges, choices, and keys that only make sense together.
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let err = |key: &str, msg: String| Err(TrainerError::config(path, format!("`{key}`: {msg}")));
+        let m = &self.model;
+        match (&m.path, &m.init) {
+            (Some(_), Some(_)) => return err("model", "give `path` or `init`, not both".into()),
+            (None, None) => return err("model", "give `path` (an HF folder) or `init` (a fresh model)".into()),
+            (None, Some(_)) if m.tokenizer.as_deref() != Some("synthetic") => {
+                return err("model.tokenizer", "a fresh model (`init`) needs tokenizer = \"synthetic\"".into())
+            }
+            _ => {}
+        }
+        if let Some(t) = &m.tokenizer {
+            if t != "synthetic" {
+                return err("model.tokenizer", format!("\"{t}\": only \"synthetic\" is built in (an HF folder brings its own)"));
+            }
+        }
+        if !["full", "lora"].contains(&self.train.mode.as_str()) {
+            return err("train.mode", format!("\"{}\": expected full or lora", self.train.mode));
+        }
+        if self.train.mode == "lora" && self.lora.is_none() {
+            return err("lora", "train.mode = \"lora\" needs a [lora] section (rank, alpha)".into());
+        }
+        if let Some(l) = &self.lora {
+            if l.rank <= 0 || l.alpha <= 0.0 || !(0.0..1.0).contains(&l.dropout) {
+                return err("lora", format!("rank {} and alpha {} must be positive and dropout {} in [0, 1)", l.rank, l.alpha, l.dropout));
+            }
+            for t in &l.targets {
+                if !crate::lora::TARGETS.contains(&t.as_str()) {
+                    return err("lora.targets", format!("`{t}` is not one of {:?}", crate::lora::TARGETS));
+                }
+            }
+        }
+        let t = &self.train;
+        if t.steps <= 0 || t.grad_accum <= 0 || t.loss_chunk <= 0 {
+            return err("train", "steps, grad_accum and loss_chunk must be positive".into());
+        }
+        if !(t.lr > 0.0) || t.eps <= 0.0 || t.weight_decay < 0.0 || t.grad_clip < 0.0 || t.warmup < 0 {
+            return err("train", format!("lr {} and eps must be positive; weight_decay, grad_clip, warmup not negative", t.lr));
+        }
+        if t.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return err("train.betas", format!("{:?} must lie in [0, 1)", t.betas));
+        }
+        if !["constant", "linear", "cosine"].contains(&t.schedule.as_str()) {
+            return err("train.schedule", format!("\"{}\": expected constant, linear or cosine", t.schedule));
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            return err("train.min_lr_ratio", format!("{} must lie in [0, 1]", t.min_lr_ratio));
+        }
+        let d = &self.data;
+        match (&d.synth, d.train.is_empty()) {
+            (Some(_), false) => return err("data", "give `train` files or [data.synth], not both".into()),
+            (None, true) => return err("data.train", "no training data: list JSONL files or add [data.synth]".into()),
+            _ => {}
+        }
+        if d.max_tokens < 2 || d.tokens_per_batch < 2 {
+            return err("data", "max_tokens and tokens_per_batch must be at least 2".into());
+        }
+        if let Some(s) = &d.synth {
+            if crate::synth::Task::parse(&s.task).is_none() {
+                return err("data.synth.task", format!("\"{}\": expected passkey or kv-recall", s.task));
+            }
+            if s.words.is_empty() || s.words.iter().any(|&w| w < 16) {
+                return err("data.synth.words", "give at least one length, each ≥ 16 words".into());
+            }
+            let starts = if s.from_step.is_empty() && s.words.len() == 1 { vec![0] } else { s.from_step.clone() };
+            if starts.len() != s.words.len() || starts.first() != Some(&0) || starts.windows(2).any(|w| w[0] >= w[1]) {
+                return err("data.synth.from_step", "one rising start step per entry of `words`, the first 0".into());
+            }
+            if s.words.iter().any(|&w| w + 2 > d.tokens_per_batch) {
+                return err("data.tokens_per_batch", format!("{} is shorter than a synthetic sample of {:?} words", d.tokens_per_batch, s.words));
+            }
+            if s.digits == 0 || s.digits > 32 {
+                return err("data.synth.digits", format!("{} must lie in 1..=32", s.digits));
+            }
+        }
+        if self.checkpoint.every < 0 || self.eval.every < 0 || self.log.every <= 0 {
+            return err("checkpoint.every / eval.every / log.every", "must not be negative (log.every positive)".into());
+        }
+        if self.checkpoint.keep_last == 0 {
+            return err("checkpoint.keep_last", "must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}

@@ -1,0 +1,451 @@
+//! `train run`: the fine-tuning loop a recipe describes.
+//!
+//! Order of work: validate the recipe, refuse to overwrite an existing run, write the resolved
+//! recipe, build model + tokenizer, attach LoRA, restore the newest complete checkpoint when
+//! resuming, then steps of (micro-batches → explicit forward/backward → clip → AdamW), with
+//! metrics, evaluation and checkpoints on their schedules, and a final export.
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+use tokenizers::Tokenizer;
+
+use crate::config::ModelConfig;
+use crate::data::{pack, ChatTemplate, Encoder, Example};
+use crate::error::{Result, TrainerError};
+use crate::lora::LoraConfig;
+use crate::model::{Batch, Model};
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Decay, Schedule};
+use crate::recipe::Recipe;
+use crate::rng::Rng;
+use crate::run_state::{self, TrainerState};
+use crate::synth::{self, Task};
+use crate::tensorboard::EventWriter;
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub run_dir: PathBuf,
+    pub steps: i64,
+    pub final_loss: f64,
+    pub eval_loss: Option<f64>,
+    pub eval_accuracy: Option<f64>,
+    pub tokens_per_sec: f64,
+    pub seconds: f64,
+}
+
+/// Where training documents come from.
+enum Source {
+    Files { examples: Vec<Example>, shuffle: bool },
+    Synth { task: Task, words: Vec<usize>, from_step: Vec<i64>, digits: usize },
+}
+
+struct Ctx {
+    recipe: Recipe,
+    tok: Tokenizer,
+    tok_path: PathBuf,
+    eos: Option<i64>,
+    chat: Option<ChatTemplate>,
+}
+
+impl Ctx {
+    fn encoder(&self, max_tokens: usize) -> Encoder<'_> {
+        Encoder {
+            tok: &self.tok,
+            tok_path: self.tok_path.clone(),
+            chat: self.chat.clone(),
+            eos: self.eos,
+            max_tokens,
+        }
+    }
+}
+
+fn synth_example(enc: &Encoder, task: Task, rng: &mut Rng, words: usize, digits: usize) -> Result<Example> {
+    let s = synth::sample(task, rng, words, None, digits);
+    enc.prompt_completion(&s.prompt, &s.completion)
+}
+
+impl Source {
+    /// The micro-batch number `index` of the run (step · grad_accum + micro). File data advances
+    /// `cursor`; synthetic data is a pure function of (seed, index).
+    fn batch(&self, ctx: &Ctx, step: i64, index: u64, cursor: &mut u64) -> Result<Batch> {
+        let d = &ctx.recipe.data;
+        let budget = d.tokens_per_batch;
+        let seed = ctx.recipe.run.seed;
+        match self {
+            Source::Files { examples, shuffle } => {
+                let n = examples.len() as u64;
+                let order = |epoch: u64| -> Vec<usize> {
+                    let mut v: Vec<usize> = (0..examples.len()).collect();
+                    if *shuffle {
+                        Rng::derive(seed, 3, epoch).shuffle(&mut v);
+                    }
+                    v
+                };
+                let mut picked: Vec<&Example> = Vec::new();
+                let mut used = 0usize;
+                let mut epoch = u64::MAX;
+                let mut perm = Vec::new();
+                loop {
+                    if *cursor / n != epoch {
+                        epoch = *cursor / n;
+                        perm = order(epoch);
+                    }
+                    let e = &examples[perm[(*cursor % n) as usize]];
+                    if !picked.is_empty() && used + e.ids.len() > budget {
+                        break;
+                    }
+                    used += e.ids.len();
+                    picked.push(e);
+                    *cursor += 1;
+                    if used >= budget {
+                        break;
+                    }
+                }
+                Ok(pack(&picked))
+            }
+            Source::Synth { task, words, from_step, digits } => {
+                let stage = from_step.iter().rposition(|&s| s <= step).unwrap_or(0);
+                let w = words[stage];
+                let enc = ctx.encoder(budget);
+                let mut rng = Rng::derive(seed, 1, index);
+                let mut picked = Vec::new();
+                let mut used = 0;
+                loop {
+                    let e = synth_example(&enc, *task, &mut rng, w, *digits)?;
+                    if !picked.is_empty() && used + e.ids.len() > budget {
+                        break;
+                    }
+                    used += e.ids.len();
+                    picked.push(e);
+                }
+                Ok(pack(&picked.iter().collect::<Vec<_>>()))
+            }
+        }
+    }
+}
+
+fn count_targets(b: &Batch) -> i64 {
+    b.labels.ne(kernels::cross_entropy::IGNORE_INDEX).sum(Kind::Int64).int64_value(&[])
+}
+
+/// Loss and exact-match accuracy of synthetic samples (teacher-forced argmax over the answer
+/// equals greedy decoding exactly when every answer token is right).
+pub fn eval_synth(model: &Model, examples: &[Example], eos: Option<i64>, chunk: i64) -> Result<(f64, f64)> {
+    let mut correct = 0usize;
+    let mut loss_sum = 0.0;
+    let mut count = 0i64;
+    // A few samples per forward: packed attention keeps them apart.
+    for group in examples.chunks(8) {
+        let refs: Vec<&Example> = group.iter().collect();
+        let b = pack(&refs);
+        let l = model.loss(&b, chunk)?;
+        loss_sum += l.sum.to_device(Device::Cpu).to_kind(Kind::Double).double_value(&[]);
+        count += l.count;
+        let pred: Vec<i64> = Vec::<i64>::try_from(model.argmax(&b, chunk)?.to_device(Device::Cpu)).unwrap_or_default();
+        let mut off = 0usize;
+        for e in group {
+            let ok = (1..e.ids.len()).filter(|&t| e.target[t] && Some(e.ids[t]) != eos).all(|t| pred.get(off + t - 1) == Some(&e.ids[t]));
+            correct += ok as usize;
+            off += e.ids.len();
+        }
+    }
+    Ok((loss_sum / count.max(1) as f64, correct as f64 / examples.len().max(1) as f64))
+}
+
+fn fmt_secs(s: f64) -> String {
+    let s = s.max(0.0) as u64;
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, s / 60 % 60)
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+/// Runs (or resumes) the recipe at `recipe_path` with `overrides` applied.
+pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<RunSummary> {
+    let recipe = Recipe::load(recipe_path, overrides)?;
+    let dev = crate::device::parse_device(&recipe.run.device)?;
+    let kind = crate::device::parse_dtype(&recipe.run.dtype)?;
+    let run_dir = recipe.run.dir.clone();
+    let existing = run_state::list(&run_dir);
+    if !existing.is_empty() && !resume {
+        return Err(TrainerError::Checkpoint {
+            path: run_dir.clone(),
+            msg: "already holds checkpoints: pass --resume to continue it, or choose another run.dir (nothing was overwritten)".into(),
+        });
+    }
+    std::fs::create_dir_all(&run_dir).map_err(TrainerError::io(&run_dir))?;
+    let recipe_toml = recipe.to_toml();
+    let resolved = run_dir.join("recipe.toml");
+    std::fs::write(&resolved, &recipe_toml).map_err(TrainerError::io(&resolved))?;
+
+    // Model and tokenizer.
+    let model_dir = run_dir.join("model");
+    let (mut model, tok, tok_path, chat, base_name) = match (&recipe.model.path, &recipe.model.init) {
+        (Some(path), _) => {
+            let (cfg, warnings) = ModelConfig::load(path)?;
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            let tok = crate::tokenizer::load(path)?;
+            let chat = ChatTemplate::load(path)?;
+            let (m, unused) = Model::load(path, cfg, kind, dev)?;
+            if !unused.is_empty() {
+                eprintln!("warning: {} unused tensor(s) in {}", unused.len(), path.display());
+            }
+            (m, tok, path.join(crate::tokenizer::TOKENIZER_FILE), chat, path.display().to_string())
+        }
+        (None, Some(init)) => {
+            let mut table = init.clone();
+            table.insert("vocab_size".into(), toml::Value::Integer(synth::VOCAB.len() as i64));
+            table.entry("bos_token_id").or_insert(toml::Value::Integer(1));
+            table.entry("eos_token_id").or_insert(toml::Value::Integer(2));
+            table.entry("max_position_embeddings").or_insert(toml::Value::Integer(recipe.data.max_tokens.max(2048) as i64));
+            let cfg_json = serde_json::to_value(&table).map_err(|e| TrainerError::config(recipe_path, format!("model.init: {e}")))?;
+            let cfg_text = serde_json::to_string_pretty(&cfg_json).unwrap_or_default();
+            let (cfg, _) = ModelConfig::parse(&cfg_text, &recipe_path.join("[model.init]"))?;
+            std::fs::create_dir_all(&model_dir).map_err(TrainerError::io(&model_dir))?;
+            let cp = model_dir.join("config.json");
+            std::fs::write(&cp, &cfg_text).map_err(TrainerError::io(&cp))?;
+            let tp = model_dir.join(crate::tokenizer::TOKENIZER_FILE);
+            std::fs::write(&tp, synth::tokenizer_json().to_string()).map_err(TrainerError::io(&tp))?;
+            let tok = crate::tokenizer::load(&model_dir)?;
+            let m = Model::init_random(cfg, recipe.model.init_std, kind, dev, recipe.run.seed as i64)?;
+            (m, tok, tp, None, "strata-from-scratch".to_string())
+        }
+        (None, None) => unreachable!("validated"),
+    };
+    let eos = model.cfg.eos_token_ids.first().copied();
+    let lora_cfg = recipe.lora.as_ref().filter(|_| recipe.train.mode == "lora").map(|l| LoraConfig {
+        rank: l.rank,
+        alpha: l.alpha,
+        dropout: l.dropout,
+        targets: l.targets.clone(),
+    });
+    if let Some(l) = &lora_cfg {
+        model.attach_lora(l, recipe.run.seed as i64 + 1)?;
+    }
+    let t = &recipe.train;
+    let mut opt = AdamW::new(AdamWConfig { lr: t.lr, beta1: t.betas[0], beta2: t.betas[1], eps: t.eps, weight_decay: t.weight_decay });
+    let schedule = Schedule {
+        lr: t.lr,
+        warmup: t.warmup,
+        total: t.steps,
+        decay: match t.schedule.as_str() {
+            "linear" => Decay::Linear,
+            "constant" => Decay::Constant,
+            _ => Decay::Cosine,
+        },
+        min_lr_ratio: t.min_lr_ratio,
+    };
+
+    // Resume from the newest checkpoint that loads.
+    let mut state = TrainerState { step: 0, cursor: 0, optimizer_t: 0, seed: recipe.run.seed, loss: f64::NAN };
+    if resume {
+        for (_, dir) in &existing {
+            match run_state::load(dir, &mut model, &mut opt) {
+                Ok(s) => {
+                    eprintln!("resuming from {} (step {})", dir.display(), s.step);
+                    state = s;
+                    break;
+                }
+                Err(e) => eprintln!("warning: skipping checkpoint: {e}"),
+            }
+        }
+        if state.step == 0 {
+            eprintln!("no complete checkpoint in {}: starting from step 0", run_dir.display());
+        }
+    }
+
+    let ctx = Ctx { recipe: recipe.clone(), tok, tok_path, eos, chat };
+    let cap = recipe.data.max_tokens.min(recipe.data.tokens_per_batch);
+    let source = match &recipe.data.synth {
+        Some(s) => Source::Synth {
+            task: Task::parse(&s.task).unwrap_or(Task::Passkey),
+            words: s.words.clone(),
+            from_step: if s.from_step.is_empty() { vec![0] } else { s.from_step.clone() },
+            digits: s.digits,
+        },
+        None => {
+            let enc = ctx.encoder(cap);
+            let mut examples = Vec::new();
+            for f in &recipe.data.train {
+                examples.extend(enc.file(f)?);
+            }
+            Source::Files { examples, shuffle: recipe.data.shuffle }
+        }
+    };
+    // Evaluation sets are fixed for the whole run.
+    let synth_eval: Option<Vec<Example>> = match &recipe.data.synth {
+        Some(s) => {
+            let words = recipe.eval.words.unwrap_or(*s.words.last().unwrap_or(&128));
+            let enc = ctx.encoder(usize::MAX);
+            let mut v = Vec::new();
+            for i in 0..recipe.eval.samples {
+                let mut rng = Rng::derive(recipe.run.seed, 2, i as u64);
+                v.push(synth_example(&enc, Task::parse(&s.task).unwrap_or(Task::Passkey), &mut rng, words, s.digits)?);
+            }
+            Some(v)
+        }
+        None => None,
+    };
+    let file_eval: Option<Vec<Example>> = match &recipe.eval.data {
+        Some(p) => Some(ctx.encoder(cap).file(p)?),
+        None => None,
+    };
+
+    let mut tb = if recipe.log.tensorboard { Some(EventWriter::create(&run_dir.join("tb"))?) } else { None };
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(TrainerError::io(&metrics_path))?;
+    let mut emit = |v: serde_json::Value, tb: &mut Option<EventWriter>| -> Result<()> {
+        writeln!(metrics, "{v}").map_err(TrainerError::io(&metrics_path))?;
+        if let (Some(w), Some(obj)) = (tb.as_mut(), v.as_object()) {
+            let step = obj.get("step").and_then(|s| s.as_i64()).unwrap_or(0);
+            let scalars: Vec<(&str, f64)> = obj.iter().filter(|(k, _)| k.contains('/')).filter_map(|(k, v)| v.as_f64().map(|f| (k.as_str(), f))).collect();
+            w.scalars(step, &scalars)?;
+        }
+        Ok(())
+    };
+
+    let evaluate = |model: &Model, step: i64, tb: &mut Option<EventWriter>, emit: &mut dyn FnMut(serde_json::Value, &mut Option<EventWriter>) -> Result<()>| -> Result<(Option<f64>, Option<f64>)> {
+        let mut loss = None;
+        let mut acc = None;
+        if let Some(ex) = &synth_eval {
+            let (l, a) = eval_synth(model, ex, eos, recipe.train.loss_chunk)?;
+            loss = Some(l);
+            acc = Some(a);
+        }
+        if let Some(ex) = &file_eval {
+            let (l, _) = eval_synth(model, ex, None, recipe.train.loss_chunk)?;
+            loss = Some(l);
+        }
+        if loss.is_some() {
+            let mut v = json!({"step": step, "eval/loss": loss});
+            if let Some(a) = acc {
+                v["eval/accuracy"] = json!(a);
+            }
+            eprintln!("eval step {step}: loss {:.4}{}", loss.unwrap_or(f64::NAN), acc.map(|a| format!(" accuracy {:.1}%", 100.0 * a)).unwrap_or_default());
+            emit(v, tb)?;
+        }
+        Ok((loss, acc))
+    };
+
+    let tty = std::io::stderr().is_terminal();
+    let start = Instant::now();
+    let start_step = state.step;
+    let mut tokens_done = 0i64;
+    let mut last = (None, None);
+    let mut last_tps = 0.0;
+    let accum = recipe.train.grad_accum;
+    for step in state.step..recipe.train.steps {
+        let t0 = Instant::now();
+        // Dropout masks (LoRA) come from libtorch's generator: seed it per step so a resumed run
+        // draws what the uninterrupted run drew.
+        tch::manual_seed((recipe.run.seed as i64).wrapping_mul(1_000_003).wrapping_add(step));
+        let mut batches = Vec::new();
+        for micro in 0..accum {
+            batches.push(source.batch(&ctx, step, (step * accum + micro) as u64, &mut state.cursor)?);
+        }
+        let total: i64 = batches.iter().map(count_targets).sum();
+        let scale = 1.0 / total.max(1) as f64;
+        let mut grads = crate::model::Grads::new();
+        let mut loss_sum = 0.0;
+        let mut saved_peak = 0usize;
+        let mut step_tokens = 0i64;
+        for b in &batches {
+            let (l, g, stats) = model.forward_backward(b, Some(scale), recipe.train.loss_chunk)?;
+            loss_sum += l.sum.to_device(Device::Cpu).to_kind(Kind::Double).double_value(&[]);
+            saved_peak = saved_peak.max(stats.saved_bytes);
+            step_tokens += b.ids.size()[0];
+            for (n, gr) in g {
+                match grads.get_mut(&n) {
+                    Some(acc) => *acc += gr,
+                    None => {
+                        grads.insert(n, gr);
+                    }
+                }
+            }
+        }
+        let clip = (recipe.train.grad_clip > 0.0).then_some(recipe.train.grad_clip);
+        let grad_norm = clip_grad_norm(&mut grads, clip);
+        let lr = schedule.lr_at(step);
+        let params = model.trainable();
+        opt.step(&params, &grads, lr);
+        drop(grads);
+        let loss = loss_sum / total.max(1) as f64;
+        if !loss.is_finite() {
+            return Err(TrainerError::Device(format!("step {}: loss is {loss}; stopping (lower train.lr, or check the data)", step + 1)));
+        }
+        state.step = step + 1;
+        state.optimizer_t = opt.t;
+        state.loss = loss;
+        tokens_done += step_tokens;
+        let dt = t0.elapsed().as_secs_f64();
+        let tps = step_tokens as f64 / dt;
+        last_tps = tokens_done as f64 / start.elapsed().as_secs_f64();
+        let eta = (recipe.train.steps - state.step) as f64 * start.elapsed().as_secs_f64() / (state.step - start_step) as f64;
+        let mut m = json!({
+            "step": state.step, "train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+            "train/tokens_per_sec": tps, "train/tokens": step_tokens,
+            "memory/activations_bytes": saved_peak as f64,
+        });
+        if let Some(rss) = crate::bench::peak_rss_bytes() {
+            m["memory/host_peak_rss_bytes"] = json!(rss as f64);
+        }
+        emit(m, &mut tb)?;
+        let line = format!("step {}/{} loss {loss:.4} lr {lr:.2e} grad_norm {grad_norm:.3} {tps:.0} tok/s eta {}", state.step, recipe.train.steps, fmt_secs(eta));
+        if tty {
+            eprint!("\r{line}   ");
+        }
+        if state.step % recipe.log.every == 0 || state.step == recipe.train.steps {
+            if tty {
+                eprintln!();
+            } else {
+                eprintln!("{line}");
+            }
+        }
+        if recipe.eval.every > 0 && state.step % recipe.eval.every == 0 && state.step != recipe.train.steps {
+            evaluate(&model, state.step, &mut tb, &mut emit)?;
+        }
+        let ck = recipe.checkpoint.every;
+        if (ck > 0 && state.step % ck == 0) || state.step == recipe.train.steps {
+            run_state::save(&run_dir, &model, &opt, &state, &recipe_toml, lora_cfg.as_ref())?;
+            run_state::prune(&run_dir, recipe.checkpoint.keep_last)?;
+        }
+    }
+    if state.step > start_step || synth_eval.is_some() || file_eval.is_some() {
+        last = evaluate(&model, state.step, &mut tb, &mut emit)?;
+    }
+    // Export in the layout the Hugging Face stack loads.
+    let final_dir = run_dir.join("final");
+    match &lora_cfg {
+        Some(l) => model.save_peft_adapter(&final_dir, l, &base_name)?,
+        None => export_hf(&model, &final_dir, recipe.model.path.as_deref().unwrap_or(&model_dir))?,
+    }
+    Ok(RunSummary {
+        run_dir,
+        steps: state.step,
+        final_loss: state.loss,
+        eval_loss: last.0,
+        eval_accuracy: last.1,
+        tokens_per_sec: last_tps,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// A full model as an HF folder: config.json and tokenizer files copied from the source folder,
+/// weights in `model.safetensors`.
+pub fn export_hf(model: &Model, dir: &Path, source: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(TrainerError::io(dir))?;
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"] {
+        let src = source.join(f);
+        if src.exists() {
+            std::fs::copy(&src, dir.join(f)).map_err(TrainerError::io(&src))?;
+        }
+    }
+    let tensors: Vec<(String, Tensor)> = model.named_parameters().into_iter().map(|(n, t)| (n, t.shallow_clone())).collect();
+    crate::checkpoint::write_safetensors(&dir.join("model.safetensors"), &tensors)
+}
