@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 
 TORCH_VERSION=2.11.0
 TRANSFORMERS_VERSION=5.23.0
+PEFT_VERSION=0.21.2
+TENSORBOARD_VERSION=2.21.0
 # g++ builds tch's C++ glue; pkg-config and python3-venv for the venv.
 APT_PACKAGES=(g++ make pkg-config python3-venv)
 
@@ -32,9 +34,16 @@ case "$have" in
     .venv/bin/python3 -m pip install -q --disable-pip-version-check "torch==$TORCH_VERSION"
     ;;
 esac
-# transformers is the independent reference that tests compare strata's losses and RoPE tables with.
-if ! .venv/bin/python3 -c 'import transformers, numpy; assert transformers.__version__ == "'"$TRANSFORMERS_VERSION"'"' 2>/dev/null; then
-  echo "setup: installing transformers==$TRANSFORMERS_VERSION (test reference)"
-  .venv/bin/python3 -m pip install -q --disable-pip-version-check "transformers==$TRANSFORMERS_VERSION" numpy
+# The independent references the tests compare with: transformers (losses, RoPE tables), peft
+# (exported adapters), tensorboard (event files).
+PY_REFS=("transformers==$TRANSFORMERS_VERSION" "peft==$PEFT_VERSION" "tensorboard==$TENSORBOARD_VERSION" numpy)
+if ! .venv/bin/python3 - <<PY 2>/dev/null
+import transformers, peft, tensorboard, numpy
+assert transformers.__version__ == "$TRANSFORMERS_VERSION" and peft.__version__ == "$PEFT_VERSION"
+assert tensorboard.__version__ == "$TENSORBOARD_VERSION"
+PY
+then
+  echo "setup: installing ${PY_REFS[*]} (test references)"
+  .venv/bin/python3 -m pip install -q --disable-pip-version-check "${PY_REFS[@]}"
 fi
 echo "setup: ok (torch $(.venv/bin/python3 -c 'import torch; print(torch.__version__)'))"

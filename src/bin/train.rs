@@ -22,6 +22,9 @@ enum Cmd {
         /// Folder with config.json, model.safetensors (or a sharded index) and tokenizer.json.
         #[arg(long)]
         model: PathBuf,
+        /// A PEFT LoRA adapter folder to apply on top (e.g. a run's final/).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         /// JSONL file(s), one {"text": ...} object per line.
         #[arg(long, required = true, num_args = 1..)]
         data: Vec<PathBuf>,
@@ -114,7 +117,7 @@ enum BenchCmd {
 
 fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.cmd {
-        Cmd::Eval { model, data, max_tokens, device, dtype, loss_chunk, json } => {
+        Cmd::Eval { model, adapter, data, max_tokens, device, dtype, loss_chunk, json } => {
             let dev = device::parse_device(&device)?;
             let kind = device::parse_dtype(&dtype)?;
             if loss_chunk <= 0 {
@@ -125,7 +128,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 eprintln!("warning: {w}");
             }
             let tok = tokenizer::load(&model)?;
-            let (m, unused) = Model::load(&model, cfg, kind, dev)?;
+            let (mut m, unused) = Model::load(&model, cfg, kind, dev)?;
+            if let Some(a) = &adapter {
+                m.load_peft_adapter(a)?;
+            }
             if !unused.is_empty() {
                 eprintln!("warning: {}: {} tensor(s) in the checkpoint are not used: {}", model.display(), unused.len(), unused.join(", "));
             }

@@ -58,6 +58,42 @@ impl Model {
         Ok(())
     }
 
+    /// Loads a PEFT LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`) onto
+    /// this model. Errors name the file and key or tensor.
+    pub fn load_peft_adapter(&mut self, dir: &Path) -> Result<LoraConfig> {
+        let cp = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cp).map_err(TrainerError::io(&cp))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainerError::config(&cp, format!("line {}: {e}", e.line())))?;
+        let get_f = |k: &str| v.get(k).and_then(|x| x.as_f64()).ok_or_else(|| TrainerError::config(&cp, format!("missing number `{k}`")));
+        if let Some(t) = v.get("peft_type").and_then(|t| t.as_str()) {
+            if t != "LORA" {
+                return Err(TrainerError::config(&cp, format!("`peft_type` \"{t}\" is not LORA")));
+            }
+        }
+        for flag in ["use_dora", "use_rslora"] {
+            if v.get(flag).and_then(|x| x.as_bool()) == Some(true) {
+                return Err(TrainerError::config(&cp, format!("`{flag}` adapters are not supported")));
+            }
+        }
+        let targets: Vec<String> = match v.get("target_modules") {
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
+            Some(serde_json::Value::String(s)) if s == "all-linear" => TARGETS.iter().map(|s| s.to_string()).collect(),
+            _ => return Err(TrainerError::config(&cp, "`target_modules` must be a list of module names")),
+        };
+        let cfg = LoraConfig { rank: get_f("r")? as i64, alpha: get_f("lora_alpha")?, dropout: v.get("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0), targets };
+        self.attach_lora(&cfg, 0)?;
+        let wp = dir.join("adapter_model.safetensors");
+        let files = crate::checkpoint::WeightFiles::open_file(&wp)?;
+        let dev = self.device();
+        let _guard = tch::no_grad_guard();
+        for (name, t) in self.named_adapters() {
+            let src = files.load(&format!("base_model.model.{name}"), &t.size(), t.kind(), dev)?;
+            let mut dst = t.shallow_clone();
+            let _ = dst.copy_(&src);
+        }
+        Ok(cfg)
+    }
+
     /// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir`, as PEFT names them
     /// (`base_model.model.` + the HF module path).
     pub fn save_peft_adapter(&self, dir: &Path, cfg: &LoraConfig, base_model: &str) -> Result<()> {

@@ -300,8 +300,23 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
     let mut tb = if recipe.log.tensorboard { Some(EventWriter::create(&run_dir.join("tb"))?) } else { None };
     let metrics_path = run_dir.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).map_err(TrainerError::io(&metrics_path))?;
+    // A killed run may have left half a line: end it, so the next record starts clean. Readers
+    // take the last record of a step (a resumed run repeats the steps after its checkpoint).
+    let last_byte = {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&metrics_path).map_err(TrainerError::io(&metrics_path))?;
+        let mut b = [b'\n'];
+        if f.seek(SeekFrom::End(-1)).is_ok() {
+            f.read_exact(&mut b).map_err(TrainerError::io(&metrics_path))?;
+        }
+        b[0]
+    };
+    if last_byte != b'\n' {
+        metrics.write_all(b"\n").map_err(TrainerError::io(&metrics_path))?;
+    }
     let mut emit = |v: serde_json::Value, tb: &mut Option<EventWriter>| -> Result<()> {
-        writeln!(metrics, "{v}").map_err(TrainerError::io(&metrics_path))?;
+        // One write per record, so a kill leaves whole lines or one partial last line.
+        metrics.write_all(format!("{v}\n").as_bytes()).map_err(TrainerError::io(&metrics_path))?;
         if let (Some(w), Some(obj)) = (tb.as_mut(), v.as_object()) {
             let step = obj.get("step").and_then(|s| s.as_i64()).unwrap_or(0);
             let scalars: Vec<(&str, f64)> = obj.iter().filter(|(k, _)| k.contains('/')).filter_map(|(k, v)| v.as_f64().map(|f| (k.as_str(), f))).collect();

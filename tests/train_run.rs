@@ -1,0 +1,248 @@
+//! `train run` end to end on tiny models: the loss falls; a run killed with SIGKILL and resumed
+//! reproduces the uninterrupted run bit for bit; incomplete or corrupt checkpoints are skipped;
+//! TensorBoard files read back; exports load in transformers / PEFT with the same loss.
+mod common;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use tch::Kind;
+
+/// A tiny Llama folder and a text file; returns (model dir, data file).
+fn fixture(dir: &Path) -> (PathBuf, PathBuf) {
+    let model = dir.join("base");
+    if !model.exists() {
+        write_checkpoint(&model, &llama_config(), Kind::Float, 1, 21);
+    }
+    let data = dir.join("train.jsonl");
+    write_texts(&data, 40, 24, 9);
+    (model, data)
+}
+
+fn recipe(dir: &Path, name: &str, run: &Path, model: &Path, data: &Path, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"# test recipe
+[run]
+dir = "{run}"
+seed = 3
+device = "cpu"
+dtype = "float32"
+
+[model]
+path = "{model}"
+
+[data]
+train = ["{data}"]
+tokens_per_batch = 96
+max_tokens = 48
+
+[train]
+steps = 40
+lr = 3e-3
+warmup = 3
+schedule = "cosine"
+min_lr_ratio = 0.1
+grad_accum = 2
+
+[checkpoint]
+every = 5
+keep_last = 10
+
+[log]
+every = 1
+{extra}"#,
+        run = run.display(),
+        model = model.display(),
+        data = data.display()
+    );
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// step → train/loss, the last record of each step (a resumed run repeats some).
+fn losses(run: &Path) -> std::collections::BTreeMap<i64, f64> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
+    let mut out = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        // The run may be writing the last line right now.
+        let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
+        if let Some(l) = v.get("train/loss").and_then(|l| l.as_f64()) {
+            out.insert(v["step"].as_i64().unwrap(), l);
+        }
+    }
+    out
+}
+
+fn run_ok(args: &[&str]) -> (String, String) {
+    let out = train(args);
+    let (so, se) = (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
+    assert!(out.status.success(), "train {args:?} failed:\n{se}");
+    (so, se)
+}
+
+#[test]
+fn full_finetune_loss_falls_and_resume_after_sigkill_is_bit_identical() {
+    let dir = tmp_dir("run-full");
+    let (model, data) = fixture(&dir);
+    let a = dir.join("a");
+    let ra = recipe(&dir, "a.toml", &a, &model, &data, "");
+    let (stdout, _) = run_ok(&["run", "--recipe", ra.to_str().unwrap()]);
+    assert!(stdout.contains("done: 40 steps"), "{stdout}");
+    let la = losses(&a);
+    assert_eq!(la.len(), 40);
+    let first: f64 = (1..=3).map(|s| la[&s]).sum::<f64>() / 3.0;
+    let last: f64 = (38..=40).map(|s| la[&s]).sum::<f64>() / 3.0;
+    println!("loss: first steps {first:.4}, last steps {last:.4}");
+    assert!(last < 0.7 * first, "the loss did not fall: {first} -> {last}");
+    assert!(a.join("recipe.toml").exists() && a.join("final/model.safetensors").exists());
+
+    // Kill a second run mid-way with SIGKILL, then resume it.
+    let b = dir.join("b");
+    let rb = recipe(&dir, "b.toml", &b, &model, &data, "");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_train")).args(["run", "--recipe", rb.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap();
+    let t0 = Instant::now();
+    while losses(&b).keys().max().copied().unwrap_or(0) < 12 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "run b made no progress");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let reached = losses(&b).keys().max().copied().unwrap();
+    assert!(reached < 40, "the run finished before it could be killed (reached {reached})");
+    let (_, stderr) = run_ok(&["run", "--recipe", rb.to_str().unwrap(), "--resume"]);
+    assert!(stderr.contains("resuming from"), "{stderr}");
+    let lb = losses(&b);
+    assert_eq!(lb.len(), 40);
+    for (s, l) in &la {
+        assert_eq!(l.to_bits(), lb[s].to_bits(), "step {s}: uninterrupted {l} vs resumed {}", lb[s]);
+    }
+    let wa = std::fs::read(a.join("final/model.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("final/model.safetensors")).unwrap();
+    assert!(wa == wb, "final weights differ after kill + resume");
+    println!("killed at step {reached}, resumed: all 40 losses and the final weights are bit-identical");
+
+    // The newest checkpoint incomplete and the one before corrupt: both skipped, with a warning.
+    std::fs::remove_file(a.join("step_00000040/DONE")).unwrap();
+    let opt = a.join("step_00000035/optimizer.safetensors");
+    let len = std::fs::metadata(&opt).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&opt).unwrap().set_len(len / 3).unwrap();
+    let (_, stderr) = run_ok(&["run", "--recipe", ra.to_str().unwrap(), "--resume", "train.steps=42"]);
+    assert!(stderr.contains("skipping checkpoint") && stderr.contains("step_00000040") && stderr.contains("no DONE"), "{stderr}");
+    assert!(stderr.contains("step_00000035") && stderr.contains("truncated"), "{stderr}");
+    assert!(stderr.contains("resuming from") && stderr.contains("step_00000030"), "{stderr}");
+
+    // TensorBoard: read back by tensorboard's own EventAccumulator.
+    let py = venv_python();
+    let script = r#"
+import json, sys
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+acc = EventAccumulator(sys.argv[1]); acc.Reload()
+print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}))
+"#;
+    let out = Command::new(&py).arg("-c").arg(script).arg(b.join("tb")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tb: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for tag in ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "memory/activations_bytes", "memory/host_peak_rss_bytes"] {
+        assert!(tb.get(tag).is_some(), "tag {tag} missing from {:?}", tb.as_object().map(|o| o.keys().collect::<Vec<_>>()));
+    }
+    let tb_loss: std::collections::BTreeMap<i64, f64> =
+        tb["train/loss"].as_array().unwrap().iter().map(|p| (p[0].as_i64().unwrap(), p[1].as_f64().unwrap())).collect();
+    for (s, l) in &lb {
+        assert!((tb_loss[s] - l).abs() <= 1e-6 * l.abs(), "step {s}: tensorboard {} vs {l}", tb_loss[s]);
+    }
+
+    // The exported HF folder loads in transformers with the loss strata computes for it.
+    let out = train(&["eval", "--model", a.join("final").to_str().unwrap(), "--data", data.to_str().unwrap(), "--device", "cpu", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ours: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hf_reference.py");
+    let out = Command::new(&py).arg(&script).arg(a.join("final")).arg(&data).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let hf: Value = serde_json::from_slice(out.stdout.rsplit(|b| *b == b'\n').find(|l| !l.is_empty()).unwrap()).unwrap();
+    let (x, y) = (ours["loss"].as_f64().unwrap(), hf["loss"].as_f64().unwrap());
+    assert!((x - y).abs() < 1e-5 * y, "exported model: strata {x} vs transformers {y}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn lora_run_exports_a_peft_adapter() {
+    let dir = tmp_dir("run-lora");
+    let (model, data) = fixture(&dir);
+    let run = dir.join("lora");
+    let extra = "\n[lora]\nrank = 4\nalpha = 8.0\ndropout = 0.1\ntargets = [\"q_proj\", \"v_proj\", \"down_proj\"]\n";
+    let r = recipe(&dir, "lora.toml", &run, &model, &data, extra);
+    let (stdout, _) = run_ok(&["run", "--recipe", r.to_str().unwrap(), "train.mode=lora", "train.steps=12", "train.lr=1e-2"]);
+    assert!(stdout.contains("done: 12 steps"), "{stdout}");
+    let l = losses(&run);
+    assert!(l[&12] < l[&1], "LoRA loss did not fall: {} -> {}", l[&1], l[&12]);
+    let ck = run.join("step_00000010");
+    assert!(ck.join("adapter_model.safetensors").exists() && !ck.join("model.safetensors").exists(), "a LoRA checkpoint holds only adapters");
+    let fin = run.join("final");
+    let out = train(&["eval", "--model", model.to_str().unwrap(), "--adapter", fin.to_str().unwrap(), "--data", data.to_str().unwrap(), "--device", "cpu", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ours: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let base = train(&["eval", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--device", "cpu", "--json"]);
+    let base: Value = serde_json::from_slice(&base.stdout).unwrap();
+    assert!(ours["loss"].as_f64().unwrap() < base["loss"].as_f64().unwrap(), "the adapter must lower the loss");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peft_reference.py");
+    let out = Command::new(venv_python()).arg(&script).arg(&model).arg(&fin).arg(&data).output().unwrap();
+    assert!(out.status.success(), "peft: {}", String::from_utf8_lossy(&out.stderr));
+    let peft: Value = serde_json::from_slice(out.stdout.rsplit(|b| *b == b'\n').find(|l| !l.is_empty()).unwrap()).unwrap();
+    let (x, y) = (ours["loss"].as_f64().unwrap(), peft["loss"].as_f64().unwrap());
+    println!("base {} / with adapter: strata {x} PEFT {y}", base["loss"]);
+    assert!((x - y).abs() < 1e-5 * y, "adapter: strata {x} vs PEFT {y}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn bad_recipes_and_existing_runs_give_clear_errors() {
+    let dir = tmp_dir("run-bad");
+    let (model, data) = fixture(&dir);
+    let run = dir.join("r");
+    let good = recipe(&dir, "good.toml", &run, &model, &data, "");
+    let err = |args: &[&str]| -> String {
+        let out = train(args);
+        let se = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {se}");
+        assert!(!se.contains("panicked"), "{se}");
+        se
+    };
+    let text = std::fs::read_to_string(&good).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, text.replace("lr = 3e-3", "lr = 3e-3\nlearning_rate = 1")).unwrap();
+    let e = err(&["run", "--recipe", bad.to_str().unwrap()]);
+    assert!(e.contains("bad.toml") && e.contains("learning_rate") && e.contains("line"), "{e}");
+    std::fs::write(&bad, text.replace("steps = 40", "steps = \"many\"")).unwrap();
+    let e = err(&["run", "--recipe", bad.to_str().unwrap()]);
+    assert!(e.contains("bad.toml") && e.contains("steps"), "{e}");
+    let g = good.to_str().unwrap();
+    let e = err(&["run", "--recipe", g, "train.mode=lora"]);
+    assert!(e.contains("[lora]"), "{e}");
+    let e = err(&["run", "--recipe", g, "train.lr=-1"]);
+    assert!(e.contains("lr"), "{e}");
+    let e = err(&["run", "--recipe", g, "train.nope=1"]);
+    assert!(e.contains("nope"), "{e}");
+    let e = err(&["run", "--recipe", g, "trainlr"]);
+    assert!(e.contains("key.path=value"), "{e}");
+    let e = err(&["run", "--recipe", g, "data.train=[\"missing.jsonl\"]"]);
+    assert!(e.contains("missing.jsonl"), "{e}");
+    let e = err(&["run", "--recipe", g, &format!("model.path={}", dir.join("nomodel").display())]);
+    assert!(e.contains("nomodel") && e.contains("config.json"), "{e}");
+    let badline = dir.join("badline.jsonl");
+    std::fs::write(&badline, "{\"text\": \"w3 w4\"}\n{\"text\": \"w5\" \n").unwrap();
+    let e = err(&["run", "--recipe", g, &format!("data.train=[\"{}\"]", badline.display())]);
+    assert!(e.contains("badline.jsonl:2"), "{e}");
+    let e = err(&["run", "--recipe", dir.join("none.toml").to_str().unwrap()]);
+    assert!(e.contains("none.toml"), "{e}");
+
+    // A finished run is never overwritten without --resume.
+    run_ok(&["run", "--recipe", g, "train.steps=5"]);
+    let before = std::fs::read(run.join("step_00000005/model.safetensors")).unwrap();
+    let e = err(&["run", "--recipe", g, "train.steps=5"]);
+    assert!(e.contains("--resume") && e.contains("nothing was overwritten"), "{e}");
+    assert_eq!(before, std::fs::read(run.join("step_00000005/model.safetensors")).unwrap());
+    let _ = std::fs::remove_dir_all(dir);
+}
