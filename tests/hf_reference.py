@@ -1,36 +1,45 @@
-"""Independent reference: the loss of a model folder computed by Hugging Face transformers.
+"""Independent reference: the loss of a model folder computed by Hugging Face transformers,
+optionally with a LoRA adapter applied by PEFT.
 
-Usage: hf_reference.py MODEL_DIR DATA.jsonl [MAX_TOKENS]
+Usage: hf_reference.py MODEL_DIR DATA.jsonl [--adapter ADAPTER_DIR] [--max-tokens N]
 Prints {"loss": mean next-token loss over all predicted tokens, "tokens": count}.
 Tokenization goes through the `tokenizers` library's Python binding, as `AutoTokenizer` would.
 """
+import argparse
 import json
-import sys
 
 import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
-model_dir, data = sys.argv[1], sys.argv[2]
-max_tokens = int(sys.argv[3]) if len(sys.argv) > 3 else None
+ap = argparse.ArgumentParser()
+ap.add_argument("model_dir")
+ap.add_argument("data")
+ap.add_argument("--adapter")
+ap.add_argument("--max-tokens", type=int)
+args = ap.parse_args()
 torch.set_num_threads(2)
-tok = Tokenizer.from_file(f"{model_dir}/tokenizer.json")
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+tok = Tokenizer.from_file(f"{args.model_dir}/tokenizer.json")
+model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation="eager")
+rope = model.model.rotary_emb
+if args.adapter:
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, args.adapter)
 model.eval()
 total, count = 0.0, 0
-with torch.no_grad(), open(data) as f:
+with torch.no_grad(), open(args.data) as f:
     for line in f:
         if not line.strip():
             continue
         ids = tok.encode(json.loads(line)["text"]).ids
-        if max_tokens:
-            ids = ids[:max_tokens]
+        if args.max_tokens:
+            ids = ids[: args.max_tokens]
         if len(ids) < 2:
             continue
         # Dynamic-NTK RoPE in transformers caches the longest length seen so far (it is built for
         # generation), so a document's frequencies would depend on the documents before it.
         # strata scales each document by its own length; reset the cache to compare like with like.
-        rope = model.model.rotary_emb
         if getattr(rope, "rope_type", None) == "dynamic":
             rope.register_buffer("inv_freq", rope.original_inv_freq.clone(), persistent=False)
             rope.max_seq_len_cached = rope.original_max_seq_len

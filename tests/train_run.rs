@@ -187,8 +187,8 @@ fn lora_run_exports_a_peft_adapter() {
     let base = train(&["eval", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--device", "cpu", "--json"]);
     let base: Value = serde_json::from_slice(&base.stdout).unwrap();
     assert!(ours["loss"].as_f64().unwrap() < base["loss"].as_f64().unwrap(), "the adapter must lower the loss");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peft_reference.py");
-    let out = Command::new(venv_python()).arg(&script).arg(&model).arg(&fin).arg(&data).output().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hf_reference.py");
+    let out = Command::new(venv_python()).arg(&script).arg(&model).arg(&data).arg("--adapter").arg(&fin).output().unwrap();
     assert!(out.status.success(), "peft: {}", String::from_utf8_lossy(&out.stderr));
     let peft: Value = serde_json::from_slice(out.stdout.rsplit(|b| *b == b'\n').find(|l| !l.is_empty()).unwrap()).unwrap();
     let (x, y) = (ours["loss"].as_f64().unwrap(), peft["loss"].as_f64().unwrap());
@@ -245,4 +245,20 @@ fn bad_recipes_and_existing_runs_give_clear_errors() {
     assert!(e.contains("--resume") && e.contains("nothing was overwritten"), "{e}");
     assert_eq!(before, std::fs::read(run.join("step_00000005/model.safetensors")).unwrap());
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn shipped_recipes_are_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().and_then(|x| x.to_str()) == Some("toml") {
+            let text = std::fs::read_to_string(&p).unwrap();
+            assert!(text.lines().any(|l| l.trim_start().starts_with("#") && l.contains("train run --recipe")), "{}: must start with the command that runs it", p.display());
+            trainer::recipe::Recipe::load(&p, &[]).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "expected the demo, LoRA and full recipes");
 }

@@ -30,7 +30,7 @@ const FILLER: &str = "the grass is green . the sky is blue . the sun is yellow .
 /// Every word the tasks use. Index 0 is the unknown token, 1 BOS, 2 EOS.
 pub const VOCAB: &[&str] = &[
     "<unk>", "<s>", "</s>", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", ".", "?", "the", "grass", "is", "green", "sky", "blue",
-    "sun", "yellow", "here", "we", "go", "there", "and", "back", "again", "pass", "key", "remember", "it", "what", "value", "of",
+    "sun", "yellow", "here", "we", "go", "there", "and", "back", "again", "pass", "key", "remember", "it", "what", "value", "of", ":",
 ];
 
 /// A word-level `tokenizer.json` over [`VOCAB`] that prepends BOS.
@@ -66,8 +66,11 @@ pub fn sample(task: Task, rng: &mut Rng, words: usize, depth: Option<f64>, n_dig
     match task {
         Task::Passkey => {
             let key = digits(rng, n_digits);
-            let needle = format!("the pass key is {key} . remember it . {key} is the pass key .");
-            let question = "what is the pass key ? the pass key is";
+            // The colon appears only after "pass key", in the needle and at the end of the question,
+            // so the answer is "whatever followed the earlier colon" (an induction pattern),
+            // however much filler lies between.
+            let needle = format!("remember it . the pass key : {key} .");
+            let question = "what is the pass key ? the pass key :";
             let fixed = needle.split(' ').count() + question.split(' ').count();
             let fill = filler(rng, words.saturating_sub(fixed));
             let at = (depth.unwrap_or_else(|| rng.unit()).clamp(0.0, 1.0) * fill.len() as f64) as usize;
