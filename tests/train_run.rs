@@ -174,8 +174,12 @@ fn lora_run_exports_a_peft_adapter() {
     let run = dir.join("lora");
     let extra = "\n[lora]\nrank = 4\nalpha = 8.0\ndropout = 0.1\ntargets = [\"q_proj\", \"v_proj\", \"down_proj\"]\n";
     let r = recipe(&dir, "lora.toml", &run, &model, &data, extra);
-    let (stdout, _) = run_ok(&["run", "--recipe", r.to_str().unwrap(), "train.mode=lora", "train.steps=12", "train.lr=1e-2"]);
+    let (stdout, _) = run_ok(&["run", "--recipe", r.to_str().unwrap(), "train.mode=lora", "train.steps=12", "train.lr=1e-2", "checkpoint.keep_last=2"]);
     assert!(stdout.contains("done: 12 steps"), "{stdout}");
+    let kept: Vec<String> = std::fs::read_dir(&run).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).filter(|n| n.starts_with("step_")).collect();
+    let mut kept = kept;
+    kept.sort();
+    assert_eq!(kept, vec!["step_00000010", "step_00000012"], "keep_last = 2");
     let l = losses(&run);
     assert!(l[&12] < l[&1], "LoRA loss did not fall: {} -> {}", l[&1], l[&12]);
     let ck = run.join("step_00000010");
@@ -244,6 +248,26 @@ fn bad_recipes_and_existing_runs_give_clear_errors() {
     let e = err(&["run", "--recipe", g, "train.steps=5"]);
     assert!(e.contains("--resume") && e.contains("nothing was overwritten"), "{e}");
     assert_eq!(before, std::fs::read(run.join("step_00000005/model.safetensors")).unwrap());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn data_synth_writes_prompt_completion_lines() {
+    let dir = tmp_dir("synth");
+    for task in ["passkey", "kv-recall"] {
+        let out = dir.join(format!("{task}.jsonl"));
+        let (stdout, _) = run_ok(&["data", "synth", "--task", task, "--tokens", "300", "--samples", "3", "--depth", "0.5", "--out", out.to_str().unwrap()]);
+        assert!(stdout.contains("wrote 3"), "{stdout}");
+        let lines: Vec<Value> = std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 3);
+        for l in &lines {
+            let (p, c) = (l["prompt"].as_str().unwrap(), l["completion"].as_str().unwrap());
+            assert!(p.contains(c) && c.split(' ').count() == 5);
+        }
+    }
+    let out = train(&["data", "synth", "--task", "haystack", "--tokens", "300", "--out", dir.join("x").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--task haystack"));
     let _ = std::fs::remove_dir_all(dir);
 }
 

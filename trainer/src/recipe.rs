@@ -88,6 +88,10 @@ pub struct SynthSection {
     pub from_step: Vec<i64>,
     #[serde(default = "default_digits")]
     pub digits: usize,
+    /// Draw each sample's length log-uniformly between the first stage's length and the current
+    /// stage's, instead of using the current stage's alone (keeps shorter contexts in training).
+    #[serde(default)]
+    pub mix_shorter: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -39,7 +39,7 @@ pub struct RunSummary {
 /// Where training documents come from.
 enum Source {
     Files { examples: Vec<Example>, shuffle: bool },
-    Synth { task: Task, words: Vec<usize>, from_step: Vec<i64>, digits: usize },
+    Synth { task: Task, words: Vec<usize>, from_step: Vec<i64>, digits: usize, mix_shorter: bool },
 }
 
 struct Ctx {
@@ -106,14 +106,17 @@ impl Source {
                 }
                 Ok(pack(&picked))
             }
-            Source::Synth { task, words, from_step, digits } => {
+            Source::Synth { task, words, from_step, digits, mix_shorter } => {
                 let stage = from_step.iter().rposition(|&s| s <= step).unwrap_or(0);
-                let w = words[stage];
+                let (lo, hi) = (words[0] as f64, words[stage] as f64);
                 let enc = ctx.encoder(budget);
                 let mut rng = Rng::derive(seed, 1, index);
                 let mut picked = Vec::new();
                 let mut used = 0;
                 loop {
+                    // Mixed lengths: log-uniform between the first stage's and this stage's, so
+                    // every length seen so far keeps being trained as the context grows.
+                    let w = if *mix_shorter { (lo * (hi / lo).powf(rng.unit())).round() as usize } else { hi as usize };
                     let e = synth_example(&enc, *task, &mut rng, w, *digits)?;
                     if !picked.is_empty() && used + e.ids.len() > budget {
                         break;
@@ -131,10 +134,21 @@ fn count_targets(b: &Batch) -> i64 {
     b.labels.ne(kernels::cross_entropy::IGNORE_INDEX).sum(Kind::Int64).int64_value(&[])
 }
 
-/// Loss and exact-match accuracy of synthetic samples (teacher-forced argmax over the answer
-/// equals greedy decoding exactly when every answer token is right).
-pub fn eval_synth(model: &Model, examples: &[Example], eos: Option<i64>, chunk: i64) -> Result<(f64, f64)> {
+/// Scores of a model on answer-bearing examples.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalScores {
+    /// Mean loss over every target token.
+    pub loss: f64,
+    /// Fraction of examples whose whole answer is right (teacher-forced argmax over the answer
+    /// equals greedy decoding exactly when every answer token is right).
+    pub exact: f64,
+    /// Fraction of answer tokens predicted right.
+    pub token: f64,
+}
+
+pub fn eval_synth(model: &Model, examples: &[Example], eos: Option<i64>, chunk: i64) -> Result<EvalScores> {
     let mut correct = 0usize;
+    let (mut tok_ok, mut tok_n) = (0usize, 0usize);
     let mut loss_sum = 0.0;
     let mut count = 0i64;
     // A few samples per forward: packed attention keeps them apart.
@@ -147,12 +161,19 @@ pub fn eval_synth(model: &Model, examples: &[Example], eos: Option<i64>, chunk: 
         let pred: Vec<i64> = Vec::<i64>::try_from(model.argmax(&b, chunk)?.to_device(Device::Cpu)).unwrap_or_default();
         let mut off = 0usize;
         for e in group {
-            let ok = (1..e.ids.len()).filter(|&t| e.target[t] && Some(e.ids[t]) != eos).all(|t| pred.get(off + t - 1) == Some(&e.ids[t]));
-            correct += ok as usize;
+            let answer: Vec<usize> = (1..e.ids.len()).filter(|&t| e.target[t] && Some(e.ids[t]) != eos).collect();
+            let right = answer.iter().filter(|&&t| pred.get(off + t - 1) == Some(&e.ids[t])).count();
+            correct += (right == answer.len()) as usize;
+            tok_ok += right;
+            tok_n += answer.len();
             off += e.ids.len();
         }
     }
-    Ok((loss_sum / count.max(1) as f64, correct as f64 / examples.len().max(1) as f64))
+    Ok(EvalScores {
+        loss: loss_sum / count.max(1) as f64,
+        exact: correct as f64 / examples.len().max(1) as f64,
+        token: tok_ok as f64 / tok_n.max(1) as f64,
+    })
 }
 
 fn fmt_secs(s: f64) -> String {
@@ -268,6 +289,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
             words: s.words.clone(),
             from_step: if s.from_step.is_empty() { vec![0] } else { s.from_step.clone() },
             digits: s.digits,
+            mix_shorter: s.mix_shorter,
         },
         None => {
             let enc = ctx.encoder(cap);
@@ -327,25 +349,29 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
 
     let evaluate = |model: &Model, step: i64, tb: &mut Option<EventWriter>, emit: &mut dyn FnMut(serde_json::Value, &mut Option<EventWriter>) -> Result<()>| -> Result<(Option<f64>, Option<f64>)> {
         let mut loss = None;
-        let mut acc = None;
+        let mut scores = None;
         if let Some(ex) = &synth_eval {
-            let (l, a) = eval_synth(model, ex, eos, recipe.train.loss_chunk)?;
-            loss = Some(l);
-            acc = Some(a);
+            let s = eval_synth(model, ex, eos, recipe.train.loss_chunk)?;
+            loss = Some(s.loss);
+            scores = Some(s);
         }
         if let Some(ex) = &file_eval {
-            let (l, _) = eval_synth(model, ex, None, recipe.train.loss_chunk)?;
-            loss = Some(l);
+            loss = Some(eval_synth(model, ex, None, recipe.train.loss_chunk)?.loss);
         }
         if loss.is_some() {
             let mut v = json!({"step": step, "eval/loss": loss});
-            if let Some(a) = acc {
-                v["eval/accuracy"] = json!(a);
+            if let Some(s) = scores {
+                v["eval/accuracy"] = json!(s.exact);
+                v["eval/token_accuracy"] = json!(s.token);
             }
-            eprintln!("eval step {step}: loss {:.4}{}", loss.unwrap_or(f64::NAN), acc.map(|a| format!(" accuracy {:.1}%", 100.0 * a)).unwrap_or_default());
+            eprintln!(
+                "eval step {step}: loss {:.4}{}",
+                loss.unwrap_or(f64::NAN),
+                scores.map(|s| format!(" exact-match accuracy {:.1}% (answer tokens {:.1}%)", 100.0 * s.exact, 100.0 * s.token)).unwrap_or_default()
+            );
             emit(v, tb)?;
         }
-        Ok((loss, acc))
+        Ok((loss, scores.map(|s| s.exact)))
     };
 
     let tty = std::io::stderr().is_terminal();

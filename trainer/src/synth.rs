@@ -47,6 +47,18 @@ fn digits(rng: &mut Rng, n: usize) -> String {
     (0..n).map(|_| rng.below(10).to_string()).collect::<Vec<_>>().join(" ")
 }
 
+/// A pass key of `n` digits, no digit twice while n ≤ 10: every digit of the key then says
+/// unambiguously where in the key it stands, so copying it needs one induction step per digit.
+/// (Chance of guessing a 5-digit key stays 1 / 30240.)
+fn distinct_digits(rng: &mut Rng, n: usize) -> String {
+    if n > 10 {
+        return digits(rng, n);
+    }
+    let mut pool: Vec<usize> = (0..10).collect();
+    rng.shuffle(&mut pool);
+    pool[..n].iter().map(|d| d.to_string()).collect::<Vec<_>>().join(" ")
+}
+
 /// Filler words, cycling through the filler sentence from a random sentence start.
 fn filler(rng: &mut Rng, words: usize) -> Vec<&'static str> {
     let f: Vec<&str> = FILLER.split(' ').collect();
@@ -65,7 +77,7 @@ fn filler(rng: &mut Rng, words: usize) -> Vec<&'static str> {
 pub fn sample(task: Task, rng: &mut Rng, words: usize, depth: Option<f64>, n_digits: usize) -> Sample {
     match task {
         Task::Passkey => {
-            let key = digits(rng, n_digits);
+            let key = distinct_digits(rng, n_digits);
             // The colon appears only after "pass key", in the needle and at the end of the question,
             // so the answer is "whatever followed the earlier colon" (an induction pattern),
             // however much filler lies between.
