@@ -15,7 +15,7 @@ build: setup
 	cargo build $(CARGO_FLAGS) --workspace --all-targets
 
 test: build
-	cargo test $(CARGO_FLAGS) --workspace
+	cargo test $(CARGO_FLAGS) --workspace --no-fail-fast
 
 demo: build
 	bash scripts/demo.sh

@@ -30,6 +30,40 @@ echo "== train eval: cuda vs cpu (tiny Qwen2, float32)"
 "$BIN/train" eval --model "$BIN/tiny-qwen2" --data "$BIN/tiny-data.jsonl" --device cpu --json || fail=1
 "$BIN/train" eval --model "$BIN/tiny-qwen2" --data "$BIN/tiny-data.jsonl" --device cuda --json || fail=1
 
+echo "== train run on CUDA: LoRA, bfloat16, tiny Qwen2 (20 steps), then eval with the adapter"
+run=$(mktemp -d)
+cat > "$run/lora.toml" <<TOML
+# train run --recipe lora.toml (written by scripts/gpu-check.sh)
+[run]
+dir = "$run/lora"
+device = "cuda"
+dtype = "bfloat16"
+[model]
+path = "$BIN/tiny-qwen2"
+[data]
+train = ["$BIN/tiny-data.jsonl"]
+tokens_per_batch = 128
+max_tokens = 64
+[train]
+mode = "lora"
+steps = 20
+lr = 1e-2
+[lora]
+rank = 4
+alpha = 8.0
+dropout = 0.1
+targets = ["q_proj", "v_proj", "gate_proj"]
+[checkpoint]
+every = 10
+[log]
+every = 5
+TOML
+"$BIN/train" run --recipe "$run/lora.toml" || fail=1
+"$BIN/train" eval --model "$BIN/tiny-qwen2" --adapter "$run/lora/final" --data "$BIN/tiny-data.jsonl" --device cuda --json || fail=1
+
+echo "== the demo recipe on CUDA (first 300 steps: 128-word samples), for its tokens/s"
+"$BIN/train" run --recipe recipes/demo-passkey-cpu.toml run.device=cuda "run.dir=$run/demo" train.steps=300 eval.every=0 eval.samples=4 log.every=100 || fail=1
+
 echo "== bench: Llama-3-8B-shaped layers (hidden 4096, 32/8 heads, intermediate 14336, vocab 128256), bf16"
 for tokens in 8192 32768; do
   "$BIN/train" bench step --device cuda --dtype bfloat16 --layers 4 --hidden 4096 --heads 32 --kv-heads 8 \
