@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .gpu-bin && mkdir -p .gpu-bin
 cp target/release/train .gpu-bin/
-for t in $(find target/release/deps -maxdepth 1 -type f -executable -name 'cuda-*'); do
+# Oldest first, so that the newest build of each crate's CUDA test is the one that stays.
+for t in $(ls -tr $(find target/release/deps -maxdepth 1 -type f -executable -name 'cuda-*')); do
   crate=$(strings "$t" | grep -o -m1 -E '(kernels|trainer)/tests/cuda.rs' | cut -d/ -f1 || true)
   cp "$t" ".gpu-bin/cuda-test-${crate:-$(basename "$t")}"
 done
