@@ -125,6 +125,67 @@ impl BlockSaved {
         .collect()
     }
 
+    /// Every tensor by a name unique within the layer, consuming the struct (for the store).
+    pub fn into_named(self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = vec![
+            ("x".into(), self.x),
+            ("rstd_attn".into(), self.rstd_attn),
+            ("x_attn".into(), self.x_attn),
+            ("q".into(), self.attn.q),
+            ("k".into(), self.attn.k),
+            ("v".into(), self.attn.v),
+            ("attn_out".into(), self.attn.out),
+            ("attn_lse".into(), self.attn.lse),
+            ("h".into(), self.h),
+            ("rstd_mlp".into(), self.rstd_mlp),
+            ("x_mlp".into(), self.x_mlp),
+            ("gate".into(), self.gate),
+            ("up".into(), self.up),
+            ("act".into(), self.act),
+        ];
+        if let Some((seed, offset)) = self.attn.philox {
+            v.push(("attn_philox_seed".into(), seed));
+            v.push(("attn_philox_offset".into(), offset));
+        }
+        for (proj, xa, keep) in self.lora {
+            v.push((format!("lora_xa:{proj}"), xa));
+            if let Some(k) = keep {
+                v.push((format!("lora_keep:{proj}"), k));
+            }
+        }
+        v
+    }
+
+    /// The inverse of [`BlockSaved::into_named`]; `get` returns the tensor stored under a name.
+    pub fn from_named(names: &[String], mut get: impl FnMut(&str) -> Result<Tensor>) -> Result<BlockSaved> {
+        let philox = if names.iter().any(|n| n == "attn_philox_seed") { Some((get("attn_philox_seed")?, get("attn_philox_offset")?)) } else { None };
+        let mut lora = Vec::new();
+        for n in names {
+            if let Some(proj) = n.strip_prefix("lora_xa:") {
+                let proj: &'static str = crate::model::PROJECTIONS
+                    .iter()
+                    .copied()
+                    .find(|p| *p == proj)
+                    .ok_or_else(|| crate::error::TrainerError::Device(format!("saved LoRA activation of unknown projection `{proj}`")))?;
+                let keep = if names.iter().any(|m| m == &format!("lora_keep:{proj}")) { Some(get(&format!("lora_keep:{proj}"))?) } else { None };
+                lora.push((proj, get(n)?, keep));
+            }
+        }
+        Ok(BlockSaved {
+            x: get("x")?,
+            rstd_attn: get("rstd_attn")?,
+            x_attn: get("x_attn")?,
+            attn: attention::Saved { q: get("q")?, k: get("k")?, v: get("v")?, out: get("attn_out")?, lse: get("attn_lse")?, philox },
+            h: get("h")?,
+            rstd_mlp: get("rstd_mlp")?,
+            x_mlp: get("x_mlp")?,
+            gate: get("gate")?,
+            up: get("up")?,
+            act: get("act")?,
+            lora,
+        })
+    }
+
     pub fn bytes(&self) -> usize {
         self.named().iter().map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum()
     }

@@ -24,6 +24,8 @@ pub enum TrainerError {
     Data { path: PathBuf, line: usize, msg: String },
     #[error(transparent)]
     Kernel(#[from] kernels::KernelError),
+    #[error(transparent)]
+    Offload(#[from] offload::OffloadError),
     #[error("{0}")]
     Device(String),
 }

@@ -70,6 +70,19 @@ pub struct Model {
     pub lm_head: Option<Tensor>,
 }
 
+/// The projections' HF sub-names, in checkpoint order.
+pub const PROJECTIONS: [&str; 7] =
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+
+/// Where each layer's saved activations wait for backward.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OffloadPolicy {
+    /// The tier for layers that are not among the last `keep_last`.
+    pub tier: offload::store::Tier,
+    /// The last k layers keep their activations in place (their backward comes first).
+    pub keep_last: usize,
+}
+
 /// Gradients keyed by HF parameter name.
 pub type Grads = BTreeMap<String, Tensor>;
 
@@ -271,6 +284,21 @@ impl Model {
     /// `1/count_of_the_whole_step` under gradient accumulation. Only trainable tensors get
     /// gradients (LoRA: the adapters).
     pub fn forward_backward(&self, batch: &Batch, grad_scale: Option<f64>, ce_chunk: i64) -> Result<(cross_entropy::LossSum, Grads, StepStats)> {
+        let mut store = offload::store::ActivationStore::resident();
+        let keep = OffloadPolicy { tier: offload::store::Tier::Keep, keep_last: 0 };
+        self.forward_backward_with(batch, grad_scale, ce_chunk, &mut store, keep)
+    }
+
+    /// [`Model::forward_backward`] with every layer's saved activations handed to `store` between
+    /// the passes, placed as `policy` says.
+    pub fn forward_backward_with(
+        &self,
+        batch: &Batch,
+        grad_scale: Option<f64>,
+        ce_chunk: i64,
+        store: &mut offload::store::ActivationStore,
+        policy: OffloadPolicy,
+    ) -> Result<(cross_entropy::LossSum, Grads, StepStats)> {
         self.check_ids(&batch.ids, "token ids")?;
         let _guard = tch::no_grad_guard();
         let dev = self.device();
@@ -279,13 +307,22 @@ impl Model {
         ctx.train = true;
         ctx.full = self.full;
         let (mut x, emb_saved) = embedding::forward(&self.embed_tokens, &ids);
-        let mut saved: Vec<BlockSaved> = Vec::with_capacity(self.layers.len());
+        let n_layers = self.layers.len();
+        let mut names: Vec<Vec<String>> = Vec::with_capacity(n_layers);
+        let mut saved_bytes = 0;
         for (l, layer) in self.layers.iter().enumerate() {
             let (y, s) = block::forward(layer, &x, &ctx, l)?;
-            saved.push(s);
+            saved_bytes += s.bytes();
+            let tier = if l + policy.keep_last >= n_layers { offload::store::Tier::Keep } else { policy.tier };
+            let mut layer_names = Vec::new();
+            for (name, t) in s.into_named() {
+                store.put(l, &name, t, tier)?;
+                layer_names.push(name);
+            }
+            names.push(layer_names);
             x = y;
         }
-        let stats = StepStats { saved_bytes: saved.iter().map(BlockSaved::bytes).sum() };
+        let stats = StepStats { saved_bytes };
         let (h, norm_saved) = rmsnorm::forward(&x, &self.norm, self.cfg.rms_norm_eps);
         let (loss, ce_saved) = cross_entropy::forward(&h, self.lm_head_weight(), &labels, ce_chunk);
 
@@ -297,7 +334,8 @@ impl Model {
         if let Some(g) = dnorm {
             grads.insert("model.norm.weight".into(), g);
         }
-        for (l, (layer, s)) in self.layers.iter().zip(saved.into_iter()).enumerate().rev() {
+        for (l, layer) in self.layers.iter().enumerate().rev() {
+            let s = BlockSaved::from_named(&names[l], |n| Ok(store.take(l, n)?))?;
             let (d, g) = block::backward(layer, &dx, s, &ctx, l)?;
             for (name, t) in g {
                 grads.insert(format!("model.layers.{l}.{name}"), t);
