@@ -168,6 +168,34 @@ print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Ta
 }
 
 #[test]
+fn nvme_offload_run_matches_the_resident_run_bit_for_bit() {
+    let dir = tmp_dir("run-offload");
+    let (model, data) = fixture(&dir);
+    let base = recipe(&dir, "r.toml", &dir.join("unused"), &model, &data, "");
+    let r = base.to_str().unwrap();
+    let resident = dir.join("resident");
+    let nvme = dir.join("nvme");
+    run_ok(&["run", "--recipe", r, &format!("run.dir={}", resident.display()), "train.steps=6"]);
+    let (_, _) = run_ok(&[
+        "run", "--recipe", r, &format!("run.dir={}", nvme.display()), "train.steps=6",
+        "offload.tier=nvme", &format!("offload.nvme_dir={}", dir.display()), "offload.nvme_bytes=67108864", "offload.keep_last=1",
+    ]);
+    let (a, b) = (losses(&resident), losses(&nvme));
+    assert_eq!(a.len(), 6);
+    for (s, l) in &a {
+        assert_eq!(l.to_bits(), b[s].to_bits(), "step {s}");
+    }
+    let last: Value = serde_json::from_str(std::fs::read_to_string(nvme.join("metrics.jsonl")).unwrap().lines().last().unwrap()).unwrap();
+    assert!(last["offload/written_bytes"].as_f64().unwrap() > 0.0, "{last}");
+    assert_eq!(last["offload/written_bytes"], last["offload/read_bytes"]);
+    let e = train(&["run", "--recipe", r, &format!("run.dir={}", dir.join("x").display()), "offload.tier=nvme", "offload.nvme_bytes=4096", &format!("offload.nvme_dir={}", dir.display())]);
+    let se = String::from_utf8_lossy(&e.stderr);
+    assert_eq!(e.status.code(), Some(1), "{se}");
+    assert!(se.contains("nvme tier full") && se.contains("layer0."), "{se}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn lora_run_exports_a_peft_adapter() {
     let dir = tmp_dir("run-lora");
     let (model, data) = fixture(&dir);

@@ -112,6 +112,12 @@ enum BenchCmd {
         device: String,
         #[arg(long, default_value = "float32")]
         dtype: String,
+        /// Write saved activations to the NVMe tier in this directory (default: keep them).
+        #[arg(long)]
+        nvme_dir: Option<PathBuf>,
+        /// With --nvme-dir: the last k layers keep their activations.
+        #[arg(long, default_value_t = 0)]
+        keep_last: usize,
     },
 }
 
@@ -202,13 +208,13 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             println!("wrote {samples} {task} samples of ~{tokens} words to {}", out.display());
             Ok(())
         }
-        Cmd::Bench(BenchCmd::Step { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype }) => {
+        Cmd::Bench(BenchCmd::Step { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, nvme_dir, keep_last }) => {
             let dev = device::parse_device(&device)?;
             let kind = device::parse_dtype(&dtype)?;
             if [layers, hidden, heads, kv_heads, intermediate, vocab, tokens].iter().any(|v| *v <= 0) || iters == 0 {
                 return Err("bench step: every size and --iters must be positive".into());
             }
-            let b = trainer::bench::StepBench { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters };
+            let b = trainer::bench::StepBench { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, nvme_dir, keep_last };
             println!("{}", trainer::bench::run_step_bench(&b, kind, dev)?);
             Ok(())
         }

@@ -19,6 +19,9 @@ pub struct StepBench {
     pub vocab: i64,
     pub tokens: i64,
     pub iters: usize,
+    /// Write saved activations to an NVMe-tier file in this directory (None: keep them resident).
+    pub nvme_dir: Option<std::path::PathBuf>,
+    pub keep_last: usize,
 }
 
 /// Peak resident set of this process (VmHWM), in bytes; None where /proc is missing.
@@ -33,6 +36,19 @@ fn sync(device: Device) {
     if let Device::Cuda(i) = device {
         tch::Cuda::synchronize(i as i64);
     }
+}
+
+/// Saved-activation bytes of one step, from one forward of a single token scaled up (the saved
+/// set is linear in tokens). Sizes the NVMe tier of the benchmark.
+fn saved_estimate(model: &Model, tokens: i64) -> usize {
+    let per_layer_per_token = {
+        let c = &model.cfg;
+        let (d, i) = (c.hidden_size, c.intermediate_size);
+        let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        // x, x_attn, h, x_mlp: d each; q, out: q; k, v: kv; gate, up, act: i; statistics: small.
+        (4 * d + 2 * q + 2 * kv + 3 * i + 2 + c.num_heads) as usize
+    };
+    per_layer_per_token * model.layers.len() * tokens as usize * model.kind().elt_size_in_bytes() + (1 << 20)
 }
 
 /// Runs the benchmark; returns one JSON object of results.
@@ -51,10 +67,18 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
     let mut times = Vec::new();
     let mut saved = 0;
     let mut loss = 0.0;
+    let mut store = match &b.nvme_dir {
+        Some(d) => offload::store::ActivationStore::with_nvme(d, (saved_estimate(&model, b.tokens) as u64 * 5 / 4).max(1 << 20), 0, true)?,
+        None => offload::store::ActivationStore::resident(),
+    };
+    let policy = crate::model::OffloadPolicy {
+        tier: if b.nvme_dir.is_some() { offload::store::Tier::Nvme } else { offload::store::Tier::Keep },
+        keep_last: b.keep_last,
+    };
     for i in 0..b.iters + 1 {
         sync(device);
         let t0 = Instant::now();
-        let (l, grads, stats) = model.forward_backward(&batch, None, 1024)?;
+        let (l, grads, stats) = model.forward_backward_with(&batch, None, 1024, &mut store, policy)?;
         sync(device);
         let dt = t0.elapsed().as_secs_f64();
         drop(grads);
@@ -74,6 +98,10 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
         "step_seconds_median": median,
         "tokens_per_second": b.tokens as f64 / median,
         "saved_activation_bytes": saved,
+        "offload": if b.nvme_dir.is_some() { "nvme" } else { "none" },
+        "keep_last": b.keep_last,
+        "nvme_written_bytes_per_step": store.stats.written_bytes / (b.iters as u64 + 1),
+        "nvme_io_seconds_per_step": (store.stats.write_seconds + store.stats.read_seconds) / (b.iters as f64 + 1.0),
         "peak_rss_bytes": peak_rss_bytes(),
         "loss": loss,
     }))

@@ -22,6 +22,46 @@ pub struct Recipe {
     pub eval: EvalSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub offload: OffloadSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OffloadSection {
+    /// Where saved activations wait between forward and backward: "none" (stay in place) or
+    /// "nvme" (written to a preallocated O_DIRECT file and read back for backward).
+    #[serde(default = "default_tier")]
+    pub tier: String,
+    /// Directory of the NVMe tier's file (on the fast disk; the file is unlinked at once).
+    #[serde(default = "default_nvme_dir")]
+    pub nvme_dir: PathBuf,
+    /// Bytes reserved up front for the NVMe tier; a run that needs more stops with an error
+    /// naming the slice.
+    #[serde(default = "default_nvme_bytes")]
+    pub nvme_bytes: u64,
+    /// The last k layers keep their activations in place (their backward runs first).
+    #[serde(default)]
+    pub keep_last: usize,
+    /// io_uring for the NVMe tier; false uses pread/pwrite.
+    #[serde(default = "default_true")]
+    pub io_uring: bool,
+}
+
+impl Default for OffloadSection {
+    fn default() -> Self {
+        OffloadSection { tier: default_tier(), nvme_dir: default_nvme_dir(), nvme_bytes: default_nvme_bytes(), keep_last: 0, io_uring: true }
+    }
+}
+
+fn default_tier() -> String {
+    "none".into()
+}
+fn default_nvme_dir() -> PathBuf {
+    std::env::temp_dir()
+}
+fn default_nvme_bytes() -> u64 {
+    8 << 30
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -361,6 +401,13 @@ impl Recipe {
         }
         if self.checkpoint.every < 0 || self.eval.every < 0 || self.log.every <= 0 {
             return err("checkpoint.every / eval.every / log.every", "must not be negative (log.every positive)".into());
+        }
+        let o = &self.offload;
+        if !["none", "nvme"].contains(&o.tier.as_str()) {
+            return err("offload.tier", format!("\"{}\": expected none or nvme", o.tier));
+        }
+        if o.tier == "nvme" && (o.nvme_bytes == 0 || !o.nvme_dir.is_dir()) {
+            return err("offload", format!("nvme_dir {} must be an existing directory and nvme_bytes positive", o.nvme_dir.display()));
         }
         if self.checkpoint.keep_last == 0 {
             return err("checkpoint.keep_last", "must be at least 1".into());

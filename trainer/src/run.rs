@@ -374,6 +374,14 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
         Ok((loss, scores.map(|s| s.exact)))
     };
 
+    let mut store = match recipe.offload.tier.as_str() {
+        "nvme" => offload::store::ActivationStore::with_nvme(&recipe.offload.nvme_dir, recipe.offload.nvme_bytes, 0, recipe.offload.io_uring)?,
+        _ => offload::store::ActivationStore::resident(),
+    };
+    let policy = crate::model::OffloadPolicy {
+        tier: if recipe.offload.tier == "nvme" { offload::store::Tier::Nvme } else { offload::store::Tier::Keep },
+        keep_last: recipe.offload.keep_last,
+    };
     let tty = std::io::stderr().is_terminal();
     let start = Instant::now();
     let start_step = state.step;
@@ -397,7 +405,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
         let mut saved_peak = 0usize;
         let mut step_tokens = 0i64;
         for b in &batches {
-            let (l, g, stats) = model.forward_backward(b, Some(scale), recipe.train.loss_chunk)?;
+            let (l, g, stats) = model.forward_backward_with(b, Some(scale), recipe.train.loss_chunk, &mut store, policy)?;
             loss_sum += l.sum.to_device(Device::Cpu).to_kind(Kind::Double).double_value(&[]);
             saved_peak = saved_peak.max(stats.saved_bytes);
             step_tokens += b.ids.size()[0];
@@ -435,6 +443,14 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
         });
         if let Some(rss) = crate::bench::peak_rss_bytes() {
             m["memory/host_peak_rss_bytes"] = json!(rss as f64);
+        }
+        if store.nvme().is_some() {
+            let st = store.stats;
+            m["memory/nvme_peak_bytes"] = json!(st.nvme_peak_bytes as f64);
+            m["offload/written_bytes"] = json!(st.written_bytes as f64);
+            m["offload/read_bytes"] = json!(st.read_bytes as f64);
+            // The store is synchronous so far: all of its I/O time is time the step waited.
+            m["offload/stall_seconds"] = json!(st.write_seconds + st.read_seconds);
         }
         emit(m, &mut tb)?;
         let line = format!("step {}/{} loss {loss:.4} lr {lr:.2e} grad_norm {grad_norm:.3} {tps:.0} tok/s eta {}", state.step, recipe.train.steps, fmt_secs(eta));
