@@ -2,6 +2,7 @@
 //! (an O_DIRECT file through io_uring, checksummed slices) and a synchronous activation store
 //! over it (whole tensors, no overlap yet).
 pub mod aligned;
+pub mod bench;
 pub mod error;
 pub mod nvme;
 pub mod store;

@@ -194,6 +194,11 @@ impl NvmeTier {
         Ok(data)
     }
 
+    /// Waits until written data is on the device (fsync).
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_all().map_err(|source| OffloadError::Io { path: self.path.clone(), op: "fsync", source })
+    }
+
     /// Returns a slice's extent to the free list.
     pub fn free(&mut self, id: SliceId) -> Result<()> {
         let s = self.slices.remove(&id).ok_or(OffloadError::UnknownSlice(id))?;

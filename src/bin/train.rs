@@ -90,6 +90,22 @@ enum DataCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Bandwidth of the NVMe tier through the engine's own path, beside a plain O_DIRECT
+    /// sequential write/read on the same file system.
+    Offload {
+        /// Directory on the disk to measure.
+        #[arg(long)]
+        nvme_dir: PathBuf,
+        /// Bytes to move each way.
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
+        /// Bytes per slice (one saved tensor).
+        #[arg(long, default_value_t = 64 << 20)]
+        slice_bytes: u64,
+        /// false: the pread/pwrite engine.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        io_uring: bool,
+    },
     /// One forward + explicit backward of a Llama-shaped model with random weights.
     Step {
         #[arg(long, default_value_t = 8)]
@@ -206,6 +222,23 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
             std::fs::write(&out, text).map_err(|e| format!("{}: {e}", out.display()))?;
             println!("wrote {samples} {task} samples of ~{tokens} words to {}", out.display());
+            Ok(())
+        }
+        Cmd::Bench(BenchCmd::Offload { nvme_dir, bytes, slice_bytes, io_uring }) => {
+            if bytes == 0 || slice_bytes == 0 || slice_bytes > bytes {
+                return Err("bench offload: --bytes and --slice-bytes must be positive, slice ≤ bytes".into());
+            }
+            let r = offload::bench::bench_nvme(&nvme_dir, bytes, slice_bytes, io_uring)?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "tier": "nvme", "dir": nvme_dir.display().to_string(), "bytes": r.bytes, "slice_bytes": r.slice_bytes,
+                    "engine": if r.io_uring { "io_uring" } else { "pread/pwrite" },
+                    "raw_write_GBps": r.raw_write_gbps, "raw_read_GBps": r.raw_read_gbps,
+                    "tier_write_GBps": r.tier_write_gbps, "tier_read_GBps": r.tier_read_gbps,
+                    "write_ratio": r.tier_write_gbps / r.raw_write_gbps, "read_ratio": r.tier_read_gbps / r.raw_read_gbps,
+                })
+            );
             Ok(())
         }
         Cmd::Bench(BenchCmd::Step { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, nvme_dir, keep_last }) => {
