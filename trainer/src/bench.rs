@@ -74,6 +74,7 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
     let policy = crate::model::OffloadPolicy {
         tier: if b.nvme_dir.is_some() { offload::store::Tier::Nvme } else { offload::store::Tier::Keep },
         keep_last: b.keep_last,
+        lookahead: 1,
     };
     for i in 0..b.iters + 1 {
         sync(device);
@@ -100,8 +101,9 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
         "saved_activation_bytes": saved,
         "offload": if b.nvme_dir.is_some() { "nvme" } else { "none" },
         "keep_last": b.keep_last,
-        "nvme_written_bytes_per_step": store.stats.written_bytes / (b.iters as u64 + 1),
-        "nvme_io_seconds_per_step": (store.stats.write_seconds + store.stats.read_seconds) / (b.iters as f64 + 1.0),
+        "nvme_written_bytes_per_step": store.stats().written_bytes / (b.iters as u64 + 1),
+        "nvme_io_seconds_per_step": (store.stats().write_seconds + store.stats().read_seconds) / (b.iters as f64 + 1.0),
+        "nvme_stall_seconds_per_step": store.stats().stall_seconds / (b.iters as f64 + 1.0),
         "peak_rss_bytes": peak_rss_bytes(),
         "loss": loss,
     }))

@@ -81,6 +81,8 @@ pub struct OffloadPolicy {
     pub tier: offload::store::Tier,
     /// The last k layers keep their activations in place (their backward comes first).
     pub keep_last: usize,
+    /// Layers read back ahead of the one whose backward is running.
+    pub lookahead: usize,
 }
 
 /// Gradients keyed by HF parameter name.
@@ -285,7 +287,7 @@ impl Model {
     /// gradients (LoRA: the adapters).
     pub fn forward_backward(&self, batch: &Batch, grad_scale: Option<f64>, ce_chunk: i64) -> Result<(cross_entropy::LossSum, Grads, StepStats)> {
         let mut store = offload::store::ActivationStore::resident();
-        let keep = OffloadPolicy { tier: offload::store::Tier::Keep, keep_last: 0 };
+        let keep = OffloadPolicy { tier: offload::store::Tier::Keep, keep_last: 0, lookahead: 0 };
         self.forward_backward_with(batch, grad_scale, ce_chunk, &mut store, keep)
     }
 
@@ -335,6 +337,10 @@ impl Model {
             grads.insert("model.norm.weight".into(), g);
         }
         for (l, layer) in self.layers.iter().enumerate().rev() {
+            // Ask for the next layers' activations now, so their reads overlap this backward.
+            for ahead in (l.saturating_sub(policy.lookahead)..=l).rev() {
+                store.prefetch(ahead, &names[ahead])?;
+            }
             let s = BlockSaved::from_named(&names[l], |n| Ok(store.take(l, n)?))?;
             let (d, g) = block::backward(layer, &dx, s, &ctx, l)?;
             for (name, t) in g {

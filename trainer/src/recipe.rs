@@ -43,6 +43,10 @@ pub struct OffloadSection {
     /// The last k layers keep their activations in place (their backward runs first).
     #[serde(default)]
     pub keep_last: usize,
+    /// Layers whose activations are read back ahead of the backward that needs them (more hides
+    /// more I/O behind compute and holds more memory).
+    #[serde(default = "default_one_usize")]
+    pub lookahead: usize,
     /// io_uring for the NVMe tier; false uses pread/pwrite.
     #[serde(default = "default_true")]
     pub io_uring: bool,
@@ -50,10 +54,13 @@ pub struct OffloadSection {
 
 impl Default for OffloadSection {
     fn default() -> Self {
-        OffloadSection { tier: default_tier(), nvme_dir: default_nvme_dir(), nvme_bytes: default_nvme_bytes(), keep_last: 0, io_uring: true }
+        OffloadSection { tier: default_tier(), nvme_dir: default_nvme_dir(), nvme_bytes: default_nvme_bytes(), keep_last: 0, lookahead: 1, io_uring: true }
     }
 }
 
+fn default_one_usize() -> usize {
+    1
+}
 fn default_tier() -> String {
     "none".into()
 }

@@ -381,6 +381,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
     let policy = crate::model::OffloadPolicy {
         tier: if recipe.offload.tier == "nvme" { offload::store::Tier::Nvme } else { offload::store::Tier::Keep },
         keep_last: recipe.offload.keep_last,
+        lookahead: recipe.offload.lookahead,
     };
     let tty = std::io::stderr().is_terminal();
     let start = Instant::now();
@@ -444,13 +445,13 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
         if let Some(rss) = crate::bench::peak_rss_bytes() {
             m["memory/host_peak_rss_bytes"] = json!(rss as f64);
         }
-        if store.nvme().is_some() {
-            let st = store.stats;
+        if store.nvme_capacity().is_some() {
+            let st = store.stats();
             m["memory/nvme_peak_bytes"] = json!(st.nvme_peak_bytes as f64);
             m["offload/written_bytes"] = json!(st.written_bytes as f64);
             m["offload/read_bytes"] = json!(st.read_bytes as f64);
-            // The store is synchronous so far: all of its I/O time is time the step waited.
-            m["offload/stall_seconds"] = json!(st.write_seconds + st.read_seconds);
+            m["offload/io_seconds"] = json!(st.write_seconds + st.read_seconds);
+            m["offload/stall_seconds"] = json!(st.stall_seconds);
         }
         emit(m, &mut tb)?;
         let line = format!("step {}/{} loss {loss:.4} lr {lr:.2e} grad_norm {grad_norm:.3} {tps:.0} tok/s eta {}", state.step, recipe.train.steps, fmt_secs(eta));

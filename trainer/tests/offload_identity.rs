@@ -34,11 +34,12 @@ fn check(m: &Model, tag: &str) {
     for keep_last in [0usize, 2] {
         let mut store = nvme_store();
         tch::manual_seed(5);
-        let policy = OffloadPolicy { tier: Tier::Nvme, keep_last };
+        let policy = OffloadPolicy { tier: Tier::Nvme, keep_last, lookahead: 1 + keep_last };
         let (l1, g1, _) = m.forward_backward_with(&b, None, 16, &mut store, policy).unwrap();
         assert!(store.is_empty(), "backward must take back everything it stored");
-        let written = store.stats.written_bytes;
-        assert!(written > 0 && store.stats.read_bytes == written, "{tag}: wrote {written}, read {}", store.stats.read_bytes);
+        let st = store.stats();
+        let written = st.written_bytes;
+        assert!(written > 0 && st.read_bytes == written, "{tag}: wrote {written}, read {}", st.read_bytes);
         assert_eq!(l0.sum.double_value(&[]).to_bits(), l1.sum.double_value(&[]).to_bits(), "{tag}: loss");
         assert_eq!(g0.len(), g1.len());
         for (n, g) in &g0 {
