@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -60,14 +60,25 @@ fn tensor_bytes(t: &Tensor) -> Vec<u8> {
     buf
 }
 
+/// Bytes handed to the I/O thread and not yet written: `put` waits while this exceeds the limit,
+/// so memory held by tensors on their way to disk stays bounded.
+#[derive(Default)]
+struct InFlight {
+    bytes: Mutex<u64>,
+    written: Condvar,
+}
+
 /// The I/O thread: owns the tier, serves requests in order (so a read always follows its write).
-fn worker(mut nvme: NvmeTier, rx: Receiver<Req>, done: std::sync::mpsc::Sender<(Key, Result<Tensor>)>, stats: Arc<Mutex<StoreStats>>) {
+fn worker(mut nvme: NvmeTier, rx: Receiver<Req>, done: std::sync::mpsc::Sender<(Key, Result<Tensor>)>, stats: Arc<Mutex<StoreStats>>, inflight: Arc<InFlight>) {
     let mut meta: HashMap<Key, Meta> = HashMap::new();
     let mut failed: Option<String> = None;
     for req in rx {
         match req {
             Req::Write(key, t) => {
                 if failed.is_some() {
+                    let mut b = inflight.bytes.lock().unwrap_or_else(|e| e.into_inner());
+                    *b = b.saturating_sub((t.numel() * t.kind().elt_size_in_bytes()) as u64);
+                    inflight.written.notify_all();
                     continue;
                 }
                 let t0 = Instant::now();
@@ -75,6 +86,11 @@ fn worker(mut nvme: NvmeTier, rx: Receiver<Req>, done: std::sync::mpsc::Sender<(
                 let (shape, kind, device) = (t.size(), t.kind(), t.device());
                 // The source tensor is released only after its bytes were copied out.
                 drop(t);
+                {
+                    let mut b = inflight.bytes.lock().unwrap_or_else(|e| e.into_inner());
+                    *b = b.saturating_sub(bytes.len() as u64);
+                    inflight.written.notify_all();
+                }
                 match nvme.write(&format!("layer{}.{}", key.0, key.1), &bytes) {
                     Ok(id) => {
                         meta.insert(key, Meta { id, shape, kind, device });
@@ -124,6 +140,8 @@ pub struct ActivationStore {
     shared: Arc<Mutex<StoreStats>>,
     stall: f64,
     nvme_capacity: Option<u64>,
+    inflight: Arc<InFlight>,
+    max_inflight: u64,
 }
 
 impl ActivationStore {
@@ -138,22 +156,26 @@ impl ActivationStore {
             shared: Arc::new(Mutex::new(StoreStats::default())),
             stall: 0.0,
             nvme_capacity: None,
+            inflight: Arc::new(InFlight::default()),
+            max_inflight: u64::MAX,
         }
     }
 
     /// A store with an NVMe tier of `capacity` bytes in `dir`, served by its own I/O thread.
-    /// At most `queue` writes wait at once; beyond that `put` blocks (bounding the memory held by
-    /// tensors not yet on disk).
-    pub fn with_nvme(dir: &Path, capacity: u64, rank: usize, io_uring: bool) -> Result<ActivationStore> {
+    /// While `max_inflight` bytes wait to be written, `put` blocks (bounding the memory held by
+    /// tensors not yet on disk; one tensor larger than the bound still goes through alone).
+    pub fn with_nvme(dir: &Path, capacity: u64, rank: usize, io_uring: bool, max_inflight: u64) -> Result<ActivationStore> {
         let nvme = NvmeTier::create(dir, capacity, rank, io_uring)?;
         let cap = nvme.capacity();
         let mut s = Self::resident();
         let (tx, rx) = sync_channel::<Req>(16);
         let (dtx, drx) = channel();
         let stats = s.shared.clone();
+        let inflight = s.inflight.clone();
+        s.max_inflight = max_inflight;
         let handle = std::thread::Builder::new()
             .name("strata-nvme-io".into())
-            .spawn(move || worker(nvme, rx, dtx, stats))
+            .spawn(move || worker(nvme, rx, dtx, stats, inflight))
             .map_err(|e| OffloadError::Io { path: dir.to_path_buf(), op: "spawn I/O thread", source: e })?;
         s.io = Some((tx, drx, handle));
         s.nvme_capacity = Some(cap);
@@ -182,6 +204,14 @@ impl ActivationStore {
         match (&self.io, tier) {
             (Some((tx, _, _)), Tier::Nvme) => {
                 let t0 = Instant::now();
+                let n = (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+                {
+                    let mut b = self.inflight.bytes.lock().unwrap_or_else(|e| e.into_inner());
+                    while *b > 0 && *b + n > self.max_inflight {
+                        b = self.inflight.written.wait(b).unwrap_or_else(|e| e.into_inner());
+                    }
+                    *b += n;
+                }
                 tx.send(Req::Write(key.clone(), t)).map_err(|_| Self::io_gone())?;
                 self.stall += t0.elapsed().as_secs_f64();
                 self.offloaded.insert(key);

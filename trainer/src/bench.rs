@@ -68,7 +68,7 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
     let mut saved = 0;
     let mut loss = 0.0;
     let mut store = match &b.nvme_dir {
-        Some(d) => offload::store::ActivationStore::with_nvme(d, (saved_estimate(&model, b.tokens) as u64 * 5 / 4).max(1 << 20), 0, true)?,
+        Some(d) => offload::store::ActivationStore::with_nvme(d, (saved_estimate(&model, b.tokens) as u64 * 5 / 4).max(1 << 20), 0, true, 256 << 20)?,
         None => offload::store::ActivationStore::resident(),
     };
     let policy = crate::model::OffloadPolicy {

@@ -47,6 +47,10 @@ pub struct OffloadSection {
     /// more I/O behind compute and holds more memory).
     #[serde(default = "default_one_usize")]
     pub lookahead: usize,
+    /// Bytes of activations that may wait in memory for the I/O thread to write them; beyond it
+    /// the step waits (more overlaps more I/O, and holds more memory).
+    #[serde(default = "default_inflight")]
+    pub max_inflight_bytes: u64,
     /// io_uring for the NVMe tier; false uses pread/pwrite.
     #[serde(default = "default_true")]
     pub io_uring: bool,
@@ -54,10 +58,13 @@ pub struct OffloadSection {
 
 impl Default for OffloadSection {
     fn default() -> Self {
-        OffloadSection { tier: default_tier(), nvme_dir: default_nvme_dir(), nvme_bytes: default_nvme_bytes(), keep_last: 0, lookahead: 1, io_uring: true }
+        OffloadSection { tier: default_tier(), nvme_dir: default_nvme_dir(), nvme_bytes: default_nvme_bytes(), keep_last: 0, lookahead: 1, max_inflight_bytes: default_inflight(), io_uring: true }
     }
 }
 
+fn default_inflight() -> u64 {
+    256 << 20
+}
 fn default_one_usize() -> usize {
     1
 }

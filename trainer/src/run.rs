@@ -375,7 +375,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
     };
 
     let mut store = match recipe.offload.tier.as_str() {
-        "nvme" => offload::store::ActivationStore::with_nvme(&recipe.offload.nvme_dir, recipe.offload.nvme_bytes, 0, recipe.offload.io_uring)?,
+        "nvme" => offload::store::ActivationStore::with_nvme(&recipe.offload.nvme_dir, recipe.offload.nvme_bytes, 0, recipe.offload.io_uring, recipe.offload.max_inflight_bytes)?,
         _ => offload::store::ActivationStore::resident(),
     };
     let policy = crate::model::OffloadPolicy {

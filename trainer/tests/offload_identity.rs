@@ -24,7 +24,8 @@ fn batch() -> Batch {
 fn nvme_store() -> ActivationStore {
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("offload-identity");
     std::fs::create_dir_all(&dir).unwrap();
-    ActivationStore::with_nvme(&dir, 64 << 20, 0, true).unwrap()
+    // A small in-flight bound, so puts wait for the I/O thread.
+    ActivationStore::with_nvme(&dir, 64 << 20, 0, true, 64 << 10).unwrap()
 }
 
 fn check(m: &Model, tag: &str) {
