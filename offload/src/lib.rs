@@ -1,6 +1,6 @@
 //! Memory tiers for saved activations (issue 4, in progress). What exists so far: the NVMe tier
-//! (an O_DIRECT file through io_uring, checksummed slices) and a synchronous activation store
-//! over it (whole tensors, no overlap yet).
+//! (an O_DIRECT file through io_uring, checksummed slices), an activation store over it with its
+//! own I/O thread (whole tensors), and the tier's bandwidth benchmark.
 pub mod aligned;
 pub mod bench;
 pub mod error;
