@@ -69,5 +69,9 @@ for tokens in 8192 32768; do
   "$BIN/train" bench step --device cuda --dtype bfloat16 --layers 4 --hidden 4096 --heads 32 --kv-heads 8 \
     --intermediate 14336 --vocab 128256 --tokens $tokens --iters 3 || fail=1
 done
+echo "== bench: the same layers at 8192 tokens with saved activations on the NVMe tier (keep_last 1)"
+"$BIN/train" bench step --device cuda --dtype bfloat16 --layers 4 --hidden 4096 --heads 32 --kv-heads 8 \
+  --intermediate 14336 --vocab 128256 --tokens 8192 --iters 2 --nvme-dir /tmp --keep-last 1 || fail=1
+"$BIN/train" bench offload --nvme-dir /tmp --bytes 2147483648 || fail=1
 echo "gpu-check: $([ $fail = 0 ] && echo PASSED || echo FAILED)"
 exit $fail
