@@ -134,6 +134,9 @@ enum BenchCmd {
         /// With --nvme-dir: the last k layers keep their activations.
         #[arg(long, default_value_t = 0)]
         keep_last: usize,
+        /// With --nvme-dir: fraction of tokens whose recomputable activations are stored.
+        #[arg(long, default_value_t = 1.0)]
+        alpha: f64,
     },
 }
 
@@ -241,13 +244,13 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             );
             Ok(())
         }
-        Cmd::Bench(BenchCmd::Step { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, nvme_dir, keep_last }) => {
+        Cmd::Bench(BenchCmd::Step { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, nvme_dir, keep_last, alpha }) => {
             let dev = device::parse_device(&device)?;
             let kind = device::parse_dtype(&dtype)?;
-            if [layers, hidden, heads, kv_heads, intermediate, vocab, tokens].iter().any(|v| *v <= 0) || iters == 0 {
-                return Err("bench step: every size and --iters must be positive".into());
+            if [layers, hidden, heads, kv_heads, intermediate, vocab, tokens].iter().any(|v| *v <= 0) || iters == 0 || !(0.0..=1.0).contains(&alpha) {
+                return Err("bench step: every size and --iters must be positive, --alpha in [0, 1]".into());
             }
-            let b = trainer::bench::StepBench { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, nvme_dir, keep_last };
+            let b = trainer::bench::StepBench { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, nvme_dir, keep_last, alpha };
             println!("{}", trainer::bench::run_step_bench(&b, kind, dev)?);
             Ok(())
         }

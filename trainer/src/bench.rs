@@ -22,6 +22,8 @@ pub struct StepBench {
     /// Write saved activations to an NVMe-tier file in this directory (None: keep them resident).
     pub nvme_dir: Option<std::path::PathBuf>,
     pub keep_last: usize,
+    /// MEMO's α for offloaded layers (1: store every token's activations).
+    pub alpha: f64,
 }
 
 /// Peak resident set of this process (VmHWM), in bytes; None where /proc is missing.
@@ -75,6 +77,7 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
         tier: if b.nvme_dir.is_some() { offload::store::Tier::Nvme } else { offload::store::Tier::Keep },
         keep_last: b.keep_last,
         lookahead: 1,
+        alpha: b.alpha,
     };
     for i in 0..b.iters + 1 {
         sync(device);
@@ -101,6 +104,7 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
         "saved_activation_bytes": saved,
         "offload": if b.nvme_dir.is_some() { "nvme" } else { "none" },
         "keep_last": b.keep_last,
+        "alpha": b.alpha,
         "nvme_written_bytes_per_step": store.stats().written_bytes / (b.iters as u64 + 1),
         "nvme_io_seconds_per_step": (store.stats().write_seconds + store.stats().read_seconds) / (b.iters as f64 + 1.0),
         "nvme_stall_seconds_per_step": store.stats().stall_seconds / (b.iters as f64 + 1.0),

@@ -192,7 +192,7 @@ impl BlockSaved {
 }
 
 /// A projection's forward; under LoRA it also records the adapter's saved activations.
-fn proj(lin: &Linear, name: &'static str, x: &Tensor, ctx: &Context, lora_saved: &mut Vec<(&'static str, Tensor, Option<Tensor>)>) -> Tensor {
+fn proj(lin: &Linear, name: &'static str, x: &Tensor, ctx: &Context, lora_saved: &mut LoraSaved) -> Tensor {
     match &lin.lora {
         None => linear::apply(x, &lin.weight, lin.bias.as_ref()),
         Some(ad) => {
@@ -204,38 +204,105 @@ fn proj(lin: &Linear, name: &'static str, x: &Tensor, ctx: &Context, lora_saved:
     }
 }
 
+/// The saved tensors that are token-local functions of the layer input `x` and the attention
+/// output: the ones MEMO's split may drop for tokens [αT, T) and recompute in backward.
+pub const RECOMPUTABLE: [&str; 11] = ["rstd_attn", "x_attn", "q", "k", "v", "h", "rstd_mlp", "x_mlp", "gate", "up", "act"];
+
+/// Token-local work before attention, on any rows of the layer input.
+struct PreAttn {
+    rstd_attn: Tensor,
+    x_attn: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+}
+
+fn pre_attn(layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, ctx: &Context, ls: &mut LoraSaved) -> PreAttn {
+    let t = x.size()[0];
+    let (x_attn, s1) = rmsnorm::forward(x, &layer.input_layernorm, ctx.eps);
+    let q = proj(&layer.q_proj, "self_attn.q_proj", &x_attn, ctx, ls).view([t, ctx.heads, ctx.head_dim]);
+    let k = proj(&layer.k_proj, "self_attn.k_proj", &x_attn, ctx, ls).view([t, ctx.kv_heads, ctx.head_dim]);
+    let v = proj(&layer.v_proj, "self_attn.v_proj", &x_attn, ctx, ls).view([t, ctx.kv_heads, ctx.head_dim]);
+    let q = rope::forward(&q, cos, sin);
+    let k = rope::forward(&k, cos, sin);
+    PreAttn { rstd_attn: s1.rstd, x_attn, q, k, v }
+}
+
+/// Token-local work after attention (o_proj, residual, MLP), on any rows.
+struct PostAttn {
+    h: Tensor,
+    rstd_mlp: Tensor,
+    x_mlp: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    act: Tensor,
+    y: Tensor,
+}
+
+fn post_attn(layer: &Layer, x: &Tensor, o_flat: &Tensor, ctx: &Context, ls: &mut LoraSaved) -> PostAttn {
+    let h = x + proj(&layer.o_proj, "self_attn.o_proj", o_flat, ctx, ls);
+    let (x_mlp, s2) = rmsnorm::forward(&h, &layer.post_attention_layernorm, ctx.eps);
+    let gate = proj(&layer.gate_proj, "mlp.gate_proj", &x_mlp, ctx, ls);
+    let up = proj(&layer.up_proj, "mlp.up_proj", &x_mlp, ctx, ls);
+    let (act, _) = swiglu::forward(&gate, &up);
+    let y = &h + proj(&layer.down_proj, "mlp.down_proj", &act, ctx, ls);
+    PostAttn { h, rstd_mlp: s2.rstd, x_mlp, gate, up, act, y }
+}
+
+type LoraSaved = Vec<(&'static str, Tensor, Option<Tensor>)>;
+
 /// # Shapes
 /// - `x`: `[T, D]` → `[T, D]`
 pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize) -> Result<(Tensor, BlockSaved)> {
     let t = x.size()[0];
     let mut ls = Vec::new();
-    let (x_attn, s1) = rmsnorm::forward(x, &layer.input_layernorm, ctx.eps);
-    let q = proj(&layer.q_proj, "self_attn.q_proj", &x_attn, ctx, &mut ls).view([t, ctx.heads, ctx.head_dim]);
-    let k = proj(&layer.k_proj, "self_attn.k_proj", &x_attn, ctx, &mut ls).view([t, ctx.kv_heads, ctx.head_dim]);
-    let v = proj(&layer.v_proj, "self_attn.v_proj", &x_attn, ctx, &mut ls).view([t, ctx.kv_heads, ctx.head_dim]);
-    let q = rope::forward(&q, &ctx.cos, &ctx.sin);
-    let k = rope::forward(&k, &ctx.cos, &ctx.sin);
-    let (o, attn_saved) = attention::forward_packed(&q, &k, &v, &ctx.attn[layer_idx], &ctx.cu_seqlens)?;
-    let h = x + proj(&layer.o_proj, "self_attn.o_proj", &o.view([t, ctx.heads * ctx.head_dim]), ctx, &mut ls);
-    let (x_mlp, s2) = rmsnorm::forward(&h, &layer.post_attention_layernorm, ctx.eps);
-    let gate = proj(&layer.gate_proj, "mlp.gate_proj", &x_mlp, ctx, &mut ls);
-    let up = proj(&layer.up_proj, "mlp.up_proj", &x_mlp, ctx, &mut ls);
-    let (act, _) = swiglu::forward(&gate, &up);
-    let y = &h + proj(&layer.down_proj, "mlp.down_proj", &act, ctx, &mut ls);
+    let pre = pre_attn(layer, x, &ctx.cos, &ctx.sin, ctx, &mut ls);
+    let (o, attn_saved) = attention::forward_packed(&pre.q, &pre.k, &pre.v, &ctx.attn[layer_idx], &ctx.cu_seqlens)?;
+    let post = post_attn(layer, x, &o.view([t, ctx.heads * ctx.head_dim]), ctx, &mut ls);
     let saved = BlockSaved {
         x: x.shallow_clone(),
-        rstd_attn: s1.rstd,
-        x_attn,
+        rstd_attn: pre.rstd_attn,
+        x_attn: pre.x_attn,
         attn: attn_saved,
-        h,
-        rstd_mlp: s2.rstd,
-        x_mlp,
-        gate,
-        up,
-        act,
+        h: post.h,
+        rstd_mlp: post.rstd_mlp,
+        x_mlp: post.x_mlp,
+        gate: post.gate,
+        up: post.up,
+        act: post.act,
         lora: ls,
     };
-    Ok((y, saved))
+    Ok((post.y, saved))
+}
+
+/// Recomputes the [`RECOMPUTABLE`] tensors for tokens `from..T` from the layer input and the
+/// attention output (MEMO's token-wise recompute: all of it token-local, no attention).
+/// Returns them by name. LoRA dropout must be off (its masks are not redrawn).
+///
+/// Bit-identity with the forward values rests on libtorch's CPU kernels giving the same bits for
+/// a row subset as for the whole matrix; that holds for GEMMs of two or more rows (a single row
+/// takes a GEMV path), so callers recompute at least two rows (see `Model::forward_backward_with`).
+pub fn recompute_tail(layer: &Layer, x: &Tensor, attn_out: &Tensor, ctx: &Context, from: i64) -> Vec<(&'static str, Tensor)> {
+    let t = x.size()[0];
+    let n = t - from;
+    let mut ls = Vec::new();
+    let rows = |a: &Tensor| a.narrow(0, from, n);
+    let pre = pre_attn(layer, &rows(x), &rows(&ctx.cos), &rows(&ctx.sin), ctx, &mut ls);
+    let o_flat = rows(attn_out).reshape([n, ctx.heads * ctx.head_dim]);
+    let post = post_attn(layer, &rows(x), &o_flat, ctx, &mut ls);
+    vec![
+        ("rstd_attn", pre.rstd_attn),
+        ("x_attn", pre.x_attn),
+        ("q", pre.q),
+        ("k", pre.k),
+        ("v", pre.v),
+        ("h", post.h),
+        ("rstd_mlp", post.rstd_mlp),
+        ("x_mlp", post.x_mlp),
+        ("gate", post.gate),
+        ("up", post.up),
+        ("act", post.act),
+    ]
 }
 
 /// Gradients of one projection, pushed under its HF / PEFT sub-names.

@@ -83,6 +83,9 @@ pub struct OffloadPolicy {
     pub keep_last: usize,
     /// Layers read back ahead of the one whose backward is running.
     pub lookahead: usize,
+    /// MEMO's α for the offloaded layers: their [`block::RECOMPUTABLE`] tensors are stored for
+    /// tokens [0, αT) and recomputed token-locally for [αT, T); 1 stores everything.
+    pub alpha: f64,
 }
 
 /// Gradients keyed by HF parameter name.
@@ -287,7 +290,7 @@ impl Model {
     /// gradients (LoRA: the adapters).
     pub fn forward_backward(&self, batch: &Batch, grad_scale: Option<f64>, ce_chunk: i64) -> Result<(cross_entropy::LossSum, Grads, StepStats)> {
         let mut store = offload::store::ActivationStore::resident();
-        let keep = OffloadPolicy { tier: offload::store::Tier::Keep, keep_last: 0, lookahead: 0 };
+        let keep = OffloadPolicy { tier: offload::store::Tier::Keep, keep_last: 0, lookahead: 0, alpha: 1.0 };
         self.forward_backward_with(batch, grad_scale, ce_chunk, &mut store, keep)
     }
 
@@ -310,18 +313,43 @@ impl Model {
         ctx.full = self.full;
         let (mut x, emb_saved) = embedding::forward(&self.embed_tokens, &ids);
         let n_layers = self.layers.len();
+        let t_all = ids.size()[0];
+        // Tokens whose recomputable tensors are stored; the rest are recomputed. At least two rows
+        // are recomputed when any are (see block::recompute_tail on bit-identity).
+        let stored_rows = match (policy.alpha * t_all as f64).round() as i64 {
+            s if s >= t_all - 1 => t_all,
+            s => s.max(0),
+        };
+        if stored_rows < t_all
+            && self.layers.iter().any(|l| l.projections().iter().any(|(_, p)| p.lora.as_ref().is_some_and(|a| a.dropout > 0.0)))
+        {
+            return Err(TrainerError::Device("offload.alpha < 1 recomputes adapted projections: set lora.dropout = 0".into()));
+        }
         let mut names: Vec<Vec<String>> = Vec::with_capacity(n_layers);
+        let mut splits: Vec<i64> = Vec::with_capacity(n_layers);
         let mut saved_bytes = 0;
         for (l, layer) in self.layers.iter().enumerate() {
             let (y, s) = block::forward(layer, &x, &ctx, l)?;
             saved_bytes += s.bytes();
-            let tier = if l + policy.keep_last >= n_layers { offload::store::Tier::Keep } else { policy.tier };
+            let kept = l + policy.keep_last >= n_layers;
+            let tier = if kept { offload::store::Tier::Keep } else { policy.tier };
+            let split = if kept { t_all } else { stored_rows };
             let mut layer_names = Vec::new();
             for (name, t) in s.into_named() {
+                let t = if split < t_all && block::RECOMPUTABLE.contains(&name.as_str()) {
+                    if split == 0 {
+                        continue; // recomputed whole
+                    }
+                    // A copy, so that the dropped rows' memory is released.
+                    t.narrow(0, 0, split).copy()
+                } else {
+                    t
+                };
                 store.put(l, &name, t, tier)?;
                 layer_names.push(name);
             }
             names.push(layer_names);
+            splits.push(split);
             x = y;
         }
         let stats = StepStats { saved_bytes };
@@ -341,7 +369,25 @@ impl Model {
             for ahead in (l.saturating_sub(policy.lookahead)..=l).rev() {
                 store.prefetch(ahead, &names[ahead])?;
             }
-            let s = BlockSaved::from_named(&names[l], |n| Ok(store.take(l, n)?))?;
+            let split = splits[l];
+            let s = if split < t_all {
+                let x_in = store.take(l, "x")?;
+                let attn_out = store.take(l, "attn_out")?;
+                let mut tail: BTreeMap<&str, Tensor> = block::recompute_tail(layer, &x_in, &attn_out, &ctx, split).into_iter().collect();
+                let mut all = names[l].clone();
+                all.extend(block::RECOMPUTABLE.iter().filter(|n| !names[l].iter().any(|m| m == *n)).map(|n| n.to_string()));
+                BlockSaved::from_named(&all, |n| match n {
+                    "x" => Ok(x_in.shallow_clone()),
+                    "attn_out" => Ok(attn_out.shallow_clone()),
+                    n if block::RECOMPUTABLE.contains(&n) => {
+                        let rest = tail.remove(n).ok_or_else(|| TrainerError::Device(format!("recompute lost `{n}`")))?;
+                        Ok(if split > 0 { Tensor::cat(&[store.take(l, n)?, rest], 0) } else { rest })
+                    }
+                    n => Ok(store.take(l, n)?),
+                })?
+            } else {
+                BlockSaved::from_named(&names[l], |n| Ok(store.take(l, n)?))?
+            };
             let (d, g) = block::backward(layer, &dx, s, &ctx, l)?;
             for (name, t) in g {
                 grads.insert(format!("model.layers.{l}.{name}"), t);

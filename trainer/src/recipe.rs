@@ -43,6 +43,11 @@ pub struct OffloadSection {
     /// The last k layers keep their activations in place (their backward runs first).
     #[serde(default)]
     pub keep_last: usize,
+    /// MEMO's α: for offloaded layers, the fraction of tokens whose token-local activations
+    /// (norms, q/k/v, MLP) are stored; the rest are recomputed in backward from the layer input
+    /// and attention output (which are always stored). Lower moves fewer bytes and costs compute.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
     /// Layers whose activations are read back ahead of the backward that needs them (more hides
     /// more I/O behind compute and holds more memory).
     #[serde(default = "default_one_usize")]
@@ -58,10 +63,13 @@ pub struct OffloadSection {
 
 impl Default for OffloadSection {
     fn default() -> Self {
-        OffloadSection { tier: default_tier(), nvme_dir: default_nvme_dir(), nvme_bytes: default_nvme_bytes(), keep_last: 0, lookahead: 1, max_inflight_bytes: default_inflight(), io_uring: true }
+        OffloadSection { tier: default_tier(), nvme_dir: default_nvme_dir(), nvme_bytes: default_nvme_bytes(), keep_last: 0, alpha: 1.0, lookahead: 1, max_inflight_bytes: default_inflight(), io_uring: true }
     }
 }
 
+fn default_alpha() -> f64 {
+    1.0
+}
 fn default_inflight() -> u64 {
     256 << 20
 }
@@ -422,6 +430,12 @@ impl Recipe {
         }
         if o.tier == "nvme" && (o.nvme_bytes == 0 || !o.nvme_dir.is_dir()) {
             return err("offload", format!("nvme_dir {} must be an existing directory and nvme_bytes positive", o.nvme_dir.display()));
+        }
+        if !(0.0..=1.0).contains(&o.alpha) {
+            return err("offload.alpha", format!("{} must lie in [0, 1]", o.alpha));
+        }
+        if o.alpha < 1.0 && self.train.mode == "lora" && self.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
+            return err("offload.alpha", "alpha < 1 recomputes adapted projections, which needs lora.dropout = 0".into());
         }
         if self.checkpoint.keep_last == 0 {
             return err("checkpoint.keep_last", "must be at least 1".into());

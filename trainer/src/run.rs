@@ -382,6 +382,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
         tier: if recipe.offload.tier == "nvme" { offload::store::Tier::Nvme } else { offload::store::Tier::Keep },
         keep_last: recipe.offload.keep_last,
         lookahead: recipe.offload.lookahead,
+        alpha: recipe.offload.alpha,
     };
     let tty = std::io::stderr().is_terminal();
     let start = Instant::now();

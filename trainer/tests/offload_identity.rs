@@ -32,10 +32,11 @@ fn check(m: &Model, tag: &str) {
     let b = batch();
     tch::manual_seed(5);
     let (l0, g0, _) = m.forward_backward(&b, None, 16).unwrap();
-    for keep_last in [0usize, 2] {
+    let alphas: &[f64] = if tag.contains("dropout") { &[1.0] } else { &[0.0, 0.3, 1.0] };
+    for (&alpha, keep_last) in alphas.iter().flat_map(|a| [0usize, 2].map(move |k| (a, k))) {
         let mut store = nvme_store();
         tch::manual_seed(5);
-        let policy = OffloadPolicy { tier: Tier::Nvme, keep_last, lookahead: 1 + keep_last };
+        let policy = OffloadPolicy { tier: Tier::Nvme, keep_last, lookahead: 1 + keep_last, alpha };
         let (l1, g1, _) = m.forward_backward_with(&b, None, 16, &mut store, policy).unwrap();
         assert!(store.is_empty(), "backward must take back everything it stored");
         let st = store.stats();
@@ -44,9 +45,9 @@ fn check(m: &Model, tag: &str) {
         assert_eq!(l0.sum.double_value(&[]).to_bits(), l1.sum.double_value(&[]).to_bits(), "{tag}: loss");
         assert_eq!(g0.len(), g1.len());
         for (n, g) in &g0 {
-            assert!(g.equal(&g1[n]), "{tag} keep_last={keep_last}: gradient of {n} differs");
+            assert!(g.equal(&g1[n]), "{tag} alpha={alpha} keep_last={keep_last}: gradient of {n} differs");
         }
-        println!("{tag} keep_last={keep_last}: {} bytes through the NVMe tier, gradients bit-identical", written);
+        println!("{tag} alpha={alpha} keep_last={keep_last}: {written} bytes through the NVMe tier, gradients bit-identical");
     }
 }
 
@@ -57,4 +58,19 @@ fn nvme_tier_training_is_bit_identical_full_and_lora() {
     let cfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.2, targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()] };
     m.attach_lora(&cfg, 3).unwrap();
     check(&m, "lora+dropout float32");
+    let mut m = model(Kind::Float);
+    let cfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: trainer::lora::TARGETS.iter().map(|s| s.to_string()).collect() };
+    m.attach_lora(&cfg, 3).unwrap();
+    check(&m, "lora float32");
+}
+
+#[test]
+fn alpha_below_one_with_lora_dropout_is_refused() {
+    let mut m = model(Kind::Float);
+    let cfg = LoraConfig { rank: 2, alpha: 4.0, dropout: 0.1, targets: vec!["q_proj".into()] };
+    m.attach_lora(&cfg, 3).unwrap();
+    let mut store = nvme_store();
+    let policy = OffloadPolicy { tier: Tier::Nvme, keep_last: 0, lookahead: 1, alpha: 0.5 };
+    let err = m.forward_backward_with(&batch(), None, 16, &mut store, policy).err().unwrap().to_string();
+    assert!(err.contains("lora.dropout"), "{err}");
 }
