@@ -180,10 +180,16 @@ fn nvme_offload_run_matches_the_resident_run_bit_for_bit() {
         "run", "--recipe", r, &format!("run.dir={}", nvme.display()), "train.steps=6",
         "offload.tier=nvme", &format!("offload.nvme_dir={}", dir.display()), "offload.nvme_bytes=67108864", "offload.keep_last=1",
     ]);
-    let (a, b) = (losses(&resident), losses(&nvme));
+    let split = dir.join("alpha");
+    run_ok(&[
+        "run", "--recipe", r, &format!("run.dir={}", split.display()), "train.steps=6",
+        "offload.tier=nvme", &format!("offload.nvme_dir={}", dir.display()), "offload.nvme_bytes=67108864", "offload.alpha=0.3",
+    ]);
+    let (a, b, c) = (losses(&resident), losses(&nvme), losses(&split));
     assert_eq!(a.len(), 6);
     for (s, l) in &a {
         assert_eq!(l.to_bits(), b[s].to_bits(), "step {s}");
+        assert_eq!(l.to_bits(), c[s].to_bits(), "step {s}, alpha 0.3");
     }
     let last: Value = serde_json::from_str(std::fs::read_to_string(nvme.join("metrics.jsonl")).unwrap().lines().last().unwrap()).unwrap();
     assert!(last["offload/written_bytes"].as_f64().unwrap() > 0.0, "{last}");
@@ -257,6 +263,10 @@ fn bad_recipes_and_existing_runs_give_clear_errors() {
     assert!(e.contains("lr"), "{e}");
     let e = err(&["run", "--recipe", g, "train.nope=1"]);
     assert!(e.contains("nope"), "{e}");
+    let e = err(&["run", "--recipe", g, "offload.alpha=1.5"]);
+    assert!(e.contains("offload.alpha"), "{e}");
+    let e = err(&["run", "--recipe", g, "offload.tier=ram"]);
+    assert!(e.contains("offload.tier"), "{e}");
     let e = err(&["run", "--recipe", g, "trainlr"]);
     assert!(e.contains("key.path=value"), "{e}");
     let e = err(&["run", "--recipe", g, "data.train=[\"missing.jsonl\"]"]);
