@@ -154,44 +154,67 @@ impl NvmeTier {
         self.free.insert(off, len);
     }
 
-    /// Stores `data` as a new slice named `name` (the name appears in errors).
+    /// Stores `data` as a new slice named `name` (the name appears in errors). Copies `data`
+    /// into an aligned staging buffer first; [`NvmeTier::write_aligned`] avoids that copy.
     pub fn write(&mut self, name: &str, data: &[u8]) -> Result<SliceId> {
-        let off = self.alloc(name, data.len() as u64)?;
         let ext = round_up(data.len().max(1));
-        if self.staging.len() < ext {
-            self.staging = AlignedBuf::new(ext);
+        let mut staging = std::mem::replace(&mut self.staging, AlignedBuf::new(1));
+        if staging.len() < ext {
+            staging = AlignedBuf::new(ext);
         }
-        self.staging.as_mut_slice()[..data.len()].copy_from_slice(data);
-        self.staging.as_mut_slice()[data.len()..ext].fill(0);
-        let crc = crc32c::crc32c(data);
-        let r = self.io(true, off, ext);
-        if let Err(e) = r {
-            self.release(off, data.len() as u64);
+        staging.as_mut_slice()[..data.len()].copy_from_slice(data);
+        let r = self.write_aligned(name, &mut staging, data.len());
+        self.staging = staging;
+        r
+    }
+
+    /// Stores the first `len` bytes of `buf` as a new slice, straight from the buffer (its bytes
+    /// past `len` up to the page boundary are zeroed).
+    pub fn write_aligned(&mut self, name: &str, buf: &mut AlignedBuf, len: usize) -> Result<SliceId> {
+        let ext = round_up(len.max(1));
+        assert!(ext <= buf.len(), "write_aligned: buffer of {} bytes holds no {len}-byte slice", buf.len());
+        let off = self.alloc(name, len as u64)?;
+        buf.as_mut_slice()[len..ext].fill(0);
+        let crc = crc32c::crc32c(&buf.as_slice()[..len]);
+        if let Err(e) = self.io(true, off, buf.as_mut_slice().as_mut_ptr(), ext) {
+            self.release(off, len as u64);
             return Err(e);
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.slices.insert(id, Slice { name: name.to_string(), offset: off, len: data.len() as u64, crc });
+        self.slices.insert(id, Slice { name: name.to_string(), offset: off, len: len as u64, crc });
         Ok(id)
+    }
+
+    /// Payload length of a stored slice.
+    pub fn slice_len(&self, id: SliceId) -> Result<usize> {
+        Ok(self.slices.get(&id).ok_or(OffloadError::UnknownSlice(id))?.len as usize)
     }
 
     /// Reads a slice back, verifying its checksum.
     pub fn read(&mut self, id: SliceId) -> Result<Vec<u8>> {
+        let mut staging = std::mem::replace(&mut self.staging, AlignedBuf::new(1));
+        let r = self.read_into(id, &mut staging).map(|n| staging.as_slice()[..n].to_vec());
+        self.staging = staging;
+        r
+    }
+
+    /// Reads a slice into `buf` (grown when too small), verifying its checksum; returns its length.
+    pub fn read_into(&mut self, id: SliceId, buf: &mut AlignedBuf) -> Result<usize> {
         let (off, len, crc, name) = {
             let s = self.slices.get(&id).ok_or(OffloadError::UnknownSlice(id))?;
             (s.offset, s.len, s.crc, s.name.clone())
         };
         let ext = round_up(len.max(1) as usize);
-        if self.staging.len() < ext {
-            self.staging = AlignedBuf::new(ext);
+        if buf.len() < ext {
+            *buf = AlignedBuf::new(ext);
         }
-        self.io(false, off, ext)?;
-        let data = self.staging.as_slice()[..len as usize].to_vec();
-        let found = crc32c::crc32c(&data);
+        self.io(false, off, buf.as_mut_slice().as_mut_ptr(), ext)?;
+        let found = crc32c::crc32c(&buf.as_slice()[..len as usize]);
         if found != crc {
             return Err(OffloadError::Checksum { path: self.path.clone(), slice: name, offset: off, len, expected: crc, found });
         }
-        Ok(data)
+        Ok(len as usize)
     }
 
     /// Waits until written data is on the device (fsync).
@@ -231,18 +254,20 @@ impl NvmeTier {
         Ok(())
     }
 
-    /// Moves `len` bytes (a multiple of the page size) between the staging buffer and the file.
-    fn io(&mut self, write: bool, off: u64, len: usize) -> Result<()> {
+    /// Moves `len` bytes (a multiple of the page size) between `base` and the file.
+    ///
+    /// `base` must point into a live [`AlignedBuf`] of at least `len` bytes that nothing else
+    /// touches during the call (the callers pass a buffer they hold by `&mut`).
+    fn io(&mut self, write: bool, off: u64, base: *mut u8, len: usize) -> Result<()> {
         let op = if write { "write" } else { "read" };
         let err = |source: std::io::Error| OffloadError::Io { path: self.path.clone(), op, source };
         let fd = self.file.as_raw_fd();
-        let base = if write { self.staging.as_slice().as_ptr() as *mut u8 } else { self.staging.as_mut_slice().as_mut_ptr() };
         let chunk = self.chunk;
         let Some(ring) = self.ring.as_mut() else {
             let mut done = 0usize;
             while done < len {
                 let n = (len - done).min(chunk);
-                // SAFETY: [base+done, base+done+n) lies inside the staging buffer (len ≤ its size)
+                // SAFETY: [base+done, base+done+n) lies inside the caller's buffer (len ≤ its size)
                 // and fd is open for the life of self.
                 let r = unsafe {
                     let p = base.add(done);

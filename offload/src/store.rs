@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::aligned::AlignedBuf;
 use crate::error::{OffloadError, Result};
 use crate::nvme::{NvmeTier, SliceId};
 
@@ -52,12 +53,16 @@ struct Meta {
     device: Device,
 }
 
-fn tensor_bytes(t: &Tensor) -> Vec<u8> {
+/// Copies a tensor's bytes into `buf` (grown when too small); returns their count.
+fn tensor_bytes_into(t: &Tensor, buf: &mut AlignedBuf) -> usize {
     let t = t.to_device(Device::Cpu).contiguous();
     let n = t.numel();
-    let mut buf = vec![0u8; n * t.kind().elt_size_in_bytes()];
-    t.copy_data_u8(&mut buf, n);
-    buf
+    let len = n * t.kind().elt_size_in_bytes();
+    if buf.len() < len {
+        *buf = AlignedBuf::new(len);
+    }
+    t.copy_data_u8(&mut buf.as_mut_slice()[..len], n);
+    len
 }
 
 /// Bytes handed to the I/O thread and not yet written: `put` waits while this exceeds the limit,
@@ -72,6 +77,9 @@ struct InFlight {
 fn worker(mut nvme: NvmeTier, rx: Receiver<Req>, done: std::sync::mpsc::Sender<(Key, Result<Tensor>)>, stats: Arc<Mutex<StoreStats>>, inflight: Arc<InFlight>) {
     let mut meta: HashMap<Key, Meta> = HashMap::new();
     let mut failed: Option<String> = None;
+    // One aligned buffer reused for every transfer: a tensor is copied once into it and written
+    // from it with O_DIRECT, and read into it and copied once into a new tensor.
+    let mut buf = AlignedBuf::new(1);
     for req in rx {
         match req {
             Req::Write(key, t) => {
@@ -82,20 +90,20 @@ fn worker(mut nvme: NvmeTier, rx: Receiver<Req>, done: std::sync::mpsc::Sender<(
                     continue;
                 }
                 let t0 = Instant::now();
-                let bytes = tensor_bytes(&t);
+                let len = tensor_bytes_into(&t, &mut buf);
                 let (shape, kind, device) = (t.size(), t.kind(), t.device());
                 // The source tensor is released only after its bytes were copied out.
                 drop(t);
                 {
                     let mut b = inflight.bytes.lock().unwrap_or_else(|e| e.into_inner());
-                    *b = b.saturating_sub(bytes.len() as u64);
+                    *b = b.saturating_sub(len as u64);
                     inflight.written.notify_all();
                 }
-                match nvme.write(&format!("layer{}.{}", key.0, key.1), &bytes) {
+                match nvme.write_aligned(&format!("layer{}.{}", key.0, key.1), &mut buf, len) {
                     Ok(id) => {
                         meta.insert(key, Meta { id, shape, kind, device });
                         let mut s = stats.lock().unwrap_or_else(|e| e.into_inner());
-                        s.written_bytes += bytes.len() as u64;
+                        s.written_bytes += len as u64;
                         s.nvme_peak_bytes = s.nvme_peak_bytes.max(nvme.used());
                         s.write_seconds += t0.elapsed().as_secs_f64();
                     }
@@ -111,12 +119,12 @@ fn worker(mut nvme: NvmeTier, rx: Receiver<Req>, done: std::sync::mpsc::Sender<(
                         op: "read",
                         source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("layer {} tensor `{}` was never stored", key.0, key.1)),
                     }),
-                    (None, Some(m)) => nvme.read(m.id).and_then(|bytes| {
+                    (None, Some(m)) => nvme.read_into(m.id, &mut buf).and_then(|len| {
                         nvme.free(m.id)?;
                         let mut s = stats.lock().unwrap_or_else(|e| e.into_inner());
-                        s.read_bytes += bytes.len() as u64;
+                        s.read_bytes += len as u64;
                         s.read_seconds += t0.elapsed().as_secs_f64();
-                        Tensor::f_from_data_size(&bytes, &m.shape, m.kind)
+                        Tensor::f_from_data_size(&buf.as_slice()[..len], &m.shape, m.kind)
                             .map(|t| t.to_device(m.device))
                             .map_err(|e| OffloadError::Io { path: "activation store".into(), op: "rebuild tensor", source: std::io::Error::other(e.to_string()) })
                     }),
