@@ -264,10 +264,13 @@ impl Model {
         Ok(cross_entropy::forward(&h, self.lm_head_weight(), &batch.labels.to_device(self.device()), ce_chunk).0)
     }
 
-    /// Greedy next-token prediction at every position, `[T]` int64 (evaluation of synthetic tasks).
-    pub fn argmax(&self, batch: &Batch, ce_chunk: i64) -> Result<Tensor> {
+    /// The loss and the greedy next-token prediction at every position (`[T]` int64) from one
+    /// forward (evaluation of answer-bearing tasks).
+    pub fn loss_and_argmax(&self, batch: &Batch, ce_chunk: i64) -> Result<(cross_entropy::LossSum, Tensor)> {
         let h = self.final_hidden(batch)?;
-        Ok(cross_entropy::argmax(&h, self.lm_head_weight(), ce_chunk))
+        let w = self.lm_head_weight();
+        let loss = cross_entropy::forward(&h, w, &batch.labels.to_device(self.device()), ce_chunk).0;
+        Ok((loss, cross_entropy::argmax(&h, w, ce_chunk)))
     }
 
     /// Hidden states after the final norm, without keeping activations.

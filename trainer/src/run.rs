@@ -155,10 +155,10 @@ pub fn eval_synth(model: &Model, examples: &[Example], eos: Option<i64>, chunk: 
     for group in examples.chunks(8) {
         let refs: Vec<&Example> = group.iter().collect();
         let b = pack(&refs);
-        let l = model.loss(&b, chunk)?;
+        let (l, pred) = model.loss_and_argmax(&b, chunk)?;
         loss_sum += l.sum.to_device(Device::Cpu).to_kind(Kind::Double).double_value(&[]);
         count += l.count;
-        let pred: Vec<i64> = Vec::<i64>::try_from(model.argmax(&b, chunk)?.to_device(Device::Cpu)).unwrap_or_default();
+        let pred: Vec<i64> = Vec::<i64>::try_from(pred.to_device(Device::Cpu)).unwrap_or_default();
         let mut off = 0usize;
         for e in group {
             let answer: Vec<usize> = (1..e.ids.len()).filter(|&t| e.target[t] && Some(e.ids[t]) != eos).collect();
