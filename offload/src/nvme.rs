@@ -172,7 +172,13 @@ impl NvmeTier {
     /// past `len` up to the page boundary are zeroed).
     pub fn write_aligned(&mut self, name: &str, buf: &mut AlignedBuf, len: usize) -> Result<SliceId> {
         let ext = round_up(len.max(1));
-        assert!(ext <= buf.len(), "write_aligned: buffer of {} bytes holds no {len}-byte slice", buf.len());
+        if ext > buf.len() {
+            return Err(OffloadError::Io {
+                path: self.path.clone(),
+                op: "write",
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("buffer of {} bytes holds no {len}-byte slice `{name}`", buf.len())),
+            });
+        }
         let off = self.alloc(name, len as u64)?;
         buf.as_mut_slice()[len..ext].fill(0);
         let crc = crc32c::crc32c(&buf.as_slice()[..len]);

@@ -102,9 +102,10 @@ pub struct BlockSaved {
 }
 
 impl BlockSaved {
-    /// Every saved tensor by name, for accounting and placement.
-    pub fn named(&self) -> Vec<(&'static str, &Tensor)> {
-        vec![
+    /// Every saved tensor by a name unique within the layer: the one list that accounting, the
+    /// store and [`BlockSaved::from_named`] agree on.
+    pub fn named(&self) -> Vec<(String, &Tensor)> {
+        let mut v: Vec<(String, &Tensor)> = [
             ("x", &self.x),
             ("rstd_attn", &self.rstd_attn),
             ("x_attn", &self.x_attn),
@@ -121,39 +122,25 @@ impl BlockSaved {
             ("act", &self.act),
         ]
         .into_iter()
-        .chain(self.lora.iter().flat_map(|(_, xa, keep)| std::iter::once(("lora_xa", xa)).chain(keep.iter().map(|k| ("lora_keep", k)))))
-        .collect()
-    }
-
-    /// Every tensor by a name unique within the layer, consuming the struct (for the store).
-    pub fn into_named(self) -> Vec<(String, Tensor)> {
-        let mut v: Vec<(String, Tensor)> = vec![
-            ("x".into(), self.x),
-            ("rstd_attn".into(), self.rstd_attn),
-            ("x_attn".into(), self.x_attn),
-            ("q".into(), self.attn.q),
-            ("k".into(), self.attn.k),
-            ("v".into(), self.attn.v),
-            ("attn_out".into(), self.attn.out),
-            ("attn_lse".into(), self.attn.lse),
-            ("h".into(), self.h),
-            ("rstd_mlp".into(), self.rstd_mlp),
-            ("x_mlp".into(), self.x_mlp),
-            ("gate".into(), self.gate),
-            ("up".into(), self.up),
-            ("act".into(), self.act),
-        ];
-        if let Some((seed, offset)) = self.attn.philox {
+        .map(|(n, t)| (n.to_string(), t))
+        .collect();
+        if let Some((seed, offset)) = &self.attn.philox {
             v.push(("attn_philox_seed".into(), seed));
             v.push(("attn_philox_offset".into(), offset));
         }
-        for (proj, xa, keep) in self.lora {
+        for (proj, xa, keep) in &self.lora {
             v.push((format!("lora_xa:{proj}"), xa));
             if let Some(k) = keep {
                 v.push((format!("lora_keep:{proj}"), k));
             }
         }
         v
+    }
+
+    /// [`BlockSaved::named`], consuming the struct (for the store): the tensors are the same
+    /// storage, no copies.
+    pub fn into_named(self) -> Vec<(String, Tensor)> {
+        self.named().into_iter().map(|(n, t)| (n, t.shallow_clone())).collect()
     }
 
     /// The inverse of [`BlockSaved::into_named`]; `get` returns the tensor stored under a name.
@@ -306,15 +293,18 @@ pub fn recompute_tail(layer: &Layer, x: &Tensor, attn_out: &Tensor, ctx: &Contex
 }
 
 /// Gradients of one projection, pushed under its HF / PEFT sub-names.
-fn proj_backward(dy: &Tensor, x: &Tensor, lin: &Linear, name: &str, ctx: &Context, lora_saved: &mut Vec<(&'static str, Tensor, Option<Tensor>)>, grads: &mut Vec<(String, Tensor)>) -> Tensor {
+fn proj_backward(dy: &Tensor, x: &Tensor, lin: &Linear, name: &str, ctx: &Context, lora_saved: &mut LoraSaved, grads: &mut Vec<(String, Tensor)>) -> Result<Tensor> {
     if let Some(ad) = &lin.lora {
-        let pos = lora_saved.iter().position(|(n, _, _)| *n == name).expect("forward saved every adapter");
+        let pos = lora_saved
+            .iter()
+            .position(|(n, _, _)| *n == name)
+            .ok_or_else(|| crate::error::TrainerError::Device(format!("no saved LoRA activation for `{name}`")))?;
         let (_, xa, keep) = lora_saved.swap_remove(pos);
         let adapter = lora::Adapter { a: &ad.a, b: &ad.b, scale: ad.scale, dropout: ad.dropout };
         let g = lora::backward(dy, &lora::Saved { x: x.shallow_clone(), keep, xa }, &lin.weight, &adapter);
         grads.push((format!("{name}.lora_A.weight"), g.a));
         grads.push((format!("{name}.lora_B.weight"), g.b));
-        return g.x;
+        return Ok(g.x);
     }
     let g = linear::backward(dy, &linear::Saved { x: x.shallow_clone() }, &lin.weight, ctx.full, ctx.full && lin.bias.is_some());
     if let Some(w) = g.weight {
@@ -323,7 +313,7 @@ fn proj_backward(dy: &Tensor, x: &Tensor, lin: &Linear, name: &str, ctx: &Contex
     if let Some(b) = g.bias {
         grads.push((format!("{name}.bias"), b));
     }
-    g.x
+    Ok(g.x)
 }
 
 /// Consumes the layer's saved activations; returns the gradient of the block input and the
@@ -333,10 +323,10 @@ pub fn backward(layer: &Layer, dy: &Tensor, s: BlockSaved, ctx: &Context, layer_
     let mut grads = Vec::new();
     let mut ls = s.lora;
     // MLP
-    let dact = proj_backward(dy, &s.act, &layer.down_proj, "mlp.down_proj", ctx, &mut ls, &mut grads);
+    let dact = proj_backward(dy, &s.act, &layer.down_proj, "mlp.down_proj", ctx, &mut ls, &mut grads)?;
     let (dgate, dup) = swiglu::backward(&dact, &swiglu::Saved { gate: s.gate, up: s.up });
-    let dx_mlp = proj_backward(&dgate, &s.x_mlp, &layer.gate_proj, "mlp.gate_proj", ctx, &mut ls, &mut grads)
-        + proj_backward(&dup, &s.x_mlp, &layer.up_proj, "mlp.up_proj", ctx, &mut ls, &mut grads);
+    let dx_mlp = proj_backward(&dgate, &s.x_mlp, &layer.gate_proj, "mlp.gate_proj", ctx, &mut ls, &mut grads)?
+        + proj_backward(&dup, &s.x_mlp, &layer.up_proj, "mlp.up_proj", ctx, &mut ls, &mut grads)?;
     let (dh_norm, dw2) = rmsnorm::backward(&dx_mlp, &rmsnorm::Saved { x: s.h, rstd: s.rstd_mlp }, &layer.post_attention_layernorm, ctx.full);
     if let Some(w) = dw2 {
         grads.push(("post_attention_layernorm.weight".into(), w));
@@ -344,14 +334,14 @@ pub fn backward(layer: &Layer, dy: &Tensor, s: BlockSaved, ctx: &Context, layer_
     let dh = dy + dh_norm;
     let o_flat = s.attn.out.view([t, ctx.heads * ctx.head_dim]);
     // Attention
-    let do_ = proj_backward(&dh, &o_flat, &layer.o_proj, "self_attn.o_proj", ctx, &mut ls, &mut grads);
+    let do_ = proj_backward(&dh, &o_flat, &layer.o_proj, "self_attn.o_proj", ctx, &mut ls, &mut grads)?;
     let (dq, dk, dv) = attention::backward_packed(&do_.view([t, ctx.heads, ctx.head_dim]), &s.attn, &ctx.attn[layer_idx], &ctx.cu_seqlens)?;
     let dq = rope::backward(&dq, &ctx.cos, &ctx.sin).reshape([t, ctx.heads * ctx.head_dim]);
     let dk = rope::backward(&dk, &ctx.cos, &ctx.sin).reshape([t, ctx.kv_heads * ctx.head_dim]);
     let dv = dv.reshape([t, ctx.kv_heads * ctx.head_dim]);
-    let dx_attn = proj_backward(&dq, &s.x_attn, &layer.q_proj, "self_attn.q_proj", ctx, &mut ls, &mut grads)
-        + proj_backward(&dk, &s.x_attn, &layer.k_proj, "self_attn.k_proj", ctx, &mut ls, &mut grads)
-        + proj_backward(&dv, &s.x_attn, &layer.v_proj, "self_attn.v_proj", ctx, &mut ls, &mut grads);
+    let dx_attn = proj_backward(&dq, &s.x_attn, &layer.q_proj, "self_attn.q_proj", ctx, &mut ls, &mut grads)?
+        + proj_backward(&dk, &s.x_attn, &layer.k_proj, "self_attn.k_proj", ctx, &mut ls, &mut grads)?
+        + proj_backward(&dv, &s.x_attn, &layer.v_proj, "self_attn.v_proj", ctx, &mut ls, &mut grads)?;
     let (dx_norm, dw1) = rmsnorm::backward(&dx_attn, &rmsnorm::Saved { x: s.x, rstd: s.rstd_attn }, &layer.input_layernorm, ctx.full);
     if let Some(w) = dw1 {
         grads.push(("input_layernorm.weight".into(), w));
