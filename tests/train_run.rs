@@ -178,12 +178,15 @@ fn nvme_offload_run_matches_the_resident_run_bit_for_bit() {
     run_ok(&["run", "--recipe", r, &format!("run.dir={}", resident.display()), "train.steps=6"]);
     let (_, _) = run_ok(&[
         "run", "--recipe", r, &format!("run.dir={}", nvme.display()), "train.steps=6",
-        "offload.tier=nvme", &format!("offload.nvme_dir={}", dir.display()), "offload.nvme_bytes=67108864", "offload.keep_last=1",
+        "offload.tiers=[\"nvme\"]", &format!("offload.nvme_dir={}", dir.display()), "offload.nvme_bytes=67108864", "offload.keep_last=1",
     ]);
     let split = dir.join("alpha");
     run_ok(&[
         "run", "--recipe", r, &format!("run.dir={}", split.display()), "train.steps=6",
-        "offload.tier=nvme", &format!("offload.nvme_dir={}", dir.display()), "offload.nvme_bytes=67108864", "offload.alpha=0.3",
+        // Host and NUMA budgets smaller than a layer: the last layer fills host memory and
+        // spills to NUMA, the first continues there and spills to NVMe.
+        "offload.tiers=[\"host\",\"numa\",\"nvme\"]", "offload.host_bytes=60000", "offload.numa_bytes=60000",
+        &format!("offload.nvme_dir={}", dir.display()), "offload.nvme_bytes=67108864", "offload.alpha=0.3",
     ]);
     let (a, b, c) = (losses(&resident), losses(&nvme), losses(&split));
     assert_eq!(a.len(), 6);
@@ -194,10 +197,18 @@ fn nvme_offload_run_matches_the_resident_run_bit_for_bit() {
     let last: Value = serde_json::from_str(std::fs::read_to_string(nvme.join("metrics.jsonl")).unwrap().lines().last().unwrap()).unwrap();
     assert!(last["offload/written_bytes"].as_f64().unwrap() > 0.0, "{last}");
     assert_eq!(last["offload/written_bytes"], last["offload/read_bytes"]);
-    let e = train(&["run", "--recipe", r, &format!("run.dir={}", dir.join("x").display()), "offload.tier=nvme", "offload.nvme_bytes=4096", &format!("offload.nvme_dir={}", dir.display())]);
+    let mixed: Value = serde_json::from_str(std::fs::read_to_string(split.join("metrics.jsonl")).unwrap().lines().last().unwrap()).unwrap();
+    for tier in ["host", "numa", "nvme"] {
+        assert!(mixed[format!("memory/{tier}_peak_bytes")].as_f64().unwrap() > 0.0, "{tier}: {mixed}");
+    }
+    let e = train(&["run", "--recipe", r, &format!("run.dir={}", dir.join("x").display()), "offload.tiers=[\"nvme\"]", "offload.nvme_bytes=4096", &format!("offload.nvme_dir={}", dir.display())]);
     let se = String::from_utf8_lossy(&e.stderr);
     assert_eq!(e.status.code(), Some(1), "{se}");
     assert!(se.contains("nvme tier full") && se.contains("layer0."), "{se}");
+    let e = train(&["run", "--recipe", r, &format!("run.dir={}", dir.join("y").display()), "offload.tiers=[\"numa\"]", "offload.numa_bytes=1048576", "offload.numa_node=77"]);
+    let se = String::from_utf8_lossy(&e.stderr);
+    assert_eq!(e.status.code(), Some(1), "{se}");
+    assert!(se.contains("numa node 77") && se.contains("this machine has nodes"), "{se}");
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -265,8 +276,10 @@ fn bad_recipes_and_existing_runs_give_clear_errors() {
     assert!(e.contains("nope"), "{e}");
     let e = err(&["run", "--recipe", g, "offload.alpha=1.5"]);
     assert!(e.contains("offload.alpha"), "{e}");
-    let e = err(&["run", "--recipe", g, "offload.tier=ram"]);
-    assert!(e.contains("offload.tier"), "{e}");
+    let e = err(&["run", "--recipe", g, "offload.tiers=[\"ram\"]"]);
+    assert!(e.contains("offload.tiers") && e.contains("ram"), "{e}");
+    let e = err(&["run", "--recipe", g, "offload.tiers=[\"host\"]"]);
+    assert!(e.contains("offload.host_bytes"), "{e}");
     let e = err(&["run", "--recipe", g, "trainlr"]);
     assert!(e.contains("key.path=value"), "{e}");
     let e = err(&["run", "--recipe", g, "data.train=[\"missing.jsonl\"]"]);

@@ -9,3 +9,7 @@ pub mod nvme;
 pub mod store;
 
 pub use error::{OffloadError, Result};
+pub mod arena;
+pub mod cuda;
+pub mod extents;
+pub mod numa;

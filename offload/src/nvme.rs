@@ -3,7 +3,7 @@
 //! extents. Every slice carries a crc32c that is checked when it is read back. I/O goes through
 //! io_uring (queue depth `depth`, `chunk`-sized requests); where io_uring is unavailable, plain
 //! pread/pwrite from the same thread.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use io_uring::{opcode, types, IoUring};
 
-use crate::aligned::{round_up, AlignedBuf};
+use crate::aligned::{round_up, AlignedBuf, ALIGN};
+use crate::extents::Extents;
 use crate::error::{OffloadError, Result};
 
 /// Handle of a slice stored in the tier.
@@ -36,8 +37,7 @@ pub struct NvmeTier {
     file: File,
     path: PathBuf,
     capacity: u64,
-    /// Free extents: offset → length, page-aligned, coalesced.
-    free: BTreeMap<u64, u64>,
+    extents: Extents,
     slices: HashMap<SliceId, Slice>,
     next_id: SliceId,
     ring: Option<IoUring>,
@@ -88,15 +88,11 @@ impl NvmeTier {
             }
         }
         let ring = if io_uring { IoUring::new(32).ok() } else { None };
-        let mut free = BTreeMap::new();
-        if capacity > 0 {
-            free.insert(0, capacity);
-        }
         Ok(NvmeTier {
             file,
             path,
             capacity,
-            free,
+            extents: Extents::new(capacity, ALIGN as u64),
             slices: HashMap::new(),
             next_id: 1,
             ring,
@@ -120,38 +116,21 @@ impl NvmeTier {
 
     /// Bytes of extents in use.
     pub fn used(&self) -> u64 {
-        self.capacity - self.free.values().sum::<u64>()
+        self.extents.used()
     }
 
     fn alloc(&mut self, name: &str, len: u64) -> Result<u64> {
-        let need = round_up(len.max(1) as usize) as u64;
-        let found = self.free.iter().find(|(_, &l)| l >= need).map(|(&o, &l)| (o, l));
-        let Some((off, l)) = found else {
-            return Err(OffloadError::Full { tier: "nvme", slice: name.to_string(), need, free: self.capacity - self.used(), capacity: self.capacity });
-        };
-        self.free.remove(&off);
-        if l > need {
-            self.free.insert(off + need, l - need);
-        }
-        Ok(off)
+        self.extents.alloc(len).ok_or_else(|| OffloadError::Full {
+            tier: "nvme",
+            slice: name.to_string(),
+            need: self.extents.extent_len(len),
+            free: self.extents.free_bytes(),
+            capacity: self.capacity,
+        })
     }
 
     fn release(&mut self, off: u64, len: u64) {
-        let mut off = off;
-        let mut len = round_up(len.max(1) as usize) as u64;
-        // Coalesce with the neighbours.
-        if let Some((&po, &pl)) = self.free.range(..off).next_back() {
-            if po + pl == off {
-                self.free.remove(&po);
-                off = po;
-                len += pl;
-            }
-        }
-        if let Some(&nl) = self.free.get(&(off + len)) {
-            self.free.remove(&(off + len));
-            len += nl;
-        }
-        self.free.insert(off, len);
+        self.extents.release(off, len);
     }
 
     /// Stores `data` as a new slice named `name` (the name appears in errors). Copies `data`

@@ -1,10 +1,20 @@
-//! The activation store: between a layer's forward and its backward, each saved tensor is either
-//! kept where it is or handed to an I/O thread that writes it to the NVMe tier and then drops it,
-//! so its memory is released only once its bytes are on disk. Backward asks for tensors back;
-//! `prefetch` lets the I/O thread read the next layers while the current one computes.
-//! The store knows tensors by (layer, name) only; what to place where is the caller's decision.
-use std::collections::{HashMap, HashSet};
-use std::path::Path;
+//! The activation store: between a layer's forward and its backward, each saved tensor is kept
+//! where it is or moved to a memory tier: host RAM, a NUMA node (far/CXL memory), or the NVMe
+//! file. Backward asks for tensors back; `prefetch` starts their way back early so that the
+//! transfer overlaps the backward of the layer before.
+//!
+//! Who moves the bytes:
+//! - CPU tensors: the store's I/O thread copies into/out of the arenas and writes/reads the NVMe
+//!   tier, so the training thread only waits when a transfer is late (`stall_seconds`).
+//! - CUDA tensors to host/NUMA: a copy stream ([`crate::cuda::CopyEngine`]) with events; the
+//!   source tensor is held until its copy's event completed, an arena slot is released only
+//!   after the copy that reads it completed.
+//! - CUDA tensors to NVMe: the I/O thread copies them to host first (synchronously).
+//!
+//! The store knows tensors by (layer, name) only; what to offload is the caller's decision, which
+//! tier is the store's ([`ActivationStore::place_layer`]).
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -13,16 +23,65 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use crate::aligned::AlignedBuf;
+use crate::arena::{Arena, Slot, SlotView};
+use crate::cuda::{CopyEngine, CopyEvent};
 use crate::error::{OffloadError, Result};
 use crate::nvme::{NvmeTier, SliceId};
 
 /// Where a saved tensor waits for its backward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Tier {
     /// Stays where it was computed.
     Keep,
-    /// Written to the NVMe tier; its memory is released until backward reads it back.
+    /// Local host RAM (page-locked when the tensors live on CUDA).
+    Host,
+    /// RAM bound to a chosen NUMA node: far DRAM or CXL memory.
+    Numa,
+    /// The NVMe file.
     Nvme,
+}
+
+/// The offload tiers from fastest to slowest: placement fills them in this order.
+pub const TIERS: [Tier; 3] = [Tier::Host, Tier::Numa, Tier::Nvme];
+
+impl Tier {
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Keep => "keep",
+            Tier::Host => "host",
+            Tier::Numa => "numa",
+            Tier::Nvme => "nvme",
+        }
+    }
+}
+
+/// The NVMe tier's file.
+#[derive(Debug, Clone)]
+pub struct NvmeConfig {
+    pub dir: PathBuf,
+    pub bytes: u64,
+    pub rank: usize,
+    pub io_uring: bool,
+}
+
+/// The tiers a store offers and their budgets (a tier with no budget is absent).
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub host_bytes: u64,
+    /// NUMA node and its budget.
+    pub numa: Option<(u32, u64)>,
+    pub nvme: Option<NvmeConfig>,
+    /// Bytes that may wait for the I/O thread (or the copy stream); `put` blocks beyond it.
+    pub max_inflight: u64,
+    /// The CUDA device whose tensors are offloaded: arenas are page-locked and copies go
+    /// through a copy stream.
+    pub cuda_device: Option<usize>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { host_bytes: 0, numa: None, nvme: None, max_inflight: 256 << 20, cuda_device: None }
+    }
 }
 
 /// Bytes moved and time spent, for metrics.
@@ -30,7 +89,9 @@ pub enum Tier {
 pub struct StoreStats {
     pub written_bytes: u64,
     pub read_bytes: u64,
-    /// Most bytes resident in the NVMe tier at once.
+    /// Most bytes resident in each tier at once.
+    pub host_peak_bytes: u64,
+    pub numa_peak_bytes: u64,
     pub nvme_peak_bytes: u64,
     /// Time the I/O thread spent writing / reading (overlapped with compute where possible).
     pub write_seconds: f64,
@@ -41,94 +102,158 @@ pub struct StoreStats {
 
 type Key = (usize, String);
 
-enum Req {
-    Write(Key, Tensor),
-    Read(Key),
-}
-
+#[derive(Clone)]
 struct Meta {
-    id: SliceId,
     shape: Vec<i64>,
     kind: Kind,
     device: Device,
 }
 
+impl Meta {
+    fn of(t: &Tensor) -> Meta {
+        Meta { shape: t.size(), kind: t.kind(), device: t.device() }
+    }
+
+    fn rebuild(&self, bytes: &[u8]) -> Result<Tensor> {
+        Tensor::f_from_data_size(bytes, &self.shape, self.kind)
+            .map(|t| t.to_device(self.device))
+            .map_err(|e| OffloadError::Io { path: "activation store".into(), op: "rebuild tensor", source: std::io::Error::other(e.to_string()) })
+    }
+}
+
+enum Req {
+    /// Write to the NVMe tier.
+    Write(Key, Tensor),
+    /// Read back from the NVMe tier.
+    Read(Key),
+    /// Copy a tensor's bytes into an arena slot.
+    Copy(Tensor, SlotView),
+    /// Rebuild a tensor from an arena slot.
+    Load(Key, SlotView, Meta),
+}
+
+fn bytes_of(t: &Tensor) -> u64 {
+    (t.numel() * t.kind().elt_size_in_bytes()) as u64
+}
+
+/// Copies a tensor's bytes into `dst` (which must be exactly that long).
+fn copy_into(t: &Tensor, dst: &mut [u8]) {
+    let t = t.to_device(Device::Cpu).contiguous();
+    t.copy_data_u8(dst, t.numel());
+}
+
 /// Copies a tensor's bytes into `buf` (grown when too small); returns their count.
 fn tensor_bytes_into(t: &Tensor, buf: &mut AlignedBuf) -> usize {
-    let t = t.to_device(Device::Cpu).contiguous();
-    let n = t.numel();
-    let len = n * t.kind().elt_size_in_bytes();
+    let len = bytes_of(t) as usize;
     if buf.len() < len {
         *buf = AlignedBuf::new(len);
     }
-    t.copy_data_u8(&mut buf.as_mut_slice()[..len], n);
+    copy_into(t, &mut buf.as_mut_slice()[..len]);
     len
 }
 
 /// Bytes handed to the I/O thread and not yet written: `put` waits while this exceeds the limit,
-/// so memory held by tensors on their way to disk stays bounded.
+/// so memory held by tensors on their way out stays bounded.
 #[derive(Default)]
 struct InFlight {
     bytes: Mutex<u64>,
     written: Condvar,
 }
 
-/// The I/O thread: owns the tier, serves requests in order (so a read always follows its write).
-fn worker(mut nvme: NvmeTier, rx: Receiver<Req>, done: std::sync::mpsc::Sender<(Key, Result<Tensor>)>, stats: Arc<Mutex<StoreStats>>, inflight: Arc<InFlight>) {
-    let mut meta: HashMap<Key, Meta> = HashMap::new();
+impl InFlight {
+    fn done(&self, n: u64) {
+        let mut b = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+        *b = b.saturating_sub(n);
+        self.written.notify_all();
+    }
+}
+
+struct Shared {
+    stats: Mutex<StoreStats>,
+    inflight: InFlight,
+}
+
+fn io_err(op: &'static str, msg: String) -> OffloadError {
+    OffloadError::Io { path: "activation store".into(), op, source: std::io::Error::other(msg) }
+}
+
+/// The I/O thread: owns the NVMe tier, serves requests in order (so a read always follows its
+/// write).
+fn worker(mut nvme: Option<NvmeTier>, rx: Receiver<Req>, done: std::sync::mpsc::Sender<(Key, Result<Tensor>)>, shared: Arc<Shared>) {
+    let mut slices: HashMap<Key, (SliceId, Meta)> = HashMap::new();
     let mut failed: Option<String> = None;
-    // One aligned buffer reused for every transfer: a tensor is copied once into it and written
-    // from it with O_DIRECT, and read into it and copied once into a new tensor.
+    // One aligned buffer reused for every NVMe transfer: a tensor is copied once into it and
+    // written from it with O_DIRECT, and read into it and copied once into a new tensor.
     let mut buf = AlignedBuf::new(1);
+    let add = |f: &dyn Fn(&mut StoreStats)| f(&mut shared.stats.lock().unwrap_or_else(|e| e.into_inner()));
     for req in rx {
         match req {
             Req::Write(key, t) => {
-                if failed.is_some() {
-                    let mut b = inflight.bytes.lock().unwrap_or_else(|e| e.into_inner());
-                    *b = b.saturating_sub((t.numel() * t.kind().elt_size_in_bytes()) as u64);
-                    inflight.written.notify_all();
+                let n = bytes_of(&t);
+                let Some(tier) = nvme.as_mut().filter(|_| failed.is_none()) else {
+                    failed.get_or_insert_with(|| "no NVMe tier".into());
+                    shared.inflight.done(n);
                     continue;
-                }
+                };
                 let t0 = Instant::now();
                 let len = tensor_bytes_into(&t, &mut buf);
-                let (shape, kind, device) = (t.size(), t.kind(), t.device());
+                let meta = Meta::of(&t);
                 // The source tensor is released only after its bytes were copied out.
                 drop(t);
-                {
-                    let mut b = inflight.bytes.lock().unwrap_or_else(|e| e.into_inner());
-                    *b = b.saturating_sub(len as u64);
-                    inflight.written.notify_all();
-                }
-                match nvme.write_aligned(&format!("layer{}.{}", key.0, key.1), &mut buf, len) {
+                shared.inflight.done(n);
+                match tier.write_aligned(&format!("layer{}.{}", key.0, key.1), &mut buf, len) {
                     Ok(id) => {
-                        meta.insert(key, Meta { id, shape, kind, device });
-                        let mut s = stats.lock().unwrap_or_else(|e| e.into_inner());
-                        s.written_bytes += len as u64;
-                        s.nvme_peak_bytes = s.nvme_peak_bytes.max(nvme.used());
-                        s.write_seconds += t0.elapsed().as_secs_f64();
+                        slices.insert(key, (id, meta));
+                        let used = tier.used();
+                        add(&|s| {
+                            s.written_bytes += len as u64;
+                            s.nvme_peak_bytes = s.nvme_peak_bytes.max(used);
+                            s.write_seconds += t0.elapsed().as_secs_f64();
+                        });
                     }
                     Err(e) => failed = Some(e.to_string()),
                 }
             }
             Req::Read(key) => {
                 let t0 = Instant::now();
-                let r = match (&failed, meta.remove(&key)) {
-                    (Some(msg), _) => Err(OffloadError::Io { path: "nvme tier".into(), op: "write", source: std::io::Error::other(msg.clone()) }),
-                    (None, None) => Err(OffloadError::Io {
-                        path: "activation store".into(),
-                        op: "read",
-                        source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("layer {} tensor `{}` was never stored", key.0, key.1)),
+                let r = match (&failed, slices.remove(&key), nvme.as_mut()) {
+                    (Some(msg), _, _) => Err(io_err("nvme write", msg.clone())),
+                    (None, Some((id, meta)), Some(tier)) => tier.read_into(id, &mut buf).and_then(|len| {
+                        tier.free(id)?;
+                        add(&|s| {
+                            s.read_bytes += len as u64;
+                            s.read_seconds += t0.elapsed().as_secs_f64();
+                        });
+                        meta.rebuild(&buf.as_slice()[..len])
                     }),
-                    (None, Some(m)) => nvme.read_into(m.id, &mut buf).and_then(|len| {
-                        nvme.free(m.id)?;
-                        let mut s = stats.lock().unwrap_or_else(|e| e.into_inner());
-                        s.read_bytes += len as u64;
-                        s.read_seconds += t0.elapsed().as_secs_f64();
-                        Tensor::f_from_data_size(&buf.as_slice()[..len], &m.shape, m.kind)
-                            .map(|t| t.to_device(m.device))
-                            .map_err(|e| OffloadError::Io { path: "activation store".into(), op: "rebuild tensor", source: std::io::Error::other(e.to_string()) })
-                    }),
+                    _ => Err(io_err("read", format!("layer {} tensor `{}` was never stored", key.0, key.1))),
                 };
+                if done.send((key, r)).is_err() {
+                    return;
+                }
+            }
+            Req::Copy(t, view) => {
+                let t0 = Instant::now();
+                let n = bytes_of(&t);
+                // SAFETY: the store allocated this slot for this tensor and touches it only after
+                // the Load that follows this request in the queue.
+                copy_into(&t, unsafe { view.as_mut_slice() });
+                drop(t);
+                shared.inflight.done(n);
+                add(&|s| {
+                    s.written_bytes += n;
+                    s.write_seconds += t0.elapsed().as_secs_f64();
+                });
+            }
+            Req::Load(key, view, meta) => {
+                let t0 = Instant::now();
+                // SAFETY: the slot stays allocated until the store has received this reply.
+                let bytes = unsafe { view.as_mut_slice() };
+                let r = meta.rebuild(bytes);
+                add(&|s| {
+                    s.read_bytes += bytes.len() as u64;
+                    s.read_seconds += t0.elapsed().as_secs_f64();
+                });
                 if done.send((key, r)).is_err() {
                     return;
                 }
@@ -137,57 +262,118 @@ fn worker(mut nvme: NvmeTier, rx: Receiver<Req>, done: std::sync::mpsc::Sender<(
     }
 }
 
+/// A tensor in an arena.
+struct InArena {
+    tier: Tier,
+    slot: Slot,
+    meta: Meta,
+}
+
+/// A device-to-host copy in flight: its source is held until the event completes.
+struct PendingD2h {
+    _src: Tensor,
+    ev: CopyEvent,
+    bytes: u64,
+}
+
 pub struct ActivationStore {
     kept: HashMap<Key, Tensor>,
+    host: Option<Arena>,
+    numa: Option<Arena>,
+    nvme_capacity: Option<u64>,
+    in_arena: HashMap<Key, InArena>,
     /// Keys written to the NVMe tier and not yet taken.
-    offloaded: HashSet<Key>,
-    /// Keys whose read was requested.
+    on_nvme: HashSet<Key>,
+    /// Keys whose way back was started (read requested or H2D issued).
     requested: HashSet<Key>,
     ready: HashMap<Key, Result<Tensor>>,
     io: Option<(SyncSender<Req>, Receiver<(Key, Result<Tensor>)>, JoinHandle<()>)>,
-    shared: Arc<Mutex<StoreStats>>,
+    shared: Arc<Shared>,
     stall: f64,
-    nvme_capacity: Option<u64>,
-    inflight: Arc<InFlight>,
     max_inflight: u64,
+    copy: Option<CopyEngine>,
+    pending_d2h: VecDeque<PendingD2h>,
+    /// Arena slots read by an H2D copy, released once it completed.
+    pending_free: Vec<(Tier, Slot, CopyEvent)>,
+    transfer_bytes: (u64, u64),
 }
 
 impl ActivationStore {
-    /// A store that can only keep tensors (no lower tier configured).
+    /// A store that can only keep tensors (no tier configured).
     pub fn resident() -> ActivationStore {
         ActivationStore {
             kept: HashMap::new(),
-            offloaded: HashSet::new(),
+            host: None,
+            numa: None,
+            nvme_capacity: None,
+            in_arena: HashMap::new(),
+            on_nvme: HashSet::new(),
             requested: HashSet::new(),
             ready: HashMap::new(),
             io: None,
-            shared: Arc::new(Mutex::new(StoreStats::default())),
+            shared: Arc::new(Shared { stats: Mutex::new(StoreStats::default()), inflight: InFlight::default() }),
             stall: 0.0,
-            nvme_capacity: None,
-            inflight: Arc::new(InFlight::default()),
             max_inflight: u64::MAX,
+            copy: None,
+            pending_d2h: VecDeque::new(),
+            pending_free: Vec::new(),
+            transfer_bytes: (0, 0),
         }
     }
 
-    /// A store with an NVMe tier of `capacity` bytes in `dir`, served by its own I/O thread.
-    /// While `max_inflight` bytes wait to be written, `put` blocks (bounding the memory held by
-    /// tensors not yet on disk; one tensor larger than the bound still goes through alone).
-    pub fn with_nvme(dir: &Path, capacity: u64, rank: usize, io_uring: bool, max_inflight: u64) -> Result<ActivationStore> {
-        let nvme = NvmeTier::create(dir, capacity, rank, io_uring)?;
-        let cap = nvme.capacity();
+    /// A store with the tiers of `cfg`, each with its budget, served by its own I/O thread.
+    pub fn new(cfg: &StoreConfig) -> Result<ActivationStore> {
         let mut s = Self::resident();
-        let (tx, rx) = sync_channel::<Req>(16);
-        let (dtx, drx) = channel();
-        let stats = s.shared.clone();
-        let inflight = s.inflight.clone();
-        s.max_inflight = max_inflight;
-        let handle = std::thread::Builder::new()
-            .name("strata-nvme-io".into())
-            .spawn(move || worker(nvme, rx, dtx, stats, inflight))
-            .map_err(|e| OffloadError::Io { path: dir.to_path_buf(), op: "spawn I/O thread", source: e })?;
-        s.io = Some((tx, drx, handle));
-        s.nvme_capacity = Some(cap);
+        s.max_inflight = cfg.max_inflight;
+        let pin = cfg.cuda_device.is_some();
+        if cfg.host_bytes > 0 {
+            s.host = Some(Arena::new("host", cfg.host_bytes, None, pin)?);
+        }
+        if let Some((node, bytes)) = cfg.numa {
+            s.numa = Some(Arena::new("numa", bytes, Some(node), pin)?);
+        }
+        if let Some(d) = cfg.cuda_device {
+            s.copy = Some(CopyEngine::new(d)?);
+        }
+        let nvme = match &cfg.nvme {
+            Some(n) => {
+                let t = NvmeTier::create(&n.dir, n.bytes, n.rank, n.io_uring)?;
+                s.nvme_capacity = Some(t.capacity());
+                Some(t)
+            }
+            None => None,
+        };
+        if nvme.is_some() || s.host.is_some() || s.numa.is_some() {
+            let (tx, rx) = sync_channel::<Req>(64);
+            let (dtx, drx) = channel();
+            let shared = s.shared.clone();
+            let handle = std::thread::Builder::new()
+                .name("strata-offload-io".into())
+                .spawn(move || worker(nvme, rx, dtx, shared))
+                .map_err(|e| OffloadError::Io { path: "activation store".into(), op: "spawn I/O thread", source: e })?;
+            s.io = Some((tx, drx, handle));
+        }
         Ok(s)
+    }
+
+    /// A store with only an NVMe tier of `capacity` bytes in `dir`.
+    pub fn with_nvme(dir: &std::path::Path, capacity: u64, rank: usize, io_uring: bool, max_inflight: u64) -> Result<ActivationStore> {
+        Self::new(&StoreConfig { nvme: Some(NvmeConfig { dir: dir.to_path_buf(), bytes: capacity, rank, io_uring }), max_inflight, ..Default::default() })
+    }
+
+    /// Capacity of each configured tier, fastest first.
+    pub fn capacities(&self) -> Vec<(Tier, u64)> {
+        let mut v = Vec::new();
+        if let Some(a) = &self.host {
+            v.push((Tier::Host, a.capacity()));
+        }
+        if let Some(a) = &self.numa {
+            v.push((Tier::Numa, a.capacity()));
+        }
+        if let Some(c) = self.nvme_capacity {
+            v.push((Tier::Nvme, c));
+        }
+        v
     }
 
     /// Capacity of the NVMe tier, when there is one.
@@ -195,84 +381,221 @@ impl ActivationStore {
         self.nvme_capacity
     }
 
+    /// Whether any offload tier is configured.
+    pub fn has_tiers(&self) -> bool {
+        !self.capacities().is_empty()
+    }
+
+    /// The tier for a layer storing `bytes`, with `later` offloaded layers after it (whose
+    /// backward comes first, so they deserve the faster tiers): picture the offloaded layers
+    /// stacked from the last down, filling the tiers fastest first; this layer starts in the tier
+    /// where its share of that stack begins, and what does not fit there spills to the next
+    /// slower tier in `put`. Layers are assumed equal in size (a transformer's are).
+    pub fn place_layer(&self, bytes: u64, later: usize) -> Tier {
+        let caps = self.capacities();
+        let start = bytes * later as u64;
+        let mut cum = 0;
+        for (tier, cap) in &caps {
+            cum += cap;
+            if start < cum {
+                return *tier;
+            }
+        }
+        caps.last().map_or(Tier::Keep, |(t, _)| *t)
+    }
+
     pub fn stats(&self) -> StoreStats {
-        let mut s = *self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
         s.stall_seconds = self.stall;
+        s.written_bytes += self.transfer_bytes.0;
+        s.read_bytes += self.transfer_bytes.1;
+        s.host_peak_bytes = self.host.as_ref().map_or(0, |a| a.peak());
+        s.numa_peak_bytes = self.numa.as_ref().map_or(0, |a| a.peak());
         s
     }
 
     fn io_gone() -> OffloadError {
-        OffloadError::Io { path: "nvme tier".into(), op: "I/O thread", source: std::io::Error::other("the I/O thread stopped") }
+        io_err("I/O thread", "the I/O thread stopped".into())
     }
 
-    /// Hands a saved tensor to the store. With `Tier::Nvme` the tensor goes to the I/O thread,
-    /// which releases it once written.
+    fn arena(&mut self, tier: Tier) -> Option<&mut Arena> {
+        match tier {
+            Tier::Host => self.host.as_mut(),
+            Tier::Numa => self.numa.as_mut(),
+            _ => None,
+        }
+    }
+
+    /// Waits while more than `max_inflight` bytes are on their way out (`n` more are coming).
+    fn backpressure(&mut self, n: u64) -> Result<()> {
+        let t0 = Instant::now();
+        {
+            let inflight = &self.shared.inflight;
+            let mut b = inflight.bytes.lock().unwrap_or_else(|e| e.into_inner());
+            while *b > 0 && *b + n > self.max_inflight {
+                b = inflight.written.wait(b).unwrap_or_else(|e| e.into_inner());
+            }
+            *b += n;
+        }
+        // Device-to-host copies: the same bound over the sources they hold.
+        while let Some(p) = self.pending_d2h.front() {
+            let held: u64 = self.pending_d2h.iter().map(|p| p.bytes).sum();
+            if held + n <= self.max_inflight && !p.ev.done()? {
+                break;
+            }
+            if !p.ev.done()? {
+                p.ev.wait()?;
+            }
+            self.pending_d2h.pop_front();
+        }
+        self.stall += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Releases what completed copies no longer need.
+    fn reap(&mut self) -> Result<()> {
+        let mut i = 0;
+        while i < self.pending_free.len() {
+            if self.pending_free[i].2.done()? {
+                let (tier, slot, _) = self.pending_free.swap_remove(i);
+                if let Some(a) = self.arena(tier) {
+                    a.release(slot);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a saved tensor to the store for `tier`. A full arena spills to the next slower
+    /// tier; the error names the tensor when no tier has room.
     pub fn put(&mut self, layer: usize, name: &str, t: Tensor, tier: Tier) -> Result<()> {
         let key = (layer, name.to_string());
-        match (&self.io, tier) {
-            (Some((tx, _, _)), Tier::Nvme) => {
-                let t0 = Instant::now();
-                let n = (t.numel() * t.kind().elt_size_in_bytes()) as u64;
-                {
-                    let mut b = self.inflight.bytes.lock().unwrap_or_else(|e| e.into_inner());
-                    while *b > 0 && *b + n > self.max_inflight {
-                        b = self.inflight.written.wait(b).unwrap_or_else(|e| e.into_inner());
-                    }
-                    *b += n;
+        if tier == Tier::Keep || self.io.is_none() && self.copy.is_none() {
+            self.kept.insert(key, t);
+            return Ok(());
+        }
+        self.reap()?;
+        let n = bytes_of(&t);
+        let slice = format!("layer{layer}.{name}");
+        let mut last_full = None;
+        for cand in TIERS.iter().copied().skip_while(|c| *c != tier) {
+            if cand == Tier::Nvme {
+                if self.nvme_capacity.is_none() {
+                    continue;
                 }
+                self.backpressure(n)?;
+                let Some((tx, _, _)) = &self.io else { return Err(Self::io_gone()) };
                 tx.send(Req::Write(key.clone(), t)).map_err(|_| Self::io_gone())?;
-                self.stall += t0.elapsed().as_secs_f64();
-                self.offloaded.insert(key);
+                self.on_nvme.insert(key);
+                return Ok(());
             }
-            _ => {
-                self.kept.insert(key, t);
+            let Some(arena) = self.arena(cand) else { continue };
+            let slot = match arena.alloc(&slice, n) {
+                Ok(s) => s,
+                Err(e) => {
+                    last_full = Some(e);
+                    continue;
+                }
+            };
+            let meta = Meta::of(&t);
+            let on_cuda = matches!(t.device(), Device::Cuda(_)) && self.copy.is_some();
+            if on_cuda {
+                let t = t.contiguous();
+                self.backpressure(0)?;
+                let dst = self.arena(cand).map(|a| a.ptr(slot)).ok_or_else(Self::io_gone)?;
+                let copy = self.copy.as_ref().ok_or_else(Self::io_gone)?;
+                // SAFETY: the slot is this tensor's alone until its H2D completes; the source is
+                // held in pending_d2h until the event completes.
+                let ev = unsafe { copy.device_to_host(&t, dst)? };
+                self.transfer_bytes.0 += n;
+                self.pending_d2h.push_back(PendingD2h { _src: t, ev, bytes: n });
+            } else {
+                self.backpressure(n)?;
+                let view = self.arena(cand).map(|a| a.view(slot)).ok_or_else(Self::io_gone)?;
+                let Some((tx, _, _)) = &self.io else { return Err(Self::io_gone()) };
+                tx.send(Req::Copy(t, view)).map_err(|_| Self::io_gone())?;
             }
+            self.in_arena.insert(key, InArena { tier: cand, slot, meta });
+            return Ok(());
         }
+        Err(last_full.unwrap_or_else(|| io_err("put", format!("{slice}: no {} tier configured", tier.name()))))
+    }
+
+    /// Starts the way back of one tensor (no-op when it is kept or already on its way).
+    fn request(&mut self, key: &Key) -> Result<()> {
+        if self.requested.contains(key) {
+            return Ok(());
+        }
+        if let Some(a) = self.in_arena.get(key) {
+            let (tier, slot, meta) = (a.tier, a.slot, a.meta.clone());
+            let src = self.arena(tier).map(|a| a.ptr(slot) as *const u8).ok_or_else(Self::io_gone)?;
+            if let (Device::Cuda(_), Some(copy)) = (meta.device, &self.copy) {
+                let dst = Tensor::f_empty(&meta.shape, (meta.kind, meta.device)).map_err(|e| io_err("allocate", e.to_string()))?;
+                // SAFETY: the slot is released only after this copy's event completed
+                // (pending_free); the D2H that filled it ran earlier on the same copy stream.
+                let ev = unsafe { copy.host_to_device(src, &dst)? };
+                self.in_arena.remove(key);
+                self.pending_free.push((tier, slot, ev));
+                self.transfer_bytes.1 += slot.len;
+                self.ready.insert(key.clone(), Ok(dst));
+            } else {
+                let view = self.arena(tier).map(|a| a.view(slot)).ok_or_else(Self::io_gone)?;
+                let Some((tx, _, _)) = &self.io else { return Err(Self::io_gone()) };
+                tx.send(Req::Load(key.clone(), view, meta)).map_err(|_| Self::io_gone())?;
+            }
+        } else if self.on_nvme.contains(key) {
+            let Some((tx, _, _)) = &self.io else { return Err(Self::io_gone()) };
+            tx.send(Req::Read(key.clone())).map_err(|_| Self::io_gone())?;
+        } else {
+            return Ok(());
+        }
+        self.requested.insert(key.clone());
         Ok(())
     }
 
-    /// Asks the I/O thread to read these tensors back now, ahead of `take`.
+    /// Starts reading these tensors back now, ahead of `take`.
     pub fn prefetch(&mut self, layer: usize, names: &[String]) -> Result<()> {
-        let Some((tx, _, _)) = &self.io else { return Ok(()) };
+        self.reap()?;
         for n in names {
-            let key = (layer, n.clone());
-            if self.offloaded.contains(&key) && self.requested.insert(key.clone()) {
-                tx.send(Req::Read(key)).map_err(|_| Self::io_gone())?;
-            }
+            self.request(&(layer, n.clone()))?;
         }
         Ok(())
     }
 
-    /// Takes a saved tensor back, waiting for its read if it is not in yet.
+    /// Takes a saved tensor back, waiting for its transfer if it is not in yet.
     pub fn take(&mut self, layer: usize, name: &str) -> Result<Tensor> {
         let key = (layer, name.to_string());
         if let Some(t) = self.kept.remove(&key) {
             return Ok(t);
         }
-        if !self.offloaded.remove(&key) {
-            return Err(OffloadError::Io {
-                path: "activation store".into(),
-                op: "take",
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, format!("layer {layer} tensor `{name}` was never stored")),
-            });
+        if !self.in_arena.contains_key(&key) && !self.on_nvme.contains(&key) && !self.requested.contains(&key) {
+            return Err(io_err("take", format!("layer {layer} tensor `{name}` was never stored")));
         }
-        let Some((tx, rx, _)) = &self.io else { return Err(Self::io_gone()) };
-        if self.requested.insert(key.clone()) {
-            tx.send(Req::Read(key.clone())).map_err(|_| Self::io_gone())?;
-        }
+        self.request(&key)?;
         let t0 = Instant::now();
         while !self.ready.contains_key(&key) {
+            let Some((_, rx, _)) = &self.io else { return Err(Self::io_gone()) };
             let (k, r) = rx.recv().map_err(|_| Self::io_gone())?;
+            // An arena slot whose tensor was rebuilt is free again.
+            if let Some(a) = self.in_arena.remove(&k) {
+                if let Some(arena) = self.arena(a.tier) {
+                    arena.release(a.slot);
+                }
+            }
+            self.on_nvme.remove(&k);
             self.ready.insert(k, r);
         }
         self.stall += t0.elapsed().as_secs_f64();
         self.requested.remove(&key);
+        self.reap()?;
         self.ready.remove(&key).unwrap_or_else(|| Err(Self::io_gone()))
     }
 
     /// Entries still held (none after a complete backward).
     pub fn len(&self) -> usize {
-        self.kept.len() + self.offloaded.len()
+        self.kept.len() + self.in_arena.len() + self.on_nvme.len() + self.ready.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -282,6 +605,13 @@ impl ActivationStore {
 
 impl Drop for ActivationStore {
     fn drop(&mut self) {
+        // No copy may outlive the memory it reads or writes.
+        for p in self.pending_d2h.drain(..) {
+            let _ = p.ev.wait();
+        }
+        for (_, _, ev) in self.pending_free.drain(..) {
+            let _ = ev.wait();
+        }
         if let Some((tx, rx, handle)) = self.io.take() {
             drop(tx);
             drop(rx);

@@ -74,7 +74,7 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
         None => offload::store::ActivationStore::resident(),
     };
     let policy = crate::model::OffloadPolicy {
-        tier: if b.nvme_dir.is_some() { offload::store::Tier::Nvme } else { offload::store::Tier::Keep },
+        offload: b.nvme_dir.is_some(),
         keep_last: b.keep_last,
         lookahead: 1,
         alpha: b.alpha,

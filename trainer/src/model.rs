@@ -77,8 +77,9 @@ pub const PROJECTIONS: [&str; 7] =
 /// Where each layer's saved activations wait for backward.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OffloadPolicy {
-    /// The tier for layers that are not among the last `keep_last`.
-    pub tier: offload::store::Tier,
+    /// Whether layers that are not among the last `keep_last` hand their activations to the
+    /// store's tiers (which tier: [`offload::store::ActivationStore::place_layer`]).
+    pub offload: bool,
     /// The last k layers keep their activations in place (their backward comes first).
     pub keep_last: usize,
     /// Layers read back ahead of the one whose backward is running.
@@ -293,7 +294,7 @@ impl Model {
     /// gradients (LoRA: the adapters).
     pub fn forward_backward(&self, batch: &Batch, grad_scale: Option<f64>, ce_chunk: i64) -> Result<(cross_entropy::LossSum, Grads, StepStats)> {
         let mut store = offload::store::ActivationStore::resident();
-        let keep = OffloadPolicy { tier: offload::store::Tier::Keep, keep_last: 0, lookahead: 0, alpha: 1.0 };
+        let keep = OffloadPolicy { offload: false, keep_last: 0, lookahead: 0, alpha: 1.0 };
         self.forward_backward_with(batch, grad_scale, ce_chunk, &mut store, keep)
     }
 
@@ -334,20 +335,27 @@ impl Model {
         for (l, layer) in self.layers.iter().enumerate() {
             let (y, s) = block::forward(layer, &x, &ctx, l)?;
             saved_bytes += s.bytes();
-            let kept = l + policy.keep_last >= n_layers;
-            let tier = if kept { offload::store::Tier::Keep } else { policy.tier };
+            let kept = !policy.offload || l + policy.keep_last >= n_layers;
             let split = if kept { t_all } else { stored_rows };
-            let mut layer_names = Vec::new();
+            let mut stored = Vec::new();
             for (name, t) in s.into_named() {
-                let t = if split < t_all && block::RECOMPUTABLE.contains(&name.as_str()) {
-                    if split == 0 {
-                        continue; // recomputed whole
-                    }
-                    // A copy, so that the dropped rows' memory is released.
-                    t.narrow(0, 0, split).copy()
+                if split < t_all && block::RECOMPUTABLE.contains(&name.as_str()) {
+                    if split > 0 {
+                        // A copy, so that the dropped rows' memory is released.
+                        stored.push((name, t.narrow(0, 0, split).copy()));
+                    } // else recomputed whole
                 } else {
-                    t
-                };
+                    stored.push((name, t));
+                }
+            }
+            let tier = if kept {
+                offload::store::Tier::Keep
+            } else {
+                let bytes = stored.iter().map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64).sum();
+                store.place_layer(bytes, n_layers.saturating_sub(policy.keep_last + l + 1))
+            };
+            let mut layer_names = Vec::new();
+            for (name, t) in stored {
                 store.put(l, &name, t, tier)?;
                 layer_names.push(name);
             }

@@ -29,10 +29,21 @@ pub struct Recipe {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OffloadSection {
-    /// Where saved activations wait between forward and backward: "none" (stay in place) or
-    /// "nvme" (written to a preallocated O_DIRECT file and read back for backward).
-    #[serde(default = "default_tier")]
-    pub tier: String,
+    /// Tiers that saved activations of offloaded layers move to, from ["host", "numa", "nvme"];
+    /// empty keeps everything in place. Layers whose backward comes first (the last ones) go to
+    /// the fastest tier (host, then numa, then nvme); a full tier spills to the next slower one.
+    #[serde(default)]
+    pub tiers: Vec<String>,
+    /// Host RAM budget (page-locked on CUDA, reserved at start). Fastest tier, costs RAM.
+    #[serde(default)]
+    pub host_bytes: u64,
+    /// NUMA node for the "numa" tier: a far socket's DRAM or a CXL expander (`train bench
+    /// offload` lists the nodes and marks those without CPUs as far).
+    #[serde(default)]
+    pub numa_node: u32,
+    /// Budget of the "numa" tier.
+    #[serde(default)]
+    pub numa_bytes: u64,
     /// Directory of the NVMe tier's file (on the fast disk; the file is unlinked at once).
     #[serde(default = "default_nvme_dir")]
     pub nvme_dir: PathBuf,
@@ -61,9 +72,24 @@ pub struct OffloadSection {
     pub io_uring: bool,
 }
 
+impl OffloadSection {
+    /// The activation store's tiers and budgets (`cuda_device`: page-locked arenas and a copy
+    /// stream for that device's tensors).
+    pub fn store_config(&self, cuda_device: Option<usize>) -> offload::store::StoreConfig {
+        let has = |t: &str| self.tiers.iter().any(|x| x == t);
+        offload::store::StoreConfig {
+            host_bytes: if has("host") { self.host_bytes } else { 0 },
+            numa: has("numa").then_some((self.numa_node, self.numa_bytes)),
+            nvme: has("nvme").then(|| offload::store::NvmeConfig { dir: self.nvme_dir.clone(), bytes: self.nvme_bytes, rank: 0, io_uring: self.io_uring }),
+            max_inflight: self.max_inflight_bytes,
+            cuda_device,
+        }
+    }
+}
+
 impl Default for OffloadSection {
     fn default() -> Self {
-        OffloadSection { tier: default_tier(), nvme_dir: default_nvme_dir(), nvme_bytes: default_nvme_bytes(), keep_last: 0, alpha: 1.0, lookahead: 1, max_inflight_bytes: default_inflight(), io_uring: true }
+        OffloadSection { tiers: Vec::new(), host_bytes: 0, numa_node: 0, numa_bytes: 0, nvme_dir: default_nvme_dir(), nvme_bytes: default_nvme_bytes(), keep_last: 0, alpha: 1.0, lookahead: 1, max_inflight_bytes: default_inflight(), io_uring: true }
     }
 }
 
@@ -75,9 +101,6 @@ fn default_inflight() -> u64 {
 }
 fn default_one_usize() -> usize {
     1
-}
-fn default_tier() -> String {
-    "none".into()
 }
 fn default_nvme_dir() -> PathBuf {
     std::env::temp_dir()
@@ -425,10 +448,19 @@ impl Recipe {
             return err("checkpoint.every / eval.every / log.every", "must not be negative (log.every positive)".into());
         }
         let o = &self.offload;
-        if !["none", "nvme"].contains(&o.tier.as_str()) {
-            return err("offload.tier", format!("\"{}\": expected none or nvme", o.tier));
+        for (i, t) in o.tiers.iter().enumerate() {
+            if !["host", "numa", "nvme"].contains(&t.as_str()) || o.tiers[..i].contains(t) {
+                return err("offload.tiers", format!("\"{t}\": expected distinct names from host, numa, nvme"));
+            }
         }
-        if o.tier == "nvme" && (o.nvme_bytes == 0 || !o.nvme_dir.is_dir()) {
+        let has = |t: &str| o.tiers.iter().any(|x| x == t);
+        if has("host") && o.host_bytes == 0 {
+            return err("offload.host_bytes", "the host tier needs a positive budget".into());
+        }
+        if has("numa") && o.numa_bytes == 0 {
+            return err("offload.numa_bytes", "the numa tier needs a positive budget".into());
+        }
+        if has("nvme") && (o.nvme_bytes == 0 || !o.nvme_dir.is_dir()) {
             return err("offload", format!("nvme_dir {} must be an existing directory and nvme_bytes positive", o.nvme_dir.display()));
         }
         if !(0.0..=1.0).contains(&o.alpha) {

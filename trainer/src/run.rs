@@ -374,12 +374,13 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
         Ok((loss, scores.map(|s| s.exact)))
     };
 
-    let mut store = match recipe.offload.tier.as_str() {
-        "nvme" => offload::store::ActivationStore::with_nvme(&recipe.offload.nvme_dir, recipe.offload.nvme_bytes, 0, recipe.offload.io_uring, recipe.offload.max_inflight_bytes)?,
-        _ => offload::store::ActivationStore::resident(),
+    let cuda_device = match model.device() {
+        tch::Device::Cuda(i) => Some(i),
+        _ => None,
     };
+    let mut store = offload::store::ActivationStore::new(&recipe.offload.store_config(cuda_device))?;
     let policy = crate::model::OffloadPolicy {
-        tier: if recipe.offload.tier == "nvme" { offload::store::Tier::Nvme } else { offload::store::Tier::Keep },
+        offload: store.has_tiers(),
         keep_last: recipe.offload.keep_last,
         lookahead: recipe.offload.lookahead,
         alpha: recipe.offload.alpha,
@@ -446,9 +447,16 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
         if let Some(rss) = crate::bench::peak_rss_bytes() {
             m["memory/host_peak_rss_bytes"] = json!(rss as f64);
         }
-        if store.nvme_capacity().is_some() {
+        if store.has_tiers() {
             let st = store.stats();
-            m["memory/nvme_peak_bytes"] = json!(st.nvme_peak_bytes as f64);
+            for (tier, _) in store.capacities() {
+                let peak = match tier {
+                    offload::store::Tier::Host => st.host_peak_bytes,
+                    offload::store::Tier::Numa => st.numa_peak_bytes,
+                    _ => st.nvme_peak_bytes,
+                };
+                m[format!("memory/{}_peak_bytes", tier.name())] = json!(peak as f64);
+            }
             m["offload/written_bytes"] = json!(st.written_bytes as f64);
             m["offload/read_bytes"] = json!(st.read_bytes as f64);
             m["offload/io_seconds"] = json!(st.write_seconds + st.read_seconds);
