@@ -69,9 +69,16 @@ for tokens in 8192 32768; do
   "$BIN/train" bench step --device cuda --dtype bfloat16 --layers 4 --hidden 4096 --heads 32 --kv-heads 8 \
     --intermediate 14336 --vocab 128256 --tokens $tokens --iters 3 || fail=1
 done
+echo "== bench: the same layers with saved activations in page-locked host memory (copy stream, overlap), 8K and 32K tokens"
+for tokens in 8192 32768; do
+  "$BIN/train" bench step --device cuda --dtype bfloat16 --layers 4 --hidden 4096 --heads 32 --kv-heads 8 \
+    --intermediate 14336 --vocab 128256 --tokens $tokens --iters 3 --tiers host --keep-last 1 || fail=1
+done
 echo "== bench: the same layers at 8192 tokens with saved activations on the NVMe tier (keep_last 1)"
 "$BIN/train" bench step --device cuda --dtype bfloat16 --layers 4 --hidden 4096 --heads 32 --kv-heads 8 \
   --intermediate 14336 --vocab 128256 --tokens 8192 --iters 2 --nvme-dir /tmp --keep-last 1 || fail=1
-"$BIN/train" bench offload --nvme-dir /tmp --bytes 2147483648 || fail=1
+echo "== bench offload: host tier D2H/H2D through the copy engine vs libtorch's pinned copy; NVMe vs raw O_DIRECT"
+"$BIN/train" bench offload --device cuda --tiers host --bytes 4294967296 --slice-bytes 67108864 || fail=1
+"$BIN/train" bench offload --device cpu --tiers host,numa,nvme --nvme-dir /tmp --bytes 2147483648 || fail=1
 echo "gpu-check: $([ $fail = 0 ] && echo PASSED || echo FAILED)"
 exit $fail

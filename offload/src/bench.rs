@@ -90,3 +90,109 @@ pub fn bench_nvme(dir: &Path, bytes: u64, slice_bytes: u64, io_uring: bool) -> R
     let r = gbps(n * slice_bytes, t0.elapsed().as_secs_f64());
     Ok(NvmeBench { bytes: n * slice_bytes, slice_bytes, raw_write_gbps: raw_w, raw_read_gbps: raw_r, tier_write_gbps: w, tier_read_gbps: r, io_uring: tier.engine() == crate::nvme::Engine::IoUring })
 }
+
+/// Bandwidth of a memory tier (host or a NUMA node) through the activation store, beside a plain
+/// copy between the same kinds of memory (CPU: memcpy into and out of a mapping on that node;
+/// CUDA: libtorch's copy between device and page-locked host memory).
+#[derive(Debug, Clone, Copy)]
+pub struct MemBench {
+    pub bytes: u64,
+    pub raw_write_gbps: f64,
+    pub raw_read_gbps: f64,
+    pub tier_write_gbps: f64,
+    pub tier_read_gbps: f64,
+}
+
+/// Measures `tier` (Host, or Numa on `node`) with `bytes` in tensors of `slice_bytes` living on
+/// `device` (CPU or CUDA: then the copies are device↔host).
+pub fn bench_memory(tier: crate::store::Tier, node: u32, bytes: u64, slice_bytes: u64, device: tch::Device) -> Result<MemBench> {
+    use crate::store::{ActivationStore, StoreConfig, Tier};
+    use tch::{Kind, Tensor};
+    let n = (bytes / slice_bytes).max(1) as usize;
+    let total = n as u64 * slice_bytes;
+    let cuda = match device {
+        tch::Device::Cuda(i) => Some(i),
+        _ => None,
+    };
+    let make = || (0..n).map(|i| Tensor::full([slice_bytes as i64], (i % 251) as i64, (Kind::Uint8, device))).collect::<Vec<_>>();
+    let sync = || {
+        if let Some(i) = cuda {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+
+    // Raw: the same bytes through the plainest copy of the same memories.
+    let (raw_w, raw_r) = if cuda.is_some() {
+        let src = make();
+        let host: Vec<Tensor> = src.iter().map(|_| Tensor::empty([slice_bytes as i64], (Kind::Uint8, tch::Device::Cpu)).pin_memory(device)).collect();
+        sync();
+        let t0 = Instant::now();
+        for (h, s) in host.iter().zip(&src) {
+            let mut h = h.shallow_clone();
+            h.copy_(s);
+        }
+        sync();
+        let w = gbps(total, t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        for (h, s) in host.iter().zip(&src) {
+            let mut s = s.shallow_clone();
+            s.copy_(h);
+        }
+        sync();
+        (w, gbps(total, t0.elapsed().as_secs_f64()))
+    } else {
+        let mut arena = crate::arena::Arena::new(tier.name(), total, (tier == Tier::Numa).then_some(node), false)?;
+        let slots: Vec<_> = (0..n).map(|i| arena.alloc(&format!("raw{i}"), slice_bytes)).collect::<Result<_>>()?;
+        let src = vec![7u8; slice_bytes as usize];
+        let mut back = vec![0u8; slice_bytes as usize];
+        // First touch outside the timing, as the store's arena has been touched by the warm-up.
+        for s in &slots {
+            // SAFETY: each slot is allocated and used by this thread only.
+            unsafe { arena.view(*s).as_mut_slice() }.fill(1);
+        }
+        let t0 = Instant::now();
+        for s in &slots {
+            // SAFETY: as above.
+            unsafe { arena.view(*s).as_mut_slice() }.copy_from_slice(&src);
+        }
+        let w = gbps(total, t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        for s in &slots {
+            // SAFETY: as above.
+            back.copy_from_slice(unsafe { arena.view(*s).as_mut_slice() });
+            std::hint::black_box(&back);
+        }
+        (w, gbps(total, t0.elapsed().as_secs_f64()))
+    };
+
+    // The engine: put every tensor, wait until all reached the tier; prefetch and take them back.
+    let cfg = StoreConfig {
+        host_bytes: if tier == Tier::Host { total + (1 << 20) } else { 0 },
+        numa: (tier == Tier::Numa).then_some((node, total + (1 << 20))),
+        max_inflight: 256 << 20,
+        cuda_device: cuda,
+        ..Default::default()
+    };
+    let mut store = ActivationStore::new(&cfg)?;
+    let round = |store: &mut ActivationStore| -> Result<(f64, f64)> {
+        let src = make();
+        sync();
+        let t0 = Instant::now();
+        for (i, t) in src.into_iter().enumerate() {
+            store.put(0, &format!("t{i}"), t, tier)?;
+        }
+        store.flush()?;
+        let w = gbps(total, t0.elapsed().as_secs_f64());
+        let names: Vec<String> = (0..n).map(|i| format!("t{i}")).collect();
+        let t0 = Instant::now();
+        store.prefetch(0, &names)?;
+        let back: Vec<Tensor> = names.iter().map(|nm| store.take(0, nm)).collect::<Result<_>>()?;
+        sync();
+        let r = gbps(total, t0.elapsed().as_secs_f64());
+        drop(back);
+        Ok((w, r))
+    };
+    round(&mut store)?; // warm-up: first touch of the arena's pages
+    let (w, r) = round(&mut store)?;
+    Ok(MemBench { bytes: total, raw_write_gbps: raw_w, raw_read_gbps: raw_r, tier_write_gbps: w, tier_read_gbps: r })
+}

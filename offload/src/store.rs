@@ -523,6 +523,23 @@ impl ActivationStore {
         Err(last_full.unwrap_or_else(|| io_err("put", format!("{slice}: no {} tier configured", tier.name()))))
     }
 
+    /// Waits until everything handed to `put` has reached its tier (for benchmarks and tests).
+    pub fn flush(&mut self) -> Result<()> {
+        let t0 = Instant::now();
+        {
+            let inflight = &self.shared.inflight;
+            let mut b = inflight.bytes.lock().unwrap_or_else(|e| e.into_inner());
+            while *b > 0 {
+                b = inflight.written.wait(b).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        for p in self.pending_d2h.drain(..) {
+            p.ev.wait()?;
+        }
+        self.stall += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
     /// Starts the way back of one tensor (no-op when it is kept or already on its way).
     fn request(&mut self, key: &Key) -> Result<()> {
         if self.requested.contains(key) {

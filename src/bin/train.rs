@@ -90,12 +90,18 @@ enum DataCmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
-    /// Bandwidth of the NVMe tier through the engine's own path, beside a plain O_DIRECT
-    /// sequential write/read on the same file system.
+    /// Bandwidth of each offload tier through the engine's own path, beside the raw figure of
+    /// the same memory or disk (memcpy; libtorch's pinned copy on CUDA; plain O_DIRECT I/O).
     Offload {
-        /// Directory on the disk to measure.
+        /// Tiers to measure, comma-separated: host, numa (every node with memory), nvme.
+        #[arg(long, default_value = "host,numa,nvme")]
+        tiers: String,
+        /// Directory on the disk to measure (default: the temporary directory).
         #[arg(long)]
-        nvme_dir: PathBuf,
+        nvme_dir: Option<PathBuf>,
+        /// Where the tensors live: cpu, or cuda (then host/numa copies are device↔host).
+        #[arg(long, default_value = "auto")]
+        device: String,
         /// Bytes to move each way.
         #[arg(long, default_value_t = 1 << 30)]
         bytes: u64,
@@ -128,13 +134,17 @@ enum BenchCmd {
         device: String,
         #[arg(long, default_value = "float32")]
         dtype: String,
-        /// Write saved activations to the NVMe tier in this directory (default: keep them).
+        /// Offload tiers, comma-separated from host, numa, nvme (default: keep everything; nvme
+        /// when --nvme-dir is given). Each gets a budget of 5/4 of the step's saved activations.
+        #[arg(long, default_value = "")]
+        tiers: String,
+        /// Directory of the NVMe tier's file.
         #[arg(long)]
         nvme_dir: Option<PathBuf>,
-        /// With --nvme-dir: the last k layers keep their activations.
+        /// With offload: the last k layers keep their activations.
         #[arg(long, default_value_t = 0)]
         keep_last: usize,
-        /// With --nvme-dir: fraction of tokens whose recomputable activations are stored.
+        /// With offload: fraction of tokens whose recomputable activations are stored.
         #[arg(long, default_value_t = 1.0)]
         alpha: f64,
     },
@@ -227,30 +237,68 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             println!("wrote {samples} {task} samples of ~{tokens} words to {}", out.display());
             Ok(())
         }
-        Cmd::Bench(BenchCmd::Offload { nvme_dir, bytes, slice_bytes, io_uring }) => {
+        Cmd::Bench(BenchCmd::Offload { tiers, nvme_dir, device, bytes, slice_bytes, io_uring }) => {
             if bytes == 0 || slice_bytes == 0 || slice_bytes > bytes {
                 return Err("bench offload: --bytes and --slice-bytes must be positive, slice ≤ bytes".into());
             }
-            let r = offload::bench::bench_nvme(&nvme_dir, bytes, slice_bytes, io_uring)?;
-            println!(
-                "{}",
-                serde_json::json!({
-                    "tier": "nvme", "dir": nvme_dir.display().to_string(), "bytes": r.bytes, "slice_bytes": r.slice_bytes,
-                    "engine": if r.io_uring { "io_uring" } else { "pread/pwrite" },
-                    "raw_write_GBps": r.raw_write_gbps, "raw_read_GBps": r.raw_read_gbps,
-                    "tier_write_GBps": r.tier_write_gbps, "tier_read_GBps": r.tier_read_gbps,
-                    "write_ratio": r.tier_write_gbps / r.raw_write_gbps, "read_ratio": r.tier_read_gbps / r.raw_read_gbps,
-                })
-            );
+            let dev = device::parse_device(&device)?;
+            let nodes = offload::numa::nodes()?;
+            let list: Vec<_> = nodes.iter().map(|n| serde_json::json!({"node": n.id, "cpus": n.cpus.len(), "mem_total_bytes": n.mem_total_bytes, "far": n.is_far()})).collect();
+            println!("{}", serde_json::json!({ "numa_nodes": list, "device": format!("{dev:?}") }));
+            let mem = |tier: offload::store::Tier, node: Option<u32>| -> Result<(), Box<dyn std::error::Error>> {
+                let r = offload::bench::bench_memory(tier, node.unwrap_or(0), bytes, slice_bytes, dev)?;
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "tier": tier.name(), "numa_node": node, "device": format!("{dev:?}"), "bytes": r.bytes, "slice_bytes": slice_bytes,
+                        "raw_write_GBps": r.raw_write_gbps, "raw_read_GBps": r.raw_read_gbps,
+                        "tier_write_GBps": r.tier_write_gbps, "tier_read_GBps": r.tier_read_gbps,
+                        "write_ratio": r.tier_write_gbps / r.raw_write_gbps, "read_ratio": r.tier_read_gbps / r.raw_read_gbps,
+                    })
+                );
+                Ok(())
+            };
+            for t in tiers.split(',').map(str::trim) {
+                match t {
+                    "host" => mem(offload::store::Tier::Host, None)?,
+                    "numa" => {
+                        for n in nodes.iter().filter(|n| n.mem_total_bytes > 0) {
+                            mem(offload::store::Tier::Numa, Some(n.id))?;
+                        }
+                    }
+                    "nvme" => {
+                        let dir = nvme_dir.clone().unwrap_or_else(std::env::temp_dir);
+                        let r = offload::bench::bench_nvme(&dir, bytes, slice_bytes, io_uring)?;
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "tier": "nvme", "dir": dir.display().to_string(), "bytes": r.bytes, "slice_bytes": r.slice_bytes,
+                                "engine": if r.io_uring { "io_uring" } else { "pread/pwrite" },
+                                "raw_write_GBps": r.raw_write_gbps, "raw_read_GBps": r.raw_read_gbps,
+                                "tier_write_GBps": r.tier_write_gbps, "tier_read_GBps": r.tier_read_gbps,
+                                "write_ratio": r.tier_write_gbps / r.raw_write_gbps, "read_ratio": r.tier_read_gbps / r.raw_read_gbps,
+                            })
+                        );
+                    }
+                    other => return Err(format!("bench offload: --tiers: unknown tier `{other}` (host, numa, nvme)").into()),
+                }
+            }
             Ok(())
         }
-        Cmd::Bench(BenchCmd::Step { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, nvme_dir, keep_last, alpha }) => {
+        Cmd::Bench(BenchCmd::Step { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, tiers, nvme_dir, keep_last, alpha }) => {
             let dev = device::parse_device(&device)?;
             let kind = device::parse_dtype(&dtype)?;
             if [layers, hidden, heads, kv_heads, intermediate, vocab, tokens].iter().any(|v| *v <= 0) || iters == 0 || !(0.0..=1.0).contains(&alpha) {
                 return Err("bench step: every size and --iters must be positive, --alpha in [0, 1]".into());
             }
-            let b = trainer::bench::StepBench { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, nvme_dir, keep_last, alpha };
+            let mut tiers: Vec<String> = tiers.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+            if tiers.is_empty() && nvme_dir.is_some() {
+                tiers.push("nvme".into());
+            }
+            if let Some(t) = tiers.iter().find(|t| !["host", "numa", "nvme"].contains(&t.as_str())) {
+                return Err(format!("bench step: --tiers: unknown tier `{t}` (host, numa, nvme)").into());
+            }
+            let b = trainer::bench::StepBench { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, tiers, nvme_dir, keep_last, alpha };
             println!("{}", trainer::bench::run_step_bench(&b, kind, dev)?);
             Ok(())
         }

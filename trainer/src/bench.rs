@@ -19,7 +19,10 @@ pub struct StepBench {
     pub vocab: i64,
     pub tokens: i64,
     pub iters: usize,
-    /// Write saved activations to an NVMe-tier file in this directory (None: keep them resident).
+    /// Offload tiers ("host", "numa", "nvme"; empty: keep everything resident), each with a
+    /// budget of 5/4 of the step's saved activations.
+    pub tiers: Vec<String>,
+    /// Directory of the NVMe tier's file (default: the temporary directory).
     pub nvme_dir: Option<std::path::PathBuf>,
     pub keep_last: usize,
     /// MEMO's α for offloaded layers (1: store every token's activations).
@@ -69,12 +72,21 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
     let mut times = Vec::new();
     let mut saved = 0;
     let mut loss = 0.0;
-    let mut store = match &b.nvme_dir {
-        Some(d) => offload::store::ActivationStore::with_nvme(d, (saved_estimate(&model, b.tokens) as u64 * 5 / 4).max(1 << 20), 0, true, 256 << 20)?,
-        None => offload::store::ActivationStore::resident(),
+    let budget = (saved_estimate(&model, b.tokens) as u64 * 5 / 4).max(1 << 20);
+    let has = |t: &str| b.tiers.iter().any(|x| x == t);
+    let cfg = offload::store::StoreConfig {
+        host_bytes: if has("host") { budget } else { 0 },
+        numa: has("numa").then(|| (offload::numa::current_node(), budget)),
+        nvme: has("nvme").then(|| offload::store::NvmeConfig { dir: b.nvme_dir.clone().unwrap_or_else(std::env::temp_dir), bytes: budget, rank: 0, io_uring: true }),
+        max_inflight: 256 << 20,
+        cuda_device: match device {
+            Device::Cuda(i) => Some(i),
+            _ => None,
+        },
     };
+    let mut store = offload::store::ActivationStore::new(&cfg)?;
     let policy = crate::model::OffloadPolicy {
-        offload: b.nvme_dir.is_some(),
+        offload: store.has_tiers(),
         keep_last: b.keep_last,
         lookahead: 1,
         alpha: b.alpha,
@@ -102,12 +114,13 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
         "step_seconds_median": median,
         "tokens_per_second": b.tokens as f64 / median,
         "saved_activation_bytes": saved,
-        "offload": if b.nvme_dir.is_some() { "nvme" } else { "none" },
+        "offload": if b.tiers.is_empty() { "none".to_string() } else { b.tiers.join("+") },
         "keep_last": b.keep_last,
         "alpha": b.alpha,
-        "nvme_written_bytes_per_step": store.stats().written_bytes / (b.iters as u64 + 1),
-        "nvme_io_seconds_per_step": (store.stats().write_seconds + store.stats().read_seconds) / (b.iters as f64 + 1.0),
-        "nvme_stall_seconds_per_step": store.stats().stall_seconds / (b.iters as f64 + 1.0),
+        "offload_written_bytes_per_step": store.stats().written_bytes / (b.iters as u64 + 1),
+        "offload_io_seconds_per_step": (store.stats().write_seconds + store.stats().read_seconds) / (b.iters as f64 + 1.0),
+        "offload_stall_seconds_per_step": store.stats().stall_seconds / (b.iters as f64 + 1.0),
+        "peak_bytes": {"host": store.stats().host_peak_bytes, "numa": store.stats().numa_peak_bytes, "nvme": store.stats().nvme_peak_bytes},
         "peak_rss_bytes": peak_rss_bytes(),
         "loss": loss,
     }))
