@@ -8,8 +8,9 @@ TORCH_VERSION=2.11.0
 TRANSFORMERS_VERSION=5.23.0
 PEFT_VERSION=0.21.2
 TENSORBOARD_VERSION=2.21.0
-# g++ builds tch's C++ glue; pkg-config and python3-venv for the venv.
-APT_PACKAGES=(g++ make pkg-config python3-venv)
+# g++ builds tch's C++ glue; pkg-config and python3-venv for the venv; cmake and libclang-dev build
+# HiGHS (the planner's MIP solver, through good_lp) and its bindings.
+APT_PACKAGES=(g++ make pkg-config python3-venv cmake libclang-dev)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

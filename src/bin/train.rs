@@ -56,6 +56,40 @@ enum Cmd {
         /// key.path=value overrides.
         overrides: Vec<String>,
     },
+    /// Plan a recipe's step before running it: every buffer class with shape formula and bytes,
+    /// where each layer's activations wait, per-tier peaks, predicted step time, buffer layouts,
+    /// and the longest step that fits. Writes plan.txt, plan.json and plan.svg.
+    Plan {
+        #[arg(long)]
+        recipe: PathBuf,
+        /// Compute-device memory, e.g. 80GiB (default: [plan] device_memory; on CPU the RAM
+        /// available now).
+        #[arg(long)]
+        device_mem: Option<String>,
+        /// Host-tier budget (default: offload.host_bytes when "host" is among offload.tiers).
+        #[arg(long)]
+        host_mem: Option<String>,
+        /// NUMA-tier budget (default: offload.numa_bytes when "numa" is among offload.tiers).
+        #[arg(long)]
+        numa_mem: Option<String>,
+        /// NVMe-tier budget (default: offload.nvme_bytes when "nvme" is among offload.tiers).
+        #[arg(long)]
+        nvme: Option<String>,
+        /// Tokens per step (default: data.tokens_per_batch).
+        #[arg(long)]
+        tokens: Option<u64>,
+        /// Measure this machine's speeds again (cached per device and dtype).
+        #[arg(long)]
+        calibrate: bool,
+        /// Seconds each layout MIP may take (default: [plan] mip_seconds or 2).
+        #[arg(long)]
+        mip_seconds: Option<f64>,
+        /// Directory for plan.txt / plan.json / plan.svg (default: run.dir).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// key.path=value recipe overrides.
+        overrides: Vec<String>,
+    },
     /// Data tools.
     #[command(subcommand)]
     Data(DataCmd),
@@ -214,6 +248,38 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             if let Some(rss) = trainer::bench::peak_rss_bytes() {
                 println!("peak RSS: {:.2} GiB", rss as f64 / (1u64 << 30) as f64);
             }
+            Ok(())
+        }
+        Cmd::Plan { recipe, device_mem, host_mem, numa_mem, nvme, tokens, calibrate, mip_seconds, out, overrides } => {
+            let bytes = |flag: &str, v: Option<String>| -> Result<Option<u64>, String> {
+                v.map(|s| planner::plan::parse_bytes(&s).ok_or(format!("{flag} {s}: not a byte count (e.g. 80GiB, 24GB)"))).transpose()
+            };
+            let req = trainer::plan_run::Request {
+                device_memory: bytes("--device-mem", device_mem)?,
+                host: bytes("--host-mem", host_mem)?,
+                numa: bytes("--numa-mem", numa_mem)?,
+                nvme: bytes("--nvme", nvme)?,
+                tokens,
+                calibrate,
+                mip_seconds,
+            };
+            if tokens == Some(0) {
+                return Err("--tokens must be positive".into());
+            }
+            let r = trainer::recipe::Recipe::load(&recipe, &overrides)?;
+            let (cfg, _) = trainer::run::model_config(&r, &recipe)?;
+            let lora = r.lora.as_ref().filter(|_| r.train.mode == "lora").map(|l| trainer::lora::LoraConfig { rank: l.rank, alpha: l.alpha, dropout: l.dropout, targets: l.targets.clone() });
+            let (inv, plan) = trainer::plan_run::plan_recipe(&r, &cfg, lora.as_ref(), &req)?;
+            print!("{}", planner::report::table(&inv, &plan));
+            let (min_device, longest) = trainer::plan_run::what_would_fit(&r, &inv, &plan)?;
+            println!("least      device memory for {} tokens with every layer offloaded: {}", plan.tokens, planner::plan::human(min_device));
+            match longest {
+                Some(t) => println!("longest    step that fits these budgets: {t} tokens"),
+                None => println!("longest    step that fits these budgets: none (not even 1024 tokens)"),
+            }
+            let dir = out.unwrap_or(r.run.dir.clone());
+            trainer::plan_run::write(&dir, &inv, &plan)?;
+            println!("wrote {}/plan.txt, plan.json, plan.svg", dir.display());
             Ok(())
         }
         Cmd::Data(DataCmd::Synth { task, tokens, samples, depth, digits, seed, out }) => {

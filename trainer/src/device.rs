@@ -19,6 +19,15 @@ pub fn parse_device(name: &str) -> Result<Device> {
     }
 }
 
+/// The device a recipe targets, for planning: "cuda" stays CUDA on a machine without a GPU (the
+/// plan is for the machine the run will use).
+pub fn target_device(name: &str) -> Result<Device> {
+    match name {
+        "cuda" => Ok(Device::Cuda(0)),
+        other => parse_device(other),
+    }
+}
+
 pub fn parse_dtype(name: &str) -> Result<Kind> {
     match name {
         "float32" | "fp32" | "f32" => Ok(Kind::Float),

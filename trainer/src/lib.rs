@@ -8,6 +8,7 @@
 //! - [`reference`]: the autograd reference the tests compare against
 //! - [`eval`]: `train eval`
 pub mod bench;
+pub mod calibrate;
 pub mod block;
 pub mod checkpoint;
 pub mod config;
@@ -16,9 +17,11 @@ pub mod device;
 pub mod error;
 pub mod eval;
 pub mod init;
+pub mod inventory;
 pub mod lora;
 pub mod model;
 pub mod optim;
+pub mod plan_run;
 pub mod recipe;
 pub mod rng;
 pub mod run;

@@ -320,10 +320,7 @@ impl Model {
         let t_all = ids.size()[0];
         // Tokens whose recomputable tensors are stored; the rest are recomputed. At least two rows
         // are recomputed when any are (see block::recompute_tail on bit-identity).
-        let stored_rows = match (policy.alpha * t_all as f64).round() as i64 {
-            s if s >= t_all - 1 => t_all,
-            s => s.max(0),
-        };
+        let stored_rows = planner::inventory::stored_rows(policy.alpha, t_all);
         if stored_rows < t_all
             && self.layers.iter().any(|l| l.projections().iter().any(|(_, p)| p.lora.as_ref().is_some_and(|a| a.dropout > 0.0)))
         {

@@ -24,6 +24,51 @@ pub struct Recipe {
     pub log: LogSection,
     #[serde(default)]
     pub offload: OffloadSection,
+    /// With this section `train run` plans the step before loading weights: it refuses a run that
+    /// cannot fit, and takes keep_last and α from the plan.
+    #[serde(default)]
+    pub plan: Option<PlanSection>,
+}
+
+/// A byte count written as an integer or a string with a unit ("80GiB", "24 GB").
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "toml::Value", into = "toml::Value")]
+pub struct Bytes(pub u64);
+
+impl TryFrom<toml::Value> for Bytes {
+    type Error = String;
+    fn try_from(v: toml::Value) -> std::result::Result<Self, String> {
+        match &v {
+            toml::Value::Integer(i) if *i >= 0 => Ok(Bytes(*i as u64)),
+            toml::Value::String(s) => planner::plan::parse_bytes(s).map(Bytes).ok_or_else(|| format!("`{s}` is not a byte count (e.g. 80GiB, 24GB, 1000000)")),
+            _ => Err(format!("{v} is not a byte count (e.g. 80GiB, 24GB, 1000000)")),
+        }
+    }
+}
+
+impl From<Bytes> for toml::Value {
+    fn from(b: Bytes) -> toml::Value {
+        toml::Value::Integer(b.0.min(i64::MAX as u64) as i64)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PlanSection {
+    /// Memory of the compute device the step must fit in (GPU memory; on CPU the RAM for
+    /// everything kept resident). Tier budgets are the [offload] ones.
+    pub device_memory: Bytes,
+    /// true: keep_last and alpha come from the plan; false: from [offload] (the plan still
+    /// checks that they fit).
+    #[serde(default = "default_true")]
+    pub apply: bool,
+    /// Seconds each buffer-layout MIP may take before the greedy layout is used.
+    #[serde(default = "default_mip_seconds")]
+    pub mip_seconds: f64,
+}
+
+fn default_mip_seconds() -> f64 {
+    2.0
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -186,6 +186,32 @@ fn fmt_secs(s: f64) -> String {
 }
 
 /// Runs (or resumes) the recipe at `recipe_path` with `overrides` applied.
+/// The model's configuration without its weights: the folder's config.json, or `[model.init]`
+/// (then also the config.json text to write into the run directory).
+pub fn model_config(recipe: &Recipe, recipe_path: &Path) -> Result<(ModelConfig, Option<String>)> {
+    match (&recipe.model.path, &recipe.model.init) {
+        (Some(path), _) => {
+            let (cfg, warnings) = ModelConfig::load(path)?;
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            Ok((cfg, None))
+        }
+        (None, Some(init)) => {
+            let mut table = init.clone();
+            table.insert("vocab_size".into(), toml::Value::Integer(synth::VOCAB.len() as i64));
+            table.entry("bos_token_id").or_insert(toml::Value::Integer(1));
+            table.entry("eos_token_id").or_insert(toml::Value::Integer(2));
+            table.entry("max_position_embeddings").or_insert(toml::Value::Integer(recipe.data.max_tokens.max(2048) as i64));
+            let cfg_json = serde_json::to_value(&table).map_err(|e| TrainerError::config(recipe_path, format!("model.init: {e}")))?;
+            let cfg_text = serde_json::to_string_pretty(&cfg_json).unwrap_or_default();
+            let (cfg, _) = ModelConfig::parse(&cfg_text, &recipe_path.join("[model.init]"))?;
+            Ok((cfg, Some(cfg_text)))
+        }
+        (None, None) => Err(TrainerError::config(recipe_path, "[model] needs `path` or `init`")),
+    }
+}
+
 pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<RunSummary> {
     let recipe = Recipe::load(recipe_path, overrides)?;
     let dev = crate::device::parse_device(&recipe.run.device)?;
@@ -205,12 +231,36 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
 
     // Model and tokenizer.
     let model_dir = run_dir.join("model");
-    let (mut model, tok, tok_path, chat, base_name) = match (&recipe.model.path, &recipe.model.init) {
+    let (cfg, cfg_text) = model_config(&recipe, recipe_path)?;
+    let lora_cfg = recipe.lora.as_ref().filter(|_| recipe.train.mode == "lora").map(|l| LoraConfig {
+        rank: l.rank,
+        alpha: l.alpha,
+        dropout: l.dropout,
+        targets: l.targets.clone(),
+    });
+    // The plan decides before any weight is loaded.
+    let mut offload_cfg = recipe.offload.clone();
+    if let Some(ps) = &recipe.plan {
+        let (inv, plan) = crate::plan_run::plan_recipe(&recipe, &cfg, lora_cfg.as_ref(), &crate::plan_run::Request::from_recipe(&recipe))?;
+        crate::plan_run::write(&run_dir, &inv, &plan)?;
+        if !plan.fits {
+            return Err(crate::plan_run::refusal(&recipe, &inv, &plan)?);
+        }
+        if ps.apply {
+            offload_cfg.keep_last = plan.keep_last;
+            offload_cfg.alpha = plan.alpha.first().copied().unwrap_or(1.0);
+        }
+        eprintln!(
+            "plan: keep_last {}, alpha {:.3}, device peak {} of {}, predicted step {:.2}s (plan.txt in the run directory)",
+            plan.keep_last,
+            offload_cfg.alpha,
+            planner::plan::human(plan.device_peak),
+            planner::plan::human(plan.budgets.device),
+            plan.step_seconds
+        );
+    }
+    let (mut model, tok, tok_path, chat, base_name) = match (&recipe.model.path, cfg_text) {
         (Some(path), _) => {
-            let (cfg, warnings) = ModelConfig::load(path)?;
-            for w in warnings {
-                eprintln!("warning: {w}");
-            }
             let tok = crate::tokenizer::load(path)?;
             let chat = ChatTemplate::load(path)?;
             let (m, unused) = Model::load(path, cfg, kind, dev)?;
@@ -219,15 +269,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
             }
             (m, tok, path.join(crate::tokenizer::TOKENIZER_FILE), chat, path.display().to_string())
         }
-        (None, Some(init)) => {
-            let mut table = init.clone();
-            table.insert("vocab_size".into(), toml::Value::Integer(synth::VOCAB.len() as i64));
-            table.entry("bos_token_id").or_insert(toml::Value::Integer(1));
-            table.entry("eos_token_id").or_insert(toml::Value::Integer(2));
-            table.entry("max_position_embeddings").or_insert(toml::Value::Integer(recipe.data.max_tokens.max(2048) as i64));
-            let cfg_json = serde_json::to_value(&table).map_err(|e| TrainerError::config(recipe_path, format!("model.init: {e}")))?;
-            let cfg_text = serde_json::to_string_pretty(&cfg_json).unwrap_or_default();
-            let (cfg, _) = ModelConfig::parse(&cfg_text, &recipe_path.join("[model.init]"))?;
+        (None, Some(cfg_text)) => {
             std::fs::create_dir_all(&model_dir).map_err(TrainerError::io(&model_dir))?;
             let cp = model_dir.join("config.json");
             std::fs::write(&cp, &cfg_text).map_err(TrainerError::io(&cp))?;
@@ -237,15 +279,9 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
             let m = Model::init_random(cfg, recipe.model.init_std, kind, dev, recipe.run.seed as i64)?;
             (m, tok, tp, None, "strata-from-scratch".to_string())
         }
-        (None, None) => unreachable!("validated"),
+        (None, None) => return Err(TrainerError::config(recipe_path, "[model] needs `path` or `init`")),
     };
     let eos = model.cfg.eos_token_ids.first().copied();
-    let lora_cfg = recipe.lora.as_ref().filter(|_| recipe.train.mode == "lora").map(|l| LoraConfig {
-        rank: l.rank,
-        alpha: l.alpha,
-        dropout: l.dropout,
-        targets: l.targets.clone(),
-    });
     if let Some(l) = &lora_cfg {
         model.attach_lora(l, recipe.run.seed as i64 + 1)?;
     }
@@ -378,12 +414,12 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
         tch::Device::Cuda(i) => Some(i),
         _ => None,
     };
-    let mut store = offload::store::ActivationStore::new(&recipe.offload.store_config(cuda_device))?;
+    let mut store = offload::store::ActivationStore::new(&offload_cfg.store_config(cuda_device))?;
     let policy = crate::model::OffloadPolicy {
         offload: store.has_tiers(),
-        keep_last: recipe.offload.keep_last,
-        lookahead: recipe.offload.lookahead,
-        alpha: recipe.offload.alpha,
+        keep_last: offload_cfg.keep_last,
+        lookahead: offload_cfg.lookahead,
+        alpha: offload_cfg.alpha,
     };
     let tty = std::io::stderr().is_terminal();
     let start = Instant::now();

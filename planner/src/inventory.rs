@@ -1,0 +1,124 @@
+//! What a training step holds: every tensor class with its shape formula, dtype, and bytes as a
+//! function of the token count T (`fixed + per_token · T`; every activation is token-major).
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Group {
+    /// Model weights (frozen or trained).
+    Weights,
+    /// Gradients of the trained tensors.
+    Grads,
+    /// AdamW moments and float32 master copies.
+    Optimizer,
+    /// One layer's activations saved for backward (the MEMO split applies to `recomputable`).
+    Saved,
+    /// Embedding, final norm and loss: saved or live outside the layers.
+    Head,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TensorClass {
+    pub group: Group,
+    pub name: String,
+    /// Shape formula, e.g. `[T, 4096]`.
+    pub shape: String,
+    pub dtype: String,
+    /// Instances (e.g. one per layer for a weight class).
+    pub count: u64,
+    pub fixed_bytes: u64,
+    pub per_token_bytes: u64,
+    /// Saved only: token-local, so tokens [αT, T) may be dropped and recomputed.
+    pub recomputable: bool,
+}
+
+impl TensorClass {
+    /// Bytes of one instance at `tokens` tokens.
+    pub fn bytes(&self, tokens: u64) -> u64 {
+        self.fixed_bytes + self.per_token_bytes * tokens
+    }
+
+    /// Bytes of all instances.
+    pub fn total(&self, tokens: u64) -> u64 {
+        self.count * self.bytes(tokens)
+    }
+}
+
+/// A buffer of one layer's backward with its lifetime in the backward's op sequence (slots), for
+/// the level-1 layout. Saved tensors appear too, live until the op that consumes them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OpBuffer {
+    pub name: String,
+    pub shape: String,
+    pub fixed_bytes: u64,
+    pub per_token_bytes: u64,
+    pub start: u32,
+    pub end: u32,
+}
+
+/// Floating-point work of one layer, for step-time predictions.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct LayerFlops {
+    /// Forward FLOPs per token of the projections (2 · parameters).
+    pub linear_per_token: f64,
+    /// Forward attention FLOPs per token pair (causal: counted over T²/2 pairs).
+    pub attention_per_pair: f64,
+    /// Backward / forward FLOP ratio of the projections (2 with weight gradients, ~1 under LoRA).
+    pub linear_backward_ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Inventory {
+    pub model: String,
+    pub layers: usize,
+    /// Dtype of activations.
+    pub dtype: String,
+    /// Device the saved-tensor figures were taken on (by running one block's forward).
+    pub probed_on: String,
+    pub statics: Vec<TensorClass>,
+    /// One layer's saved tensors.
+    pub saved: Vec<TensorClass>,
+    pub head: Vec<TensorClass>,
+    /// One layer's forward working set beyond its saved tensors (peak, per token).
+    pub forward_work_per_token: u64,
+    pub backward: Vec<OpBuffer>,
+    pub flops: LayerFlops,
+    /// Forward FLOPs per token of the LM head.
+    pub head_flops_per_token: f64,
+}
+
+impl Inventory {
+    pub fn static_bytes(&self) -> u64 {
+        self.statics.iter().map(|c| c.total(0)).sum()
+    }
+
+    /// One layer's saved bytes with the first `split` of `tokens` rows of the recomputable
+    /// tensors stored: (always-stored bytes, recomputable bytes).
+    pub fn layer_saved(&self, tokens: u64, split: u64) -> (u64, u64) {
+        let whole = self.saved.iter().filter(|c| !c.recomputable).map(|c| c.bytes(tokens)).sum();
+        let rec = self.saved.iter().filter(|c| c.recomputable).map(|c| c.fixed_bytes + c.per_token_bytes * split).sum();
+        (whole, rec)
+    }
+
+    /// Bytes a tier holds for one layer stored with `split` rows, each tensor rounded up to the
+    /// tier's granule (as its allocator does).
+    pub fn layer_tier_bytes(&self, tokens: u64, split: u64, granule: u64) -> u64 {
+        self.saved
+            .iter()
+            .filter(|c| split > 0 || !c.recomputable)
+            .map(|c| {
+                let b = if c.recomputable { c.fixed_bytes + c.per_token_bytes * split } else { c.bytes(tokens) };
+                b.max(1).div_ceil(granule) * granule
+            })
+            .sum()
+    }
+}
+
+/// Rows of the recomputable tensors an offloaded layer stores for α: `round(α·T)`, all of them
+/// when that leaves fewer than two rows to recompute (one-row GEMMs take another code path, which
+/// would break bit-identity with the resident run).
+pub fn stored_rows(alpha: f64, tokens: i64) -> i64 {
+    match (alpha * tokens as f64).round() as i64 {
+        s if s >= tokens - 1 => tokens,
+        s => s.max(0),
+    }
+}

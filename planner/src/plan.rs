@@ -1,0 +1,365 @@
+//! The plan: which layers keep their activations on the compute device, α and tier bytes for the
+//! others (MEMO's LP), the device layouts (level 1: one layer's backward; level 2: the step), the
+//! peak of every tier, the predicted step time, and whether it fits the budgets.
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::inventory::{stored_rows, Inventory};
+use crate::layout::{self, Buf, Layout};
+use crate::memo::{self, LayerSpec, MemoError, TierSpec};
+
+/// Memory each tier may use; 0 = the tier is absent.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Budgets {
+    /// The compute device (GPU memory; on CPU: the RAM for everything resident).
+    pub device: u64,
+    pub host: u64,
+    pub numa: u64,
+    pub nvme: u64,
+}
+
+/// Measured (or assumed) speeds of this machine.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Calibration {
+    pub device: String,
+    /// Achieved FLOP/s of the projections' matrix products at the working dtype.
+    pub matmul_flops: f64,
+    /// Achieved FLOP/s of fused attention.
+    pub attention_flops: f64,
+    /// Bytes/s from the device into each tier.
+    pub host_bps: f64,
+    pub numa_bps: f64,
+    pub nvme_bps: f64,
+    /// "measured on <date>" or "assumed: ...".
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Options {
+    pub tokens: u64,
+    /// None: the planner picks the most layers kept that fit the device.
+    pub keep_last: Option<usize>,
+    /// Layers prefetched ahead in backward.
+    pub lookahead: usize,
+    /// True when the compute device is the CPU: the host tier is the device's own memory.
+    pub cpu: bool,
+    /// Time limit per layout MIP.
+    pub mip_seconds: f64,
+    /// False where dropped activations cannot be recomputed (LoRA dropout): α stays 1.
+    pub allow_recompute: bool,
+}
+
+/// A layout with its baselines.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayoutReport {
+    pub buffers: Vec<Buf>,
+    pub lower_bound: u64,
+    pub greedy_peak: u64,
+    pub mip: Layout,
+}
+
+fn layout_report(buffers: Vec<Buf>, mip_seconds: f64) -> LayoutReport {
+    let lower_bound = layout::lower_bound(&buffers);
+    let greedy_peak = layout::greedy(&buffers).peak;
+    let mip = if mip_seconds > 0.0 { layout::mip(&buffers, Duration::from_secs_f64(mip_seconds)) } else { layout::greedy(&buffers) };
+    LayoutReport { buffers, lower_bound, greedy_peak, mip }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub tokens: u64,
+    pub layers: usize,
+    pub keep_last: usize,
+    pub lookahead: usize,
+    /// Per layer: "device" (kept) or the tiers its bytes went to.
+    pub placement: Vec<String>,
+    /// α per layer (1 for kept layers).
+    pub alpha: Vec<f64>,
+    /// Bytes of every layer per tier: [host, numa, nvme].
+    pub tier_bytes: Vec<[u64; 3]>,
+    pub static_bytes: u64,
+    pub saved_bytes_resident: u64,
+    /// Peaks: the device (statics + level-2 layout), host, numa, nvme.
+    pub device_peak: u64,
+    pub host_peak: u64,
+    pub numa_peak: u64,
+    pub nvme_peak: u64,
+    pub compute_seconds: f64,
+    pub recompute_seconds: f64,
+    pub exposed_seconds: f64,
+    pub step_seconds: f64,
+    pub level1: LayoutReport,
+    pub level2: LayoutReport,
+    pub lp_seconds: f64,
+    pub fits: bool,
+    /// Why it does not fit (empty when it does).
+    pub problems: Vec<String>,
+    pub budgets: Budgets,
+    pub calibration: Calibration,
+}
+
+/// Seconds of one layer's forward at `tokens`.
+fn forward_seconds(inv: &Inventory, cal: &Calibration, tokens: u64) -> (f64, f64) {
+    let t = tokens as f64;
+    let lin = inv.flops.linear_per_token * t / cal.matmul_flops;
+    let attn = inv.flops.attention_per_pair * t * t / 2.0 / cal.attention_flops;
+    (lin, attn)
+}
+
+/// The level-1 buffers: one layer's backward at `tokens`.
+pub fn level1_buffers(inv: &Inventory, tokens: u64) -> Vec<Buf> {
+    inv.backward.iter().map(|b| Buf::new(b.name.clone(), b.fixed_bytes + b.per_token_bytes * tokens, b.start, b.end)).collect()
+}
+
+/// The level-2 buffers over the step's schedule: slots 0..L are the layers' forwards, L the loss,
+/// L+1+i the backward of layer L-1-i. Kept layers hold their saved tensors from their forward
+/// until their backward; an offloaded layer holds them during its forward and the next layer's
+/// (the swap-out) and again from the prefetch `lookahead` layers early. A backward slot's working
+/// set is the level-1 peak, which includes the layer's own saved tensors (so those end one slot
+/// before); a forward slot's is the forward's transients.
+fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usize, splits: &[u64], level1_peak: u64) -> Vec<Buf> {
+    let l = inv.layers;
+    let bwd_slot = |layer: usize| (l + 1 + (l - 1 - layer)) as u32;
+    let mut v = Vec::new();
+    for layer in 0..l {
+        let kept = layer + keep_last >= l;
+        let (w, r) = inv.layer_saved(tokens, if kept { tokens } else { splits[layer] });
+        if kept {
+            v.push(Buf::new(format!("layer{layer}.saved"), w + r, layer as u32, bwd_slot(layer) - 1));
+        } else {
+            v.push(Buf::new(format!("layer{layer}.saved (swap-out)"), w + r, layer as u32, (layer + 1) as u32));
+            if lookahead > 0 {
+                let from = bwd_slot((layer + lookahead).min(l - 1));
+                if from < bwd_slot(layer) {
+                    v.push(Buf::new(format!("layer{layer}.saved (prefetched)"), w + r, from, bwd_slot(layer) - 1));
+                }
+            }
+        }
+        v.push(Buf::new(format!("layer{layer}.forward work"), inv.forward_work_per_token * tokens, layer as u32, layer as u32));
+        v.push(Buf::new(format!("layer{layer}.backward work"), level1_peak, bwd_slot(layer), bwd_slot(layer)));
+    }
+    for h in &inv.head {
+        // The head's tensors live from the end of forward through the loss into the first backward.
+        v.push(Buf::new(h.name.clone(), h.total(tokens), l as u32, (l + 1) as u32));
+    }
+    v
+}
+
+/// Plans one sequence length. `Err` only for solver failures; a plan that does not fit says so
+/// in `problems`.
+pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options) -> Result<Plan, MemoError> {
+    let t = opt.tokens;
+    let l = inv.layers;
+    let (lin, attn) = forward_seconds(inv, cal, t);
+    let layer_fwd = lin + attn;
+    let layer_bwd = lin * inv.flops.linear_backward_ratio + attn * 2.5;
+    let head = inv.head_flops_per_token * t as f64 / cal.matmul_flops * 3.0;
+    let compute = l as f64 * (layer_fwd + layer_bwd) + head;
+    // Recompute covers the token-local share (projections), not attention.
+    let recompute_all = lin;
+    let mut tiers = Vec::new();
+    let host_cap = if opt.cpu { 0 } else { budgets.host };
+    for (name, cap, bps) in [("host", host_cap, cal.host_bps), ("numa", budgets.numa, cal.numa_bps), ("nvme", budgets.nvme, cal.nvme_bps)] {
+        if cap > 0 {
+            tiers.push(TierSpec { name: name.into(), capacity: cap, write_bps: bps });
+        }
+    }
+    let level1 = layout_report(level1_buffers(inv, t), opt.mip_seconds);
+    let level1_peak = level1.mip.peak;
+    let static_bytes = inv.static_bytes();
+
+    // One candidate per keep_last: the LP for the offloaded layers, then the device peak.
+    let candidate = |k: usize, mip_seconds: f64| -> Result<(memo::MemoPlan, Vec<u64>, LayoutReport), MemoError> {
+        let off = l - k;
+        let (w, r) = inv.layer_saved(t, t);
+        let spec = LayerSpec { whole_bytes: w, recomputable_bytes: r, forward_seconds: layer_fwd, recompute_seconds: recompute_all, min_alpha: if opt.allow_recompute { 0.0 } else { 1.0 } };
+        let m = if tiers.is_empty() && off > 0 {
+            return Err(MemoError::TooSmall { capacity: 0, need: w * off as u64, layers: off });
+        } else {
+            memo::solve(&vec![spec; off], &tiers)?
+        };
+        let splits: Vec<u64> = (0..l).map(|i| if i < off { stored_rows(m.alpha[i], t as i64) as u64 } else { t }).collect();
+        let l2 = layout_report(level2_buffers(inv, t, k, opt.lookahead, &splits, level1_peak), mip_seconds);
+        Ok((m, splits, l2))
+    };
+    let fits_device = |l2: &LayoutReport| static_bytes + l2.greedy_peak.min(l2.mip.peak) <= budgets.device;
+    // More layers kept never lowers the device peak: search the largest k that fits.
+    let k = match opt.keep_last {
+        Some(k) => k.min(l),
+        None => {
+            let (mut lo, mut hi) = (0usize, l);
+            let ok = |k: usize| candidate(k, 0.0).map(|(_, _, l2)| fits_device(&l2)).unwrap_or(false);
+            if ok(hi) {
+                hi
+            } else {
+                while hi - lo > 1 {
+                    let mid = (lo + hi) / 2;
+                    if ok(mid) {
+                        lo = mid;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                lo
+            }
+        }
+    };
+    let mut problems = Vec::new();
+    let (m, splits, _) = match candidate(k, 0.0) {
+        Ok(c) => c,
+        Err(MemoError::TooSmall { capacity, need, layers }) => {
+            problems.push(format!("offload tiers hold {} but {layers} offloaded layers need at least {}", human(capacity), human(need)));
+            // Report the all-kept layout for the table.
+            candidate(l, 0.0)?
+        }
+        Err(e) => return Err(e),
+    };
+    let off = m.alpha.len();
+    // The layers are alike, so the LP is symmetric: the mean of its per-layer answers is as good
+    // and feasible (convexity), and one α for all offloaded layers is what the engine runs.
+    let (m, splits) = if off > 0 {
+        let mean_alpha = m.alpha.iter().sum::<f64>() / off as f64;
+        let split = stored_rows(mean_alpha, t as i64) as u64;
+        let mean_bytes: Vec<u64> = (0..tiers.len()).map(|j| m.tier_bytes.iter().map(|row| row[j]).sum::<u64>() / off as u64).collect();
+        let uniform = memo::MemoPlan { alpha: vec![mean_alpha; off], tier_bytes: vec![mean_bytes; off], ..m };
+        let splits: Vec<u64> = (0..l).map(|i| if i < off { split } else { t }).collect();
+        (uniform, splits)
+    } else {
+        (m, splits)
+    };
+    let k = l - off;
+    let level2 = layout_report(level2_buffers(inv, t, k, opt.lookahead, &splits, level1_peak), opt.mip_seconds);
+    let mut alpha = vec![1.0; l];
+    let mut tier_bytes = vec![[0u64; 3]; l];
+    let mut placement = vec!["device".to_string(); l];
+    for i in 0..off {
+        alpha[i] = splits[i] as f64 / t as f64;
+        let mut names = Vec::new();
+        for (j, tier) in tiers.iter().enumerate() {
+            let b = m.tier_bytes[i][j];
+            let slot = match tier.name.as_str() {
+                "host" => 0,
+                "numa" => 1,
+                _ => 2,
+            };
+            tier_bytes[i][slot] = b;
+            if b > 0 {
+                names.push(tier.name.clone());
+            }
+        }
+        placement[i] = names.join("+");
+    }
+    let device_peak = static_bytes + level2.mip.peak.min(level2.greedy_peak);
+    let saved_bytes_resident: u64 = {
+        let (w, r) = inv.layer_saved(t, t);
+        (l - off) as u64 * (w + r)
+    };
+    let host_peak: u64 = tier_bytes.iter().map(|b| b[0]).sum();
+    let numa_peak: u64 = tier_bytes.iter().map(|b| b[1]).sum();
+    let nvme_peak: u64 = tier_bytes.iter().map(|b| b[2]).sum();
+    if device_peak > budgets.device {
+        problems.push(format!("device peak {} exceeds the device budget {}", human(device_peak), human(budgets.device)));
+    }
+    if opt.cpu && device_peak + numa_peak > budgets.device + budgets.numa && budgets.numa > 0 {
+        problems.push("numa tier exceeds its budget".into());
+    }
+    let exposed: f64 = m.exposed_seconds.iter().sum();
+    let recompute: f64 = m.recompute_seconds.iter().sum();
+    Ok(Plan {
+        tokens: t,
+        layers: l,
+        keep_last: k,
+        lookahead: opt.lookahead,
+        placement,
+        alpha,
+        tier_bytes,
+        static_bytes,
+        saved_bytes_resident,
+        device_peak,
+        host_peak,
+        numa_peak,
+        nvme_peak,
+        compute_seconds: compute,
+        recompute_seconds: recompute,
+        exposed_seconds: exposed,
+        step_seconds: compute + recompute + exposed,
+        level1,
+        level2,
+        lp_seconds: m.solve_seconds,
+        fits: problems.is_empty(),
+        problems,
+        budgets,
+        calibration: cal.clone(),
+    })
+}
+
+/// The longest token count (a multiple of `step`) whose plan fits, up to `max`; None when not
+/// even `step` tokens fit. Layouts by the greedy rule during the search.
+pub fn longest_fitting(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options, step: u64, max: u64) -> Result<Option<u64>, MemoError> {
+    let fits = |t: u64| -> Result<bool, MemoError> { Ok(plan(inv, budgets, cal, &Options { tokens: t, mip_seconds: 0.0, keep_last: None, ..opt.clone() })?.fits) };
+    if !fits(step)? {
+        return Ok(None);
+    }
+    let (mut lo, mut hi) = (1u64, max / step + 1);
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if fits(mid * step)? {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(Some(lo * step))
+}
+
+/// Bytes in the units people read: "1.50 GiB".
+pub fn human(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.2} {}", units[u])
+    }
+}
+
+/// Parses "24GiB", "80GB", "512MiB", "1e9" or plain bytes.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num.trim().replace('_', "").parse().ok()?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0f64.powi(3),
+        "t" | "tb" => 1e12,
+        "tib" => 1024.0f64.powi(4),
+        _ => return None,
+    };
+    (v >= 0.0 && v.is_finite()).then(|| (v * mult).round() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("24GiB"), Some(24 << 30));
+        assert_eq!(parse_bytes("80 GB"), Some(80_000_000_000));
+        assert_eq!(parse_bytes("1_000"), Some(1000));
+        assert_eq!(parse_bytes("12 parsecs"), None);
+        assert_eq!(human(3 << 29), "1.50 GiB");
+    }
+}

@@ -1,0 +1,99 @@
+//! `train plan` and the plan inside `train run`, through the real binary: the table and files,
+//! a run refused before loading weights with what would fit, and a run that follows its plan.
+mod common;
+
+use common::{llama_config, tmp_dir, write_checkpoint, write_texts};
+use serde_json::Value;
+use tch::Kind;
+
+fn train_env(args: &[&str], cache: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_train")).args(args).env("XDG_CACHE_HOME", cache).output().unwrap()
+}
+
+#[test]
+fn plan_table_files_refusal_and_a_run_that_follows_its_plan() {
+    let dir = tmp_dir("plan-cli");
+    let cache = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("calibration-cache");
+    let model = dir.join("base");
+    let mut config = llama_config();
+    config["num_hidden_layers"] = 4.into();
+    write_checkpoint(&model, &config, Kind::Float, 1, 21);
+    let data = dir.join("train.jsonl");
+    write_texts(&data, 40, 24, 9);
+    let recipe = dir.join("r.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            r#"# train run --recipe r.toml
+[run]
+dir = "{run}"
+device = "cpu"
+[model]
+path = "{model}"
+[data]
+train = ["{data}"]
+tokens_per_batch = 96
+max_tokens = 48
+[train]
+steps = 4
+lr = 1e-3
+[offload]
+tiers = ["nvme"]
+nvme_dir = "{nvme}"
+nvme_bytes = 67108864
+"#,
+            run = dir.join("run").display(),
+            model = model.display(),
+            data = data.display(),
+            nvme = dir.display()
+        ),
+    )
+    .unwrap();
+    let r = recipe.to_str().unwrap();
+
+    // The table and its files.
+    let out = dir.join("plan-out");
+    let o = train_env(&["plan", "--recipe", r, "--device-mem", "1GiB", "--out", out.to_str().unwrap()], &cache);
+    let so = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for needle in ["weights", "optimizer", "saved", "attn_out", "[T, ", "level 1", "level 2", "lower bound", "verdict    fits", "longest    step that fits"] {
+        assert!(so.contains(needle), "`{needle}` missing from:\n{so}");
+    }
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(out.join("plan.json")).unwrap()).unwrap();
+    assert_eq!(json["plan"]["tokens"], 96);
+    assert!(json["inventory"]["saved"].as_array().unwrap().iter().any(|c| c["name"] == "x" && c["shape"] == "[T, 64]"), "{}", json["inventory"]["saved"]);
+    assert!(std::fs::read_to_string(out.join("plan.svg")).unwrap().starts_with("<svg"));
+
+    // A device budget below the weights: refused before loading, with what would fit.
+    let o = train_env(&["run", "--recipe", r, "plan.device_memory=\"100KiB\""], &cache);
+    let se = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{se}");
+    assert!(se.contains("does not fit") && se.contains("device needs at least") && se.contains("longest step"), "{se}");
+    assert!(!dir.join("run").join("step_00000002").exists());
+    assert!(dir.join("run").join("plan.txt").exists());
+    let e = train_env(&["run", "--recipe", r, "plan.device_memory=\"lots\"", "run.dir=/nonexistent/x"], &cache);
+    let se = String::from_utf8_lossy(&e.stderr);
+    assert!(se.contains("plan.device_memory") || se.contains("byte count"), "{se}");
+
+    // A budget that holds the weights and one layer's activations: the plan offloads the rest.
+    let json_plan = |budget: &str| -> Value {
+        let d = dir.join(format!("p-{budget}"));
+        let o = train_env(&["plan", "--recipe", r, "--device-mem", budget, "--out", d.to_str().unwrap()], &cache);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str(&std::fs::read_to_string(d.join("plan.json")).unwrap()).unwrap()
+    };
+    let roomy = json_plan("1GiB");
+    assert_eq!(roomy["plan"]["keep_last"], 4, "{}", roomy["plan"]);
+    let tight_budget = roomy["plan"]["static_bytes"].as_u64().unwrap() + roomy["plan"]["level2"]["greedy_peak"].as_u64().unwrap() * 3 / 4;
+    let run2 = dir.join("run2");
+    let o = train_env(&["run", "--recipe", r, &format!("run.dir={}", run2.display()), &format!("plan.device_memory={tight_budget}")], &cache);
+    let se = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{se}");
+    let planned: Value = serde_json::from_str(&std::fs::read_to_string(run2.join("plan.json")).unwrap()).unwrap();
+    let k = planned["plan"]["keep_last"].as_u64().unwrap();
+    assert!(k < 4, "a tight budget keeps fewer layers: {}", planned["plan"]);
+    assert!(se.contains(&format!("plan: keep_last {k}")), "{se}");
+    let last: Value = serde_json::from_str(std::fs::read_to_string(run2.join("metrics.jsonl")).unwrap().lines().last().unwrap()).unwrap();
+    assert!(last["memory/nvme_peak_bytes"].as_f64().unwrap() > 0.0, "{last}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

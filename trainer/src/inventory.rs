@@ -1,0 +1,234 @@
+//! The planner's inventory of a training step, taken from the code that allocates the tensors:
+//! one decoder block's forward runs at two token counts on zero-cost weights (stride-0 views of
+//! one scalar) and every tensor it saves is measured, so the saved-activation figures are those
+//! of [`block::forward`] itself; weights come from [`param_specs`], gradients and optimizer state
+//! from the optimizer's rules (float32 moments, float32 masters beside bf16/fp16 weights).
+//! The backward's working buffers (level-1 layout) follow [`block::backward`]'s op order.
+use std::collections::BTreeMap;
+
+use planner::inventory::{Group, Inventory, LayerFlops, OpBuffer, TensorClass};
+use tch::{Device, Kind, Tensor};
+
+use crate::block;
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::lora::LoraConfig;
+use crate::model::{param_specs, Model};
+
+/// Token counts of the two probes (multiples of 64, so padded kernel outputs stay linear).
+const PROBE_T: [i64; 2] = [64, 128];
+
+fn kind_name(k: Kind) -> String {
+    format!("{k:?}").to_lowercase()
+}
+
+/// `[64, 8, 128]` at T=64 and `[128, 8, 128]` at T=128 → `[T, 8, 128]`.
+fn shape_formula(a: &[i64], b: &[i64]) -> String {
+    let dims: Vec<String> = a
+        .iter()
+        .zip(b)
+        .map(|(&x, &y)| {
+            if x == y {
+                x.to_string()
+            } else if x % PROBE_T[0] == 0 && x / PROBE_T[0] == y / PROBE_T[1] && x / PROBE_T[0] != 1 {
+                format!("T·{}", x / PROBE_T[0])
+            } else {
+                "T".into()
+            }
+        })
+        .collect();
+    format!("[{}]", dims.join(", "))
+}
+
+/// One block's saved tensors at T = 64 and 128, measured on `device`.
+fn probe_saved(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, full: bool, device: Device) -> Result<Vec<TensorClass>> {
+    let mut one = cfg.clone();
+    one.num_layers = 1;
+    one.vocab_size = 8; // the block never touches the embedding
+    let zero = Tensor::zeros([1], (kind, device));
+    let one_t = Tensor::ones([1], (kind, device));
+    let named: BTreeMap<String, Tensor> = param_specs(&one)
+        .into_iter()
+        .map(|(n, shape)| {
+            // Norm weights 1, everything else 0; stride-0 views cost no memory.
+            let base = if n.ends_with("norm.weight") { &one_t } else { &zero };
+            let view = base.view(vec![1; shape.len()].as_slice()).expand(&shape, false);
+            (n, view)
+        })
+        .collect();
+    let mut m = Model::from_named(one.clone(), named)?;
+    if let Some(l) = lora {
+        m.attach_lora(l, 0)?;
+    }
+    let mut at = Vec::new();
+    for t in PROBE_T {
+        let _guard = tch::no_grad_guard();
+        let mut ctx = block::Context::new(&one, &[t], kind, device);
+        ctx.train = true;
+        ctx.full = full;
+        let x = Tensor::zeros([t, one.hidden_size], (kind, device));
+        let (_, saved) = block::forward(&m.layers[0], &x, &ctx, 0)?;
+        let v: Vec<(String, Vec<i64>, Kind, u64)> =
+            saved.named().into_iter().map(|(n, t)| (n, t.size(), t.kind(), (t.numel() * t.kind().elt_size_in_bytes()) as u64)).collect();
+        at.push(v);
+    }
+    let dt = (PROBE_T[1] - PROBE_T[0]) as u64;
+    Ok(at[0]
+        .iter()
+        .zip(&at[1])
+        .map(|((name, s0, k, b0), (_, s1, _, b1))| {
+            let per_token = (b1 - b0) / dt;
+            TensorClass {
+                group: Group::Saved,
+                name: name.clone(),
+                shape: shape_formula(s0, s1),
+                dtype: kind_name(*k),
+                count: 1,
+                fixed_bytes: b0 - per_token * PROBE_T[0] as u64,
+                per_token_bytes: per_token,
+                recomputable: block::RECOMPUTABLE.contains(&name.as_str()),
+            }
+        })
+        .collect())
+}
+
+/// Classes of the weights, gradients and optimizer state (token-independent).
+fn statics(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>) -> Vec<TensorClass> {
+    let e = kind.elt_size_in_bytes() as u64;
+    let acc = kernels::accum_kind(kind);
+    let a = acc.elt_size_in_bytes() as u64;
+    // Group per-layer parameters by their name without the layer index.
+    let mut classes: BTreeMap<String, (Vec<i64>, u64)> = BTreeMap::new();
+    for (n, shape) in param_specs(cfg) {
+        let key = n.split('.').map(|p| if p.parse::<u64>().is_ok() { "*" } else { p }).collect::<Vec<_>>().join(".");
+        classes.entry(key).or_insert((shape, 0)).1 += 1;
+    }
+    let class = |group, name: String, shape: &[i64], elt: u64, count: u64, dtype: String| TensorClass {
+        group,
+        name,
+        shape: format!("{shape:?}"),
+        dtype,
+        count,
+        fixed_bytes: shape.iter().product::<i64>() as u64 * elt,
+        per_token_bytes: 0,
+        recomputable: false,
+    };
+    let mut v = Vec::new();
+    for (name, (shape, count)) in &classes {
+        v.push(class(Group::Weights, name.clone(), shape, e, *count, kind_name(kind)));
+    }
+    // What trains: every weight, or the adapters (float32 A [r, in] and B [out, r]).
+    let trained: Vec<(String, Vec<i64>, u64, Kind)> = match lora {
+        None => classes.iter().map(|(n, (s, c))| (n.clone(), s.clone(), *c, kind)).collect(),
+        Some(l) => classes
+            .iter()
+            .filter(|(n, (s, _))| s.len() == 2 && l.targets.iter().any(|t| n.contains(&format!(".{t}."))))
+            .flat_map(|(n, (s, c))| {
+                let base = n.trim_end_matches(".weight");
+                [(format!("{base}.lora_A.weight"), vec![l.rank, s[1]], *c, Kind::Float), (format!("{base}.lora_B.weight"), vec![s[0], l.rank], *c, Kind::Float)]
+            })
+            .collect(),
+    };
+    for (n, s, c, k) in &trained {
+        let pe = k.elt_size_in_bytes() as u64;
+        v.push(class(Group::Grads, format!("grad {n}"), s, pe, *c, kind_name(*k)));
+        let pa = kernels::accum_kind(*k);
+        v.push(class(Group::Optimizer, format!("adam m+v {n}"), s, 2 * pa.elt_size_in_bytes() as u64, *c, kind_name(pa)));
+        if pa != *k {
+            v.push(class(Group::Optimizer, format!("master {n}"), s, a, *c, kind_name(acc)));
+        }
+    }
+    v
+}
+
+/// One layer's backward buffers in [`block::backward`]'s op order (slots 1..=11: down, swiglu,
+/// gate/up, post-norm, residual, o_proj, attention, RoPE, q/k/v, input norm, residual), and each
+/// saved tensor until the op that consumes it.
+fn backward_buffers(cfg: &ModelConfig, kind: Kind, saved: &[TensorClass]) -> Vec<OpBuffer> {
+    let e = kind.elt_size_in_bytes() as u64;
+    let (d, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+    let (qd, kvd) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64);
+    let buf = |name: &str, shape: String, per_token: u64, start: u32, end: u32| OpBuffer { name: name.into(), shape, fixed_bytes: 0, per_token_bytes: per_token, start, end };
+    let mut v = vec![
+        buf("dy", format!("[T, {d}]"), d * e, 0, 5),
+        buf("d act", format!("[T, {i}]"), i * e, 1, 2),
+        buf("d gate", format!("[T, {i}]"), i * e, 2, 3),
+        buf("d up", format!("[T, {i}]"), i * e, 2, 3),
+        buf("d x_mlp", format!("[T, {d}]"), d * e, 3, 4),
+        buf("d h (norm)", format!("[T, {d}]"), d * e, 4, 5),
+        buf("d h", format!("[T, {d}]"), d * e, 5, 11),
+        buf("d attn_out", format!("[T, {qd}]"), qd * e, 6, 7),
+        buf("d q", format!("[T, {qd}]"), qd * e, 7, 8),
+        buf("d k", format!("[T, {kvd}]"), kvd * e, 7, 8),
+        buf("d v", format!("[T, {kvd}]"), kvd * e, 7, 9),
+        buf("d q (rope)", format!("[T, {qd}]"), qd * e, 8, 9),
+        buf("d k (rope)", format!("[T, {kvd}]"), kvd * e, 8, 9),
+        buf("d x_attn", format!("[T, {d}]"), d * e, 9, 10),
+        buf("d x (norm)", format!("[T, {d}]"), d * e, 10, 11),
+        buf("dx", format!("[T, {d}]"), d * e, 11, 11),
+    ];
+    if kvd != qd {
+        // GQA: k and v repeated to every query head for the kernel, and their gradients.
+        v.push(buf("k, v repeated", format!("2 × [T, {qd}]"), 2 * qd * e, 7, 7));
+        v.push(buf("d k, d v repeated", format!("2 × [T, {qd}]"), 2 * qd * e, 7, 7));
+    }
+    for c in saved {
+        let proj = c.name.split(':').nth(1).unwrap_or("");
+        let end = match c.name.as_str() {
+            "act" => 1,
+            "gate" | "up" => 2,
+            "x_mlp" => 3,
+            "h" | "rstd_mlp" => 4,
+            "x_attn" => 9,
+            "x" | "rstd_attn" => 10,
+            _ if proj.contains("down_proj") => 1,
+            _ if proj.contains("gate_proj") || proj.contains("up_proj") => 3,
+            _ if proj.contains("o_proj") => 6,
+            _ if proj.contains("q_proj") || proj.contains("k_proj") || proj.contains("v_proj") => 9,
+            _ => 7, // q, k, v, attention output, logsumexp, RNG state
+        };
+        v.push(OpBuffer { name: format!("saved {}", c.name), shape: c.shape.clone(), fixed_bytes: c.fixed_bytes, per_token_bytes: c.per_token_bytes, start: 0, end });
+    }
+    v
+}
+
+/// The inventory for `cfg` trained in `kind` (LoRA when `lora` is set); saved tensors measured
+/// on `device` (the CPU where CUDA is absent).
+pub fn build(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: Device, ce_chunk: i64) -> Result<Inventory> {
+    let device = if matches!(device, Device::Cuda(_)) && !tch::Cuda::is_available() { Device::Cpu } else { device };
+    let saved = probe_saved(cfg, kind, lora, lora.is_none(), device)?;
+    let e = kind.elt_size_in_bytes() as u64;
+    let (d, v) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
+    let (qd, kvd, i) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64, cfg.intermediate_size as u64);
+    let head = vec![
+        TensorClass { group: Group::Head, name: "final norm: input and output".into(), shape: format!("2 × [T, {d}]"), dtype: kind_name(kind), count: 1, fixed_bytes: 0, per_token_bytes: 2 * d * e, recomputable: false },
+        TensorClass {
+            group: Group::Head,
+            name: "loss: logits chunk and its gradient".into(),
+            shape: format!("2 × [{ce_chunk}, {v}]"),
+            dtype: "float32".into(),
+            count: 1,
+            fixed_bytes: 2 * ce_chunk as u64 * v * 4,
+            per_token_bytes: 0,
+            recomputable: false,
+        },
+        TensorClass { group: Group::Head, name: "loss: logsumexp per token".into(), shape: "[T]".into(), dtype: "float32".into(), count: 1, fixed_bytes: 0, per_token_bytes: 4, recomputable: false },
+    ];
+    let backward = backward_buffers(cfg, kind, &saved);
+    let gqa = if kvd != qd { 2 * qd } else { 0 };
+    let proj_params = d * qd + 2 * d * kvd + qd * d + 3 * d * i;
+    Ok(Inventory {
+        model: format!("{:?}: {} layers, hidden {d}, {} heads ({} kv), intermediate {i}, vocab {v}", cfg.arch, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads),
+        layers: cfg.num_layers as usize,
+        dtype: kind_name(kind),
+        probed_on: format!("{device:?}"),
+        statics: statics(cfg, kind, lora),
+        saved,
+        head,
+        // The block's output and the o_proj input beside the saved set, plus repeated k/v.
+        forward_work_per_token: (d + qd + gqa) * e,
+        backward,
+        flops: LayerFlops { linear_per_token: 2.0 * proj_params as f64, attention_per_pair: 4.0 * qd as f64, linear_backward_ratio: if lora.is_some() { 1.0 } else { 2.0 } },
+        head_flops_per_token: 2.0 * (d * v) as f64,
+    })
+}

@@ -1,0 +1,127 @@
+//! The planner wired to recipes: budgets from the recipe and the command line, the inventory
+//! from the model's code, speeds from calibration; `train plan` prints the result and `train run`
+//! refuses a step that cannot fit before it loads a single weight.
+use std::path::Path;
+
+use planner::inventory::Inventory;
+use planner::plan::{human, Budgets, Options, Plan};
+
+use crate::error::{Result, TrainerError};
+use crate::lora::LoraConfig;
+use crate::recipe::Recipe;
+
+/// What to plan for, beyond the recipe (command-line overrides).
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub device_memory: Option<u64>,
+    pub host: Option<u64>,
+    pub numa: Option<u64>,
+    pub nvme: Option<u64>,
+    pub tokens: Option<u64>,
+    /// Measure speeds again instead of the cached figures.
+    pub calibrate: bool,
+    pub mip_seconds: Option<f64>,
+}
+
+impl Request {
+    pub fn from_recipe(_recipe: &Recipe) -> Request {
+        Request::default()
+    }
+}
+
+/// RAM the kernel would give this process now (MemAvailable).
+fn mem_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = s.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// The budgets: command line first, then the recipe ([plan].device_memory, the [offload] tiers'
+/// budgets); on CPU the device budget defaults to the RAM available now.
+pub fn budgets(recipe: &Recipe, req: &Request) -> Result<Budgets> {
+    let dev = crate::device::target_device(&recipe.run.device)?;
+    let has = |t: &str| recipe.offload.tiers.iter().any(|x| x == t);
+    let device = match (req.device_memory, recipe.plan.as_ref().map(|p| p.device_memory.0), dev) {
+        (Some(b), _, _) | (None, Some(b), _) => b,
+        (None, None, tch::Device::Cpu) => mem_available().unwrap_or(0),
+        (None, None, _) => return Err(TrainerError::Device("no device budget: pass --device-mem (e.g. 80GiB) or set [plan] device_memory".into())),
+    };
+    Ok(Budgets {
+        device,
+        host: req.host.unwrap_or(if has("host") { recipe.offload.host_bytes } else { 0 }),
+        numa: req.numa.unwrap_or(if has("numa") { recipe.offload.numa_bytes } else { 0 }),
+        nvme: req.nvme.unwrap_or(if has("nvme") { recipe.offload.nvme_bytes } else { 0 }),
+    })
+}
+
+fn options(recipe: &Recipe, req: &Request, tokens: u64) -> Options {
+    let apply = recipe.plan.as_ref().is_none_or(|p| p.apply);
+    Options {
+        tokens,
+        keep_last: if apply { None } else { Some(recipe.offload.keep_last) },
+        lookahead: recipe.offload.lookahead,
+        cpu: recipe.run.device == "cpu" || (recipe.run.device == "auto" && !tch::Cuda::is_available()),
+        mip_seconds: req.mip_seconds.or(recipe.plan.as_ref().map(|p| p.mip_seconds)).unwrap_or(2.0),
+        allow_recompute: !(recipe.train.mode == "lora" && recipe.lora.as_ref().is_some_and(|l| l.dropout > 0.0)),
+    }
+}
+
+/// Inventory, calibration and plan for the recipe's step.
+pub fn plan_recipe(recipe: &Recipe, cfg: &crate::config::ModelConfig, lora: Option<&LoraConfig>, req: &Request) -> Result<(Inventory, Plan)> {
+    let dev = crate::device::target_device(&recipe.run.device)?;
+    let kind = crate::device::parse_dtype(&recipe.run.dtype)?;
+    let inv = crate::inventory::build(cfg, kind, lora, dev, recipe.train.loss_chunk)?;
+    let cal = crate::calibrate::load_or_measure(dev, kind, &recipe.offload.nvme_dir, req.calibrate)?;
+    let tokens = req.tokens.unwrap_or(recipe.data.tokens_per_batch as u64);
+    let b = budgets(recipe, req)?;
+    let plan = planner::plan::plan(&inv, b, &cal, &options(recipe, req, tokens)).map_err(|e| TrainerError::Device(format!("planner: {e}")))?;
+    Ok((inv, plan))
+}
+
+/// Writes plan.txt, plan.json and plan.svg into `dir`.
+pub fn write(dir: &Path, inv: &Inventory, plan: &Plan) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(TrainerError::io(dir))?;
+    let put = |name: &str, text: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).map_err(TrainerError::io(&p))
+    };
+    put("plan.txt", planner::report::table(inv, plan))?;
+    put("plan.json", serde_json::to_string_pretty(&serde_json::json!({ "inventory": inv, "plan": plan })).unwrap_or_default())?;
+    put("plan.svg", planner::report::svg(plan))?;
+    Ok(())
+}
+
+/// The least device memory this step needs (every layer offloaded, α as the LP chooses) and the
+/// longest step that fits the given budgets.
+pub fn what_would_fit(recipe: &Recipe, inv: &Inventory, plan: &Plan) -> Result<(u64, Option<u64>)> {
+    let cal = &plan.calibration;
+    let req = Request::default();
+    let mut opt = options(recipe, &req, plan.tokens);
+    opt.mip_seconds = 0.0;
+    // Unbounded device, and unbounded tiers (NVMe where none is configured).
+    let b = plan.budgets;
+    let big = u64::MAX / 8;
+    let unlimited = if b.host + b.numa + b.nvme == 0 {
+        Budgets { device: big, host: 0, numa: 0, nvme: big }
+    } else {
+        Budgets { device: big, host: if b.host > 0 { big } else { 0 }, numa: if b.numa > 0 { big } else { 0 }, nvme: if b.nvme > 0 { big } else { 0 } }
+    };
+    let min_device = planner::plan::plan(inv, unlimited, cal, &Options { keep_last: Some(0), ..opt.clone() }).map(|p| p.device_peak).map_err(|e| TrainerError::Device(format!("planner: {e}")))?;
+    let longest = planner::plan::longest_fitting(inv, plan.budgets, cal, &opt, 1024, 1 << 24).map_err(|e| TrainerError::Device(format!("planner: {e}")))?;
+    Ok((min_device, longest))
+}
+
+/// The error of a run whose plan does not fit, with what would.
+pub fn refusal(recipe: &Recipe, inv: &Inventory, plan: &Plan) -> Result<TrainerError> {
+    let (min_device, longest) = what_would_fit(recipe, inv, plan)?;
+    let longest = match longest {
+        Some(t) => format!("the longest step that fits these budgets is {t} tokens (data.tokens_per_batch)"),
+        None => "the longest step that fits these budgets: none (not even 1024 tokens)".into(),
+    };
+    Ok(TrainerError::Device(format!(
+        "the plan does not fit ({}): at {} tokens the device needs at least {} with every layer offloaded (a [plan] device_memory of that or more, with offload tiers big enough for the offloaded bytes: `train plan` shows them); {longest}. Nothing was loaded; plan.txt in the run directory has the table.",
+        plan.problems.join("; "),
+        plan.tokens,
+        human(min_device),
+    )))
+}

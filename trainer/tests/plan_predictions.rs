@@ -1,0 +1,104 @@
+//! The planner's predictions against what the engine accounts on CPU runs: saved-activation
+//! bytes of the whole step, and the bytes each tier holds for a given α and keep_last, exactly.
+use offload::store::{ActivationStore, NvmeConfig, StoreConfig};
+use planner::inventory::stored_rows;
+use tch::{Device, Kind, Tensor};
+use trainer::config::ModelConfig;
+use trainer::lora::LoraConfig;
+use trainer::model::{Batch, Model, OffloadPolicy};
+
+fn cfg(text: &str) -> ModelConfig {
+    ModelConfig::parse(text, std::path::Path::new("config.json")).unwrap().0
+}
+
+const LLAMA: &str = r#"{"model_type": "llama", "vocab_size": 50, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0}"#;
+const QWEN2: &str = r#"{"model_type": "qwen2", "vocab_size": 50, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 3,
+    "num_attention_heads": 6, "num_key_value_heads": 6, "rope_theta": 10000.0, "tie_word_embeddings": true}"#;
+
+fn batch(lens: &[i64]) -> Batch {
+    let t: i64 = lens.iter().sum();
+    let ids = Tensor::from_slice(&(0..t).map(|i| (i * 7 + 1) % 50).collect::<Vec<_>>());
+    let labels = Tensor::from_slice(&(0..t).map(|i| (i * 3 + 2) % 50).collect::<Vec<_>>());
+    Batch { ids, labels, doc_lens: lens.to_vec() }
+}
+
+fn nvme_dir() -> std::path::PathBuf {
+    let d = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("plan-predictions");
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn predicted_saved_and_tier_bytes_equal_the_engines_accounting() {
+    let lora = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()] };
+    let dropout = LoraConfig { dropout: 0.1, ..lora.clone() };
+    for (name, text, lora, kind) in [
+        ("llama full f32", LLAMA, None, Kind::Float),
+        ("llama lora f32", LLAMA, Some(&lora), Kind::Float),
+        ("llama lora+dropout f64", LLAMA, Some(&dropout), Kind::Double),
+        ("qwen2 full bf16", QWEN2, None, Kind::BFloat16),
+    ] {
+        let c = cfg(text);
+        let inv = trainer::inventory::build(&c, kind, lora, Device::Cpu, 16).unwrap();
+        let mut m = Model::init_random(c.clone(), 0.1, kind, Device::Cpu, 3).unwrap();
+        if let Some(l) = lora {
+            m.attach_lora(l, 1).unwrap();
+        }
+        for lens in [vec![130i64], vec![40, 17, 63]] {
+            let b = batch(&lens);
+            let t: i64 = lens.iter().sum();
+            let (_, _, stats) = m.forward_backward(&b, None, 16).unwrap();
+            let (w, r) = inv.layer_saved(t as u64, t as u64);
+            assert_eq!(stats.saved_bytes as u64, inv.layers as u64 * (w + r), "{name} {lens:?}: saved bytes");
+            let alphas: &[f64] = if lora.is_some_and(|l| l.dropout > 0.0) { &[1.0] } else { &[0.0, 0.3, 1.0] };
+            for &alpha in alphas {
+                for keep_last in [0usize, 2] {
+                    let split = stored_rows(alpha, t) as u64;
+                    let off = (inv.layers - keep_last) as u64;
+                    for (tier, granule) in [("host", 64u64), ("nvme", 4096)] {
+                        let cfg = match tier {
+                            "host" => StoreConfig { host_bytes: 64 << 20, ..Default::default() },
+                            _ => StoreConfig { nvme: Some(NvmeConfig { dir: nvme_dir(), bytes: 64 << 20, rank: 0, io_uring: true }), ..Default::default() },
+                        };
+                        let mut store = ActivationStore::new(&cfg).unwrap();
+                        let policy = OffloadPolicy { offload: true, keep_last, lookahead: 1, alpha };
+                        m.forward_backward_with(&b, None, 16, &mut store, policy).unwrap();
+                        let st = store.stats();
+                        let got = if tier == "host" { st.host_peak_bytes } else { st.nvme_peak_bytes };
+                        let want = off * inv.layer_tier_bytes(t as u64, split, granule);
+                        assert_eq!(got, want, "{name} {lens:?} α={alpha} keep_last={keep_last} {tier}: tier peak");
+                    }
+                }
+            }
+        }
+        println!("{name}: predicted saved and tier bytes exact ({} saved classes, {} per token per layer)", inv.saved.len(), inv.saved.iter().map(|c| c.per_token_bytes).sum::<u64>());
+    }
+}
+
+#[test]
+fn plans_respect_bounds_and_layouts_validate() {
+    use planner::plan::{plan, Budgets, Calibration, Options};
+    let c = cfg(LLAMA);
+    let inv = trainer::inventory::build(&c, Kind::Float, None, Device::Cpu, 16).unwrap();
+    let cal = Calibration { device: "test".into(), matmul_flops: 1e9, attention_flops: 1e9, host_bps: 2e9, numa_bps: 1e9, nvme_bps: 5e8, source: "test figures".into() };
+    let per_layer = {
+        let (w, r) = inv.layer_saved(4096, 4096);
+        w + r
+    };
+    for (device, host, nvme) in [(u64::MAX / 4, 0, 0), (inv.static_bytes() + 3 * per_layer, per_layer, 2 * per_layer), (inv.static_bytes() + 2 * per_layer, 0, 10 * per_layer)] {
+        let b = Budgets { device, host, numa: 0, nvme };
+        let opt = Options { tokens: 4096, keep_last: None, lookahead: 1, cpu: false, mip_seconds: 5.0, allow_recompute: true };
+        let p = plan(&inv, b, &cal, &opt).unwrap();
+        assert!(p.alpha.iter().all(|a| (0.0..=1.0).contains(a)));
+        assert!(p.host_peak <= host && p.nvme_peak <= nvme, "{p:?}");
+        if p.fits {
+            assert!(p.device_peak <= device);
+        }
+        for lr in [&p.level1, &p.level2] {
+            planner::layout::validate(&lr.buffers, &lr.mip).unwrap();
+            assert!(lr.lower_bound <= lr.mip.peak && lr.mip.peak <= lr.greedy_peak, "lb {} mip {} greedy {}", lr.lower_bound, lr.mip.peak, lr.greedy_peak);
+        }
+        println!("device {device} host {host} nvme {nvme}: keep_last {} α {:.3} fits {} device peak {}", p.keep_last, p.alpha[0], p.fits, p.device_peak);
+    }
+}
