@@ -20,6 +20,9 @@ test: build
 demo: build
 	bash scripts/demo.sh
 
+bench: build
+	bash scripts/bench.sh
+
 gpu-check: build
 	bash scripts/gpu-check.sh
 

@@ -46,6 +46,7 @@ pub fn table(inv: &Inventory, p: &Plan) -> String {
     let _ = writeln!(s, "peaks      device {} (budget {}), host {} ({}), numa {} ({}), nvme {} ({})", human(p.device_peak), human(p.budgets.device), human(p.host_peak), human(p.budgets.host), human(p.numa_peak), human(p.budgets.numa), human(p.nvme_peak), human(p.budgets.nvme));
     let _ = writeln!(s, "layout     level 1 (one layer's backward, {} buffers): lower bound {}, greedy {}, MIP {} [{}; {:.2}s]", p.level1.buffers.len(), human(p.level1.lower_bound), human(p.level1.greedy_peak), human(p.level1.mip.peak), p.level1.mip.method, p.level1.mip.solve_seconds);
     let _ = writeln!(s, "           level 2 (the step, {} buffers): lower bound {}, greedy {}, MIP {} [{}; {:.2}s]", p.level2.buffers.len(), human(p.level2.lower_bound), human(p.level2.greedy_peak), human(p.level2.mip.peak), p.level2.mip.method, p.level2.mip.solve_seconds);
+    let _ = writeln!(s, "           applied: α, keep_last and tiers; the offsets are advisory (libtorch's caching allocator places device buffers, no arena yet)");
     let _ = writeln!(s, "time       step {:.3}s predicted: compute {:.3}s + recompute {:.3}s + exposed transfer {:.3}s (LP {:.3}s)", p.step_seconds, p.compute_seconds, p.recompute_seconds, p.exposed_seconds, p.lp_seconds);
     let _ = writeln!(s, "speeds     {}", p.calibration.source);
     if p.fits {

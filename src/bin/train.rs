@@ -271,8 +271,13 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let lora = r.lora.as_ref().filter(|_| r.train.mode == "lora").map(|l| trainer::lora::LoraConfig { rank: l.rank, alpha: l.alpha, dropout: l.dropout, targets: l.targets.clone() });
             let (inv, plan) = trainer::plan_run::plan_recipe(&r, &cfg, lora.as_ref(), &req)?;
             print!("{}", planner::report::table(&inv, &plan));
-            let (min_device, longest) = trainer::plan_run::what_would_fit(&r, &inv, &plan)?;
-            println!("least      device memory for {} tokens with every layer offloaded: {}", plan.tokens, planner::plan::human(min_device));
+            let (min_device, bigger_tiers, longest) = trainer::plan_run::what_would_fit(&r, &inv, &plan)?;
+            println!(
+                "least      device memory for {} tokens with every layer offloaded{}: {}",
+                plan.tokens,
+                if bigger_tiers { " (and an NVMe tier large enough)" } else { "" },
+                planner::plan::human(min_device)
+            );
             match longest {
                 Some(t) => println!("longest    step that fits these budgets: {t} tokens"),
                 None => println!("longest    step that fits these budgets: none (not even 1024 tokens)"),

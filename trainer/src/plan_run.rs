@@ -91,37 +91,41 @@ pub fn write(dir: &Path, inv: &Inventory, plan: &Plan) -> Result<()> {
     Ok(())
 }
 
-/// The least device memory this step needs (every layer offloaded, α as the LP chooses) and the
-/// longest step that fits the given budgets.
-pub fn what_would_fit(recipe: &Recipe, inv: &Inventory, plan: &Plan) -> Result<(u64, Option<u64>)> {
+/// The least device memory this step needs (every layer offloaded to the configured tiers, or to
+/// unbounded ones where those are too small: then the flag is true) and the longest step that
+/// fits the given budgets.
+pub fn what_would_fit(recipe: &Recipe, inv: &Inventory, plan: &Plan) -> Result<(u64, bool, Option<u64>)> {
     let cal = &plan.calibration;
     let req = Request::default();
     let mut opt = options(recipe, &req, plan.tokens);
     opt.mip_seconds = 0.0;
-    // Unbounded device, and unbounded tiers (NVMe where none is configured).
     let b = plan.budgets;
     let big = u64::MAX / 8;
-    let unlimited = if b.host + b.numa + b.nvme == 0 {
-        Budgets { device: big, host: 0, numa: 0, nvme: big }
+    let at = |budgets: Budgets| planner::plan::plan(inv, budgets, cal, &Options { keep_last: Some(0), ..opt.clone() }).map_err(|e| TrainerError::Device(format!("planner: {e}")));
+    let configured = at(Budgets { device: big, ..b })?;
+    let (min_device, bigger_tiers) = if configured.fits {
+        (configured.device_peak, false)
     } else {
-        Budgets { device: big, host: if b.host > 0 { big } else { 0 }, numa: if b.numa > 0 { big } else { 0 }, nvme: if b.nvme > 0 { big } else { 0 } }
+        // Tiers too small for every layer: NVMe (or the configured tiers) without bound.
+        let unbounded = if b.host + b.numa + b.nvme == 0 { Budgets { device: big, host: 0, numa: 0, nvme: big } } else { Budgets { device: big, nvme: big, ..b } };
+        (at(unbounded)?.device_peak, true)
     };
-    let min_device = planner::plan::plan(inv, unlimited, cal, &Options { keep_last: Some(0), ..opt.clone() }).map(|p| p.device_peak).map_err(|e| TrainerError::Device(format!("planner: {e}")))?;
-    let longest = planner::plan::longest_fitting(inv, plan.budgets, cal, &opt, 1024, 1 << 24).map_err(|e| TrainerError::Device(format!("planner: {e}")))?;
-    Ok((min_device, longest))
+    let longest = planner::plan::longest_fitting(inv, b, cal, &opt, 1024, 1 << 24).map_err(|e| TrainerError::Device(format!("planner: {e}")))?;
+    Ok((min_device, bigger_tiers, longest))
 }
 
 /// The error of a run whose plan does not fit, with what would.
 pub fn refusal(recipe: &Recipe, inv: &Inventory, plan: &Plan) -> Result<TrainerError> {
-    let (min_device, longest) = what_would_fit(recipe, inv, plan)?;
+    let (min_device, bigger_tiers, longest) = what_would_fit(recipe, inv, plan)?;
     let longest = match longest {
         Some(t) => format!("the longest step that fits these budgets is {t} tokens (data.tokens_per_batch)"),
         None => "the longest step that fits these budgets: none (not even 1024 tokens)".into(),
     };
     Ok(TrainerError::Device(format!(
-        "the plan does not fit ({}): at {} tokens the device needs at least {} with every layer offloaded (a [plan] device_memory of that or more, with offload tiers big enough for the offloaded bytes: `train plan` shows them); {longest}. Nothing was loaded; plan.txt in the run directory has the table.",
+        "the plan does not fit ({}): at {} tokens the device needs at least {} with every layer offloaded{} (a [plan] device_memory of that or more); {longest}. Nothing was loaded; plan.txt in the run directory has the table.",
         plan.problems.join("; "),
         plan.tokens,
         human(min_device),
+        if bigger_tiers { " and a larger offload.nvme_bytes" } else { "" },
     )))
 }
