@@ -264,8 +264,8 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     if opt.cpu && device_peak + numa_peak > budgets.device + budgets.numa && budgets.numa > 0 {
         problems.push("numa tier exceeds its budget".into());
     }
-    let exposed: f64 = m.exposed_seconds.iter().sum();
-    let recompute: f64 = m.recompute_seconds.iter().sum();
+    let exposed: f64 = m.exposed_seconds.iter().sum::<f64>() + 0.0; // an empty sum is -0.0
+    let recompute: f64 = m.recompute_seconds.iter().sum::<f64>() + 0.0;
     Ok(Plan {
         tokens: t,
         layers: l,

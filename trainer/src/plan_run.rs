@@ -23,12 +23,6 @@ pub struct Request {
     pub mip_seconds: Option<f64>,
 }
 
-impl Request {
-    pub fn from_recipe(_recipe: &Recipe) -> Request {
-        Request::default()
-    }
-}
-
 /// RAM the kernel would give this process now (MemAvailable).
 fn mem_available() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;

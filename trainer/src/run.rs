@@ -241,7 +241,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
     // The plan decides before any weight is loaded.
     let mut offload_cfg = recipe.offload.clone();
     if let Some(ps) = &recipe.plan {
-        let (inv, plan) = crate::plan_run::plan_recipe(&recipe, &cfg, lora_cfg.as_ref(), &crate::plan_run::Request::from_recipe(&recipe))?;
+        let (inv, plan) = crate::plan_run::plan_recipe(&recipe, &cfg, lora_cfg.as_ref(), &crate::plan_run::Request::default())?;
         crate::plan_run::write(&run_dir, &inv, &plan)?;
         if !plan.fits {
             return Err(crate::plan_run::refusal(&recipe, &inv, &plan)?);
@@ -415,6 +415,10 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
         _ => None,
     };
     let mut store = offload::store::ActivationStore::new(&offload_cfg.store_config(cuda_device))?;
+    if offload_cfg.tiers.iter().any(|t| t == "numa") {
+        let far = offload::numa::nodes()?.iter().any(|n| n.id == offload_cfg.numa_node && n.is_far());
+        eprintln!("numa tier: node {} ({})", offload_cfg.numa_node, if far { "far memory: no CPUs, e.g. CXL" } else { "a node with CPUs" });
+    }
     let policy = crate::model::OffloadPolicy {
         offload: store.has_tiers(),
         keep_last: offload_cfg.keep_last,
