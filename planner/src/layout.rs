@@ -63,18 +63,36 @@ pub fn validate(bufs: &[Buf], l: &Layout) -> Result<(), String> {
     Ok(())
 }
 
-/// Best fit: buffers in order of decreasing size (ties: earlier start), each at the lowest
-/// offset where it clashes with no placed buffer live at the same time.
+/// Best fit, in three orders (decreasing size; decreasing size × lifetime; start time), each
+/// buffer at the lowest offset where it clashes with no placed buffer live at the same time; the
+/// lowest peak of the three.
 pub fn greedy(bufs: &[Buf]) -> Layout {
     let t0 = Instant::now();
-    let mut order: Vec<usize> = (0..bufs.len()).collect();
-    order.sort_by(|&a, &b| bufs[b].bytes.cmp(&bufs[a].bytes).then(bufs[a].start.cmp(&bufs[b].start)));
+    let mut orders: Vec<Vec<usize>> = vec![(0..bufs.len()).collect(); 3];
+    orders[0].sort_by(|&a, &b| bufs[b].bytes.cmp(&bufs[a].bytes).then(bufs[a].start.cmp(&bufs[b].start)));
+    let area = |b: &Buf| b.bytes as u128 * (b.end - b.start + 1) as u128;
+    orders[1].sort_by(|&a, &b| area(&bufs[b]).cmp(&area(&bufs[a])).then(bufs[a].start.cmp(&bufs[b].start)));
+    orders[2].sort_by(|&a, &b| bufs[a].start.cmp(&bufs[b].start).then(bufs[b].bytes.cmp(&bufs[a].bytes)));
+    let mut best: Option<Layout> = None;
+    for order in &orders {
+        let l = best_fit(bufs, order);
+        if best.as_ref().is_none_or(|b| l.peak < b.peak) {
+            best = Some(l);
+        }
+    }
+    let mut l = best.unwrap_or(Layout { offsets: vec![], peak: 0, method: String::new(), solve_seconds: 0.0 });
+    l.method = "greedy".into();
+    l.solve_seconds = t0.elapsed().as_secs_f64();
+    l
+}
+
+/// Places buffers in `order`, each in the tightest gap below the top that fits it, else on top.
+fn best_fit(bufs: &[Buf], order: &[usize]) -> Layout {
     let mut offsets = vec![0u64; bufs.len()];
     let mut placed: Vec<usize> = Vec::new();
-    for &i in &order {
+    for &i in order {
         let mut busy: Vec<(u64, u64)> = placed.iter().filter(|&&j| bufs[j].overlaps(&bufs[i])).map(|&j| (offsets[j], offsets[j] + bufs[j].bytes)).collect();
         busy.sort();
-        // The lowest gap that fits, preferring the tightest (best fit) among gaps below the top.
         let mut best: Option<(u64, u64)> = None; // (gap size, offset)
         let mut cur = 0u64;
         for &(s, e) in &busy {
@@ -90,7 +108,7 @@ pub fn greedy(bufs: &[Buf]) -> Layout {
         placed.push(i);
     }
     let peak = bufs.iter().zip(&offsets).map(|(b, o)| o + b.bytes).max().unwrap_or(0);
-    Layout { offsets, peak, method: "greedy".into(), solve_seconds: t0.elapsed().as_secs_f64() }
+    Layout { offsets, peak, method: "best fit".into(), solve_seconds: 0.0 }
 }
 
 /// The exact layout by MIP: offsets o_i ≥ 0, peak P ≥ o_i + s_i, and for each pair live at the
@@ -187,6 +205,10 @@ mod tests {
     use super::*;
 
     fn pseudo_random(n: usize, seed: u64) -> Vec<Buf> {
+        pseudo_random_over(n, seed, 12, 5)
+    }
+
+    fn pseudo_random_over(n: usize, seed: u64, slots: u32, max_len: u32) -> Vec<Buf> {
         let mut s = seed;
         let mut next = || {
             s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -194,8 +216,8 @@ mod tests {
         };
         (0..n)
             .map(|i| {
-                let start = next() % 12;
-                let len = next() % 5;
+                let start = next() % slots;
+                let len = next() % max_len;
                 Buf::new(format!("b{i}"), 1 + (next() % 100) as u64 * 1000, start, start + len)
             })
             .collect()
@@ -211,7 +233,21 @@ mod tests {
             let m = mip(&bufs, Duration::from_secs(10));
             validate(&bufs, &m).unwrap();
             assert!(lb <= m.peak && m.peak <= g.peak, "seed {seed}: lb {lb} mip {} greedy {}", m.peak, g.peak);
+            println!("seed {seed}: lower bound {lb}, greedy {}, mip {} [{}; {:.3}s]", g.peak, m.peak, m.method, m.solve_seconds);
         }
+    }
+
+    #[test]
+    fn a_large_instance_under_a_short_time_limit_is_still_valid_and_no_worse() {
+        // An instance where best fit is 10% above the lower bound.
+        let bufs = pseudo_random_over(60, 10, 30, 8);
+        let g = greedy(&bufs);
+        let t0 = std::time::Instant::now();
+        let m = mip(&bufs, Duration::from_secs(2));
+        validate(&bufs, &m).unwrap();
+        assert!(m.peak <= g.peak && lower_bound(&bufs) <= m.peak);
+        assert!(t0.elapsed() < Duration::from_secs(30), "the time limit holds");
+        println!("60 buffers: lower bound {}, greedy {}, mip {} [{}; {:.2}s]", lower_bound(&bufs), g.peak, m.peak, m.method, m.solve_seconds);
     }
 
     #[test]
