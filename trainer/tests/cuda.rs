@@ -69,7 +69,8 @@ fn cuda_host_tier_offload_is_bit_identical() {
             (a - b).abs().max().double_value(&[]) <= 1e-5 * a.abs().max().double_value(&[]).max(1e-6)
         }
     };
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda-offload");
+    // The temporary directory of the machine it runs on (the GPU machine may lack this build tree).
+    let dir = std::env::temp_dir().join(format!("strata-cuda-offload-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let per_layer = stats.saved_bytes as u64 / 4;
     let node = offload::numa::current_node();
