@@ -78,8 +78,10 @@ pub struct Inventory {
     /// One layer's saved tensors.
     pub saved: Vec<TensorClass>,
     pub head: Vec<TensorClass>,
-    /// One layer's forward working set beyond its saved tensors (peak, per token).
+    /// One layer's forward working set beyond its saved tensors (peak of `forward`, per token).
     pub forward_work_per_token: u64,
+    /// One layer's forward transients with lifetimes in its op sequence.
+    pub forward: Vec<OpBuffer>,
     pub backward: Vec<OpBuffer>,
     pub flops: LayerFlops,
     /// Forward FLOPs per token of the LM head.

@@ -33,6 +33,13 @@ pub fn table(inv: &Inventory, p: &Plan) -> String {
         line(&mut s, "saved", &name, &c.shape, &c.dtype, inv.layers as u64, c.total(t) * inv.layers as u64);
         per_layer += c.bytes(t);
     }
+    // Transients of one layer's forward and backward (one layer at a time, hence count 1).
+    for (label, list) in [("fwd temp", &inv.forward), ("bwd temp", &inv.backward)] {
+        for b in list.iter().filter(|b| !b.name.starts_with("saved ")) {
+            let name = format!("{} (ops {}..{})", b.name, b.start, b.end);
+            line(&mut s, label, &name, &b.shape, &inv.dtype, 1, b.fixed_bytes + b.per_token_bytes * t);
+        }
+    }
     let h = group_total(&mut s, Group::Head, "head");
     let _ = writeln!(s, "totals     weights {}, grads {}, optimizer {}, saved {} per layer × {} = {}, head {}", human(w), human(g), human(o), human(per_layer), inv.layers, human(per_layer * inv.layers as u64), human(h));
     let _ = writeln!(s);

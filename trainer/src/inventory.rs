@@ -192,6 +192,28 @@ fn backward_buffers(cfg: &ModelConfig, kind: Kind, saved: &[TensorClass]) -> Vec
     v
 }
 
+/// One layer's forward transients (what is not saved) in [`block::forward`]'s op order: q and k
+/// before RoPE, k and v repeated for grouped-query attention, the o_proj output, the down_proj
+/// output and the block output (the next layer's input). Their best-fit peak per token is the
+/// forward's working set in the level-2 layout.
+fn forward_buffers(cfg: &ModelConfig, kind: Kind) -> Vec<OpBuffer> {
+    let e = kind.elt_size_in_bytes() as u64;
+    let d = cfg.hidden_size as u64;
+    let (qd, kvd) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64);
+    let buf = |name: &str, shape: String, per_token: u64, start: u32, end: u32| OpBuffer { name: name.into(), shape, fixed_bytes: 0, per_token_bytes: per_token, start, end };
+    let mut v = vec![
+        buf("q before RoPE", format!("[T, {qd}]"), qd * e, 1, 2),
+        buf("k before RoPE", format!("[T, {kvd}]"), kvd * e, 1, 2),
+        buf("o_proj output", format!("[T, {d}]"), d * e, 4, 4),
+        buf("down_proj output", format!("[T, {d}]"), d * e, 6, 7),
+        buf("block output", format!("[T, {d}]"), d * e, 7, 7),
+    ];
+    if kvd != qd {
+        v.push(buf("k, v repeated", format!("2 × [T, {qd}]"), 2 * qd * e, 3, 3));
+    }
+    v
+}
+
 /// The inventory for `cfg` trained in `kind` (LoRA when `lora` is set); saved tensors measured
 /// on `device` (the CPU where CUDA is absent).
 pub fn build(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: Device, ce_chunk: i64) -> Result<Inventory> {
@@ -215,7 +237,10 @@ pub fn build(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: D
         TensorClass { group: Group::Head, name: "loss: logsumexp per token".into(), shape: "[T]".into(), dtype: "float32".into(), count: 1, fixed_bytes: 0, per_token_bytes: 4, recomputable: false },
     ];
     let backward = backward_buffers(cfg, kind, &saved);
-    let gqa = if kvd != qd { 2 * qd } else { 0 };
+    let forward = forward_buffers(cfg, kind);
+    // Every forward transient is per-token, so the peak at one token scales exactly.
+    let one_token: Vec<planner::layout::Buf> = forward.iter().map(|b| planner::layout::Buf::new(b.name.clone(), b.per_token_bytes, b.start, b.end)).collect();
+    let forward_work_per_token = planner::layout::greedy(&one_token).peak;
     let proj_params = d * qd + 2 * d * kvd + qd * d + 3 * d * i;
     Ok(Inventory {
         model: format!("{:?}: {} layers, hidden {d}, {} heads ({} kv), intermediate {i}, vocab {v}", cfg.arch, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads),
@@ -225,8 +250,8 @@ pub fn build(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: D
         statics: statics(cfg, kind, lora),
         saved,
         head,
-        // The block's output and the o_proj input beside the saved set, plus repeated k/v.
-        forward_work_per_token: (d + qd + gqa) * e,
+        forward_work_per_token,
+        forward,
         backward,
         flops: LayerFlops { linear_per_token: 2.0 * proj_params as f64, attention_per_pair: 4.0 * qd as f64, linear_backward_ratio: if lora.is_some() { 1.0 } else { 2.0 } },
         head_flops_per_token: 2.0 * (d * v) as f64,
