@@ -48,6 +48,10 @@ pub struct Options {
     pub mip_seconds: f64,
     /// False where dropped activations cannot be recomputed (LoRA dropout): α stays 1.
     pub allow_recompute: bool,
+    /// Device memory the process holds besides its tensors (on CPU: the resident set of the
+    /// runtime itself, measured before planning; on CUDA: 0, the context is outside the budget
+    /// libtorch reports).
+    pub baseline_bytes: u64,
 }
 
 /// A layout with its baselines.
@@ -79,6 +83,8 @@ pub struct Plan {
     /// Bytes of every layer per tier: [host, numa, nvme].
     pub tier_bytes: Vec<[u64; 3]>,
     pub static_bytes: u64,
+    /// The process's own memory on the device (see [`Options::baseline_bytes`]).
+    pub baseline_bytes: u64,
     pub saved_bytes_resident: u64,
     /// Peaks: the device (statics + level-2 layout), host, numa, nvme.
     pub device_peak: u64,
@@ -167,7 +173,7 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     }
     let level1 = layout_report(level1_buffers(inv, t), opt.mip_seconds);
     let level1_peak = level1.mip.peak;
-    let static_bytes = inv.static_bytes();
+    let static_bytes = inv.static_bytes() + opt.baseline_bytes;
 
     // One candidate per keep_last: the LP for the offloaded layers, then the device peak.
     let candidate = |k: usize, mip_seconds: f64| -> Result<(memo::MemoPlan, Vec<u64>, LayoutReport), MemoError> {
@@ -274,7 +280,8 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
         placement,
         alpha,
         tier_bytes,
-        static_bytes,
+        static_bytes: static_bytes - opt.baseline_bytes,
+        baseline_bytes: opt.baseline_bytes,
         saved_bytes_resident,
         device_peak,
         host_peak,

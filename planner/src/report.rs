@@ -50,6 +50,9 @@ pub fn table(inv: &Inventory, p: &Plan) -> String {
         let a_max = p.alpha[..off].iter().cloned().fold(0.0, f64::max);
         let _ = writeln!(s, "           layers 0..{}: α {a_min:.3}..{a_max:.3}, placed in {}", off - 1, summarize(&p.placement[..off]));
     }
+    if p.baseline_bytes > 0 {
+        let _ = writeln!(s, "process    {} resident before any tensor (runtime, libraries): counted in the device peak", human(p.baseline_bytes));
+    }
     let _ = writeln!(s, "peaks      device {} (budget {}), host {} ({}), numa {} ({}), nvme {} ({})", human(p.device_peak), human(p.budgets.device), human(p.host_peak), human(p.budgets.host), human(p.numa_peak), human(p.budgets.numa), human(p.nvme_peak), human(p.budgets.nvme));
     let _ = writeln!(s, "layout     level 1 (one layer's backward, {} buffers): lower bound {}, greedy {}, MIP {} [{}; {:.2}s]", p.level1.buffers.len(), human(p.level1.lower_bound), human(p.level1.greedy_peak), human(p.level1.mip.peak), p.level1.mip.method, p.level1.mip.solve_seconds);
     let _ = writeln!(s, "           level 2 (the step, {} buffers): lower bound {}, greedy {}, MIP {} [{}; {:.2}s]", p.level2.buffers.len(), human(p.level2.lower_bound), human(p.level2.greedy_peak), human(p.level2.mip.peak), p.level2.mip.method, p.level2.mip.solve_seconds);

@@ -48,15 +48,28 @@ pub fn budgets(recipe: &Recipe, req: &Request) -> Result<Budgets> {
     })
 }
 
+/// This process's resident set now (VmRSS), taken before planning allocates anything.
+fn baseline_rss() -> u64 {
+    static AT_START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *AT_START.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()))
+            .map_or(0, |kb| kb * 1024)
+    })
+}
+
 fn options(recipe: &Recipe, req: &Request, tokens: u64) -> Options {
     let apply = recipe.plan.as_ref().is_none_or(|p| p.apply);
+    let cpu = recipe.run.device == "cpu" || (recipe.run.device == "auto" && !tch::Cuda::is_available());
     Options {
         tokens,
         keep_last: if apply { None } else { Some(recipe.offload.keep_last) },
         lookahead: recipe.offload.lookahead,
-        cpu: recipe.run.device == "cpu" || (recipe.run.device == "auto" && !tch::Cuda::is_available()),
+        cpu,
         mip_seconds: req.mip_seconds.or(recipe.plan.as_ref().map(|p| p.mip_seconds)).unwrap_or(2.0),
         allow_recompute: !(recipe.train.mode == "lora" && recipe.lora.as_ref().is_some_and(|l| l.dropout > 0.0)),
+        baseline_bytes: if cpu { baseline_rss() } else { 0 },
     }
 }
 
@@ -64,6 +77,7 @@ fn options(recipe: &Recipe, req: &Request, tokens: u64) -> Options {
 pub fn plan_recipe(recipe: &Recipe, cfg: &crate::config::ModelConfig, lora: Option<&LoraConfig>, req: &Request) -> Result<(Inventory, Plan)> {
     let dev = crate::device::target_device(&recipe.run.device)?;
     let kind = crate::device::parse_dtype(&recipe.run.dtype)?;
+    baseline_rss(); // before the probe and the calibration allocate
     let inv = crate::inventory::build(cfg, kind, lora, dev, recipe.train.loss_chunk)?;
     let cal = crate::calibrate::load_or_measure(dev, kind, &recipe.offload.nvme_dir, req.calibrate)?;
     let tokens = req.tokens.unwrap_or(recipe.data.tokens_per_batch as u64);
