@@ -32,7 +32,7 @@ device = "cpu"
 path = "{model}"
 [data]
 train = ["{data}"]
-tokens_per_batch = 96
+tokens_per_batch = 2048
 max_tokens = 48
 [train]
 steps = 4
@@ -60,7 +60,7 @@ nvme_bytes = 67108864
         assert!(so.contains(needle), "`{needle}` missing from:\n{so}");
     }
     let json: Value = serde_json::from_str(&std::fs::read_to_string(out.join("plan.json")).unwrap()).unwrap();
-    assert_eq!(json["plan"]["tokens"], 96);
+    assert_eq!(json["plan"]["tokens"], 2048);
     assert!(json["inventory"]["saved"].as_array().unwrap().iter().any(|c| c["name"] == "x" && c["shape"] == "[T, 64]"), "{}", json["inventory"]["saved"]);
     assert!(std::fs::read_to_string(out.join("plan.svg")).unwrap().starts_with("<svg"));
 
@@ -84,7 +84,11 @@ nvme_bytes = 67108864
     };
     let roomy = json_plan("1GiB");
     assert_eq!(roomy["plan"]["keep_last"], 4, "{}", roomy["plan"]);
-    let tight_budget = roomy["plan"]["static_bytes"].as_u64().unwrap() + roomy["plan"]["level2"]["greedy_peak"].as_u64().unwrap() * 3 / 4;
+    // Halfway between every layer offloaded and every layer kept.
+    let least = roomy["fit"]["least_device_bytes"].as_u64().unwrap();
+    let all_kept = roomy["plan"]["device_peak"].as_u64().unwrap();
+    assert!(least < all_kept, "{least} {all_kept}");
+    let tight_budget = (least + all_kept) / 2;
     let run2 = dir.join("run2");
     let o = train_env(&["run", "--recipe", r, &format!("run.dir={}", run2.display()), &format!("plan.device_memory={tight_budget}")], &cache);
     let se = String::from_utf8_lossy(&o.stderr);

@@ -271,19 +271,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let lora = r.lora.as_ref().filter(|_| r.train.mode == "lora").map(|l| trainer::lora::LoraConfig { rank: l.rank, alpha: l.alpha, dropout: l.dropout, targets: l.targets.clone() });
             let (inv, plan) = trainer::plan_run::plan_recipe(&r, &cfg, lora.as_ref(), &req)?;
             print!("{}", planner::report::table(&inv, &plan));
-            let (min_device, bigger_tiers, longest) = trainer::plan_run::what_would_fit(&r, &inv, &plan)?;
-            println!(
-                "least      device memory for {} tokens with every layer offloaded{}: {}",
-                plan.tokens,
-                if bigger_tiers { " (and an NVMe tier large enough)" } else { "" },
-                planner::plan::human(min_device)
-            );
-            match longest {
-                Some(t) => println!("longest    step that fits these budgets: {t} tokens"),
-                None => println!("longest    step that fits these budgets: none (not even 1024 tokens)"),
-            }
+            let fit = trainer::plan_run::what_would_fit(&r, &inv, &plan)?;
+            print!("{}", fit.lines(plan.tokens));
             let dir = out.unwrap_or(r.run.dir.clone());
-            trainer::plan_run::write(&dir, &inv, &plan)?;
+            trainer::plan_run::write(&dir, &inv, &plan, Some(&fit))?;
             println!("wrote {}/plan.txt, plan.json, plan.svg", dir.display());
             Ok(())
         }

@@ -87,22 +87,48 @@ pub fn plan_recipe(recipe: &Recipe, cfg: &crate::config::ModelConfig, lora: Opti
 }
 
 /// Writes plan.txt, plan.json and plan.svg into `dir`.
-pub fn write(dir: &Path, inv: &Inventory, plan: &Plan) -> Result<()> {
+pub fn write(dir: &Path, inv: &Inventory, plan: &Plan, fit: Option<&Fit>) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(TrainerError::io(dir))?;
     let put = |name: &str, text: String| {
         let p = dir.join(name);
         std::fs::write(&p, text).map_err(TrainerError::io(&p))
     };
-    put("plan.txt", planner::report::table(inv, plan))?;
-    put("plan.json", serde_json::to_string_pretty(&serde_json::json!({ "inventory": inv, "plan": plan })).unwrap_or_default())?;
+    let mut text = planner::report::table(inv, plan);
+    if let Some(f) = fit {
+        text += &f.lines(plan.tokens);
+    }
+    put("plan.txt", text)?;
+    put("plan.json", serde_json::to_string_pretty(&serde_json::json!({ "inventory": inv, "plan": plan, "fit": fit })).unwrap_or_default())?;
     put("plan.svg", planner::report::svg(plan))?;
     Ok(())
 }
 
+/// What would fit, beside the plan.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Fit {
+    /// The least device memory at the plan's length, every layer offloaded.
+    pub least_device_bytes: u64,
+    /// True when that needs more NVMe than configured (the configured tiers are too small).
+    pub needs_more_nvme: bool,
+    /// The longest step (a multiple of 1024 tokens) that fits the budgets; None: not even 1024.
+    pub longest_tokens: Option<u64>,
+}
+
+impl Fit {
+    /// The report's closing lines.
+    pub fn lines(&self, tokens: u64) -> String {
+        format!(
+            "least      device memory for {tokens} tokens with every layer offloaded{}: {}\nlongest    step that fits these budgets: {}\n",
+            if self.needs_more_nvme { " (and an NVMe tier large enough)" } else { "" },
+            human(self.least_device_bytes),
+            self.longest_tokens.map_or("none (not even 1024 tokens)".to_string(), |t| format!("{t} tokens"))
+        )
+    }
+}
+
 /// The least device memory this step needs (every layer offloaded to the configured tiers, or to
-/// unbounded ones where those are too small: then the flag is true) and the longest step that
-/// fits the given budgets.
-pub fn what_would_fit(recipe: &Recipe, inv: &Inventory, plan: &Plan) -> Result<(u64, bool, Option<u64>)> {
+/// an unbounded NVMe tier where those are too small) and the longest step that fits the budgets.
+pub fn what_would_fit(recipe: &Recipe, inv: &Inventory, plan: &Plan) -> Result<Fit> {
     let cal = &plan.calibration;
     let req = Request::default();
     let mut opt = options(recipe, &req, plan.tokens);
@@ -111,29 +137,27 @@ pub fn what_would_fit(recipe: &Recipe, inv: &Inventory, plan: &Plan) -> Result<(
     let big = u64::MAX / 8;
     let at = |budgets: Budgets| planner::plan::plan(inv, budgets, cal, &Options { keep_last: Some(0), ..opt.clone() }).map_err(|e| TrainerError::Device(format!("planner: {e}")));
     let configured = at(Budgets { device: big, ..b })?;
-    let (min_device, bigger_tiers) = if configured.fits {
+    let (least_device_bytes, needs_more_nvme) = if configured.fits {
         (configured.device_peak, false)
     } else {
-        // Tiers too small for every layer: NVMe (or the configured tiers) without bound.
         let unbounded = if b.host + b.numa + b.nvme == 0 { Budgets { device: big, host: 0, numa: 0, nvme: big } } else { Budgets { device: big, nvme: big, ..b } };
         (at(unbounded)?.device_peak, true)
     };
-    let longest = planner::plan::longest_fitting(inv, b, cal, &opt, 1024, 1 << 24).map_err(|e| TrainerError::Device(format!("planner: {e}")))?;
-    Ok((min_device, bigger_tiers, longest))
+    let longest_tokens = planner::plan::longest_fitting(inv, b, cal, &opt, 1024, 1 << 24).map_err(|e| TrainerError::Device(format!("planner: {e}")))?;
+    Ok(Fit { least_device_bytes, needs_more_nvme, longest_tokens })
 }
 
 /// The error of a run whose plan does not fit, with what would.
-pub fn refusal(recipe: &Recipe, inv: &Inventory, plan: &Plan) -> Result<TrainerError> {
-    let (min_device, bigger_tiers, longest) = what_would_fit(recipe, inv, plan)?;
-    let longest = match longest {
+pub fn refusal(plan: &Plan, fit: &Fit) -> TrainerError {
+    let longest = match fit.longest_tokens {
         Some(t) => format!("the longest step that fits these budgets is {t} tokens (data.tokens_per_batch)"),
         None => "the longest step that fits these budgets: none (not even 1024 tokens)".into(),
     };
-    Ok(TrainerError::Device(format!(
+    TrainerError::Device(format!(
         "the plan does not fit ({}): at {} tokens the device needs at least {} with every layer offloaded{} (a [plan] device_memory of that or more); {longest}. Nothing was loaded; plan.txt in the run directory has the table.",
         plan.problems.join("; "),
         plan.tokens,
-        human(min_device),
-        if bigger_tiers { " and a larger offload.nvme_bytes" } else { "" },
-    )))
+        human(fit.least_device_bytes),
+        if fit.needs_more_nvme { " and a larger offload.nvme_bytes" } else { "" },
+    ))
 }

@@ -242,10 +242,12 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
     let mut offload_cfg = recipe.offload.clone();
     if let Some(ps) = &recipe.plan {
         let (inv, plan) = crate::plan_run::plan_recipe(&recipe, &cfg, lora_cfg.as_ref(), &crate::plan_run::Request::default())?;
-        crate::plan_run::write(&run_dir, &inv, &plan)?;
         if !plan.fits {
-            return Err(crate::plan_run::refusal(&recipe, &inv, &plan)?);
+            let fit = crate::plan_run::what_would_fit(&recipe, &inv, &plan)?;
+            crate::plan_run::write(&run_dir, &inv, &plan, Some(&fit))?;
+            return Err(crate::plan_run::refusal(&plan, &fit));
         }
+        crate::plan_run::write(&run_dir, &inv, &plan, None)?;
         if ps.apply {
             offload_cfg.keep_last = plan.keep_last;
             offload_cfg.alpha = plan.alpha.first().copied().unwrap_or(1.0);
