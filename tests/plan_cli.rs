@@ -75,6 +75,19 @@ nvme_bytes = 67108864
     let se = String::from_utf8_lossy(&e.stderr);
     assert!(se.contains("plan.device_memory") || se.contains("byte count"), "{se}");
 
+    for (args, needle) in [
+        (vec!["--device-mem", "12parsecs"], "--device-mem 12parsecs"),
+        (vec!["--tokens", "0"], "--tokens"),
+        (vec!["model.path=/nonexistent/model"], "/nonexistent/model"),
+    ] {
+        let mut a = vec!["plan", "--recipe", r];
+        a.extend(args);
+        let o = train_env(&a, &cache);
+        let se = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{se}");
+        assert!(se.contains(needle), "{needle}: {se}");
+    }
+
     // A budget that holds the weights and one layer's activations: the plan offloads the rest.
     let json_plan = |budget: &str| -> Value {
         let d = dir.join(format!("p-{budget}"));
