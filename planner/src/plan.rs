@@ -189,26 +189,29 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
         let l2 = layout_report(level2_buffers(inv, t, k, opt.lookahead, &splits, level1_peak), mip_seconds);
         Ok((m, splits, l2))
     };
-    let fits_device = |l2: &LayoutReport| static_bytes + l2.greedy_peak.min(l2.mip.peak) <= budgets.device;
-    // More layers kept never lowers the device peak: search the largest k that fits.
+    // The device peak grows with k (more layers kept) and shrinks with α, while the tiers need
+    // more with fewer layers kept: take the largest k whose device peak fits with α = 1 (an upper
+    // bound of the device use, independent of the LP), then let the LP choose α for it.
+    let device_fits_at = |k: usize| {
+        let splits = vec![t; l];
+        let l2 = level2_buffers(inv, t, k, opt.lookahead, &splits, level1_peak);
+        static_bytes + layout::greedy(&l2).peak <= budgets.device
+    };
     let k = match opt.keep_last {
         Some(k) => k.min(l),
+        None if device_fits_at(l) => l,
         None => {
+            // Invariant: k = lo fits or lo = 0; k = hi does not fit.
             let (mut lo, mut hi) = (0usize, l);
-            let ok = |k: usize| candidate(k, 0.0).map(|(_, _, l2)| fits_device(&l2)).unwrap_or(false);
-            if ok(hi) {
-                hi
-            } else {
-                while hi - lo > 1 {
-                    let mid = (lo + hi) / 2;
-                    if ok(mid) {
-                        lo = mid;
-                    } else {
-                        hi = mid;
-                    }
+            while hi - lo > 1 {
+                let mid = (lo + hi) / 2;
+                if device_fits_at(mid) {
+                    lo = mid;
+                } else {
+                    hi = mid;
                 }
-                lo
             }
+            lo
         }
     };
     let mut problems = Vec::new();
