@@ -141,6 +141,11 @@ fn statics(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>) -> Vec<Tens
     v
 }
 
+/// A per-token buffer of one layer's op sequence, live over ops `start..=end`.
+fn op_buf(name: &str, shape: String, per_token: u64, start: u32, end: u32) -> OpBuffer {
+    OpBuffer { name: name.into(), shape, fixed_bytes: 0, per_token_bytes: per_token, start, end }
+}
+
 /// One layer's backward buffers in [`block::backward`]'s op order (slots 1..=11: down, swiglu,
 /// gate/up, post-norm, residual, o_proj, attention, RoPE, q/k/v, input norm, residual), and each
 /// saved tensor until the op that consumes it.
@@ -148,7 +153,7 @@ fn backward_buffers(cfg: &ModelConfig, kind: Kind, saved: &[TensorClass]) -> Vec
     let e = kind.elt_size_in_bytes() as u64;
     let (d, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
     let (qd, kvd) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64);
-    let buf = |name: &str, shape: String, per_token: u64, start: u32, end: u32| OpBuffer { name: name.into(), shape, fixed_bytes: 0, per_token_bytes: per_token, start, end };
+    let buf = op_buf;
     let mut v = vec![
         buf("dy", format!("[T, {d}]"), d * e, 0, 5),
         buf("d act", format!("[T, {i}]"), i * e, 1, 2),
@@ -200,7 +205,7 @@ fn forward_buffers(cfg: &ModelConfig, kind: Kind) -> Vec<OpBuffer> {
     let e = kind.elt_size_in_bytes() as u64;
     let d = cfg.hidden_size as u64;
     let (qd, kvd) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64);
-    let buf = |name: &str, shape: String, per_token: u64, start: u32, end: u32| OpBuffer { name: name.into(), shape, fixed_bytes: 0, per_token_bytes: per_token, start, end };
+    let buf = op_buf;
     let mut v = vec![
         buf("q before RoPE", format!("[T, {qd}]"), qd * e, 1, 2),
         buf("k before RoPE", format!("[T, {kvd}]"), kvd * e, 1, 2),
