@@ -376,11 +376,6 @@ impl ActivationStore {
         v
     }
 
-    /// Capacity of the NVMe tier, when there is one.
-    pub fn nvme_capacity(&self) -> Option<u64> {
-        self.nvme_capacity
-    }
-
     /// Whether any offload tier is configured.
     pub fn has_tiers(&self) -> bool {
         !self.capacities().is_empty()

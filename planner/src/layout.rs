@@ -88,6 +88,12 @@ pub fn greedy(bufs: &[Buf]) -> Layout {
 
 /// Places buffers in `order`, each in the tightest gap below the top that fits it, else on top.
 fn best_fit(bufs: &[Buf], order: &[usize]) -> Layout {
+    place(bufs, order, true)
+}
+
+/// Places buffers in `order`: each at an offset where it clashes with no placed buffer live at
+/// the same time — the tightest such gap (`tightest`) or the lowest one.
+fn place(bufs: &[Buf], order: &[usize], tightest: bool) -> Layout {
     let mut offsets = vec![0u64; bufs.len()];
     let mut placed: Vec<usize> = Vec::new();
     for &i in order {
@@ -100,6 +106,9 @@ fn best_fit(bufs: &[Buf], order: &[usize]) -> Layout {
                 let gap = s - cur;
                 if best.is_none_or(|(g, _)| gap < g) {
                     best = Some((gap, cur));
+                }
+                if !tightest {
+                    break;
                 }
             }
             cur = cur.max(e);
@@ -181,23 +190,7 @@ pub fn mip(bufs: &[Buf], limit: Duration) -> Layout {
 fn pack_in_order(bufs: &[Buf], hint: &[u64]) -> Layout {
     let mut order: Vec<usize> = (0..bufs.len()).collect();
     order.sort_by_key(|&i| hint[i]);
-    let mut offsets = vec![0u64; bufs.len()];
-    let mut placed: Vec<usize> = Vec::new();
-    for &i in &order {
-        let mut busy: Vec<(u64, u64)> = placed.iter().filter(|&&j| bufs[j].overlaps(&bufs[i])).map(|&j| (offsets[j], offsets[j] + bufs[j].bytes)).collect();
-        busy.sort();
-        let mut cur = 0u64;
-        for &(s, e) in &busy {
-            if s >= cur + bufs[i].bytes {
-                break;
-            }
-            cur = cur.max(e);
-        }
-        offsets[i] = cur;
-        placed.push(i);
-    }
-    let peak = bufs.iter().zip(&offsets).map(|(b, o)| o + b.bytes).max().unwrap_or(0);
-    Layout { offsets, peak, method: "packed".into(), solve_seconds: 0.0 }
+    Layout { method: "packed".into(), ..place(bufs, &order, false) }
 }
 
 #[cfg(test)]

@@ -175,19 +175,17 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     let level1_peak = level1.mip.peak;
     let static_bytes = inv.static_bytes() + opt.baseline_bytes;
 
-    // One candidate per keep_last: the LP for the offloaded layers, then the device peak.
-    let candidate = |k: usize, mip_seconds: f64| -> Result<(memo::MemoPlan, Vec<u64>, LayoutReport), MemoError> {
+    // The LP for the layers that keep_last = k leaves to the tiers; the splits it implies.
+    let lp_for = |k: usize| -> Result<(memo::MemoPlan, Vec<u64>), MemoError> {
         let off = l - k;
         let (w, r) = inv.layer_saved(t, t);
         let spec = LayerSpec { whole_bytes: w, recomputable_bytes: r, forward_seconds: layer_fwd, recompute_seconds: recompute_all, min_alpha: if opt.allow_recompute { 0.0 } else { 1.0 } };
-        let m = if tiers.is_empty() && off > 0 {
+        if tiers.is_empty() && off > 0 {
             return Err(MemoError::TooSmall { capacity: 0, need: w * off as u64, layers: off });
-        } else {
-            memo::solve(&vec![spec; off], &tiers)?
-        };
+        }
+        let m = memo::solve(&vec![spec; off], &tiers)?;
         let splits: Vec<u64> = (0..l).map(|i| if i < off { stored_rows(m.alpha[i], t as i64) as u64 } else { t }).collect();
-        let l2 = layout_report(level2_buffers(inv, t, k, opt.lookahead, &splits, level1_peak), mip_seconds);
-        Ok((m, splits, l2))
+        Ok((m, splits))
     };
     // The device peak grows with k (more layers kept) and shrinks with α, while the tiers need
     // more with fewer layers kept: take the largest k whose device peak fits with α = 1 (an upper
@@ -215,12 +213,12 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
         }
     };
     let mut problems = Vec::new();
-    let (m, splits, _) = match candidate(k, 0.0) {
+    let (m, splits) = match lp_for(k) {
         Ok(c) => c,
         Err(MemoError::TooSmall { capacity, need, layers }) => {
             problems.push(format!("offload tiers hold {} but {layers} offloaded layers need at least {}", human(capacity), human(need)));
             // Report the all-kept layout for the table.
-            candidate(l, 0.0)?
+            lp_for(l)?
         }
         Err(e) => return Err(e),
     };
