@@ -161,7 +161,9 @@ pub fn backward_packed(grad_out: &Tensor, saved: &Saved, cfg: &AttnConfig, cu_se
     if cu_seqlens.len() == 2 {
         return backward_one(grad_out, saved, cfg);
     }
-    let (mut dqs, mut dks, mut dvs) = (Vec::new(), Vec::new(), Vec::new());
+    // Each document's gradients are written into the whole-sequence ones as they come, so the
+    // pieces never exist beside a concatenated copy.
+    let (dq_all, dk_all, dv_all) = (saved.q.zeros_like(), saved.k.zeros_like(), saved.v.zeros_like());
     for w in cu_seqlens.windows(2) {
         let (s, n) = (w[0], w[1] - w[0]);
         let lse = saved.lse.narrow(1, s, n);
@@ -179,11 +181,12 @@ pub fn backward_packed(grad_out: &Tensor, saved: &Saved, cfg: &AttnConfig, cu_se
             philox: saved.philox.as_ref().map(|(a, b)| (a.shallow_clone(), b.shallow_clone())),
         };
         let (dq, dk, dv) = backward_one(&grad_out.narrow(0, s, n), &part, cfg)?;
-        dqs.push(dq);
-        dks.push(dk);
-        dvs.push(dv);
+        for (all, piece) in [(&dq_all, dq), (&dk_all, dk), (&dv_all, dv)] {
+            // A view: this writes into `all`.
+            all.narrow(0, s, n).f_copy_(&piece).map_err(|source| KernelError::Torch { op: "attention backward", source })?;
+        }
     }
-    Ok((Tensor::cat(&dqs, 0), Tensor::cat(&dks, 0), Tensor::cat(&dvs, 0)))
+    Ok((dq_all, dk_all, dv_all))
 }
 
 fn forward_one(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttnConfig) -> Result<(Tensor, Saved), KernelError> {

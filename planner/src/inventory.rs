@@ -101,6 +101,17 @@ impl Inventory {
         (whole, rec)
     }
 
+    /// The largest single tensor of one layer stored with `split` rows (what the NVMe tier's
+    /// staging buffer grows to).
+    pub fn largest_stored(&self, tokens: u64, split: u64) -> u64 {
+        self.saved
+            .iter()
+            .filter(|c| split > 0 || !c.recomputable)
+            .map(|c| if c.recomputable { c.fixed_bytes + c.per_token_bytes * split } else { c.bytes(tokens) })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Bytes a tier holds for one layer stored with `split` rows, each tensor rounded up to the
     /// tier's granule (as its allocator does).
     pub fn layer_tier_bytes(&self, tokens: u64, split: u64, granule: u64) -> u64 {

@@ -85,6 +85,9 @@ pub struct Plan {
     pub static_bytes: u64,
     /// The process's own memory on the device (see [`Options::baseline_bytes`]).
     pub baseline_bytes: u64,
+    /// On CPU with layers on the NVMe tier: the I/O thread's aligned staging buffer, as large as
+    /// the largest tensor it moves (it grows to that once and is kept for the run).
+    pub staging_bytes: u64,
     pub saved_bytes_resident: u64,
     /// Peaks: the device (statics + level-2 layout), host, numa, nvme.
     pub device_peak: u64,
@@ -174,6 +177,8 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     let level1 = layout_report(level1_buffers(inv, t), opt.mip_seconds);
     let level1_peak = level1.mip.peak;
     let static_bytes = inv.static_bytes() + opt.baseline_bytes;
+    // The NVMe tier's staging buffer is host memory: device memory only when the CPU computes.
+    let staging_for = |offloaded: usize, split: u64| if opt.cpu && budgets.nvme > 0 && offloaded > 0 { inv.largest_stored(t, split) } else { 0 };
 
     // The LP for the layers that keep_last = k leaves to the tiers; the splits it implies.
     let lp_for = |k: usize| -> Result<(memo::MemoPlan, Vec<u64>), MemoError> {
@@ -193,7 +198,7 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     let device_fits_at = |k: usize| {
         let splits = vec![t; l];
         let l2 = level2_buffers(inv, t, k, opt.lookahead, &splits, level1_peak);
-        static_bytes + layout::greedy(&l2).peak <= budgets.device
+        static_bytes + staging_for(l - k, t) + layout::greedy(&l2).peak <= budgets.device
     };
     let k = match opt.keep_last {
         Some(k) => k.min(l),
@@ -257,7 +262,9 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
         }
         placement[i] = names.join("+");
     }
-    let device_peak = static_bytes + level2.mip.peak.min(level2.greedy_peak);
+    let on_nvme = tier_bytes.iter().filter(|b| b[2] > 0).count();
+    let staging_bytes = staging_for(on_nvme, splits.first().copied().unwrap_or(t));
+    let device_peak = static_bytes + staging_bytes + level2.mip.peak.min(level2.greedy_peak);
     let saved_bytes_resident: u64 = {
         let (w, r) = inv.layer_saved(t, t);
         (l - off) as u64 * (w + r)
@@ -283,6 +290,7 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
         tier_bytes,
         static_bytes: static_bytes - opt.baseline_bytes,
         baseline_bytes: opt.baseline_bytes,
+        staging_bytes,
         saved_bytes_resident,
         device_peak,
         host_peak,

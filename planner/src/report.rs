@@ -53,6 +53,9 @@ pub fn table(inv: &Inventory, p: &Plan) -> String {
     if p.baseline_bytes > 0 {
         let _ = writeln!(s, "process    {} resident before any tensor (runtime, libraries): counted in the device peak", human(p.baseline_bytes));
     }
+    if p.staging_bytes > 0 {
+        let _ = writeln!(s, "staging    {} NVMe I/O buffer (the largest tensor moved, kept for the run): counted in the device peak", human(p.staging_bytes));
+    }
     let _ = writeln!(s, "peaks      device {} (budget {}), host {} ({}), numa {} ({}), nvme {} ({})", human(p.device_peak), human(p.budgets.device), human(p.host_peak), human(p.budgets.host), human(p.numa_peak), human(p.budgets.numa), human(p.nvme_peak), human(p.budgets.nvme));
     let _ = writeln!(s, "layout     level 1 (one layer's backward, {} buffers): lower bound {}, greedy {}, MIP {} [{}; {:.2}s]", p.level1.buffers.len(), human(p.level1.lower_bound), human(p.level1.greedy_peak), human(p.level1.mip.peak), p.level1.mip.method, p.level1.mip.solve_seconds);
     let _ = writeln!(s, "           level 2 (the step, {} buffers): lower bound {}, greedy {}, MIP {} [{}; {:.2}s]", p.level2.buffers.len(), human(p.level2.lower_bound), human(p.level2.greedy_peak), human(p.level2.mip.peak), p.level2.mip.method, p.level2.mip.solve_seconds);

@@ -7,6 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::memory::{peak_rss_bytes, PhasePeak};
 use crate::model::Model;
 
 #[derive(Debug, Clone)]
@@ -18,6 +19,8 @@ pub struct StepBench {
     pub intermediate: i64,
     pub vocab: i64,
     pub tokens: i64,
+    /// Iterations measured after the first (which warms up allocators and kernels and is
+    /// reported on its own).
     pub iters: usize,
     /// Offload tiers ("host", "numa", "nvme"; empty: keep everything resident), each with a
     /// budget of 5/4 of the step's saved activations.
@@ -27,14 +30,6 @@ pub struct StepBench {
     pub keep_last: usize,
     /// MEMO's α for offloaded layers (1: store every token's activations).
     pub alpha: f64,
-}
-
-/// Peak resident set of this process (VmHWM), in bytes; None where /proc is missing.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 fn sync(device: Device) {
@@ -70,6 +65,7 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
     let labels = ids.roll([-1], [0]);
     let batch = crate::model::Batch::single(ids, labels);
     let mut times = Vec::new();
+    let mut peaks = Vec::new();
     let mut saved = 0;
     let mut loss = 0.0;
     let budget = (saved_estimate(&model, b.tokens) as u64 * 5 / 4).max(1 << 20);
@@ -93,11 +89,13 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
     };
     for i in 0..b.iters + 1 {
         sync(device);
+        let peak = PhasePeak::start();
         let t0 = Instant::now();
         let (l, grads, stats) = model.forward_backward_with(&batch, None, 1024, &mut store, policy)?;
         sync(device);
         let dt = t0.elapsed().as_secs_f64();
         drop(grads);
+        peaks.push(peak.bytes());
         if i > 0 {
             times.push(dt); // the first step warms up allocators and kernels
         }
@@ -122,6 +120,10 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
         "offload_stall_seconds_per_step": store.stats().stall_seconds / (b.iters as f64 + 1.0),
         "peak_bytes": {"host": store.stats().host_peak_bytes, "numa": store.stats().numa_peak_bytes, "nvme": store.stats().nvme_peak_bytes},
         "peak_rss_bytes": peak_rss_bytes(),
+        // The first iteration grows the allocators; what a long run holds is the steady state.
+        "first_iter_peak_rss_bytes": peaks[0],
+        "steady_peak_rss_bytes": peaks[1..].iter().copied().max().flatten(),
+        "iter_peak_rss_bytes": peaks,
         "loss": loss,
     }))
 }

@@ -318,31 +318,39 @@ fn proj_backward(dy: &Tensor, x: &Tensor, lin: &Linear, name: &str, ctx: &Contex
 
 /// Consumes the layer's saved activations; returns the gradient of the block input and the
 /// parameter gradients under their names relative to `model.layers.{i}`.
-pub fn backward(layer: &Layer, dy: &Tensor, s: BlockSaved, ctx: &Context, layer_idx: usize) -> Result<(Tensor, Vec<(String, Tensor)>)> {
+pub fn backward(layer: &Layer, dy: Tensor, s: BlockSaved, ctx: &Context, layer_idx: usize) -> Result<(Tensor, Vec<(String, Tensor)>)> {
     let t = dy.size()[0];
     let mut grads = Vec::new();
-    let mut ls = s.lora;
+    // Each saved tensor is released right after the op that consumes it, which is what the
+    // planner's level-1 layout of this backward assumes (`inventory::backward_buffers`).
+    let BlockSaved { x, rstd_attn, x_attn, attn, h, rstd_mlp, x_mlp, gate, up, act, lora } = s;
+    let mut ls = lora;
     // MLP
-    let dact = proj_backward(dy, &s.act, &layer.down_proj, "mlp.down_proj", ctx, &mut ls, &mut grads)?;
-    let (dgate, dup) = swiglu::backward(&dact, &swiglu::Saved { gate: s.gate, up: s.up });
-    let dx_mlp = proj_backward(&dgate, &s.x_mlp, &layer.gate_proj, "mlp.gate_proj", ctx, &mut ls, &mut grads)?
-        + proj_backward(&dup, &s.x_mlp, &layer.up_proj, "mlp.up_proj", ctx, &mut ls, &mut grads)?;
-    let (dh_norm, dw2) = rmsnorm::backward(&dx_mlp, &rmsnorm::Saved { x: s.h, rstd: s.rstd_mlp }, &layer.post_attention_layernorm, ctx.full);
+    let dact = proj_backward(&dy, &act, &layer.down_proj, "mlp.down_proj", ctx, &mut ls, &mut grads)?;
+    drop(act);
+    let (dgate, dup) = swiglu::backward(&dact, &swiglu::Saved { gate, up });
+    drop(dact);
+    let dx_mlp = proj_backward(&dgate, &x_mlp, &layer.gate_proj, "mlp.gate_proj", ctx, &mut ls, &mut grads)?
+        + proj_backward(&dup, &x_mlp, &layer.up_proj, "mlp.up_proj", ctx, &mut ls, &mut grads)?;
+    drop((dgate, dup, x_mlp));
+    let (dh_norm, dw2) = rmsnorm::backward(&dx_mlp, &rmsnorm::Saved { x: h, rstd: rstd_mlp }, &layer.post_attention_layernorm, ctx.full);
+    drop(dx_mlp);
     if let Some(w) = dw2 {
         grads.push(("post_attention_layernorm.weight".into(), w));
     }
     let dh = dy + dh_norm;
-    let o_flat = s.attn.out.view([t, ctx.heads * ctx.head_dim]);
     // Attention
-    let do_ = proj_backward(&dh, &o_flat, &layer.o_proj, "self_attn.o_proj", ctx, &mut ls, &mut grads)?;
-    let (dq, dk, dv) = attention::backward_packed(&do_.view([t, ctx.heads, ctx.head_dim]), &s.attn, &ctx.attn[layer_idx], &ctx.cu_seqlens)?;
+    let do_ = proj_backward(&dh, &attn.out.view([t, ctx.heads * ctx.head_dim]), &layer.o_proj, "self_attn.o_proj", ctx, &mut ls, &mut grads)?;
+    let (dq, dk, dv) = attention::backward_packed(&do_.view([t, ctx.heads, ctx.head_dim]), &attn, &ctx.attn[layer_idx], &ctx.cu_seqlens)?;
+    drop((do_, attn));
     let dq = rope::backward(&dq, &ctx.cos, &ctx.sin).reshape([t, ctx.heads * ctx.head_dim]);
     let dk = rope::backward(&dk, &ctx.cos, &ctx.sin).reshape([t, ctx.kv_heads * ctx.head_dim]);
     let dv = dv.reshape([t, ctx.kv_heads * ctx.head_dim]);
-    let dx_attn = proj_backward(&dq, &s.x_attn, &layer.q_proj, "self_attn.q_proj", ctx, &mut ls, &mut grads)?
-        + proj_backward(&dk, &s.x_attn, &layer.k_proj, "self_attn.k_proj", ctx, &mut ls, &mut grads)?
-        + proj_backward(&dv, &s.x_attn, &layer.v_proj, "self_attn.v_proj", ctx, &mut ls, &mut grads)?;
-    let (dx_norm, dw1) = rmsnorm::backward(&dx_attn, &rmsnorm::Saved { x: s.x, rstd: s.rstd_attn }, &layer.input_layernorm, ctx.full);
+    let dx_attn = proj_backward(&dq, &x_attn, &layer.q_proj, "self_attn.q_proj", ctx, &mut ls, &mut grads)?
+        + proj_backward(&dk, &x_attn, &layer.k_proj, "self_attn.k_proj", ctx, &mut ls, &mut grads)?
+        + proj_backward(&dv, &x_attn, &layer.v_proj, "self_attn.v_proj", ctx, &mut ls, &mut grads)?;
+    drop((dq, dk, dv, x_attn));
+    let (dx_norm, dw1) = rmsnorm::backward(&dx_attn, &rmsnorm::Saved { x, rstd: rstd_attn }, &layer.input_layernorm, ctx.full);
     if let Some(w) = dw1 {
         grads.push(("input_layernorm.weight".into(), w));
     }

@@ -7,6 +7,7 @@
 //! - [`block`]: one decoder layer and the activations it saves ([`block::BlockSaved`])
 //! - [`reference`]: the autograd reference the tests compare against
 //! - [`eval`]: `train eval`
+//! - [`memory`]: the process's resident set per step, the CPU allocator's settings
 pub mod bench;
 pub mod calibrate;
 pub mod block;
@@ -19,6 +20,7 @@ pub mod eval;
 pub mod init;
 pub mod inventory;
 pub mod lora;
+pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod plan_run;

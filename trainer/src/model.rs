@@ -369,6 +369,8 @@ impl Model {
         let (dh, dhead) = cross_entropy::backward(scale, &ce_saved, self.lm_head_weight(), self.full);
         drop(ce_saved);
         let (mut dx, dnorm) = rmsnorm::backward(&dh, &norm_saved, &self.norm, self.full);
+        // The head's tensors end here, before the first layer's backward (as the plan has them).
+        drop((dh, norm_saved, x, h));
         if let Some(g) = dnorm {
             grads.insert("model.norm.weight".into(), g);
         }
@@ -396,7 +398,7 @@ impl Model {
             } else {
                 BlockSaved::from_named(&names[l], |n| Ok(store.take(l, n)?))?
             };
-            let (d, g) = block::backward(layer, &dx, s, &ctx, l)?;
+            let (d, g) = block::backward(layer, dx, s, &ctx, l)?;
             for (name, t) in g {
                 grads.insert(format!("model.layers.{l}.{name}"), t);
             }

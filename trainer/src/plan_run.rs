@@ -51,12 +51,7 @@ pub fn budgets(recipe: &Recipe, req: &Request) -> Result<Budgets> {
 /// This process's resident set now (VmRSS), taken before planning allocates anything.
 fn baseline_rss() -> u64 {
     static AT_START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *AT_START.get_or_init(|| {
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()))
-            .map_or(0, |kb| kb * 1024)
-    })
+    *AT_START.get_or_init(|| crate::memory::rss_bytes().unwrap_or(0))
 }
 
 fn options(recipe: &Recipe, req: &Request, tokens: u64) -> Options {
@@ -64,7 +59,8 @@ fn options(recipe: &Recipe, req: &Request, tokens: u64) -> Options {
     let cpu = recipe.run.device == "cpu" || (recipe.run.device == "auto" && !tch::Cuda::is_available());
     Options {
         tokens,
-        keep_last: if apply { None } else { Some(recipe.offload.keep_last) },
+        // Without tiers the engine keeps every layer whatever keep_last says.
+        keep_last: if recipe.offload.tiers.is_empty() { Some(usize::MAX) } else if apply { None } else { Some(recipe.offload.keep_last) },
         lookahead: recipe.offload.lookahead,
         cpu,
         mip_seconds: req.mip_seconds.or(recipe.plan.as_ref().map(|p| p.mip_seconds)).unwrap_or(2.0),

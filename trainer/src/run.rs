@@ -436,6 +436,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
     let accum = recipe.train.grad_accum;
     for step in state.step..recipe.train.steps {
         let t0 = Instant::now();
+        let step_peak = crate::memory::PhasePeak::start();
         // Dropout masks (LoRA) come from libtorch's generator: seed it per step so a resumed run
         // draws what the uninterrupted run drew.
         tch::manual_seed((recipe.run.seed as i64).wrapping_mul(1_000_003).wrapping_add(step));
@@ -486,7 +487,11 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
             "train/tokens_per_sec": tps, "train/tokens": step_tokens,
             "memory/activations_bytes": saved_peak as f64,
         });
-        if let Some(rss) = crate::bench::peak_rss_bytes() {
+        // The step's own peak (from the step's start to its optimizer update) and the run's.
+        if let Some(rss) = step_peak.bytes() {
+            m["memory/step_peak_rss_bytes"] = json!(rss as f64);
+        }
+        if let Some(rss) = crate::memory::peak_rss_bytes() {
             m["memory/host_peak_rss_bytes"] = json!(rss as f64);
         }
         if store.has_tiers() {
