@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# `make bench`: the numbers behind the README, printed (not pass/fail). About 5 minutes on 2 cores.
+# `make bench`: the numbers behind the README, printed (not pass/fail). About 9 minutes on 2 cores.
 #   1. each offload tier's bandwidth through the engine beside the raw figure of this machine;
 #   2. one training step of an 8-layer, hidden-512 Llama at 4096 tokens, all resident vs NVMe;
 #   3. the planner on a Llama-3-8B-shaped config (no weights needed) at 32K, 128K and 512K tokens,
-#      80 GB device, 100 GB host memory, 2 TB NVMe.
+#      80 GB device, 100 GB host memory, 2 TB NVMe;
+#   4. the plan's device peak against the per-step peak RSS of 5-step runs at 4096 tokens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=target/release/train
@@ -33,3 +34,6 @@ for t in 32768 131072 524288; do
     data.tokens_per_batch=$t data.max_tokens=$t "offload.nvme_dir=$tmp" \
     --device-mem 80GB --host-mem 100GB --nvme 2TB --out "$tmp/plan-$t" | sed -n '/^plan /,$p'
 done
+
+echo "== memory over a whole run: plan vs per-step peak RSS, 5 steps at 4096 tokens (scripts/bench-memory.sh)"
+TOKENS=4096 bash scripts/bench-memory.sh
