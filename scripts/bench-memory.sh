@@ -7,6 +7,7 @@
 # and the median step time.
 #
 #   scripts/bench-memory.sh                      # 4096 and 8192 tokens, the recipe's model
+#   MODES=lora PLACES=nvme scripts/bench-memory.sh   # one mode, one placement
 #   TOKENS="32768" SHAPE="model.init.num_hidden_layers=4 model.init.hidden_size=256 \
 #     model.init.intermediate_size=688 model.init.num_attention_heads=4 model.init.num_key_value_heads=2" \
 #     scripts/bench-memory.sh                    # 32K on a smaller model (8 layers × 512: ~5 min a step here)
@@ -23,8 +24,8 @@ mkdir -p "$tmp/nvme"
 printf '| tokens | model | mode | activations | plan device peak | step 1 peak | steady peak (steps 2-%s) | steady / plan | step (median) |\n' "$STEPS"
 printf '|---:|---|---|---|---:|---:|---:|---:|---:|\n'
 for t in $TOKENS; do
-  for mode in full lora; do
-    for place in resident nvme; do
+  for mode in ${MODES:-full lora}; do
+    for place in ${PLACES:-resident nvme}; do
       run="$tmp/run-$t-$mode-$place"
       extra=()
       if [ "$place" = nvme ]; then

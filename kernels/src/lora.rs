@@ -40,8 +40,11 @@ pub fn forward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, ad: &Adapter,
     // The adapter may be kept in a wider dtype than the base (float32 over bf16): compute it there.
     let xd = dropped(&x.to_kind(ad.a.kind()), keep.as_ref(), ad.dropout);
     let xa = xd.matmul(&ad.a.tr());
-    let base = crate::linear::apply(x, weight, bias);
-    let y = &base + (xa.matmul(&ad.b.tr()) * ad.scale).to_kind(base.kind());
+    // In place where it changes no value, so a step holds two `[T, out]` tensors here, not four.
+    let mut low = xa.matmul(&ad.b.tr());
+    low *= ad.scale;
+    let mut y = crate::linear::apply(x, weight, bias);
+    y += low.to_kind(y.kind());
     (y, Saved { x: x.shallow_clone(), keep, xa })
 }
 
@@ -57,6 +60,8 @@ pub fn backward(grad_out: &Tensor, saved: &Saved, weight: &Tensor, ad: &Adapter)
     let dxa = dy.matmul(ad.b) * ad.scale; // [T, rank]
     let xd = dropped(&saved.x.to_kind(ad.a.kind()), saved.keep.as_ref(), ad.dropout);
     let ga = dxa.tr().matmul(&xd); // [rank, in]
-    let dx = grad_out.matmul(weight) + dropped(&dxa.matmul(ad.a), saved.keep.as_ref(), ad.dropout).to_kind(grad_out.kind());
+    // The low-rank term is added in place: two `[T, in]` tensors at once, not three.
+    let mut dx = grad_out.matmul(weight);
+    dx += dropped(&dxa.matmul(ad.a), saved.keep.as_ref(), ad.dropout).to_kind(grad_out.kind());
     Grads { x: dx, a: ga, b: gb }
 }

@@ -146,10 +146,22 @@ fn op_buf(name: &str, shape: String, per_token: u64, start: u32, end: u32) -> Op
     OpBuffer { name: name.into(), shape, fixed_bytes: 0, per_token_bytes: per_token, start, end }
 }
 
+/// LoRA's low-rank terms (computed in the adapter's float32, then cast to the working dtype) of
+/// the adapted projections among `ops`: (projection names, width of the term, op slot).
+fn lora_terms(kind: Kind, lora: Option<&LoraConfig>, what: &str, ops: &[(&[&str], u64, u32)]) -> Vec<OpBuffer> {
+    let Some(l) = lora else { return Vec::new() };
+    let e = kind.elt_size_in_bytes() as u64;
+    let per_elt = 4 + if e == 4 { 0 } else { e };
+    ops.iter()
+        .filter(|(names, _, _)| names.iter().any(|n| l.targets.iter().any(|t| t == n)))
+        .map(|(names, dim, slot)| op_buf(&format!("LoRA term of the {what} ({})", names.join("/")), format!("[T, {dim}]"), dim * per_elt, *slot, *slot))
+        .collect()
+}
+
 /// One layer's backward buffers in [`block::backward`]'s op order (slots 1..=11: down, swiglu,
 /// gate/up, post-norm, residual, o_proj, attention, RoPE, q/k/v, input norm, residual), and each
 /// saved tensor until the op that consumes it.
-fn backward_buffers(cfg: &ModelConfig, kind: Kind, saved: &[TensorClass]) -> Vec<OpBuffer> {
+fn backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, saved: &[TensorClass]) -> Vec<OpBuffer> {
     let e = kind.elt_size_in_bytes() as u64;
     let (d, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
     let (qd, kvd) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64);
@@ -177,6 +189,9 @@ fn backward_buffers(cfg: &ModelConfig, kind: Kind, saved: &[TensorClass]) -> Vec
         v.push(buf("k, v repeated", format!("2 × [T, {qd}]"), 2 * qd * e, 7, 7));
         v.push(buf("d k, d v repeated", format!("2 × [T, {qd}]"), 2 * qd * e, 7, 7));
     }
+    // LoRA: an adapted projection's input gradient gets its low-rank term added in place, so
+    // that term exists beside it for the op.
+    v.extend(lora_terms(kind, lora, "d input", &[(&["down_proj"], i, 1), (&["gate_proj", "up_proj"], d, 3), (&["o_proj"], qd, 6), (&["q_proj", "k_proj", "v_proj"], d, 9)]));
     for c in saved {
         let proj = c.name.split(':').nth(1).unwrap_or("");
         let end = match c.name.as_str() {
@@ -201,7 +216,7 @@ fn backward_buffers(cfg: &ModelConfig, kind: Kind, saved: &[TensorClass]) -> Vec
 /// before RoPE, k and v repeated for grouped-query attention, the o_proj output, the down_proj
 /// output and the block output (the next layer's input). Their best-fit peak per token is the
 /// forward's working set in the level-2 layout.
-fn forward_buffers(cfg: &ModelConfig, kind: Kind) -> Vec<OpBuffer> {
+fn forward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>) -> Vec<OpBuffer> {
     let e = kind.elt_size_in_bytes() as u64;
     let d = cfg.hidden_size as u64;
     let (qd, kvd) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64);
@@ -216,6 +231,10 @@ fn forward_buffers(cfg: &ModelConfig, kind: Kind) -> Vec<OpBuffer> {
     if kvd != qd {
         v.push(buf("k, v repeated", format!("2 × [T, {qd}]"), 2 * qd * e, 3, 3));
     }
+    // LoRA: an adapted projection's low-rank term exists beside its output until it is added in
+    // place.
+    let i = cfg.intermediate_size as u64;
+    v.extend(lora_terms(kind, lora, "output", &[(&["q_proj", "k_proj", "v_proj"], qd, 1), (&["o_proj"], d, 4), (&["gate_proj", "up_proj"], i, 5), (&["down_proj"], d, 6)]));
     v
 }
 
@@ -241,8 +260,8 @@ pub fn build(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: D
         },
         TensorClass { group: Group::Head, name: "loss: logsumexp per token".into(), shape: "[T]".into(), dtype: "float32".into(), count: 1, fixed_bytes: 0, per_token_bytes: 4, recomputable: false },
     ];
-    let backward = backward_buffers(cfg, kind, &saved);
-    let forward = forward_buffers(cfg, kind);
+    let backward = backward_buffers(cfg, kind, lora, &saved);
+    let forward = forward_buffers(cfg, kind, lora);
     // Every forward transient is per-token, so the peak at one token scales exactly.
     let one_token: Vec<planner::layout::Buf> = forward.iter().map(|b| planner::layout::Buf::new(b.name.clone(), b.per_token_bytes, b.start, b.end)).collect();
     let forward_work_per_token = planner::layout::greedy(&one_token).peak;

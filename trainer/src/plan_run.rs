@@ -48,7 +48,8 @@ pub fn budgets(recipe: &Recipe, req: &Request) -> Result<Budgets> {
     })
 }
 
-/// This process's resident set now (VmRSS), taken before planning allocates anything.
+/// This process's resident set (VmRSS) when first asked: the runtime, its libraries and thread
+/// pools, before any tensor of the run exists.
 fn baseline_rss() -> u64 {
     static AT_START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *AT_START.get_or_init(|| crate::memory::rss_bytes().unwrap_or(0))
@@ -73,8 +74,11 @@ fn options(recipe: &Recipe, req: &Request, tokens: u64) -> Options {
 pub fn plan_recipe(recipe: &Recipe, cfg: &crate::config::ModelConfig, lora: Option<&LoraConfig>, req: &Request) -> Result<(Inventory, Plan)> {
     let dev = crate::device::target_device(&recipe.run.device)?;
     let kind = crate::device::parse_dtype(&recipe.run.dtype)?;
-    baseline_rss(); // before the probe and the calibration allocate
     let inv = crate::inventory::build(cfg, kind, lora, dev, recipe.train.loss_chunk)?;
+    // After the probe (whose tensors are small and gone): it ran libtorch's kernels once, so the
+    // thread pools and kernel buffers that every step will hold are in the figure; before the
+    // calibration, whose large buffers are not held afterwards.
+    baseline_rss();
     let cal = crate::calibrate::load_or_measure(dev, kind, &recipe.offload.nvme_dir, req.calibrate)?;
     let tokens = req.tokens.unwrap_or(recipe.data.tokens_per_batch as u64);
     let b = budgets(recipe, req)?;
