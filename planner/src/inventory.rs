@@ -14,6 +14,8 @@ pub enum Group {
     Saved,
     /// Embedding, final norm and loss: saved or live outside the layers.
     Head,
+    /// Tensors every layer reads, live for the whole step (the RoPE tables of the step's tokens).
+    Context,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -77,6 +79,7 @@ pub struct Inventory {
     pub statics: Vec<TensorClass>,
     /// One layer's saved tensors.
     pub saved: Vec<TensorClass>,
+    /// Outside the layers: the head's tensors and the step-wide context (by their group).
     pub head: Vec<TensorClass>,
     /// One layer's forward working set beyond its saved tensors (peak of `forward`, per token).
     pub forward_work_per_token: u64,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::inventory::{stored_rows, Inventory};
+use crate::inventory::{stored_rows, Group, Inventory};
 use crate::layout::{self, Buf, Layout};
 use crate::memo::{self, LayerSpec, MemoError, TierSpec};
 
@@ -149,8 +149,10 @@ fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usi
         v.push(Buf::new(format!("layer{layer}.backward work"), level1_peak, bwd_slot(layer), bwd_slot(layer)));
     }
     for h in &inv.head {
-        // The head's tensors live from the end of forward through the loss into the first backward.
-        v.push(Buf::new(h.name.clone(), h.total(tokens), l as u32, (l + 1) as u32));
+        // The head's tensors live from the end of forward through the loss into the first
+        // backward; the context's for the whole step.
+        let (start, end) = if h.group == Group::Context { (0, bwd_slot(0)) } else { (l as u32, (l + 1) as u32) };
+        v.push(Buf::new(h.name.clone(), h.total(tokens), start, end));
     }
     v
 }

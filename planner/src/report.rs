@@ -40,7 +40,7 @@ pub fn table(inv: &Inventory, p: &Plan) -> String {
             line(&mut s, label, &name, &b.shape, &inv.dtype, 1, b.fixed_bytes + b.per_token_bytes * t);
         }
     }
-    let h = group_total(&mut s, Group::Head, "head");
+    let h = group_total(&mut s, Group::Head, "head") + group_total(&mut s, Group::Context, "context");
     let _ = writeln!(s, "totals     weights {}, grads {}, optimizer {}, saved {} per layer × {} = {}, head {}", human(w), human(g), human(o), human(per_layer), inv.layers, human(per_layer * inv.layers as u64), human(h));
     let _ = writeln!(s);
     let _ = writeln!(s, "plan       keep_last {} (layers kept on the device), lookahead {}", p.keep_last, p.lookahead);

@@ -179,6 +179,7 @@ fn backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, sa
         buf("d k", format!("[T, {kvd}]"), kvd * e, 7, 8),
         buf("d v", format!("[T, {kvd}]"), kvd * e, 7, 9),
         buf("d q (rope)", format!("[T, {qd}]"), qd * e, 8, 9),
+        buf("RoPE backward temporaries", format!("2 × [T, {qd}]"), 2 * qd * e, 8, 8),
         buf("d k (rope)", format!("[T, {kvd}]"), kvd * e, 8, 9),
         buf("d x_attn", format!("[T, {d}]"), d * e, 9, 10),
         buf("d x (norm)", format!("[T, {d}]"), d * e, 10, 11),
@@ -224,6 +225,8 @@ fn forward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>) -> 
     let mut v = vec![
         buf("q before RoPE", format!("[T, {qd}]"), qd * e, 1, 2),
         buf("k before RoPE", format!("[T, {kvd}]"), kvd * e, 1, 2),
+        // x·cos and rotate_half(x)·sin (and the rotation's halves) beside q's input and output.
+        buf("RoPE temporaries", format!("2 × [T, {qd}]"), 2 * qd * e, 2, 2),
         buf("o_proj output", format!("[T, {d}]"), d * e, 4, 4),
         buf("down_proj output", format!("[T, {d}]"), d * e, 6, 7),
         buf("block output", format!("[T, {d}]"), d * e, 7, 7),
@@ -259,6 +262,16 @@ pub fn build(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: D
             recomputable: false,
         },
         TensorClass { group: Group::Head, name: "loss: logsumexp per token".into(), shape: "[T]".into(), dtype: "float32".into(), count: 1, fixed_bytes: 0, per_token_bytes: 4, recomputable: false },
+        TensorClass {
+            group: Group::Context,
+            name: "RoPE tables cos, sin".into(),
+            shape: format!("2 × [T, {}]", cfg.head_dim),
+            dtype: kind_name(kind),
+            count: 1,
+            fixed_bytes: 0,
+            per_token_bytes: 2 * cfg.head_dim as u64 * e,
+            recomputable: false,
+        },
     ];
     let backward = backward_buffers(cfg, kind, lora, &saved);
     let forward = forward_buffers(cfg, kind, lora);
