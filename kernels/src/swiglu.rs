@@ -12,13 +12,31 @@ pub struct Saved {
 /// # Shapes
 /// - `gate`, `up`: `[T, I]` → `[T, I]`
 pub fn forward(gate: &Tensor, up: &Tensor) -> (Tensor, Saved) {
-    (gate.silu() * up, Saved { gate: gate.shallow_clone(), up: up.shallow_clone() })
+    // In place: no `[T, I]` temporary beside the result.
+    let mut act = gate.silu();
+    act *= up;
+    (act, Saved { gate: gate.shallow_clone(), up: up.shallow_clone() })
 }
 
 /// Returns `(grad_gate, grad_up)`; silu'(g) = σ(g)·(1 + g·(1 − σ(g))).
+///
+/// Element-wise products and sums in place (each the same IEEE operation as written out, so the
+/// values are unchanged): at most two `[T, I]` temporaries beside the two results.
 pub fn backward(grad_out: &Tensor, saved: &Saved) -> (Tensor, Tensor) {
-    let sig = saved.gate.sigmoid();
-    let silu = &saved.gate * &sig;
-    let dsilu = &sig * (sig.ones_like() + &saved.gate * (sig.ones_like() - &sig));
-    (grad_out * &saved.up * dsilu, grad_out * silu)
+    let g = &saved.gate;
+    let sig = g.sigmoid();
+    // grad_up = grad_out · silu(g) = grad_out · (g·σ)
+    let mut dup = g * &sig;
+    dup *= grad_out;
+    // silu'(g) = σ · (1 + g · (1 − σ))
+    let mut dsilu = -&sig;
+    dsilu += 1.0;
+    dsilu *= g;
+    dsilu += 1.0;
+    dsilu *= &sig;
+    drop(sig);
+    // grad_gate = (grad_out · up) · silu'(g)
+    let mut dgate = grad_out * &saved.up;
+    dgate *= &dsilu;
+    (dgate, dup)
 }
