@@ -42,6 +42,10 @@ pub struct Options {
     pub keep_last: Option<usize>,
     /// Layers prefetched ahead in backward.
     pub lookahead: usize,
+    /// Bytes of swapped-out tensors that may wait for the I/O thread (the engine's
+    /// `max_inflight_bytes`): what of a layer's swap-out is still held during the next layer.
+    #[serde(default = "unbounded")]
+    pub max_inflight: u64,
     /// True when the compute device is the CPU: the host tier is the device's own memory.
     pub cpu: bool,
     /// Time limit per layout MIP.
@@ -52,6 +56,10 @@ pub struct Options {
     /// runtime itself, measured before planning; on CUDA: 0, the context is outside the budget
     /// libtorch reports).
     pub baseline_bytes: u64,
+}
+
+fn unbounded() -> u64 {
+    u64::MAX
 }
 
 /// A layout with its baselines.
@@ -127,7 +135,7 @@ pub fn level1_buffers(inv: &Inventory, tokens: u64) -> Vec<Buf> {
 /// (the swap-out) and again from the prefetch `lookahead` layers early. A backward slot's working
 /// set is the level-1 peak, which includes the layer's own saved tensors (so those end one slot
 /// before); a forward slot's is the forward's transients.
-fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usize, splits: &[u64], level1_peak: u64) -> Vec<Buf> {
+fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usize, max_inflight: u64, splits: &[u64], level1_peak: u64) -> Vec<Buf> {
     let l = inv.layers;
     let bwd_slot = |layer: usize| (l + 1 + (l - 1 - layer)) as u32;
     let mut v = Vec::new();
@@ -137,7 +145,10 @@ fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usi
         if kept {
             v.push(Buf::new(format!("layer{layer}.saved"), w + r, layer as u32, bwd_slot(layer) - 1));
         } else {
-            v.push(Buf::new(format!("layer{layer}.saved (swap-out)"), w + r, layer as u32, (layer + 1) as u32));
+            // Whole while the layer's forward makes it; during the next layer's forward only what
+            // the engine lets wait for the I/O thread.
+            v.push(Buf::new(format!("layer{layer}.saved (swap-out)"), w + r, layer as u32, layer as u32));
+            v.push(Buf::new(format!("layer{layer}.saved (in flight)"), (w + r).min(max_inflight), (layer + 1) as u32, (layer + 1) as u32));
             if lookahead > 0 {
                 let from = bwd_slot((layer + lookahead).min(l - 1));
                 if from < bwd_slot(layer) {
@@ -199,7 +210,7 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     // bound of the device use, independent of the LP), then let the LP choose α for it.
     let device_fits_at = |k: usize| {
         let splits = vec![t; l];
-        let l2 = level2_buffers(inv, t, k, opt.lookahead, &splits, level1_peak);
+        let l2 = level2_buffers(inv, t, k, opt.lookahead, opt.max_inflight, &splits, level1_peak);
         static_bytes + staging_for(l - k, t) + layout::greedy(&l2).peak <= budgets.device
     };
     let k = match opt.keep_last {
@@ -243,7 +254,7 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
         (m, splits)
     };
     let k = l - off;
-    let level2 = layout_report(level2_buffers(inv, t, k, opt.lookahead, &splits, level1_peak), opt.mip_seconds);
+    let level2 = layout_report(level2_buffers(inv, t, k, opt.lookahead, opt.max_inflight, &splits, level1_peak), opt.mip_seconds);
     let mut alpha = vec![1.0; l];
     let mut tier_bytes = vec![[0u64; 3]; l];
     let mut placement = vec!["device".to_string(); l];

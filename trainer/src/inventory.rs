@@ -170,8 +170,9 @@ fn backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, sa
         buf("dy", format!("[T, {d}]"), d * e, 0, 5),
         buf("d act", format!("[T, {i}]"), i * e, 1, 2),
         buf("d gate", format!("[T, {i}]"), i * e, 2, 3),
-        // σ(gate) and silu'(gate) while the SwiGLU gradients are formed.
-        buf("SwiGLU backward temporaries", format!("2 × [T, {i}]"), 2 * i * e, 2, 2),
+        // σ(gate) and silu'(gate) while the SwiGLU gradients are formed: σ is gone before d gate
+        // exists, so one tensor beyond the two results at any moment.
+        buf("SwiGLU backward temporaries", format!("[T, {i}]"), i * e, 2, 2),
         buf("d up", format!("[T, {i}]"), i * e, 2, 3),
         buf("d x_mlp", format!("[T, {d}]"), d * e, 3, 4),
         buf("d h (norm)", format!("[T, {d}]"), d * e, 4, 5),

@@ -63,6 +63,7 @@ fn options(recipe: &Recipe, req: &Request, tokens: u64) -> Options {
         // Without tiers the engine keeps every layer whatever keep_last says.
         keep_last: if recipe.offload.tiers.is_empty() { Some(usize::MAX) } else if apply { None } else { Some(recipe.offload.keep_last) },
         lookahead: recipe.offload.lookahead,
+        max_inflight: recipe.offload.max_inflight_bytes,
         cpu,
         mip_seconds: req.mip_seconds.or(recipe.plan.as_ref().map(|p| p.mip_seconds)).unwrap_or(2.0),
         allow_recompute: !(recipe.train.mode == "lora" && recipe.lora.as_ref().is_some_and(|l| l.dropout > 0.0)),

@@ -88,7 +88,7 @@ fn plans_respect_bounds_and_layouts_validate() {
     };
     for (device, host, nvme) in [(u64::MAX / 4, 0, 0), (inv.static_bytes() + 3 * per_layer, per_layer, 2 * per_layer), (inv.static_bytes() + 2 * per_layer, 0, 10 * per_layer)] {
         let b = Budgets { device, host, numa: 0, nvme };
-        let opt = Options { tokens: 4096, keep_last: None, lookahead: 1, cpu: false, mip_seconds: 5.0, allow_recompute: true, baseline_bytes: 0 };
+        let opt = Options { tokens: 4096, keep_last: None, lookahead: 1, max_inflight: 256 << 20, cpu: false, mip_seconds: 5.0, allow_recompute: true, baseline_bytes: 0 };
         let p = plan(&inv, b, &cal, &opt).unwrap();
         assert!(p.alpha.iter().all(|a| (0.0..=1.0).contains(a)));
         assert!(p.host_peak <= host && p.nvme_peak <= nvme, "{p:?}");
