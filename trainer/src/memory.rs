@@ -3,17 +3,18 @@
 //! step's freed memory serve the next step instead of growing the process.
 //!
 //! CPU: the `train` binary links jemalloc as the process's malloc (libtorch's CPU tensors come
-//! from `posix_memalign`, so they use it too) with `oversize_threshold:0,dirty_decay_ms:5000,
-//! muzzy_decay_ms:0`. Measured with glibc's malloc (8 layers, hidden 512, 8192 tokens, NVMe, 5
-//! steps, per-step peak RSS): 2.25, 2.70, 2.59, 2.71, 2.59 GiB against a live peak of ~1.47 GiB:
-//! glibc raises its mmap threshold as large blocks are freed, and later tensors come from a
-//! fragmented heap that is never given back. Alternatives tried on the same run:
+//! from `posix_memalign`, so they use it too) with `narenas:1,oversize_threshold:0,
+//! dirty_decay_ms:5000,muzzy_decay_ms:0`. Measured with glibc's malloc (8 layers, hidden 512,
+//! 8192 tokens, NVMe, 5 steps, per-step peak RSS): 2.25, 2.70, 2.59, 2.71, 2.59 GiB against a live
+//! peak of ~1.47 GiB: glibc raises its mmap threshold as large blocks are freed, and later tensors
+//! come from a fragmented heap that is never given back. Alternatives tried on the same run:
 //! `M_MMAP_THRESHOLD` fixed at 128 KiB gives the live peak (1.47 GiB) but every tensor is fresh,
-//! page-faulted memory (step time +15–30%); jemalloc keeping freed pages (`dirty_decay_ms:-1`) is
-//! the fastest (−20% step time) but holds 1.72 GiB; jemalloc's defaults purge blocks ≥ 8 MiB at
-//! once (slow) — with them going through the normal arenas and a 5 s decay: 1.33, 1.52, 1.49,
-//! 1.50, 1.50 GiB at glibc's step time. Users who prefer speed to memory set
-//! `MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1` (read after the built-in options).
+//! page-faulted memory; jemalloc keeping freed pages (`dirty_decay_ms:-1`) is the fastest (~25%
+//! faster than glibc) but holds 1.72 GiB; jemalloc's defaults purge blocks ≥ 8 MiB at once; a
+//! second arena for the I/O thread's tensors held 0.4 GiB more. As built in: 1.26, 1.42, 1.43,
+//! 1.44, 1.41 GiB, ~12% slower than glibc in single runs (purged pages are faulted in again).
+//! Users who prefer speed to memory set `MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1` (read
+//! after the built-in options).
 //!
 //! CUDA: libtorch's caching allocator keeps freed blocks reserved; with expandable segments
 //! (set here unless the user set `PYTORCH_CUDA_ALLOC_CONF` / `PYTORCH_ALLOC_CONF`) its segments
