@@ -38,8 +38,8 @@ for t in $TOKENS; do
       python3 - "$run" "$t" "$mode" "$place" <<'PY'
 import json, sys, statistics
 run, t, mode, place = sys.argv[1:]
-plan = json.load(open(run + "/plan.json"))["plan"]
-inv = json.load(open(run + "/plan.json"))["inventory"]["model"]
+doc = json.load(open(run + "/plan.json"))
+plan, inv = doc["plan"], doc["inventory"]["model"]
 rows = [json.loads(l) for l in open(run + "/metrics.jsonl") if '"train/loss"' in l]
 peaks = [r["memory/step_peak_rss_bytes"] for r in rows]
 secs = [r["train/tokens"] / r["train/tokens_per_sec"] for r in rows]

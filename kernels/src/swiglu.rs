@@ -21,7 +21,8 @@ pub fn forward(gate: &Tensor, up: &Tensor) -> (Tensor, Saved) {
 /// Returns `(grad_gate, grad_up)`; silu'(g) = σ(g)·(1 + g·(1 − σ(g))).
 ///
 /// Element-wise products and sums in place (each the same IEEE operation as written out, so the
-/// values are unchanged): at most two `[T, I]` temporaries beside the two results.
+/// values are unchanged): σ and silu'(g) exist beside grad_up, then silu'(g) beside both results,
+/// so one `[T, I]` tensor beyond the two results at any moment (what the planner counts).
 pub fn backward(grad_out: &Tensor, saved: &Saved) -> (Tensor, Tensor) {
     let g = &saved.gate;
     let sig = g.sigmoid();
