@@ -204,7 +204,7 @@ fn nvme_offload_run_matches_the_resident_run_bit_for_bit() {
     let e = train(&["run", "--recipe", r, &format!("run.dir={}", dir.join("x").display()), "offload.tiers=[\"nvme\"]", "offload.nvme_bytes=4096", &format!("offload.nvme_dir={}", dir.display())]);
     let se = String::from_utf8_lossy(&e.stderr);
     assert_eq!(e.status.code(), Some(1), "{se}");
-    assert!(se.contains("nvme tier full") && se.contains("layer0."), "{se}");
+    assert!(se.contains("offload tiers too small") && se.contains("nvme 4.00 KiB") && se.contains("offload.nvme_bytes"), "{se}");
     let e = train(&["run", "--recipe", r, &format!("run.dir={}", dir.join("y").display()), "offload.tiers=[\"numa\"]", "offload.numa_bytes=1048576", "offload.numa_node=77"]);
     let se = String::from_utf8_lossy(&e.stderr);
     assert_eq!(e.status.code(), Some(1), "{se}");

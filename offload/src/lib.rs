@@ -1,7 +1,12 @@
-//! Memory tiers for saved activations (issue 4, in progress). What exists so far: the NVMe tier
-//! (an O_DIRECT file through io_uring, checksummed slices), an activation store over it with its
-//! own I/O thread, and the tier's bandwidth benchmark. Which tensors (and which token rows) go
-//! where is decided by the trainer (`trainer::model::OffloadPolicy`).
+//! Memory tiers for saved activations and the engine that moves them.
+//!
+//! - [`store`]: the activation store. Between a layer's forward and its backward it holds each
+//!   saved tensor where the step's placement (`planner::placement`) says: kept, host RAM
+//!   ([`arena`], page-locked for CUDA), a NUMA node ([`numa`]: far DRAM or CXL memory) or the
+//!   NVMe file ([`nvme`]: O_DIRECT through io_uring, checksummed slices). Its I/O thread (CPU
+//!   tensors) and copy stream ([`cuda`], CUDA tensors) overlap transfers with compute.
+//! - [`bench`]: the tiers' bandwidth benchmarks (`train bench offload`), which calibrate the planner.
+//! - [`extents`], [`aligned`]: the tiers' allocator and O_DIRECT buffers.
 pub mod aligned;
 pub mod bench;
 pub mod error;

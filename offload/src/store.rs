@@ -11,8 +11,10 @@
 //!   after the copy that reads it completed.
 //! - CUDA tensors to NVMe: the I/O thread copies them to host first (synchronously).
 //!
-//! The store knows tensors by (layer, name) only; what to offload is the caller's decision, which
-//! tier is the store's ([`ActivationStore::place_layer`]).
+//! The store knows tensors by (layer, name) only and does not decide: each `put` names its tier,
+//! which the caller reads from the step's [`planner::placement::Placement`]. The one exception is
+//! a full arena (a micro-batch whose split stores a row or two more than the placement's): the
+//! tensor spills to the next slower tier and `StoreStats::spilled_bytes` says so.
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
@@ -28,32 +30,7 @@ use crate::cuda::{CopyEngine, CopyEvent};
 use crate::error::{OffloadError, Result};
 use crate::nvme::{NvmeTier, SliceId};
 
-/// Where a saved tensor waits for its backward.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Tier {
-    /// Stays where it was computed.
-    Keep,
-    /// Local host RAM (page-locked when the tensors live on CUDA).
-    Host,
-    /// RAM bound to a chosen NUMA node: far DRAM or CXL memory.
-    Numa,
-    /// The NVMe file.
-    Nvme,
-}
-
-/// The offload tiers from fastest to slowest: placement fills them in this order.
-pub const TIERS: [Tier; 3] = [Tier::Host, Tier::Numa, Tier::Nvme];
-
-impl Tier {
-    pub fn name(self) -> &'static str {
-        match self {
-            Tier::Keep => "keep",
-            Tier::Host => "host",
-            Tier::Numa => "numa",
-            Tier::Nvme => "nvme",
-        }
-    }
-}
+pub use planner::placement::{Tier, TIERS};
 
 /// The NVMe tier's file.
 #[derive(Debug, Clone)]
@@ -98,6 +75,8 @@ pub struct StoreStats {
     pub read_seconds: f64,
     /// Time the training thread waited for the store (backpressure on put, reads on take).
     pub stall_seconds: f64,
+    /// Bytes put into a slower tier than the one asked for, because that one was full.
+    pub spilled_bytes: u64,
 }
 
 type Key = (usize, String);
@@ -296,6 +275,9 @@ pub struct ActivationStore {
     /// Arena slots read by an H2D copy, released once it completed.
     pending_free: Vec<(Tier, Slot, CopyEvent)>,
     transfer_bytes: (u64, u64),
+    /// Where each tensor of the latest forward went and its bytes.
+    placed: HashMap<Key, (Tier, u64)>,
+    spilled: u64,
 }
 
 impl ActivationStore {
@@ -318,6 +300,8 @@ impl ActivationStore {
             pending_d2h: VecDeque::new(),
             pending_free: Vec::new(),
             transfer_bytes: (0, 0),
+            placed: HashMap::new(),
+            spilled: 0,
         }
     }
 
@@ -381,27 +365,22 @@ impl ActivationStore {
         !self.capacities().is_empty()
     }
 
-    /// The tier for a layer storing `bytes`, with `later` offloaded layers after it (whose
-    /// backward comes first, so they deserve the faster tiers): picture the offloaded layers
-    /// stacked from the last down, filling the tiers fastest first; this layer starts in the tier
-    /// where its share of that stack begins, and what does not fit there spills to the next
-    /// slower tier in `put`. Layers are assumed equal in size (a transformer's are).
-    pub fn place_layer(&self, bytes: u64, later: usize) -> Tier {
-        let caps = self.capacities();
-        let start = bytes * later as u64;
-        let mut cum = 0;
-        for (tier, cap) in &caps {
-            cum += cap;
-            if start < cum {
-                return *tier;
+    /// Bytes per tier `[host, numa, nvme]` of one layer's tensors as last stored (the latest
+    /// forward), after any spill: what the store did, to compare with the placement.
+    pub fn placed_bytes(&self, layer: usize) -> [u64; 3] {
+        let mut out = [0u64; 3];
+        for ((l, _), (tier, bytes)) in &self.placed {
+            if let (true, Some(i)) = (*l == layer, tier.index()) {
+                out[i] += bytes;
             }
         }
-        caps.last().map_or(Tier::Keep, |(t, _)| *t)
+        out
     }
 
     pub fn stats(&self) -> StoreStats {
         let mut s = *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
         s.stall_seconds = self.stall;
+        s.spilled_bytes = self.spilled;
         s.written_bytes += self.transfer_bytes.0;
         s.read_bytes += self.transfer_bytes.1;
         s.host_peak_bytes = self.host.as_ref().map_or(0, |a| a.peak());
@@ -467,12 +446,13 @@ impl ActivationStore {
     /// tier; the error names the tensor when no tier has room.
     pub fn put(&mut self, layer: usize, name: &str, t: Tensor, tier: Tier) -> Result<()> {
         let key = (layer, name.to_string());
+        let n = bytes_of(&t);
         if tier == Tier::Keep || self.io.is_none() && self.copy.is_none() {
+            self.placed.insert(key.clone(), (Tier::Keep, n));
             self.kept.insert(key, t);
             return Ok(());
         }
         self.reap()?;
-        let n = bytes_of(&t);
         let slice = format!("layer{layer}.{name}");
         let mut last_full = None;
         for cand in TIERS.iter().copied().skip_while(|c| *c != tier) {
@@ -483,6 +463,7 @@ impl ActivationStore {
                 self.backpressure(n)?;
                 let Some((tx, _, _)) = &self.io else { return Err(Self::io_gone()) };
                 tx.send(Req::Write(key.clone(), t)).map_err(|_| Self::io_gone())?;
+                self.record(&key, tier, cand, n);
                 self.on_nvme.insert(key);
                 return Ok(());
             }
@@ -512,10 +493,18 @@ impl ActivationStore {
                 let Some((tx, _, _)) = &self.io else { return Err(Self::io_gone()) };
                 tx.send(Req::Copy(t, view)).map_err(|_| Self::io_gone())?;
             }
+            self.record(&key, tier, cand, n);
             self.in_arena.insert(key, InArena { tier: cand, slot, meta });
             return Ok(());
         }
         Err(last_full.unwrap_or_else(|| io_err("put", format!("{slice}: no {} tier configured", tier.name()))))
+    }
+
+    fn record(&mut self, key: &Key, asked: Tier, got: Tier, bytes: u64) {
+        if asked != got {
+            self.spilled += bytes;
+        }
+        self.placed.insert(key.clone(), (got, bytes));
     }
 
     /// Waits until everything handed to `put` has reached its tier (for benchmarks and tests).

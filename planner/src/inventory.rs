@@ -115,6 +115,19 @@ impl Inventory {
             .unwrap_or(0)
     }
 
+    /// One offloaded layer's stored tensors with `split` rows of the recomputable ones, in the
+    /// order the block saves them (what [`crate::placement::Placement::fill`] places).
+    pub fn stored_tensors(&self, tokens: u64, split: u64) -> Vec<crate::placement::StoredTensor> {
+        self.saved
+            .iter()
+            .filter(|c| split > 0 || !c.recomputable)
+            .map(|c| crate::placement::StoredTensor {
+                name: c.name.clone(),
+                bytes: if c.recomputable { c.fixed_bytes + c.per_token_bytes * split } else { c.bytes(tokens) },
+            })
+            .collect()
+    }
+
     /// Bytes a tier holds for one layer stored with `split` rows, each tensor rounded up to the
     /// tier's granule (as its allocator does).
     pub fn layer_tier_bytes(&self, tokens: u64, split: u64, granule: u64) -> u64 {

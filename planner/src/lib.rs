@@ -5,5 +5,6 @@
 pub mod inventory;
 pub mod layout;
 pub mod memo;
+pub mod placement;
 pub mod plan;
 pub mod report;

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::inventory::{stored_rows, Group, Inventory};
 use crate::layout::{self, Buf, Layout};
 use crate::memo::{self, LayerSpec, MemoError, TierSpec};
+use crate::placement::{Placement, Tier};
 
 /// Memory each tier may use; 0 = the tier is absent.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
@@ -84,12 +85,8 @@ pub struct Plan {
     pub layers: usize,
     pub keep_last: usize,
     pub lookahead: usize,
-    /// Per layer: "device" (kept) or the tiers its bytes went to.
-    pub placement: Vec<String>,
-    /// α per layer (1 for kept layers).
-    pub alpha: Vec<f64>,
-    /// Bytes of every layer per tier: [host, numa, nvme].
-    pub tier_bytes: Vec<[u64; 3]>,
+    /// Per layer and saved tensor: kept, or α and the tier (the engine runs exactly this).
+    pub placement: Placement,
     pub static_bytes: u64,
     /// The process's own memory on the device (see [`Options::baseline_bytes`]).
     pub baseline_bytes: u64,
@@ -181,10 +178,12 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     // Recompute covers the token-local share (projections), not attention.
     let recompute_all = lin;
     let mut tiers = Vec::new();
+    let mut capacities: Vec<(Tier, u64)> = Vec::new();
     let host_cap = if opt.cpu { 0 } else { budgets.host };
-    for (name, cap, bps) in [("host", host_cap, cal.host_bps), ("numa", budgets.numa, cal.numa_bps), ("nvme", budgets.nvme, cal.nvme_bps)] {
+    for (tier, cap, bps) in [(Tier::Host, host_cap, cal.host_bps), (Tier::Numa, budgets.numa, cal.numa_bps), (Tier::Nvme, budgets.nvme, cal.nvme_bps)] {
         if cap > 0 {
-            tiers.push(TierSpec { name: name.into(), capacity: cap, write_bps: bps });
+            tiers.push(TierSpec { name: tier.name().into(), capacity: cap, write_bps: bps });
+            capacities.push((tier, cap));
         }
     }
     let level1 = layout_report(level1_buffers(inv, t), opt.mip_seconds);
@@ -255,36 +254,22 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     };
     let k = l - off;
     let level2 = layout_report(level2_buffers(inv, t, k, opt.lookahead, opt.max_inflight, &splits, level1_peak), opt.mip_seconds);
-    let mut alpha = vec![1.0; l];
-    let mut tier_bytes = vec![[0u64; 3]; l];
-    let mut placement = vec!["device".to_string(); l];
-    for i in 0..off {
-        alpha[i] = splits[i] as f64 / t as f64;
-        let mut names = Vec::new();
-        for (j, tier) in tiers.iter().enumerate() {
-            let b = m.tier_bytes[i][j];
-            let slot = match tier.name.as_str() {
-                "host" => 0,
-                "numa" => 1,
-                _ => 2,
-            };
-            tier_bytes[i][slot] = b;
-            if b > 0 {
-                names.push(tier.name.clone());
-            }
-        }
-        placement[i] = names.join("+");
+    // The LP chose α and how much each tier should take; which tensor goes where is the fill
+    // rule's, which the engine runs too (so the tier peaks below are what the store will hold).
+    let split = splits.first().copied().unwrap_or(t);
+    let alpha = if off > 0 { split as f64 / t as f64 } else { 1.0 };
+    let placement = crate::placement::from_inventory(inv, t, k, alpha, opt.lookahead, &capacities);
+    if placement.overflow_bytes > 0 {
+        problems.push(format!("the offloaded layers' tensors do not pack into the tiers: {} left over", human(placement.overflow_bytes)));
     }
-    let on_nvme = tier_bytes.iter().filter(|b| b[2] > 0).count();
-    let staging_bytes = staging_for(on_nvme, splits.first().copied().unwrap_or(t));
+    let on_nvme = (0..l).filter(|&i| placement.tier_bytes(i)[2] > 0).count();
+    let staging_bytes = staging_for(on_nvme, split);
     let device_peak = static_bytes + staging_bytes + level2.mip.peak.min(level2.greedy_peak);
     let saved_bytes_resident: u64 = {
         let (w, r) = inv.layer_saved(t, t);
         (l - off) as u64 * (w + r)
     };
-    let host_peak: u64 = tier_bytes.iter().map(|b| b[0]).sum();
-    let numa_peak: u64 = tier_bytes.iter().map(|b| b[1]).sum();
-    let nvme_peak: u64 = tier_bytes.iter().map(|b| b[2]).sum();
+    let [host_peak, numa_peak, nvme_peak] = placement.tier_totals();
     if device_peak > budgets.device {
         problems.push(format!("device peak {} exceeds the device budget {}", human(device_peak), human(budgets.device)));
     }
@@ -299,8 +284,6 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
         keep_last: k,
         lookahead: opt.lookahead,
         placement,
-        alpha,
-        tier_bytes,
         static_bytes: static_bytes - opt.baseline_bytes,
         baseline_bytes: opt.baseline_bytes,
         staging_bytes,

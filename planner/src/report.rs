@@ -44,11 +44,8 @@ pub fn table(inv: &Inventory, p: &Plan) -> String {
     let _ = writeln!(s, "totals     weights {}, grads {}, optimizer {}, saved {} per layer × {} = {}, head {}", human(w), human(g), human(o), human(per_layer), inv.layers, human(per_layer * inv.layers as u64), human(h));
     let _ = writeln!(s);
     let _ = writeln!(s, "plan       keep_last {} (layers kept on the device), lookahead {}", p.keep_last, p.lookahead);
-    let off = p.layers - p.keep_last;
-    if off > 0 {
-        let a_min = p.alpha[..off].iter().cloned().fold(f64::INFINITY, f64::min);
-        let a_max = p.alpha[..off].iter().cloned().fold(0.0, f64::max);
-        let _ = writeln!(s, "           layers 0..{}: α {a_min:.3}..{a_max:.3}, placed in {}", off - 1, summarize(&p.placement[..off]));
+    for line in p.placement.summary() {
+        let _ = writeln!(s, "           {line}");
     }
     if p.baseline_bytes > 0 {
         let _ = writeln!(s, "process    {} resident before any tensor (runtime, libraries): counted in the device peak", human(p.baseline_bytes));
@@ -59,7 +56,7 @@ pub fn table(inv: &Inventory, p: &Plan) -> String {
     let _ = writeln!(s, "peaks      device {} (budget {}), host {} ({}), numa {} ({}), nvme {} ({})", human(p.device_peak), human(p.budgets.device), human(p.host_peak), human(p.budgets.host), human(p.numa_peak), human(p.budgets.numa), human(p.nvme_peak), human(p.budgets.nvme));
     let _ = writeln!(s, "layout     level 1 (one layer's backward, {} buffers): lower bound {}, greedy {}, MIP {} [{}; {:.2}s]", p.level1.buffers.len(), human(p.level1.lower_bound), human(p.level1.greedy_peak), human(p.level1.mip.peak), p.level1.mip.method, p.level1.mip.solve_seconds);
     let _ = writeln!(s, "           level 2 (the step, {} buffers): lower bound {}, greedy {}, MIP {} [{}; {:.2}s]", p.level2.buffers.len(), human(p.level2.lower_bound), human(p.level2.greedy_peak), human(p.level2.mip.peak), p.level2.mip.method, p.level2.mip.solve_seconds);
-    let _ = writeln!(s, "           applied: α, keep_last and tiers; the offsets are advisory (libtorch's caching allocator places device buffers, no arena yet)");
+    let _ = writeln!(s, "           applied: the placement above (keep_last, α, each tensor's tier, run by the activation store); the offsets are advisory (libtorch's caching allocator places device buffers, no arena yet)");
     let _ = writeln!(s, "time       step {:.3}s predicted: compute {:.3}s + recompute {:.3}s + exposed transfer {:.3}s (LP {:.3}s)", p.step_seconds, p.compute_seconds, p.recompute_seconds, p.exposed_seconds, p.lp_seconds);
     let _ = writeln!(s, "speeds     {}", p.calibration.source);
     if p.fits {
@@ -70,17 +67,6 @@ pub fn table(inv: &Inventory, p: &Plan) -> String {
         }
     }
     s
-}
-
-fn summarize(placements: &[String]) -> String {
-    let mut counts: Vec<(String, usize)> = Vec::new();
-    for p in placements {
-        match counts.iter_mut().find(|(n, _)| n == p) {
-            Some((_, c)) => *c += 1,
-            None => counts.push((p.clone(), 1)),
-        }
-    }
-    counts.iter().map(|(n, c)| format!("{n} ×{c}")).collect::<Vec<_>>().join(", ")
 }
 
 /// An SVG of the level-2 device layout (buffers as boxes: slot × address) above per-tier bytes
@@ -115,7 +101,7 @@ pub fn svg(p: &Plan) -> String {
                     let bwd = l + 1 + (l - 1 - i);
                     i <= slot && slot < bwd
                 })
-                .map(|i| p.tier_bytes[i][k])
+                .map(|i| p.placement.tier_bytes(i)[k])
                 .sum();
             pts.push(format!("{:.1},{:.1}", pad + slot as f64 * sx, base - bytes as f64 / max_tier * 150.0));
         }

@@ -81,17 +81,13 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
         },
     };
     let mut store = offload::store::ActivationStore::new(&cfg)?;
-    let policy = crate::model::OffloadPolicy {
-        offload: store.has_tiers(),
-        keep_last: b.keep_last,
-        lookahead: 1,
-        alpha: b.alpha,
-    };
+    let section = crate::recipe::OffloadSection { keep_last: b.keep_last, alpha: b.alpha, lookahead: 1, ..Default::default() };
+    let placement = crate::plan_run::engine_placement(&model.cfg, kind, None, device, 1024, b.tokens as u64, &section, &store)?;
     for i in 0..b.iters + 1 {
         sync(device);
         let peak = PhasePeak::start();
         let t0 = Instant::now();
-        let (l, grads, stats) = model.forward_backward_with(&batch, None, 1024, &mut store, policy)?;
+        let (l, grads, stats) = model.forward_backward_with(&batch, None, 1024, &mut store, &placement)?;
         sync(device);
         let dt = t0.elapsed().as_secs_f64();
         drop(grads);

@@ -10,6 +10,7 @@ use crate::block::{self, BlockSaved};
 use crate::checkpoint::WeightFiles;
 use crate::config::ModelConfig;
 use crate::error::{Result, TrainerError};
+use planner::placement::Placement;
 
 /// A projection's parameters, with its LoRA adapter when one is attached.
 pub struct Linear {
@@ -73,21 +74,6 @@ pub struct Model {
 /// The projections' HF sub-names, in checkpoint order.
 pub const PROJECTIONS: [&str; 7] =
     ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
-
-/// Where each layer's saved activations wait for backward.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct OffloadPolicy {
-    /// Whether layers that are not among the last `keep_last` hand their activations to the
-    /// store's tiers (which tier: [`offload::store::ActivationStore::place_layer`]).
-    pub offload: bool,
-    /// The last k layers keep their activations in place (their backward comes first).
-    pub keep_last: usize,
-    /// Layers read back ahead of the one whose backward is running.
-    pub lookahead: usize,
-    /// MEMO's α for the offloaded layers: their [`block::RECOMPUTABLE`] tensors are stored for
-    /// tokens [0, αT) and recomputed token-locally for [αT, T); 1 stores everything.
-    pub alpha: f64,
-}
 
 /// Gradients keyed by HF parameter name.
 pub type Grads = BTreeMap<String, Tensor>;
@@ -294,19 +280,21 @@ impl Model {
     /// gradients (LoRA: the adapters).
     pub fn forward_backward(&self, batch: &Batch, grad_scale: Option<f64>, ce_chunk: i64) -> Result<(cross_entropy::LossSum, Grads, StepStats)> {
         let mut store = offload::store::ActivationStore::resident();
-        let keep = OffloadPolicy { offload: false, keep_last: 0, lookahead: 0, alpha: 1.0 };
-        self.forward_backward_with(batch, grad_scale, ce_chunk, &mut store, keep)
+        let keep = Placement::resident(self.layers.len(), batch.ids.size()[0] as u64);
+        self.forward_backward_with(batch, grad_scale, ce_chunk, &mut store, &keep)
     }
 
     /// [`Model::forward_backward`] with every layer's saved activations handed to `store` between
-    /// the passes, placed as `policy` says.
+    /// the passes, where `placement` says: a kept layer's tensors stay, an offloaded layer stores
+    /// `stored_rows(α, T)` rows of its recomputable tensors (recomputing the rest in backward) and
+    /// puts each tensor in its tier.
     pub fn forward_backward_with(
         &self,
         batch: &Batch,
         grad_scale: Option<f64>,
         ce_chunk: i64,
         store: &mut offload::store::ActivationStore,
-        policy: OffloadPolicy,
+        placement: &Placement,
     ) -> Result<(cross_entropy::LossSum, Grads, StepStats)> {
         self.check_ids(&batch.ids, "token ids")?;
         let _guard = tch::no_grad_guard();
@@ -318,10 +306,13 @@ impl Model {
         let (mut x, emb_saved) = embedding::forward(&self.embed_tokens, &ids);
         let n_layers = self.layers.len();
         let t_all = ids.size()[0];
+        if placement.layers.len() != n_layers {
+            return Err(TrainerError::Device(format!("internal: a placement for {} layers given to a model of {n_layers}", placement.layers.len())));
+        }
         // Tokens whose recomputable tensors are stored; the rest are recomputed. At least two rows
         // are recomputed when any are (see block::recompute_tail on bit-identity).
-        let stored_rows = planner::inventory::stored_rows(policy.alpha, t_all);
-        if stored_rows < t_all
+        let stored_rows = |l: usize| planner::inventory::stored_rows(placement.alpha(l), t_all);
+        if (0..n_layers).any(|l| stored_rows(l) < t_all)
             && self.layers.iter().any(|l| l.projections().iter().any(|(_, p)| p.lora.as_ref().is_some_and(|a| a.dropout > 0.0)))
         {
             return Err(TrainerError::Device("offload.alpha < 1 recomputes adapted projections: set lora.dropout = 0".into()));
@@ -332,8 +323,7 @@ impl Model {
         for (l, layer) in self.layers.iter().enumerate() {
             let (y, s) = block::forward(layer, &x, &ctx, l)?;
             saved_bytes += s.bytes();
-            let kept = !policy.offload || l + policy.keep_last >= n_layers;
-            let split = if kept { t_all } else { stored_rows };
+            let split = stored_rows(l);
             let mut stored = Vec::new();
             for (name, t) in s.into_named() {
                 if split < t_all && block::RECOMPUTABLE.contains(&name.as_str()) {
@@ -345,14 +335,11 @@ impl Model {
                     stored.push((name, t));
                 }
             }
-            let tier = if kept {
-                offload::store::Tier::Keep
-            } else {
-                let bytes = stored.iter().map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64).sum();
-                store.place_layer(bytes, n_layers.saturating_sub(policy.keep_last + l + 1))
-            };
             let mut layer_names = Vec::new();
             for (name, t) in stored {
+                let tier = placement
+                    .tier_of(l, &name)
+                    .ok_or_else(|| TrainerError::Device(format!("internal: the placement has no tier for layer {l}'s `{name}`")))?;
                 store.put(l, &name, t, tier)?;
                 layer_names.push(name);
             }
@@ -376,7 +363,7 @@ impl Model {
         }
         for (l, layer) in self.layers.iter().enumerate().rev() {
             // Ask for the next layers' activations now, so their reads overlap this backward.
-            for ahead in (l.saturating_sub(policy.lookahead)..=l).rev() {
+            for ahead in (l.saturating_sub(placement.lookahead)..=l).rev() {
                 store.prefetch(ahead, &names[ahead])?;
             }
             let split = splits[l];

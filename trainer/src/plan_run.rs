@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use planner::inventory::Inventory;
+use planner::placement::Placement;
 use planner::plan::{human, Budgets, Options, Plan};
 
 use crate::error::{Result, TrainerError};
@@ -161,4 +162,37 @@ pub fn refusal(plan: &Plan, fit: &Fit) -> TrainerError {
         human(fit.least_device_bytes),
         if fit.needs_more_nvme { " and a larger offload.nvme_bytes" } else { "" },
     ))
+}
+
+/// The placement the engine runs when no plan decides: `keep_last` and α from the recipe (or
+/// the bench's flags) over the store's tiers, by the planner's own rule
+/// ([`planner::placement::from_inventory`]) on an inventory probed from the block code.
+#[allow(clippy::too_many_arguments)]
+pub fn engine_placement(
+    cfg: &crate::config::ModelConfig,
+    kind: tch::Kind,
+    lora: Option<&LoraConfig>,
+    device: tch::Device,
+    ce_chunk: i64,
+    tokens: u64,
+    offload: &crate::recipe::OffloadSection,
+    store: &offload::store::ActivationStore,
+) -> Result<Placement> {
+    if !store.has_tiers() {
+        return Ok(Placement::resident(cfg.num_layers as usize, tokens));
+    }
+    let inv = crate::inventory::build(cfg, kind, lora, device, ce_chunk)?;
+    let caps = store.capacities();
+    let p = planner::placement::from_inventory(&inv, tokens, offload.keep_last, offload.alpha, offload.lookahead, &caps);
+    if p.overflow_bytes > 0 {
+        let have: Vec<String> = caps.iter().map(|(t, b)| format!("{} {}", t.name(), human(*b))).collect();
+        return Err(TrainerError::Device(format!(
+            "offload tiers too small: at {tokens} tokens the {} offloaded layers' saved tensors need {} more than the tiers hold ({}); raise offload.{}_bytes, keep more layers on the device (offload.keep_last) or store fewer rows (offload.alpha)",
+            p.offloaded(),
+            human(p.overflow_bytes),
+            have.join(", "),
+            caps.last().map_or("nvme", |(t, _)| t.name()),
+        )));
+    }
+    Ok(p)
 }

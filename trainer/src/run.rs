@@ -239,7 +239,8 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
         targets: l.targets.clone(),
     });
     // The plan decides before any weight is loaded.
-    let mut offload_cfg = recipe.offload.clone();
+    let offload_cfg = &recipe.offload;
+    let mut planned: Option<planner::placement::Placement> = None;
     if let Some(ps) = &recipe.plan {
         let (inv, plan) = crate::plan_run::plan_recipe(&recipe, &cfg, lora_cfg.as_ref(), &crate::plan_run::Request::default())?;
         if !plan.fits {
@@ -248,18 +249,18 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
             return Err(crate::plan_run::refusal(&plan, &fit));
         }
         crate::plan_run::write(&run_dir, &inv, &plan, None)?;
-        if ps.apply {
-            offload_cfg.keep_last = plan.keep_last;
-            offload_cfg.alpha = plan.alpha.first().copied().unwrap_or(1.0);
-        }
         eprintln!(
-            "plan: keep_last {}, alpha {:.3}, device peak {} of {}, predicted step {:.2}s (plan.txt in the run directory)",
+            "plan: keep_last {}, alpha {:.3}, device peak {} of {}, predicted step {:.2}s (plan.txt in the run directory{})",
             plan.keep_last,
-            offload_cfg.alpha,
+            plan.placement.alpha(0),
             planner::plan::human(plan.device_peak),
             planner::plan::human(plan.budgets.device),
-            plan.step_seconds
+            plan.step_seconds,
+            if ps.apply { "" } else { "; not applied: [plan] apply = false" }
         );
+        if ps.apply {
+            planned = Some(plan.placement);
+        }
     }
     let (mut model, tok, tok_path, chat, base_name) = match (&recipe.model.path, cfg_text) {
         (Some(path), _) => {
@@ -421,11 +422,11 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
         let far = offload::numa::nodes()?.iter().any(|n| n.id == offload_cfg.numa_node && n.is_far());
         eprintln!("numa tier: node {} ({})", offload_cfg.numa_node, if far { "far memory: no CPUs, e.g. CXL" } else { "a node with CPUs" });
     }
-    let policy = crate::model::OffloadPolicy {
-        offload: store.has_tiers(),
-        keep_last: offload_cfg.keep_last,
-        lookahead: offload_cfg.lookahead,
-        alpha: offload_cfg.alpha,
+    // Who decides where each saved tensor lives: the plan when applied, else the recipe's
+    // keep_last and α by the same rule. The model applies it and the store executes it.
+    let placement = match planned {
+        Some(p) => p,
+        None => crate::plan_run::engine_placement(&model.cfg, kind, lora_cfg.as_ref(), dev, recipe.train.loss_chunk, recipe.data.tokens_per_batch as u64, offload_cfg, &store)?,
     };
     let tty = std::io::stderr().is_terminal();
     let start = Instant::now();
@@ -451,7 +452,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
         let mut saved_peak = 0usize;
         let mut step_tokens = 0i64;
         for b in &batches {
-            let (l, g, stats) = model.forward_backward_with(b, Some(scale), recipe.train.loss_chunk, &mut store, policy)?;
+            let (l, g, stats) = model.forward_backward_with(b, Some(scale), recipe.train.loss_chunk, &mut store, &placement)?;
             loss_sum += l.sum.to_device(Device::Cpu).to_kind(Kind::Double).double_value(&[]);
             saved_peak = saved_peak.max(stats.saved_bytes);
             step_tokens += b.ids.size()[0];

@@ -44,7 +44,6 @@ fn cuda_model_gradients_match_cpu_reference() {
 #[test]
 fn cuda_host_tier_offload_is_bit_identical() {
     use offload::store::{ActivationStore, NvmeConfig, StoreConfig};
-    use trainer::model::OffloadPolicy;
     if !tch::Cuda::is_available() {
         println!("SKIPPED: no CUDA device visible to libtorch");
         return;
@@ -90,14 +89,19 @@ fn cuda_host_tier_offload_is_bit_identical() {
         for alpha in [0.0, 0.3, 1.0] {
             for keep_last in [0usize, 2] {
                 let mut store = ActivationStore::new(&cfg).unwrap();
-                let policy = OffloadPolicy { offload: true, keep_last, lookahead: 1, alpha };
+                let section = trainer::recipe::OffloadSection { keep_last, alpha, lookahead: 1, ..Default::default() };
+                let placement = trainer::plan_run::engine_placement(&m.cfg, Kind::Float, None, Device::Cuda(0), 128, 1500, &section, &store).unwrap();
                 let t0 = std::time::Instant::now();
-                let (l1, g1, _) = m.forward_backward_with(&batch, None, 128, &mut store, policy).unwrap();
+                let (l1, g1, _) = m.forward_backward_with(&batch, None, 128, &mut store, &placement).unwrap();
                 tch::Cuda::synchronize(0);
                 let dt = t0.elapsed().as_secs_f64();
                 assert!(store.is_empty());
                 let st = store.stats();
                 assert!(st.written_bytes > 0 && st.read_bytes == st.written_bytes, "{tiers}: {st:?}");
+                assert_eq!(st.spilled_bytes, 0, "{tiers}: the store runs the placement as placed");
+                for l in 0..4 {
+                    assert_eq!(store.placed_bytes(l), placement.tier_bytes(l), "{tiers}: layer {l}");
+                }
                 assert!(same(&l0.sum, &l1.sum), "{tiers} alpha={alpha} keep_last={keep_last}: loss");
                 for (n, g) in &g0 {
                     assert!(same(g, &g1[n]), "{tiers} alpha={alpha} keep_last={keep_last}: gradient of {n} differs");

@@ -5,7 +5,7 @@ use planner::inventory::stored_rows;
 use tch::{Device, Kind, Tensor};
 use trainer::config::ModelConfig;
 use trainer::lora::LoraConfig;
-use trainer::model::{Batch, Model, OffloadPolicy};
+use trainer::model::{Batch, Model};
 
 fn cfg(text: &str) -> ModelConfig {
     ModelConfig::parse(text, std::path::Path::new("config.json")).unwrap().0
@@ -62,8 +62,8 @@ fn predicted_saved_and_tier_bytes_equal_the_engines_accounting() {
                             _ => StoreConfig { nvme: Some(NvmeConfig { dir: nvme_dir(), bytes: 64 << 20, rank: 0, io_uring: true }), ..Default::default() },
                         };
                         let mut store = ActivationStore::new(&cfg).unwrap();
-                        let policy = OffloadPolicy { offload: true, keep_last, lookahead: 1, alpha };
-                        m.forward_backward_with(&b, None, 16, &mut store, policy).unwrap();
+                        let placement = planner::placement::from_inventory(&inv, t as u64, keep_last, alpha, 1, &store.capacities());
+                        m.forward_backward_with(&b, None, 16, &mut store, &placement).unwrap();
                         let st = store.stats();
                         let got = if tier == "host" { st.host_peak_bytes } else { st.nvme_peak_bytes };
                         let want = off * inv.layer_tier_bytes(t as u64, split, granule);
@@ -90,7 +90,7 @@ fn plans_respect_bounds_and_layouts_validate() {
         let b = Budgets { device, host, numa: 0, nvme };
         let opt = Options { tokens: 4096, keep_last: None, lookahead: 1, max_inflight: 256 << 20, cpu: false, mip_seconds: 5.0, allow_recompute: true, baseline_bytes: 0 };
         let p = plan(&inv, b, &cal, &opt).unwrap();
-        assert!(p.alpha.iter().all(|a| (0.0..=1.0).contains(a)));
+        assert!((0..p.layers).all(|l| (0.0..=1.0).contains(&p.placement.alpha(l))));
         assert!(p.host_peak <= host && p.nvme_peak <= nvme, "{p:?}");
         if p.fits {
             assert!(p.device_peak <= device);
@@ -99,6 +99,6 @@ fn plans_respect_bounds_and_layouts_validate() {
             planner::layout::validate(&lr.buffers, &lr.mip).unwrap();
             assert!(lr.lower_bound <= lr.mip.peak && lr.mip.peak <= lr.greedy_peak, "lb {} mip {} greedy {}", lr.lower_bound, lr.mip.peak, lr.greedy_peak);
         }
-        println!("device {device} host {host} nvme {nvme}: keep_last {} α {:.3} fits {} device peak {}", p.keep_last, p.alpha[0], p.fits, p.device_peak);
+        println!("device {device} host {host} nvme {nvme}: keep_last {} α {:.3} fits {} device peak {}", p.keep_last, p.placement.alpha(0), p.fits, p.device_peak);
     }
 }
