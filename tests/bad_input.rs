@@ -145,7 +145,7 @@ fn bad_data_tokenizer_and_flags() {
     // A tokenizer with more words than the model's vocabulary.
     let words: Vec<String> = (0..100).map(|i| if i == 0 { "<unk>".into() } else { format!("w{i}") }).collect();
     let refs: Vec<&str> = words.iter().map(|s| s.as_str()).collect();
-    std::fs::write(model.join("tokenizer.json"), trainer::tokenizer::word_level_json(&refs, None).to_string()).unwrap();
+    std::fs::write(model.join("tokenizer.json"), trainer::data::tokenizer::word_level_json(&refs, None).to_string()).unwrap();
     let big = dir.join("big.jsonl");
     std::fs::write(&big, "{\"text\": \"w3 w99 w4\"}\n").unwrap();
     let e = eval_err(&model, &big, &[]);

@@ -7,7 +7,7 @@ use std::path::Path;
 use common::*;
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
-use trainer::config::ModelConfig;
+use trainer::model::config::ModelConfig;
 use trainer::eval::shifted;
 use trainer::model::Model;
 
@@ -57,13 +57,13 @@ fn eval_json(model: &Path, data: &Path, dtype: &str) -> Value {
 fn reference_loss(model_dir: &Path, data: &Path) -> (f64, i64) {
     let (cfg, _) = ModelConfig::load(model_dir).unwrap();
     let (m, _) = Model::load(model_dir, cfg, Kind::Double, Device::Cpu).unwrap();
-    let tok = trainer::tokenizer::load(model_dir).unwrap();
+    let tok = trainer::data::tokenizer::load(model_dir).unwrap();
     let (mut sum, mut n) = (0.0, 0i64);
     for line in std::fs::read_to_string(data).unwrap().lines() {
         let text: Value = serde_json::from_str(line).unwrap();
-        let ids = trainer::tokenizer::encode(&tok, text["text"].as_str().unwrap(), model_dir).unwrap();
+        let ids = trainer::data::tokenizer::encode(&tok, text["text"].as_str().unwrap(), model_dir).unwrap();
         let (x, y) = shifted(&ids);
-        let (mean, _) = trainer::reference::loss_and_grads(&m, &trainer::model::Batch::single(x, y));
+        let (mean, _) = trainer::model::reference::loss_and_grads(&m, &trainer::model::Batch::single(x, y));
         sum += mean * (ids.len() - 1) as f64;
         n += ids.len() as i64 - 1;
     }
@@ -115,7 +115,7 @@ fn whole_model_explicit_backward_matches_autograd() {
         let (x, y) = shifted(&ids);
         let _ = y.get(3).fill_(-100); // one ignored label
         let (loss, grads, _) = m.forward_backward(&trainer::model::Batch::single(x.shallow_clone(), y.shallow_clone()), None, 5).unwrap();
-        let (ref_loss, ref_grads) = trainer::reference::loss_and_grads(&m, &trainer::model::Batch::single(x, y));
+        let (ref_loss, ref_grads) = trainer::model::reference::loss_and_grads(&m, &trainer::model::Batch::single(x, y));
         let mean = loss.sum.double_value(&[]) / loss.count as f64;
         assert!((mean - ref_loss).abs() < 1e-12 * ref_loss.abs(), "{name}: loss {mean} vs {ref_loss}");
         assert_eq!(grads.len(), ref_grads.len(), "{name}: gradient count");

@@ -4,7 +4,7 @@ mod common;
 use common::*;
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
-use trainer::config::ModelConfig;
+use trainer::model::config::ModelConfig;
 
 const PY: &str = r#"
 import json, sys, torch

@@ -331,7 +331,7 @@ fn shipped_recipes_are_valid() {
         if p.extension().and_then(|x| x.to_str()) == Some("toml") {
             let text = std::fs::read_to_string(&p).unwrap();
             assert!(text.lines().any(|l| l.trim_start().starts_with("#") && l.contains("train run --recipe")), "{}: must start with the command that runs it", p.display());
-            trainer::recipe::Recipe::load(&p, &[]).unwrap_or_else(|e| panic!("{e}"));
+            trainer::train::recipe::Recipe::load(&p, &[]).unwrap_or_else(|e| panic!("{e}"));
             n += 1;
         }
     }

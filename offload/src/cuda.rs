@@ -39,6 +39,7 @@ pub struct Runtime {
     stream_wait_event: unsafe extern "C" fn(Stream, Event, c_uint) -> c_int,
     memcpy_async: unsafe extern "C" fn(*mut c_void, *const c_void, usize, c_int, Stream) -> c_int,
     set_device: unsafe extern "C" fn(c_int) -> c_int,
+    mem_get_info: unsafe extern "C" fn(*mut usize, *mut usize) -> c_int,
     error_string: unsafe extern "C" fn(c_int) -> *const c_char,
 }
 
@@ -76,6 +77,7 @@ fn load() -> Option<Runtime> {
             stream_wait_event: sym(c"cudaStreamWaitEvent")?,
             memcpy_async: sym(c"cudaMemcpyAsync")?,
             set_device: sym(c"cudaSetDevice")?,
+            mem_get_info: sym(c"cudaMemGetInfo")?,
             error_string: sym(c"cudaGetErrorString")?,
         })
     }
@@ -95,6 +97,17 @@ impl Runtime {
         // SAFETY: cudaGetErrorString returns a static NUL-terminated string for any code.
         let msg = unsafe { CStr::from_ptr((self.error_string)(code)) }.to_string_lossy().into_owned();
         Err(OffloadError::Io { path: "cuda".into(), op, source: std::io::Error::other(format!("error {code}: {msg}")) })
+    }
+
+    /// Free and total bytes of a device as the driver sees them (all processes together).
+    pub fn memory(&self, device: usize) -> Result<(u64, u64)> {
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: plain runtime calls with pointers to live locals.
+        unsafe {
+            self.check((self.set_device)(device as c_int), "cudaSetDevice")?;
+            self.check((self.mem_get_info)(&mut free, &mut total), "cudaMemGetInfo")?;
+        }
+        Ok((free as u64, total as u64))
     }
 
     /// Page-locks `[ptr, ptr + len)` so that copies from and to it are DMA, asynchronous.

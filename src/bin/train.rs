@@ -3,9 +3,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use trainer::config::ModelConfig;
+use trainer::model::config::ModelConfig;
 use trainer::model::Model;
-use trainer::{device, eval, tokenizer};
+use trainer::data::tokenizer;
+use trainer::{device, eval};
 
 /// jemalloc serves every allocation of the process, libtorch's tensors included: freed memory is
 /// reused by the next step instead of fragmenting glibc's heap (`trainer::memory` has the
@@ -247,7 +248,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Cmd::Run { recipe, resume, overrides } => {
-            let s = trainer::run::run(&recipe, &overrides, resume)?;
+            let s = trainer::train::run(&recipe, &overrides, resume)?;
             let mut line = format!(
                 "done: {} steps in {:.1} s, final train loss {:.4}, {:.0} tokens/s",
                 s.steps, s.seconds, s.final_loss, s.tokens_per_sec
@@ -269,7 +270,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let bytes = |flag: &str, v: Option<String>| -> Result<Option<u64>, String> {
                 v.map(|s| planner::plan::parse_bytes(&s).ok_or(format!("{flag} {s}: not a byte count (e.g. 80GiB, 24GB)"))).transpose()
             };
-            let req = trainer::plan_run::Request {
+            let req = trainer::plan::Request {
                 device_memory: bytes("--device-mem", device_mem)?,
                 host: bytes("--host-mem", host_mem)?,
                 numa: bytes("--numa-mem", numa_mem)?,
@@ -281,20 +282,20 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             if tokens == Some(0) {
                 return Err("--tokens must be positive".into());
             }
-            let r = trainer::recipe::Recipe::load(&recipe, &overrides)?;
-            let (cfg, _) = trainer::run::model_config(&r, &recipe)?;
-            let lora = r.lora.as_ref().filter(|_| r.train.mode == "lora").map(|l| trainer::lora::LoraConfig { rank: l.rank, alpha: l.alpha, dropout: l.dropout, targets: l.targets.clone() });
-            let (inv, plan) = trainer::plan_run::plan_recipe(&r, &cfg, lora.as_ref(), &req)?;
+            let r = trainer::train::recipe::Recipe::load(&recipe, &overrides)?;
+            let (cfg, _) = trainer::train::model_config(&r, &recipe)?;
+            let lora = r.lora.as_ref().filter(|_| r.train.mode == "lora").map(|l| trainer::model::lora::LoraConfig { rank: l.rank, alpha: l.alpha, dropout: l.dropout, targets: l.targets.clone() });
+            let (inv, plan) = trainer::plan::plan_recipe(&r, &cfg, lora.as_ref(), &req)?;
             print!("{}", planner::report::table(&inv, &plan));
-            let fit = trainer::plan_run::what_would_fit(&r, &inv, &plan)?;
+            let fit = trainer::plan::what_would_fit(&r, &inv, &plan)?;
             print!("{}", fit.lines(plan.tokens));
             let dir = out.unwrap_or(r.run.dir.clone());
-            trainer::plan_run::write(&dir, &inv, &plan, Some(&fit))?;
+            trainer::plan::write(&dir, &inv, &plan, Some(&fit))?;
             println!("wrote {}/plan.txt, plan.json, plan.svg", dir.display());
             Ok(())
         }
         Cmd::Data(DataCmd::Synth { task, tokens, samples, depth, digits, seed, out }) => {
-            let t = trainer::synth::Task::parse(&task).ok_or(format!("--task {task}: expected passkey or kv-recall"))?;
+            let t = trainer::data::synth::Task::parse(&task).ok_or(format!("--task {task}: expected passkey or kv-recall"))?;
             if tokens < 16 || digits == 0 || samples == 0 {
                 return Err("--tokens must be ≥ 16, --digits and --samples positive".into());
             }
@@ -306,7 +307,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let mut text = String::new();
             for i in 0..samples {
                 let mut rng = trainer::rng::Rng::derive(seed, 4, i as u64);
-                let s = trainer::synth::sample(t, &mut rng, tokens, depth, digits);
+                let s = trainer::data::synth::sample(t, &mut rng, tokens, depth, digits);
                 text += &serde_json::json!({"prompt": s.prompt, "completion": s.completion}).to_string();
                 text.push('\n');
             }

@@ -7,8 +7,8 @@ use std::process::Command;
 
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
-use trainer::checkpoint::write_safetensors;
-use trainer::config::ModelConfig;
+use trainer::model::weights::write_safetensors;
+use trainer::model::config::ModelConfig;
 use trainer::model::param_specs;
 
 pub const VOCAB: usize = 48;
@@ -80,7 +80,7 @@ pub fn write_checkpoint_with(
     }
     let words = vocab();
     let refs: Vec<&str> = words.iter().map(|s| s.as_str()).collect();
-    let tok = trainer::tokenizer::word_level_json(&refs, Some("<s>"));
+    let tok = trainer::data::tokenizer::word_level_json(&refs, Some("<s>"));
     std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
     cfg
 }

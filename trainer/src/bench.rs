@@ -5,7 +5,7 @@ use std::time::Instant;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
-use crate::config::ModelConfig;
+use crate::model::config::ModelConfig;
 use crate::error::Result;
 use crate::memory::{peak_rss_bytes, PhasePeak};
 use crate::model::Model;
@@ -81,8 +81,8 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
         },
     };
     let mut store = offload::store::ActivationStore::new(&cfg)?;
-    let section = crate::recipe::OffloadSection { keep_last: b.keep_last, alpha: b.alpha, lookahead: 1, ..Default::default() };
-    let placement = crate::plan_run::engine_placement(&model.cfg, kind, None, device, 1024, b.tokens as u64, &section, &store)?;
+    let section = crate::train::recipe::OffloadSection { keep_last: b.keep_last, alpha: b.alpha, lookahead: 1, ..Default::default() };
+    let placement = crate::plan::engine_placement(&model.cfg, kind, None, device, 1024, b.tokens as u64, &section, &store)?;
     for i in 0..b.iters + 1 {
         sync(device);
         let peak = PhasePeak::start();

@@ -28,6 +28,9 @@ pub enum TrainerError {
     Offload(#[from] offload::OffloadError),
     #[error("{0}")]
     Device(String),
+    /// libtorch failed inside a step (see [`crate::guard`]).
+    #[error("libtorch failed in {place}: {message}{context}")]
+    Torch { place: String, message: String, context: String },
 }
 
 impl TrainerError {

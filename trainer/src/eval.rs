@@ -53,7 +53,7 @@ pub fn eval_file(model: &Model, tok: &Tokenizer, tok_path: &Path, file: &Path, m
             line: lineno,
             msg: format!("expected {{\"text\": \"...\"}}: {e}"),
         })?;
-        let mut ids = crate::tokenizer::encode(tok, &parsed.text, tok_path)?;
+        let mut ids = crate::data::tokenizer::encode(tok, &parsed.text, tok_path)?;
         if let Some(m) = max_tokens {
             ids.truncate(m);
         }

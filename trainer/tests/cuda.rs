@@ -1,7 +1,7 @@
 //! A whole model's forward + explicit backward on CUDA (float32) against the float64 autograd
 //! reference on CPU. Skips with a message without a GPU.
 use tch::{Device, Kind, Tensor};
-use trainer::config::ModelConfig;
+use trainer::model::config::ModelConfig;
 use trainer::eval::shifted;
 use trainer::model::Model;
 
@@ -24,7 +24,7 @@ fn cuda_model_gradients_match_cpu_reference() {
     let ids: Vec<i64> = (0..777).map(|i| (i * 37 + 11) % 300).collect();
     let (x, y) = shifted(&ids);
     let (loss, grads, stats) = mcuda.forward_backward(&trainer::model::Batch::single(x.shallow_clone(), y.shallow_clone()), None, 128).unwrap();
-    let (ref_loss, ref_grads) = trainer::reference::loss_and_grads(&m64, &trainer::model::Batch::single(x, y));
+    let (ref_loss, ref_grads) = trainer::model::reference::loss_and_grads(&m64, &trainer::model::Batch::single(x, y));
     let mean = loss.sum.to_device(Device::Cpu).double_value(&[]) / loss.count as f64;
     println!("cuda loss {mean:.8} reference {ref_loss:.8}; saved activations {} bytes", stats.saved_bytes);
     assert!((mean - ref_loss).abs() < 1e-5 * ref_loss.abs());
@@ -89,8 +89,8 @@ fn cuda_host_tier_offload_is_bit_identical() {
         for alpha in [0.0, 0.3, 1.0] {
             for keep_last in [0usize, 2] {
                 let mut store = ActivationStore::new(&cfg).unwrap();
-                let section = trainer::recipe::OffloadSection { keep_last, alpha, lookahead: 1, ..Default::default() };
-                let placement = trainer::plan_run::engine_placement(&m.cfg, Kind::Float, None, Device::Cuda(0), 128, 1500, &section, &store).unwrap();
+                let section = trainer::train::recipe::OffloadSection { keep_last, alpha, lookahead: 1, ..Default::default() };
+                let placement = trainer::plan::engine_placement(&m.cfg, Kind::Float, None, Device::Cuda(0), 128, 1500, &section, &store).unwrap();
                 let t0 = std::time::Instant::now();
                 let (l1, g1, _) = m.forward_backward_with(&batch, None, 128, &mut store, &placement).unwrap();
                 tch::Cuda::synchronize(0);

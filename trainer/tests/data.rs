@@ -4,7 +4,7 @@ use trainer::data::{pack, ChatTemplate, Encoder};
 
 fn tok() -> tokenizers::Tokenizer {
     let words = ["<unk>", "<s>", "</s>", "a", "b", "c", "d", "Below", "<|user|>", "<|assistant|>", "<|end|>"];
-    let json = trainer::tokenizer::word_level_json(&words, Some("<s>"));
+    let json = trainer::data::tokenizer::word_level_json(&words, Some("<s>"));
     tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes()).unwrap()
 }
 
@@ -87,7 +87,7 @@ fn instruction_format_and_bad_lines() {
 #[test]
 fn synthetic_samples_hold_their_answer() {
     use trainer::rng::Rng;
-    use trainer::synth::{sample, Task};
+    use trainer::data::synth::{sample, Task};
     for task in [Task::Passkey, Task::KvRecall] {
         for depth in [Some(0.0), Some(0.5), Some(1.0), None] {
             let s = sample(task, &mut Rng::new(7), 300, depth, 5);
@@ -95,7 +95,7 @@ fn synthetic_samples_hold_their_answer() {
             assert!((250..=310).contains(&words), "{task:?}: {words} words");
             assert!(s.prompt.contains(&s.completion), "{task:?}: answer must appear in the prompt");
             assert_eq!(s.completion.split(' ').count(), 5);
-            let known: std::collections::HashSet<&str> = trainer::synth::VOCAB.iter().copied().collect();
+            let known: std::collections::HashSet<&str> = trainer::data::synth::VOCAB.iter().copied().collect();
             assert!(s.prompt.split(' ').all(|w| known.contains(w)), "{task:?}: a word outside the vocabulary");
         }
     }

@@ -3,8 +3,8 @@
 //! and the store puts every tensor exactly where the placement says, tier by tier.
 use offload::store::{ActivationStore, NvmeConfig, StoreConfig};
 use tch::{Device, Kind, Tensor};
-use trainer::config::ModelConfig;
-use trainer::lora::LoraConfig;
+use trainer::model::config::ModelConfig;
+use trainer::model::lora::LoraConfig;
 use planner::placement::{from_inventory, Placement, Tier};
 use trainer::model::{Batch, Model};
 
@@ -48,7 +48,7 @@ fn stores() -> Vec<(&'static str, StoreConfig)> {
 
 /// The placement the engine would run for `store` (the planner's rule over its tiers).
 fn placement(m: &Model, lora: Option<&LoraConfig>, store: &ActivationStore, keep_last: usize, alpha: f64) -> Placement {
-    let inv = trainer::inventory::build(&m.cfg, m.kind(), lora, Device::Cpu, 16).unwrap();
+    let inv = trainer::plan::inventory::build(&m.cfg, m.kind(), lora, Device::Cpu, 16).unwrap();
     from_inventory(&inv, batch().ids.size()[0] as u64, keep_last, alpha, 1 + keep_last, &store.capacities())
 }
 
@@ -97,7 +97,7 @@ fn nvme_tier_training_is_bit_identical_full_and_lora() {
     m.attach_lora(&cfg, 3).unwrap();
     check(&m, Some(&cfg), "lora+dropout float32");
     let mut m = model(Kind::Float);
-    let cfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: trainer::lora::TARGETS.iter().map(|s| s.to_string()).collect() };
+    let cfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: trainer::model::lora::TARGETS.iter().map(|s| s.to_string()).collect() };
     m.attach_lora(&cfg, 3).unwrap();
     check(&m, Some(&cfg), "lora float32");
 }
@@ -129,8 +129,8 @@ fn a_store_full_beyond_the_placement_spills_and_too_small_tiers_are_refused() {
 
     // The engine refuses before the step when the tiers cannot hold the offloaded layers.
     let store = ActivationStore::new(&StoreConfig { host_bytes: 40 << 10, ..Default::default() }).unwrap();
-    let section = trainer::recipe::OffloadSection { keep_last: 0, alpha: 1.0, lookahead: 1, ..Default::default() };
-    let err = trainer::plan_run::engine_placement(&m.cfg, Kind::Float, None, Device::Cpu, 16, 120, &section, &store).err().unwrap().to_string();
+    let section = trainer::train::recipe::OffloadSection { keep_last: 0, alpha: 1.0, lookahead: 1, ..Default::default() };
+    let err = trainer::plan::engine_placement(&m.cfg, Kind::Float, None, Device::Cpu, 16, 120, &section, &store).err().unwrap().to_string();
     assert!(err.contains("offload tiers too small") && err.contains("host 40.00 KiB") && err.contains("offload.host_bytes"), "{err}");
 
     // Placed in host memory, run by a store with only an NVMe tier: everything spills there.

@@ -1,8 +1,8 @@
 //! Model-level checks of packing (documents confined, positions restarting) and LoRA (only
 //! adapters get gradients) against the autograd reference, float64.
 use tch::{Device, Kind, Tensor};
-use trainer::config::ModelConfig;
-use trainer::lora::LoraConfig;
+use trainer::model::config::ModelConfig;
+use trainer::model::lora::LoraConfig;
 use trainer::model::{Batch, Model};
 
 fn tiny(tied: bool) -> ModelConfig {
@@ -28,7 +28,7 @@ fn batch(doc_lens: &[i64]) -> Batch {
 
 fn compare(m: &Model, b: &Batch, tag: &str) {
     let (loss, grads, _) = m.forward_backward(b, None, 6).unwrap();
-    let (ref_loss, ref_grads) = trainer::reference::loss_and_grads(m, b);
+    let (ref_loss, ref_grads) = trainer::model::reference::loss_and_grads(m, b);
     let mean = loss.sum.double_value(&[]) / loss.count as f64;
     assert!((mean - ref_loss).abs() < 1e-12 * ref_loss.abs(), "{tag}: loss {mean} vs {ref_loss}");
     let mut names: Vec<_> = grads.keys().cloned().collect();
@@ -71,7 +71,7 @@ fn packing_equals_documents_one_by_one() {
 #[test]
 fn lora_trains_only_adapters_and_matches_reference() {
     let mut m = Model::init_random(tiny(false), 0.3, Kind::Double, Device::Cpu, 3).unwrap();
-    let cfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: trainer::lora::TARGETS.iter().map(|s| s.to_string()).collect() };
+    let cfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: trainer::model::lora::TARGETS.iter().map(|s| s.to_string()).collect() };
     m.attach_lora(&cfg, 4).unwrap();
     // PEFT starts B at zero (output unchanged); give B values so every gradient path is exercised.
     for layer in &mut m.layers {
@@ -102,7 +102,7 @@ fn lora_over_bf16_base_keeps_float32_adapters() {
 /// weight decay on a matrix and none on a norm weight.
 #[test]
 fn adamw_matches_the_pytorch_formula() {
-    use trainer::optim::{AdamW, AdamWConfig};
+    use trainer::train::optim::{AdamW, AdamWConfig};
     let cfg = AdamWConfig { lr: 0.1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.5 };
     let w = Tensor::randn([3, 4], (Kind::Double, Device::Cpu));
     let n = Tensor::randn([4], (Kind::Double, Device::Cpu));
@@ -130,7 +130,7 @@ fn adamw_matches_the_pytorch_formula() {
 
 #[test]
 fn schedule_warms_up_then_decays() {
-    use trainer::optim::{Decay, Schedule};
+    use trainer::train::optim::{Decay, Schedule};
     let s = Schedule { lr: 1.0, warmup: 4, total: 14, decay: Decay::Cosine, min_lr_ratio: 0.1 };
     assert_eq!(s.lr_at(0), 0.25);
     assert_eq!(s.lr_at(3), 1.0);
@@ -140,7 +140,7 @@ fn schedule_warms_up_then_decays() {
     let l = Schedule { decay: Decay::Linear, ..s.clone() };
     assert!((l.lr_at(9) - 0.55).abs() < 1e-12);
     let mut grads: trainer::model::Grads = [("a".to_string(), Tensor::from_slice(&[3.0f64, 4.0]))].into_iter().collect();
-    let norm = trainer::optim::clip_grad_norm(&mut grads, Some(1.0));
+    let norm = trainer::train::optim::clip_grad_norm(&mut grads, Some(1.0));
     assert!((norm - 5.0).abs() < 1e-12);
     assert!((grads["a"].double_value(&[0]) - 0.6).abs() < 1e-6);
 }

@@ -3,8 +3,8 @@
 use offload::store::{ActivationStore, NvmeConfig, StoreConfig};
 use planner::inventory::stored_rows;
 use tch::{Device, Kind, Tensor};
-use trainer::config::ModelConfig;
-use trainer::lora::LoraConfig;
+use trainer::model::config::ModelConfig;
+use trainer::model::lora::LoraConfig;
 use trainer::model::{Batch, Model};
 
 fn cfg(text: &str) -> ModelConfig {
@@ -40,7 +40,7 @@ fn predicted_saved_and_tier_bytes_equal_the_engines_accounting() {
         ("qwen2 full bf16", QWEN2, None, Kind::BFloat16),
     ] {
         let c = cfg(text);
-        let inv = trainer::inventory::build(&c, kind, lora, Device::Cpu, 16).unwrap();
+        let inv = trainer::plan::inventory::build(&c, kind, lora, Device::Cpu, 16).unwrap();
         let mut m = Model::init_random(c.clone(), 0.1, kind, Device::Cpu, 3).unwrap();
         if let Some(l) = lora {
             m.attach_lora(l, 1).unwrap();
@@ -80,7 +80,7 @@ fn predicted_saved_and_tier_bytes_equal_the_engines_accounting() {
 fn plans_respect_bounds_and_layouts_validate() {
     use planner::plan::{plan, Budgets, Calibration, Options};
     let c = cfg(LLAMA);
-    let inv = trainer::inventory::build(&c, Kind::Float, None, Device::Cpu, 16).unwrap();
+    let inv = trainer::plan::inventory::build(&c, Kind::Float, None, Device::Cpu, 16).unwrap();
     let cal = Calibration { device: "test".into(), matmul_flops: 1e9, attention_flops: 1e9, host_bps: 2e9, numa_bps: 1e9, nvme_bps: 5e8, source: "test figures".into() };
     let per_layer = {
         let (w, r) = inv.layer_saved(4096, 4096);

@@ -1,15 +1,23 @@
 //! The decoder (Llama / Qwen2 / Mistral) with parameter names equal to the Hugging Face ones.
-//! The block itself — where activations are saved — is in [`crate::block`].
+//! The block itself — where activations are saved — is in [`crate::model::block`].
+pub mod block;
+pub mod config;
+pub mod init;
+pub mod lora;
+pub mod reference;
+pub mod weights;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use kernels::{cross_entropy, embedding, rmsnorm};
 use tch::{Device, Kind, Tensor};
 
-use crate::block::{self, BlockSaved};
-use crate::checkpoint::WeightFiles;
-use crate::config::ModelConfig;
+use block::BlockSaved;
+use crate::model::weights::WeightFiles;
+use crate::model::config::ModelConfig;
 use crate::error::{Result, TrainerError};
+use crate::guard::{self, Phase};
 use planner::placement::Placement;
 
 /// A projection's parameters, with its LoRA adapter when one is attached.
@@ -321,6 +329,7 @@ impl Model {
         let mut splits: Vec<i64> = Vec::with_capacity(n_layers);
         let mut saved_bytes = 0;
         for (l, layer) in self.layers.iter().enumerate() {
+            guard::enter(Phase::Forward, Some(l));
             let (y, s) = block::forward(layer, &x, &ctx, l)?;
             saved_bytes += s.bytes();
             let split = stored_rows(l);
@@ -348,6 +357,7 @@ impl Model {
             x = y;
         }
         let stats = StepStats { saved_bytes };
+        guard::enter(Phase::Loss, None);
         let (h, norm_saved) = rmsnorm::forward(&x, &self.norm, self.cfg.rms_norm_eps);
         let (loss, ce_saved) = cross_entropy::forward(&h, self.lm_head_weight(), &labels, ce_chunk);
 
@@ -362,6 +372,7 @@ impl Model {
             grads.insert("model.norm.weight".into(), g);
         }
         for (l, layer) in self.layers.iter().enumerate().rev() {
+            guard::enter(Phase::Backward, Some(l));
             // Ask for the next layers' activations now, so their reads overlap this backward.
             for ahead in (l.saturating_sub(placement.lookahead)..=l).rev() {
                 store.prefetch(ahead, &names[ahead])?;
@@ -391,6 +402,7 @@ impl Model {
             }
             dx = d;
         }
+        guard::enter(Phase::Backward, None);
         if self.full {
             let mut demb = embedding::backward(&dx, &emb_saved, self.cfg.vocab_size);
             if let Some(dhead) = dhead {

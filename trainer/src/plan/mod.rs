@@ -1,6 +1,9 @@
 //! The planner wired to recipes: budgets from the recipe and the command line, the inventory
 //! from the model's code, speeds from calibration; `train plan` prints the result and `train run`
 //! refuses a step that cannot fit before it loads a single weight.
+pub mod calibrate;
+pub mod inventory;
+
 use std::path::Path;
 
 use planner::inventory::Inventory;
@@ -8,8 +11,8 @@ use planner::placement::Placement;
 use planner::plan::{human, Budgets, Options, Plan};
 
 use crate::error::{Result, TrainerError};
-use crate::lora::LoraConfig;
-use crate::recipe::Recipe;
+use crate::model::lora::LoraConfig;
+use crate::train::recipe::Recipe;
 
 /// What to plan for, beyond the recipe (command-line overrides).
 #[derive(Debug, Clone, Default)]
@@ -73,15 +76,15 @@ fn options(recipe: &Recipe, req: &Request, tokens: u64) -> Options {
 }
 
 /// Inventory, calibration and plan for the recipe's step.
-pub fn plan_recipe(recipe: &Recipe, cfg: &crate::config::ModelConfig, lora: Option<&LoraConfig>, req: &Request) -> Result<(Inventory, Plan)> {
+pub fn plan_recipe(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lora: Option<&LoraConfig>, req: &Request) -> Result<(Inventory, Plan)> {
     let dev = crate::device::target_device(&recipe.run.device)?;
     let kind = crate::device::parse_dtype(&recipe.run.dtype)?;
-    let inv = crate::inventory::build(cfg, kind, lora, dev, recipe.train.loss_chunk)?;
+    let inv = crate::plan::inventory::build(cfg, kind, lora, dev, recipe.train.loss_chunk)?;
     // After the probe (whose tensors are small and gone): it ran libtorch's kernels once, so the
     // thread pools and kernel buffers that every step will hold are in the figure; before the
     // calibration, whose large buffers are not held afterwards.
     baseline_rss();
-    let cal = crate::calibrate::load_or_measure(dev, kind, &recipe.offload.nvme_dir, req.calibrate)?;
+    let cal = crate::plan::calibrate::load_or_measure(dev, kind, &recipe.offload.nvme_dir, req.calibrate)?;
     let tokens = req.tokens.unwrap_or(recipe.data.tokens_per_batch as u64);
     let b = budgets(recipe, req)?;
     let plan = planner::plan::plan(&inv, b, &cal, &options(recipe, req, tokens)).map_err(|e| TrainerError::Device(format!("planner: {e}")))?;
@@ -169,19 +172,19 @@ pub fn refusal(plan: &Plan, fit: &Fit) -> TrainerError {
 /// ([`planner::placement::from_inventory`]) on an inventory probed from the block code.
 #[allow(clippy::too_many_arguments)]
 pub fn engine_placement(
-    cfg: &crate::config::ModelConfig,
+    cfg: &crate::model::config::ModelConfig,
     kind: tch::Kind,
     lora: Option<&LoraConfig>,
     device: tch::Device,
     ce_chunk: i64,
     tokens: u64,
-    offload: &crate::recipe::OffloadSection,
+    offload: &crate::train::recipe::OffloadSection,
     store: &offload::store::ActivationStore,
 ) -> Result<Placement> {
     if !store.has_tiers() {
         return Ok(Placement::resident(cfg.num_layers as usize, tokens));
     }
-    let inv = crate::inventory::build(cfg, kind, lora, device, ce_chunk)?;
+    let inv = crate::plan::inventory::build(cfg, kind, lora, device, ce_chunk)?;
     let caps = store.capacities();
     let p = planner::placement::from_inventory(&inv, tokens, offload.keep_last, offload.alpha, offload.lookahead, &caps);
     if p.overflow_bytes > 0 {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use tch::{Device, Kind, Tensor};
 
-use crate::config::ModelConfig;
+use crate::model::config::ModelConfig;
 use crate::error::Result;
 use crate::model::{param_specs, Model};
 

@@ -5,7 +5,7 @@ use std::path::Path;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::write_safetensors;
+use crate::model::weights::write_safetensors;
 use crate::error::{Result, TrainerError};
 use crate::model::{LoraWeights, Model};
 
@@ -83,7 +83,7 @@ impl Model {
         let cfg = LoraConfig { rank: get_f("r")? as i64, alpha: get_f("lora_alpha")?, dropout: v.get("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0), targets };
         self.attach_lora(&cfg, 0)?;
         let wp = dir.join("adapter_model.safetensors");
-        let files = crate::checkpoint::WeightFiles::open_file(&wp)?;
+        let files = crate::model::weights::WeightFiles::open_file(&wp)?;
         let dev = self.device();
         let _guard = tch::no_grad_guard();
         for (name, t) in self.named_adapters() {

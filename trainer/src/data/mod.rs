@@ -7,6 +7,9 @@
 //! - `{"messages": [{"role", "content"}, ...]}`: rendered with the model's chat template
 //!   (`tokenizer_config.json` `chat_template`, or `chat_template.jinja`); only assistant turns
 //!   are targets.
+pub mod synth;
+pub mod tokenizer;
+
 use std::path::{Path, PathBuf};
 
 use kernels::cross_entropy::IGNORE_INDEX;

@@ -441,8 +441,8 @@ impl Recipe {
                 return err("lora", format!("rank {} and alpha {} must be positive and dropout {} in [0, 1)", l.rank, l.alpha, l.dropout));
             }
             for t in &l.targets {
-                if !crate::lora::TARGETS.contains(&t.as_str()) {
-                    return err("lora.targets", format!("`{t}` is not one of {:?}", crate::lora::TARGETS));
+                if !crate::model::lora::TARGETS.contains(&t.as_str()) {
+                    return err("lora.targets", format!("`{t}` is not one of {:?}", crate::model::lora::TARGETS));
                 }
             }
         }
@@ -472,7 +472,7 @@ impl Recipe {
             return err("data", "max_tokens and tokens_per_batch must be at least 2".into());
         }
         if let Some(s) = &d.synth {
-            if crate::synth::Task::parse(&s.task).is_none() {
+            if crate::data::synth::Task::parse(&s.task).is_none() {
                 return err("data.synth.task", format!("\"{}\": expected passkey or kv-recall", s.task));
             }
             if s.words.is_empty() || s.words.iter().any(|&w| w < 16) {

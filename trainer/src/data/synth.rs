@@ -35,7 +35,7 @@ pub const VOCAB: &[&str] = &[
 
 /// A word-level `tokenizer.json` over [`VOCAB`] that prepends BOS.
 pub fn tokenizer_json() -> Value {
-    crate::tokenizer::word_level_json(VOCAB, Some("<s>"))
+    crate::data::tokenizer::word_level_json(VOCAB, Some("<s>"))
 }
 
 pub struct Sample {

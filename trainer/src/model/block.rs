@@ -9,7 +9,7 @@ use kernels::rope::RopeConfig;
 use kernels::{linear, lora, rmsnorm, rope, swiglu};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::ModelConfig;
+use crate::model::config::ModelConfig;
 use crate::error::Result;
 use crate::model::{Layer, Linear};
 

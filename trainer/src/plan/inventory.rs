@@ -9,10 +9,10 @@ use std::collections::BTreeMap;
 use planner::inventory::{Group, Inventory, LayerFlops, OpBuffer, TensorClass};
 use tch::{Device, Kind, Tensor};
 
-use crate::block;
-use crate::config::ModelConfig;
+use crate::model::block;
+use crate::model::config::ModelConfig;
 use crate::error::Result;
-use crate::lora::LoraConfig;
+use crate::model::lora::LoraConfig;
 use crate::model::{param_specs, Model};
 
 /// Token counts of the two probes (multiples of 64, so padded kernel outputs stay linear).

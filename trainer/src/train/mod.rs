@@ -4,6 +4,11 @@
 //! recipe, build model + tokenizer, attach LoRA, restore the newest complete checkpoint when
 //! resuming, then steps of (micro-batches → explicit forward/backward → clip → AdamW), with
 //! metrics, evaluation and checkpoints on their schedules, and a final export.
+pub mod checkpoints;
+pub mod optim;
+pub mod recipe;
+pub mod tensorboard;
+
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -12,17 +17,17 @@ use serde_json::json;
 use tch::{Device, Kind, Tensor};
 use tokenizers::Tokenizer;
 
-use crate::config::ModelConfig;
+use crate::model::config::ModelConfig;
 use crate::data::{pack, ChatTemplate, Encoder, Example};
 use crate::error::{Result, TrainerError};
-use crate::lora::LoraConfig;
+use crate::model::lora::LoraConfig;
 use crate::model::{Batch, Model};
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Decay, Schedule};
-use crate::recipe::Recipe;
+use crate::train::optim::{clip_grad_norm, AdamW, AdamWConfig, Decay, Schedule};
+use crate::train::recipe::Recipe;
 use crate::rng::Rng;
-use crate::run_state::{self, TrainerState};
-use crate::synth::{self, Task};
-use crate::tensorboard::EventWriter;
+use checkpoints::TrainerState;
+use crate::data::synth::{self, Task};
+use crate::train::tensorboard::EventWriter;
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -217,7 +222,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
     let dev = crate::device::parse_device(&recipe.run.device)?;
     let kind = crate::device::parse_dtype(&recipe.run.dtype)?;
     let run_dir = recipe.run.dir.clone();
-    let existing = run_state::list(&run_dir);
+    let existing = checkpoints::list(&run_dir);
     if !existing.is_empty() && !resume {
         return Err(TrainerError::Checkpoint {
             path: run_dir.clone(),
@@ -242,13 +247,13 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
     let offload_cfg = &recipe.offload;
     let mut planned: Option<planner::placement::Placement> = None;
     if let Some(ps) = &recipe.plan {
-        let (inv, plan) = crate::plan_run::plan_recipe(&recipe, &cfg, lora_cfg.as_ref(), &crate::plan_run::Request::default())?;
+        let (inv, plan) = crate::plan::plan_recipe(&recipe, &cfg, lora_cfg.as_ref(), &crate::plan::Request::default())?;
         if !plan.fits {
-            let fit = crate::plan_run::what_would_fit(&recipe, &inv, &plan)?;
-            crate::plan_run::write(&run_dir, &inv, &plan, Some(&fit))?;
-            return Err(crate::plan_run::refusal(&plan, &fit));
+            let fit = crate::plan::what_would_fit(&recipe, &inv, &plan)?;
+            crate::plan::write(&run_dir, &inv, &plan, Some(&fit))?;
+            return Err(crate::plan::refusal(&plan, &fit));
         }
-        crate::plan_run::write(&run_dir, &inv, &plan, None)?;
+        crate::plan::write(&run_dir, &inv, &plan, None)?;
         eprintln!(
             "plan: keep_last {}, alpha {:.3}, device peak {} of {}, predicted step {:.2}s (plan.txt in the run directory{})",
             plan.keep_last,
@@ -264,21 +269,21 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
     }
     let (mut model, tok, tok_path, chat, base_name) = match (&recipe.model.path, cfg_text) {
         (Some(path), _) => {
-            let tok = crate::tokenizer::load(path)?;
+            let tok = crate::data::tokenizer::load(path)?;
             let chat = ChatTemplate::load(path)?;
             let (m, unused) = Model::load(path, cfg, kind, dev)?;
             if !unused.is_empty() {
                 eprintln!("warning: {} unused tensor(s) in {}", unused.len(), path.display());
             }
-            (m, tok, path.join(crate::tokenizer::TOKENIZER_FILE), chat, path.display().to_string())
+            (m, tok, path.join(crate::data::tokenizer::TOKENIZER_FILE), chat, path.display().to_string())
         }
         (None, Some(cfg_text)) => {
             std::fs::create_dir_all(&model_dir).map_err(TrainerError::io(&model_dir))?;
             let cp = model_dir.join("config.json");
             std::fs::write(&cp, &cfg_text).map_err(TrainerError::io(&cp))?;
-            let tp = model_dir.join(crate::tokenizer::TOKENIZER_FILE);
+            let tp = model_dir.join(crate::data::tokenizer::TOKENIZER_FILE);
             std::fs::write(&tp, synth::tokenizer_json().to_string()).map_err(TrainerError::io(&tp))?;
-            let tok = crate::tokenizer::load(&model_dir)?;
+            let tok = crate::data::tokenizer::load(&model_dir)?;
             let m = Model::init_random(cfg, recipe.model.init_std, kind, dev, recipe.run.seed as i64)?;
             (m, tok, tp, None, "strata-from-scratch".to_string())
         }
@@ -306,7 +311,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
     let mut state = TrainerState { step: 0, cursor: 0, optimizer_t: 0, seed: recipe.run.seed, loss: f64::NAN };
     if resume {
         for (_, dir) in &existing {
-            match run_state::load(dir, &mut model, &mut opt) {
+            match checkpoints::load(dir, &mut model, &mut opt) {
                 Ok(s) => {
                     eprintln!("resuming from {} (step {})", dir.display(), s.step);
                     state = s;
@@ -426,7 +431,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
     // keep_last and α by the same rule. The model applies it and the store executes it.
     let placement = match planned {
         Some(p) => p,
-        None => crate::plan_run::engine_placement(&model.cfg, kind, lora_cfg.as_ref(), dev, recipe.train.loss_chunk, recipe.data.tokens_per_batch as u64, offload_cfg, &store)?,
+        None => crate::plan::engine_placement(&model.cfg, kind, lora_cfg.as_ref(), dev, recipe.train.loss_chunk, recipe.data.tokens_per_batch as u64, offload_cfg, &store)?,
     };
     let tty = std::io::stderr().is_terminal();
     let start = Instant::now();
@@ -527,8 +532,8 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Run
         }
         let ck = recipe.checkpoint.every;
         if (ck > 0 && state.step % ck == 0) || state.step == recipe.train.steps {
-            run_state::save(&run_dir, &model, &opt, &state, &recipe_toml, lora_cfg.as_ref())?;
-            run_state::prune(&run_dir, recipe.checkpoint.keep_last)?;
+            checkpoints::save(&run_dir, &model, &opt, &state, &recipe_toml, lora_cfg.as_ref())?;
+            checkpoints::prune(&run_dir, recipe.checkpoint.keep_last)?;
         }
     }
     if state.step > start_step || synth_eval.is_some() || file_eval.is_some() {
@@ -562,5 +567,5 @@ pub fn export_hf(model: &Model, dir: &Path, source: &Path) -> Result<()> {
         }
     }
     let tensors: Vec<(String, Tensor)> = model.named_parameters().into_iter().map(|(n, t)| (n, t.shallow_clone())).collect();
-    crate::checkpoint::write_safetensors(&dir.join("model.safetensors"), &tensors)
+    crate::model::weights::write_safetensors(&dir.join("model.safetensors"), &tensors)
 }

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use crate::checkpoint::{write_safetensors, WeightFiles};
+use crate::model::weights::{write_safetensors, WeightFiles};
 use crate::error::{Result, TrainerError};
 use crate::model::Model;
-use crate::optim::{AdamW, Moments};
+use crate::train::optim::{AdamW, Moments};
 
 pub const DONE: &str = "DONE";
 pub const STATE_FILE: &str = "trainer_state.json";
@@ -42,7 +42,7 @@ pub fn step_dir(run_dir: &Path, step: i64) -> PathBuf {
 }
 
 /// Writes a complete checkpoint for `state.step`; returns its directory.
-pub fn save(run_dir: &Path, model: &Model, opt: &AdamW, state: &TrainerState, recipe_toml: &str, lora: Option<&crate::lora::LoraConfig>) -> Result<PathBuf> {
+pub fn save(run_dir: &Path, model: &Model, opt: &AdamW, state: &TrainerState, recipe_toml: &str, lora: Option<&crate::model::lora::LoraConfig>) -> Result<PathBuf> {
     let tmp = run_dir.join(format!(".tmp-step_{}", state.step));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(TrainerError::io(&tmp))?;
