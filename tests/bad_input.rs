@@ -156,3 +156,66 @@ fn bad_data_tokenizer_and_flags() {
     assert!(e.contains("tokenizer.json") && e.contains("missing"), "{e}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A libtorch failure inside a step — here a CPU allocation the process may not make (gate_proj's
+/// output of 2^16 tokens × 2^18 channels, 64 GiB, under a 40 GiB address-space limit, the way a
+/// machine without that much memory refuses it) — ends the run with one error naming the phase
+/// and layer, libtorch's message, the memory state and what would fit; exit 1, no panic, and the
+/// run directory keeps what was written before.
+#[test]
+fn a_libtorch_failure_inside_a_step_is_an_error_with_phase_layer_and_what_would_fit() {
+    let dir = tmp_dir("torch-failure");
+    let recipe = dir.join("huge.toml");
+    std::fs::write(
+        &recipe,
+        format!(
+            r#"[run]
+dir = "{run}"
+device = "cpu"
+[model]
+tokenizer = "synthetic"
+[model.init]
+model_type = "llama"
+hidden_size = 16
+intermediate_size = 262144
+num_hidden_layers = 1
+num_attention_heads = 2
+num_key_value_heads = 1
+[data]
+tokens_per_batch = 65536
+max_tokens = 4096
+[data.synth]
+task = "passkey"
+words = [64]
+[train]
+steps = 2
+lr = 1e-3
+[eval]
+samples = 1
+"#,
+            run = dir.join("run").display()
+        ),
+    )
+    .unwrap();
+    // jemalloc reserves without committing (MAP_NORESERVE), so only an address-space limit makes
+    // the kernel refuse at once instead of the OOM killer acting later.
+    let out = std::process::Command::new("bash")
+        .args(["-c", "ulimit -v 41943040 && exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_train"), "run", "--recipe", recipe.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let se = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{se}");
+    assert!(!se.contains("panicked") && !se.contains("RUST_BACKTRACE") && !se.contains("frame #"), "{se}");
+    for needle in [
+        "error: libtorch failed in the forward of layer 0",
+        "can't allocate memory",
+        "resident",
+        "`train plan` for this step",
+        "longest step that fits",
+        "step 1 of 2 failed",
+    ] {
+        assert!(se.contains(needle), "`{needle}` missing from:\n{se}");
+    }
+    assert!(dir.join("run").join("recipe.toml").exists());
+    let _ = std::fs::remove_dir_all(dir);
+}

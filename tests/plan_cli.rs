@@ -62,7 +62,11 @@ nvme_bytes = 67108864
     let json: Value = serde_json::from_str(&std::fs::read_to_string(out.join("plan.json")).unwrap()).unwrap();
     assert_eq!(json["plan"]["tokens"], 2048);
     assert!(json["inventory"]["saved"].as_array().unwrap().iter().any(|c| c["name"] == "x" && c["shape"] == "[T, 64]"), "{}", json["inventory"]["saved"]);
-    assert!(std::fs::read_to_string(out.join("plan.svg")).unwrap().starts_with("<svg"));
+    let svg = std::fs::read_to_string(out.join("plan.svg")).unwrap();
+    assert!(svg.starts_with("<svg"), "{svg}");
+    for needle in ["device budget 1.00 GiB", ">forward<", ">loss<", ">backward<", "device memory (", "nvme: peak", "weights/grads/optimizer"] {
+        assert!(svg.contains(needle), "`{needle}` missing from plan.svg");
+    }
 
     // A device budget below the weights: refused before loading, with what would fit.
     let o = train_env(&["run", "--recipe", r, "plan.device_memory=\"100KiB\""], &cache);

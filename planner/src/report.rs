@@ -69,44 +69,108 @@ pub fn table(inv: &Inventory, p: &Plan) -> String {
     s
 }
 
-/// An SVG of the level-2 device layout (buffers as boxes: slot × address) above per-tier bytes
-/// over the step.
-pub fn svg(p: &Plan) -> String {
-    let (w, h, pad) = (960.0, 420.0, 40.0);
-    let slots = p.level2.buffers.iter().map(|b| b.end).max().unwrap_or(0) as f64 + 1.0;
-    let peak = p.level2.mip.peak.max(1) as f64;
-    let mut s = String::new();
-    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{}" font-family="monospace" font-size="11">"#, h + 200.0);
-    let _ = writeln!(s, r#"<text x="{pad}" y="20">device layout over the step: {} tokens, peak {} (+ {} weights/grads/optimizer)</text>"#, p.tokens, human(p.level2.mip.peak), human(p.static_bytes));
-    let sx = (w - 2.0 * pad) / slots;
-    let sy = (h - 2.0 * pad) / peak;
-    for (b, off) in p.level2.buffers.iter().zip(&p.level2.mip.offsets) {
-        let x = pad + b.start as f64 * sx;
-        let bw = (b.end - b.start + 1) as f64 * sx;
-        let y = h - pad - (*off + b.bytes) as f64 * sy;
-        let bh = (b.bytes as f64 * sy).max(0.5);
-        let hue = if b.name.contains("work") { 30 } else if b.name.contains("prefetch") { 200 } else if b.name.contains("swap") { 120 } else { 270 };
-        let _ = writeln!(s, r#"<rect x="{x:.1}" y="{y:.1}" width="{bw:.1}" height="{bh:.1}" fill="hsl({hue},60%,70%)" stroke="black" stroke-width="0.3"><title>{} {}</title></rect>"#, b.name, human(b.bytes));
+/// Axis ticks for `max` bytes: about five round steps in GiB (or MiB below 1 GiB).
+fn ticks(max: f64) -> (Vec<f64>, f64, &'static str) {
+    let (unit, name) = if max >= (1u64 << 30) as f64 { ((1u64 << 30) as f64, "GiB") } else { ((1u64 << 20) as f64, "MiB") };
+    let span = (max / unit).max(1e-9);
+    let raw = span / 5.0;
+    let mag = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * mag).find(|s| *s >= raw).unwrap_or(10.0 * mag);
+    let n = (span / step).floor() as usize;
+    ((0..=n).map(|i| i as f64 * step * unit).collect(), unit, name)
+}
+
+/// One panel: a y axis in GiB/MiB from 0 to `max` bytes at `[top, top + height]`.
+fn y_axis(s: &mut String, x: f64, top: f64, height: f64, max: f64, label: &str) -> impl Fn(f64) -> f64 {
+    let (ts, unit, name) = ticks(max);
+    let y = move |b: f64| top + height - b / max * height;
+    for t in ts {
+        let _ = writeln!(s, r#"<line x1="{x}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="black"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#, x - 4.0, y(t), y(t), x - 6.0, y(t) + 4.0, trim_num(t / unit));
     }
-    let _ = writeln!(s, r#"<text x="{pad}" y="{}">slots: forward of layers 0..{}, loss, backward of layers {}..0 (orange: working sets, green: swap-out, blue: prefetched, purple: kept/head)</text>"#, h - 10.0, p.layers - 1, p.layers - 1);
-    // Tier occupancy: each offloaded layer's bytes enter at its forward and leave at its backward.
-    let max_tier = (p.host_peak.max(p.numa_peak).max(p.nvme_peak)).max(1) as f64;
-    let base = h + 180.0;
-    for (k, (name, col)) in [("host", "#d62728"), ("numa", "#2ca02c"), ("nvme", "#1f77b4")].iter().enumerate() {
+    let _ = writeln!(s, r#"<line x1="{x}" x2="{x}" y1="{top}" y2="{:.1}" stroke="black"/>"#, top + height);
+    let _ = writeln!(s, r#"<text x="12" y="{:.1}" transform="rotate(-90 12 {:.1})" text-anchor="middle">{label} ({name})</text>"#, top + height / 2.0, top + height / 2.0);
+    y
+}
+
+fn trim_num(v: f64) -> String {
+    let t = format!("{v:.2}");
+    t.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// An SVG of the step over time (slots: each layer's forward, the loss, each layer's backward):
+/// above, the device memory — the resident part (weights, gradients, optimizer, process, staging)
+/// as a band and the level-2 layout's buffers above it, against the device budget line; below,
+/// the bytes each offload tier holds against its budget. Axes in GiB (MiB for small plans).
+pub fn svg(p: &Plan) -> String {
+    let (w, pad_l, pad_r) = (1000.0, 70.0, 150.0);
+    let (top1, h1, top2, h2) = (50.0, 360.0, 500.0, 180.0);
+    let plot_w = w - pad_l - pad_r;
+    let l = p.layers;
+    let slots = p.level2.buffers.iter().map(|b| b.end).max().unwrap_or(0).max(2 * l as u32) as f64 + 1.0;
+    let sx = plot_w / slots;
+    let x = |slot: f64| pad_l + slot * sx;
+    let base = (p.static_bytes + p.baseline_bytes + p.staging_bytes) as f64;
+    let layout_peak = p.level2.mip.peak.min(p.level2.greedy_peak) as f64;
+    let max1 = (base + layout_peak).max(p.budgets.device as f64).max(1.0) * 1.08;
+    let mut s = String::new();
+    let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{}" font-family="monospace" font-size="11">"#, top2 + h2 + 70.0);
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{pad_l}" y="20" font-size="13">{} tokens: device peak {} of a {} budget ({})</text>"#,
+        p.tokens,
+        human(p.device_peak),
+        human(p.budgets.device),
+        if p.fits { "fits" } else { "does not fit" }
+    );
+    let y = y_axis(&mut s, pad_l, top1, h1, max1, "device memory");
+    // Phases.
+    for (name, from, to, fill) in [("forward", 0.0, l as f64, "#eef4ff"), ("loss", l as f64, l as f64 + 1.0, "#fff4e0"), ("backward", l as f64 + 1.0, slots, "#eefaf0")] {
+        let _ = writeln!(s, r#"<rect x="{:.1}" y="{top1}" width="{:.1}" height="{h1}" fill="{fill}"/>"#, x(from), (to - from) * sx);
+        let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{name}</text>"#, x((from + to) / 2.0), top1 + h1 + 28.0);
+    }
+    for slot in 0..slots as usize {
+        let layer = if slot < l { Some(slot) } else if slot > l { Some(2 * l - slot) } else { None };
+        if let Some(layer) = layer.filter(|la| l <= 16 || la % (l / 8).max(1) == 0) {
+            let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="9">{layer}</text>"#, x(slot as f64 + 0.5), top1 + h1 + 14.0);
+        }
+    }
+    // The resident band and the layout's buffers above it.
+    let _ = writeln!(s, r##"<rect x="{pad_l}" y="{:.1}" width="{plot_w:.1}" height="{:.1}" fill="#bbbbbb"><title>weights, gradients, optimizer state, process, staging: {}</title></rect>"##, y(base), h1 - (y(base) - top1), human(base as u64));
+    let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}">weights/grads/optimizer/process {}</text>"#, pad_l + 4.0, (y(base) + top1 + h1) / 2.0 + 4.0, human(base as u64));
+    for (b, off) in p.level2.buffers.iter().zip(&p.level2.mip.offsets) {
+        let bx = x(b.start as f64);
+        let bw = (b.end - b.start + 1) as f64 * sx;
+        let (y0, y1) = (y(base + (*off + b.bytes) as f64), y(base + *off as f64));
+        let hue = if b.name.contains("work") { 30 } else if b.name.contains("prefetch") { 200 } else if b.name.contains("swap") || b.name.contains("in flight") { 120 } else { 270 };
+        let _ = writeln!(s, r#"<rect x="{bx:.1}" y="{y0:.1}" width="{bw:.1}" height="{:.1}" fill="hsl({hue},60%,70%)" stroke="black" stroke-width="0.3"><title>{} {}</title></rect>"#, (y1 - y0).max(0.5), b.name, human(b.bytes));
+    }
+    let yb = y(p.budgets.device as f64);
+    let _ = writeln!(s, r##"<line x1="{pad_l}" x2="{:.1}" y1="{yb:.1}" y2="{yb:.1}" stroke="#d62728" stroke-dasharray="6 3" stroke-width="1.5"/><text x="{:.1}" y="{:.1}" fill="#d62728">device budget {}</text>"##, pad_l + plot_w, pad_l + plot_w + 4.0, yb + 4.0, human(p.budgets.device));
+    let yp = y(base + layout_peak);
+    let _ = writeln!(s, r#"<line x1="{pad_l}" x2="{:.1}" y1="{yp:.1}" y2="{yp:.1}" stroke="black" stroke-dasharray="2 2"/><text x="{:.1}" y="{:.1}">peak {}</text>"#, pad_l + plot_w, pad_l + plot_w + 4.0, yp + 4.0, human(p.device_peak));
+    let _ = writeln!(s, r#"<text x="{pad_l}" y="{:.1}" font-size="10">orange: a layer's working set; green: swap-out; blue: prefetched; purple: kept layers, head, context</text>"#, top1 + h1 + 44.0);
+
+    // The tiers: an offloaded layer's bytes enter at its forward and leave at its backward.
+    let tiers = [("host", "#d62728", p.budgets.host), ("numa", "#2ca02c", p.budgets.numa), ("nvme", "#1f77b4", p.budgets.nvme)];
+    let peaks = [p.host_peak, p.numa_peak, p.nvme_peak];
+    let max2 = tiers.iter().map(|t| t.2).chain(peaks).max().unwrap_or(0).max(1) as f64 * 1.08;
+    let y2 = y_axis(&mut s, pad_l, top2, h2, max2, "tiers");
+    for (k, (name, col, budget)) in tiers.iter().enumerate() {
+        if *budget == 0 && peaks[k] == 0 {
+            continue;
+        }
         let mut pts = Vec::new();
-        let l = p.layers;
-        for slot in 0..(2 * l + 1) {
-            let bytes: u64 = (0..l)
-                .filter(|&i| {
-                    let bwd = l + 1 + (l - 1 - i);
-                    i <= slot && slot < bwd
-                })
-                .map(|i| p.placement.tier_bytes(i)[k])
-                .sum();
-            pts.push(format!("{:.1},{:.1}", pad + slot as f64 * sx, base - bytes as f64 / max_tier * 150.0));
+        for slot in 0..=(2 * l + 1) {
+            let bytes: u64 = (0..l).filter(|&i| i <= slot && slot < l + 1 + (l - 1 - i)).map(|i| p.placement.tier_bytes(i)[k]).sum();
+            pts.push(format!("{:.1},{:.1}", x(slot as f64), y2(bytes as f64)));
         }
         let _ = writeln!(s, r#"<polyline points="{}" fill="none" stroke="{col}" stroke-width="2"/>"#, pts.join(" "));
-        let _ = writeln!(s, r#"<text x="{}" y="{}" fill="{col}">{name} (peak {})</text>"#, w - 200.0, base - 150.0 + 14.0 * k as f64, human([p.host_peak, p.numa_peak, p.nvme_peak][k]));
+        if *budget > 0 {
+            let yb = y2(*budget as f64);
+            let _ = writeln!(s, r#"<line x1="{pad_l}" x2="{:.1}" y1="{yb:.1}" y2="{yb:.1}" stroke="{col}" stroke-dasharray="6 3"/>"#, pad_l + plot_w);
+        }
+        let _ = writeln!(s, r#"<text x="{:.1}" y="{:.1}" fill="{col}">{name}: peak {} of {}</text>"#, pad_l + plot_w + 4.0, top2 + 14.0 * (k as f64 + 1.0), human(peaks[k]), human(*budget));
     }
     let _ = writeln!(s, "</svg>");
     s

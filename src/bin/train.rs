@@ -284,7 +284,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
             let r = trainer::train::recipe::Recipe::load(&recipe, &overrides)?;
             let (cfg, _) = trainer::train::model_config(&r, &recipe)?;
-            let lora = r.lora.as_ref().filter(|_| r.train.mode == "lora").map(|l| trainer::model::lora::LoraConfig { rank: l.rank, alpha: l.alpha, dropout: l.dropout, targets: l.targets.clone() });
+            let lora = r.lora.as_ref().filter(|_| r.train.mode == trainer::train::recipe::Mode::Lora).map(|l| trainer::model::lora::LoraConfig { rank: l.rank, alpha: l.alpha, dropout: l.dropout, targets: l.targets.clone() });
             let (inv, plan) = trainer::plan::plan_recipe(&r, &cfg, lora.as_ref(), &req)?;
             print!("{}", planner::report::table(&inv, &plan));
             let fit = trainer::plan::what_would_fit(&r, &inv, &plan)?;

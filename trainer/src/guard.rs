@@ -94,7 +94,7 @@ fn torch_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 /// The message without libtorch's C++ frames.
 fn first_paragraph(text: &str) -> String {
-    let cut = text.find("Exception raised from").unwrap_or(text.len());
+    let cut = ["Exception raised from", "\nframe #"].iter().filter_map(|m| text.find(m)).min().unwrap_or(text.len());
     text[..cut].trim().to_string()
 }
 

@@ -97,7 +97,7 @@ fn nvme_tier_training_is_bit_identical_full_and_lora() {
     m.attach_lora(&cfg, 3).unwrap();
     check(&m, Some(&cfg), "lora+dropout float32");
     let mut m = model(Kind::Float);
-    let cfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: trainer::model::lora::TARGETS.iter().map(|s| s.to_string()).collect() };
+    let cfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: trainer::model::proj::Proj::short_names().iter().map(|s| s.to_string()).collect() };
     m.attach_lora(&cfg, 3).unwrap();
     check(&m, Some(&cfg), "lora float32");
 }

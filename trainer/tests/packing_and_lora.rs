@@ -71,7 +71,7 @@ fn packing_equals_documents_one_by_one() {
 #[test]
 fn lora_trains_only_adapters_and_matches_reference() {
     let mut m = Model::init_random(tiny(false), 0.3, Kind::Double, Device::Cpu, 3).unwrap();
-    let cfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: trainer::model::lora::TARGETS.iter().map(|s| s.to_string()).collect() };
+    let cfg = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: trainer::model::proj::Proj::short_names().iter().map(|s| s.to_string()).collect() };
     m.attach_lora(&cfg, 4).unwrap();
     // PEFT starts B at zero (output unchanged); give B values so every gradient path is exercised.
     for layer in &mut m.layers {

@@ -8,6 +8,7 @@
 //!   (`tokenizer_config.json` `chat_template`, or `chat_template.jinja`); only assistant turns
 //!   are targets.
 pub mod synth;
+pub mod source;
 pub mod tokenizer;
 
 use std::path::{Path, PathBuf};

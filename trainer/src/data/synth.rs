@@ -8,7 +8,8 @@ use serde_json::Value;
 
 use crate::rng::Rng;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Task {
     Passkey,
     KvRecall,

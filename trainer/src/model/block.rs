@@ -11,7 +11,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::model::config::ModelConfig;
 use crate::error::Result;
-use crate::model::{Layer, Linear};
+use crate::model::proj::Proj;
+use crate::model::Layer;
 
 /// What every layer of one packed micro-batch shares: RoPE tables, document boundaries,
 /// attention shapes, and whether this is a training pass (LoRA dropout) and what is trained.
@@ -149,9 +150,9 @@ impl BlockSaved {
         let mut lora = Vec::new();
         for n in names {
             if let Some(proj) = n.strip_prefix("lora_xa:") {
-                let proj: &'static str = crate::model::PROJECTIONS
+                let proj: &'static str = Proj::ALL
                     .iter()
-                    .copied()
+                    .map(|p| p.hf_name())
                     .find(|p| *p == proj)
                     .ok_or_else(|| crate::error::TrainerError::Device(format!("saved LoRA activation of unknown projection `{proj}`")))?;
                 let keep = if names.iter().any(|m| m == &format!("lora_keep:{proj}")) { Some(get(&format!("lora_keep:{proj}"))?) } else { None };
@@ -179,7 +180,8 @@ impl BlockSaved {
 }
 
 /// A projection's forward; under LoRA it also records the adapter's saved activations.
-fn proj(lin: &Linear, name: &'static str, x: &Tensor, ctx: &Context, lora_saved: &mut LoraSaved) -> Tensor {
+fn proj(layer: &Layer, p: Proj, x: &Tensor, ctx: &Context, lora_saved: &mut LoraSaved) -> Tensor {
+    let (lin, name) = (layer.proj(p), p.hf_name());
     match &lin.lora {
         None => linear::apply(x, &lin.weight, lin.bias.as_ref()),
         Some(ad) => {
@@ -207,9 +209,9 @@ struct PreAttn {
 fn pre_attn(layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, ctx: &Context, ls: &mut LoraSaved) -> PreAttn {
     let t = x.size()[0];
     let (x_attn, s1) = rmsnorm::forward(x, &layer.input_layernorm, ctx.eps);
-    let q = proj(&layer.q_proj, "self_attn.q_proj", &x_attn, ctx, ls).view([t, ctx.heads, ctx.head_dim]);
-    let k = proj(&layer.k_proj, "self_attn.k_proj", &x_attn, ctx, ls).view([t, ctx.kv_heads, ctx.head_dim]);
-    let v = proj(&layer.v_proj, "self_attn.v_proj", &x_attn, ctx, ls).view([t, ctx.kv_heads, ctx.head_dim]);
+    let q = proj(layer, Proj::Q, &x_attn, ctx, ls).view([t, ctx.heads, ctx.head_dim]);
+    let k = proj(layer, Proj::K, &x_attn, ctx, ls).view([t, ctx.kv_heads, ctx.head_dim]);
+    let v = proj(layer, Proj::V, &x_attn, ctx, ls).view([t, ctx.kv_heads, ctx.head_dim]);
     let q = rope::forward(&q, cos, sin);
     let k = rope::forward(&k, cos, sin);
     PreAttn { rstd_attn: s1.rstd, x_attn, q, k, v }
@@ -227,12 +229,12 @@ struct PostAttn {
 }
 
 fn post_attn(layer: &Layer, x: &Tensor, o_flat: &Tensor, ctx: &Context, ls: &mut LoraSaved) -> PostAttn {
-    let h = x + proj(&layer.o_proj, "self_attn.o_proj", o_flat, ctx, ls);
+    let h = x + proj(layer, Proj::O, o_flat, ctx, ls);
     let (x_mlp, s2) = rmsnorm::forward(&h, &layer.post_attention_layernorm, ctx.eps);
-    let gate = proj(&layer.gate_proj, "mlp.gate_proj", &x_mlp, ctx, ls);
-    let up = proj(&layer.up_proj, "mlp.up_proj", &x_mlp, ctx, ls);
+    let gate = proj(layer, Proj::Gate, &x_mlp, ctx, ls);
+    let up = proj(layer, Proj::Up, &x_mlp, ctx, ls);
     let (act, _) = swiglu::forward(&gate, &up);
-    let y = &h + proj(&layer.down_proj, "mlp.down_proj", &act, ctx, ls);
+    let y = &h + proj(layer, Proj::Down, &act, ctx, ls);
     PostAttn { h, rstd_mlp: s2.rstd, x_mlp, gate, up, act, y }
 }
 
@@ -293,7 +295,8 @@ pub fn recompute_tail(layer: &Layer, x: &Tensor, attn_out: &Tensor, ctx: &Contex
 }
 
 /// Gradients of one projection, pushed under its HF / PEFT sub-names.
-fn proj_backward(dy: &Tensor, x: &Tensor, lin: &Linear, name: &str, ctx: &Context, lora_saved: &mut LoraSaved, grads: &mut Vec<(String, Tensor)>) -> Result<Tensor> {
+fn proj_backward(dy: &Tensor, x: &Tensor, layer: &Layer, p: Proj, ctx: &Context, lora_saved: &mut LoraSaved, grads: &mut Vec<(String, Tensor)>) -> Result<Tensor> {
+    let (lin, name) = (layer.proj(p), p.hf_name());
     if let Some(ad) = &lin.lora {
         let pos = lora_saved
             .iter()
@@ -326,12 +329,12 @@ pub fn backward(layer: &Layer, dy: Tensor, s: BlockSaved, ctx: &Context, layer_i
     let BlockSaved { x, rstd_attn, x_attn, attn, h, rstd_mlp, x_mlp, gate, up, act, lora } = s;
     let mut ls = lora;
     // MLP
-    let dact = proj_backward(&dy, &act, &layer.down_proj, "mlp.down_proj", ctx, &mut ls, &mut grads)?;
+    let dact = proj_backward(&dy, &act, layer, Proj::Down, ctx, &mut ls, &mut grads)?;
     drop(act);
     let (dgate, dup) = swiglu::backward(&dact, &swiglu::Saved { gate, up });
     drop(dact);
-    let dx_mlp = proj_backward(&dgate, &x_mlp, &layer.gate_proj, "mlp.gate_proj", ctx, &mut ls, &mut grads)?
-        + proj_backward(&dup, &x_mlp, &layer.up_proj, "mlp.up_proj", ctx, &mut ls, &mut grads)?;
+    let dx_mlp = proj_backward(&dgate, &x_mlp, layer, Proj::Gate, ctx, &mut ls, &mut grads)?
+        + proj_backward(&dup, &x_mlp, layer, Proj::Up, ctx, &mut ls, &mut grads)?;
     drop((dgate, dup, x_mlp));
     let (dh_norm, dw2) = rmsnorm::backward(&dx_mlp, &rmsnorm::Saved { x: h, rstd: rstd_mlp }, &layer.post_attention_layernorm, ctx.full);
     drop(dx_mlp);
@@ -340,15 +343,15 @@ pub fn backward(layer: &Layer, dy: Tensor, s: BlockSaved, ctx: &Context, layer_i
     }
     let dh = dy + dh_norm;
     // Attention
-    let do_ = proj_backward(&dh, &attn.out.view([t, ctx.heads * ctx.head_dim]), &layer.o_proj, "self_attn.o_proj", ctx, &mut ls, &mut grads)?;
+    let do_ = proj_backward(&dh, &attn.out.view([t, ctx.heads * ctx.head_dim]), layer, Proj::O, ctx, &mut ls, &mut grads)?;
     let (dq, dk, dv) = attention::backward_packed(&do_.view([t, ctx.heads, ctx.head_dim]), &attn, &ctx.attn[layer_idx], &ctx.cu_seqlens)?;
     drop((do_, attn));
     let dq = rope::backward(&dq, &ctx.cos, &ctx.sin).reshape([t, ctx.heads * ctx.head_dim]);
     let dk = rope::backward(&dk, &ctx.cos, &ctx.sin).reshape([t, ctx.kv_heads * ctx.head_dim]);
     let dv = dv.reshape([t, ctx.kv_heads * ctx.head_dim]);
-    let dx_attn = proj_backward(&dq, &x_attn, &layer.q_proj, "self_attn.q_proj", ctx, &mut ls, &mut grads)?
-        + proj_backward(&dk, &x_attn, &layer.k_proj, "self_attn.k_proj", ctx, &mut ls, &mut grads)?
-        + proj_backward(&dv, &x_attn, &layer.v_proj, "self_attn.v_proj", ctx, &mut ls, &mut grads)?;
+    let dx_attn = proj_backward(&dq, &x_attn, layer, Proj::Q, ctx, &mut ls, &mut grads)?
+        + proj_backward(&dk, &x_attn, layer, Proj::K, ctx, &mut ls, &mut grads)?
+        + proj_backward(&dv, &x_attn, layer, Proj::V, ctx, &mut ls, &mut grads)?;
     drop((dq, dk, dv, x_attn));
     let (dx_norm, dw1) = rmsnorm::backward(&dx_attn, &rmsnorm::Saved { x, rstd: rstd_attn }, &layer.input_layernorm, ctx.full);
     if let Some(w) = dw1 {

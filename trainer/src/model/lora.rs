@@ -10,14 +10,14 @@ use crate::error::{Result, TrainerError};
 use crate::model::{LoraWeights, Model};
 
 /// The projections LoRA can adapt, by their HF module names.
-pub const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub use crate::model::proj::Proj;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoraConfig {
     pub rank: i64,
     pub alpha: f64,
     pub dropout: f64,
-    /// Module names from [`TARGETS`].
+    /// Module names from [`Proj::short_names`].
     pub targets: Vec<String>,
 }
 
@@ -34,8 +34,8 @@ impl Model {
     /// small and train better in full precision) and float64 over a float64 base (tests).
     pub fn attach_lora(&mut self, cfg: &LoraConfig, seed: i64) -> Result<()> {
         for t in &cfg.targets {
-            if !TARGETS.contains(&t.as_str()) {
-                return Err(TrainerError::Device(format!("lora target `{t}` is not one of {TARGETS:?}")));
+            if Proj::from_short(t).is_none() {
+                return Err(TrainerError::Device(format!("lora target `{t}` is not one of {:?}", Proj::short_names())));
             }
         }
         tch::manual_seed(seed);
@@ -77,7 +77,7 @@ impl Model {
         }
         let targets: Vec<String> = match v.get("target_modules") {
             Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
-            Some(serde_json::Value::String(s)) if s == "all-linear" => TARGETS.iter().map(|s| s.to_string()).collect(),
+            Some(serde_json::Value::String(s)) if s == "all-linear" => Proj::short_names().iter().map(|s| s.to_string()).collect(),
             _ => return Err(TrainerError::config(&cp, "`target_modules` must be a list of module names")),
         };
         let cfg = LoraConfig { rank: get_f("r")? as i64, alpha: get_f("lora_alpha")?, dropout: v.get("lora_dropout").and_then(|x| x.as_f64()).unwrap_or(0.0), targets };

@@ -4,6 +4,7 @@ pub mod block;
 pub mod config;
 pub mod init;
 pub mod lora;
+pub mod proj;
 pub mod reference;
 pub mod weights;
 
@@ -14,6 +15,7 @@ use kernels::{cross_entropy, embedding, rmsnorm};
 use tch::{Device, Kind, Tensor};
 
 use block::BlockSaved;
+use proj::Proj;
 use crate::model::weights::WeightFiles;
 use crate::model::config::ModelConfig;
 use crate::error::{Result, TrainerError};
@@ -79,10 +81,6 @@ pub struct Model {
     pub lm_head: Option<Tensor>,
 }
 
-/// The projections' HF sub-names, in checkpoint order.
-pub const PROJECTIONS: [&str; 7] =
-    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
-
 /// Gradients keyed by HF parameter name.
 pub type Grads = BTreeMap<String, Tensor>;
 
@@ -96,24 +94,17 @@ pub struct StepStats {
 /// Every parameter of the model with its HF name and shape, in checkpoint order. This one list
 /// drives loading, saving, initialisation and the planner's inventory, so they cannot disagree.
 pub fn param_specs(cfg: &ModelConfig) -> Vec<(String, Vec<i64>)> {
-    let (d, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let (qd, kvd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+    let (d, v) = (cfg.hidden_size, cfg.vocab_size);
     let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, d])];
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
-        let mut lin = |name: &str, o: i64, inp: i64, bias: bool| {
-            out.push((format!("{p}.{name}.weight"), vec![o, inp]));
-            if bias {
-                out.push((format!("{p}.{name}.bias"), vec![o]));
+        for proj in Proj::ALL {
+            let (o, i) = proj.shape(cfg);
+            out.push((format!("{p}.{}.weight", proj.hf_name()), vec![o, i]));
+            if proj.has_bias(cfg) {
+                out.push((format!("{p}.{}.bias", proj.hf_name()), vec![o]));
             }
-        };
-        lin("self_attn.q_proj", qd, d, cfg.qkv_bias);
-        lin("self_attn.k_proj", kvd, d, cfg.qkv_bias);
-        lin("self_attn.v_proj", kvd, d, cfg.qkv_bias);
-        lin("self_attn.o_proj", d, qd, cfg.o_bias);
-        lin("mlp.gate_proj", i, d, cfg.mlp_bias);
-        lin("mlp.up_proj", i, d, cfg.mlp_bias);
-        lin("mlp.down_proj", d, i, cfg.mlp_bias);
+        }
         out.push((format!("{p}.input_layernorm.weight"), vec![d]));
         out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
     }
@@ -132,18 +123,12 @@ impl Model {
         let mut layers = Vec::new();
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
-            let mut lin = |name: &str, bias: bool| -> Result<Linear> {
-                let weight = take(format!("{p}.{name}.weight"))?;
-                let bias = if bias { Some(take(format!("{p}.{name}.bias"))?) } else { None };
+            let mut lin = |proj: Proj| -> Result<Linear> {
+                let weight = take(format!("{p}.{}.weight", proj.hf_name()))?;
+                let bias = if proj.has_bias(&cfg) { Some(take(format!("{p}.{}.bias", proj.hf_name()))?) } else { None };
                 Ok(Linear { weight, bias, lora: None })
             };
-            let q_proj = lin("self_attn.q_proj", cfg.qkv_bias)?;
-            let k_proj = lin("self_attn.k_proj", cfg.qkv_bias)?;
-            let v_proj = lin("self_attn.v_proj", cfg.qkv_bias)?;
-            let o_proj = lin("self_attn.o_proj", cfg.o_bias)?;
-            let gate_proj = lin("mlp.gate_proj", cfg.mlp_bias)?;
-            let up_proj = lin("mlp.up_proj", cfg.mlp_bias)?;
-            let down_proj = lin("mlp.down_proj", cfg.mlp_bias)?;
+            let [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj] = [lin(Proj::Q)?, lin(Proj::K)?, lin(Proj::V)?, lin(Proj::O)?, lin(Proj::Gate)?, lin(Proj::Up)?, lin(Proj::Down)?];
             layers.push(Layer {
                 input_layernorm: take(format!("{p}.input_layernorm.weight"))?,
                 post_attention_layernorm: take(format!("{p}.post_attention_layernorm.weight"))?,
@@ -419,28 +404,32 @@ impl Model {
 }
 
 impl Layer {
+    pub fn proj(&self, p: Proj) -> &Linear {
+        match p {
+            Proj::Q => &self.q_proj,
+            Proj::K => &self.k_proj,
+            Proj::V => &self.v_proj,
+            Proj::O => &self.o_proj,
+            Proj::Gate => &self.gate_proj,
+            Proj::Up => &self.up_proj,
+            Proj::Down => &self.down_proj,
+        }
+    }
+
     pub fn projections_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
         [
-            ("self_attn.q_proj", &mut self.q_proj),
-            ("self_attn.k_proj", &mut self.k_proj),
-            ("self_attn.v_proj", &mut self.v_proj),
-            ("self_attn.o_proj", &mut self.o_proj),
-            ("mlp.gate_proj", &mut self.gate_proj),
-            ("mlp.up_proj", &mut self.up_proj),
-            ("mlp.down_proj", &mut self.down_proj),
+            (Proj::Q.hf_name(), &mut self.q_proj),
+            (Proj::K.hf_name(), &mut self.k_proj),
+            (Proj::V.hf_name(), &mut self.v_proj),
+            (Proj::O.hf_name(), &mut self.o_proj),
+            (Proj::Gate.hf_name(), &mut self.gate_proj),
+            (Proj::Up.hf_name(), &mut self.up_proj),
+            (Proj::Down.hf_name(), &mut self.down_proj),
         ]
     }
 
     /// The projections with their HF sub-names, in checkpoint order.
     pub fn projections(&self) -> [(&'static str, &Linear); 7] {
-        [
-            ("self_attn.q_proj", &self.q_proj),
-            ("self_attn.k_proj", &self.k_proj),
-            ("self_attn.v_proj", &self.v_proj),
-            ("self_attn.o_proj", &self.o_proj),
-            ("mlp.gate_proj", &self.gate_proj),
-            ("mlp.up_proj", &self.up_proj),
-            ("mlp.down_proj", &self.down_proj),
-        ]
+        Proj::ALL.map(|p| (p.hf_name(), self.proj(p)))
     }
 }

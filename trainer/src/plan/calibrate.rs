@@ -100,6 +100,12 @@ fn assumed_cuda(device: Device, kind: Kind) -> Calibration {
     }
 }
 
+/// The cached calibration, else assumed figures (never measures: for what-would-fit answers,
+/// which depend on bytes only).
+pub fn cached_or_assumed(device: Device, kind: Kind) -> Calibration {
+    std::fs::read_to_string(cache_path(device, kind)).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_else(|| assumed_cuda(device, kind))
+}
+
 /// The cached calibration; otherwise measured (CPU) or assumed (CUDA).
 pub fn load_or_measure(device: Device, kind: Kind, nvme_dir: &Path, force: bool) -> Result<Calibration> {
     let path = cache_path(device, kind);

@@ -13,6 +13,7 @@ use crate::model::block;
 use crate::model::config::ModelConfig;
 use crate::error::Result;
 use crate::model::lora::LoraConfig;
+use crate::model::proj::Proj;
 use crate::model::{param_specs, Model};
 
 /// Token counts of the two probes (multiples of 64, so padded kernel outputs stay linear).
@@ -148,13 +149,16 @@ fn op_buf(name: &str, shape: String, per_token: u64, start: u32, end: u32) -> Op
 
 /// LoRA's low-rank terms (computed in the adapter's float32, then cast to the working dtype) of
 /// the adapted projections among `ops`: (projection names, width of the term, op slot).
-fn lora_terms(kind: Kind, lora: Option<&LoraConfig>, what: &str, ops: &[(&[&str], u64, u32)]) -> Vec<OpBuffer> {
+fn lora_terms(kind: Kind, lora: Option<&LoraConfig>, what: &str, ops: &[(&[Proj], u64, u32)]) -> Vec<OpBuffer> {
     let Some(l) = lora else { return Vec::new() };
     let e = kind.elt_size_in_bytes() as u64;
     let per_elt = 4 + if e == 4 { 0 } else { e };
     ops.iter()
-        .filter(|(names, _, _)| names.iter().any(|n| l.targets.iter().any(|t| t == n)))
-        .map(|(names, dim, slot)| op_buf(&format!("LoRA term of the {what} ({})", names.join("/")), format!("[T, {dim}]"), dim * per_elt, *slot, *slot))
+        .filter(|(projs, _, _)| projs.iter().any(|p| l.targets.iter().any(|t| t == p.short())))
+        .map(|(projs, dim, slot)| {
+            let names: Vec<&str> = projs.iter().map(|p| p.short()).collect();
+            op_buf(&format!("LoRA term of the {what} ({})", names.join("/")), format!("[T, {dim}]"), dim * per_elt, *slot, *slot)
+        })
         .collect()
 }
 
@@ -195,20 +199,21 @@ fn backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, sa
     }
     // LoRA: an adapted projection's input gradient gets its low-rank term added in place, so
     // that term exists beside it for the op.
-    v.extend(lora_terms(kind, lora, "d input", &[(&["down_proj"], i, 1), (&["gate_proj", "up_proj"], d, 3), (&["o_proj"], qd, 6), (&["q_proj", "k_proj", "v_proj"], d, 9)]));
+    v.extend(lora_terms(kind, lora, "d input", &[(&[Proj::Down], i, 1), (&[Proj::Gate, Proj::Up], d, 3), (&[Proj::O], qd, 6), (&[Proj::Q, Proj::K, Proj::V], d, 9)]));
     for c in saved {
-        let proj = c.name.split(':').nth(1).unwrap_or("");
-        let end = match c.name.as_str() {
-            "act" => 1,
-            "gate" | "up" => 2,
-            "x_mlp" => 3,
-            "h" | "rstd_mlp" => 4,
-            "x_attn" => 9,
-            "x" | "rstd_attn" => 10,
-            _ if proj.contains("down_proj") => 1,
-            _ if proj.contains("gate_proj") || proj.contains("up_proj") => 3,
-            _ if proj.contains("o_proj") => 6,
-            _ if proj.contains("q_proj") || proj.contains("k_proj") || proj.contains("v_proj") => 9,
+        // A LoRA tensor is named `lora_…:{HF name of its projection}`.
+        let proj = c.name.split(':').nth(1).and_then(|n| Proj::ALL.into_iter().find(|p| p.hf_name() == n));
+        let end = match (c.name.as_str(), proj) {
+            ("act", _) => 1,
+            ("gate" | "up", _) => 2,
+            ("x_mlp", _) => 3,
+            ("h" | "rstd_mlp", _) => 4,
+            ("x_attn", _) => 9,
+            ("x" | "rstd_attn", _) => 10,
+            (_, Some(Proj::Down)) => 1,
+            (_, Some(Proj::Gate | Proj::Up)) => 3,
+            (_, Some(Proj::O)) => 6,
+            (_, Some(Proj::Q | Proj::K | Proj::V)) => 9,
             _ => 7, // q, k, v, attention output, logsumexp, RNG state
         };
         v.push(OpBuffer { name: format!("saved {}", c.name), shape: c.shape.clone(), fixed_bytes: c.fixed_bytes, per_token_bytes: c.per_token_bytes, start: 0, end });
@@ -240,7 +245,7 @@ fn forward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>) -> 
     // LoRA: an adapted projection's low-rank term exists beside its output until it is added in
     // place.
     let i = cfg.intermediate_size as u64;
-    v.extend(lora_terms(kind, lora, "output", &[(&["q_proj", "k_proj", "v_proj"], qd, 1), (&["o_proj"], d, 4), (&["gate_proj", "up_proj"], i, 5), (&["down_proj"], d, 6)]));
+    v.extend(lora_terms(kind, lora, "output", &[(&[Proj::Q, Proj::K, Proj::V], qd, 1), (&[Proj::O], d, 4), (&[Proj::Gate, Proj::Up], i, 5), (&[Proj::Down], d, 6)]));
     v
 }
 

@@ -7,12 +7,12 @@ pub mod inventory;
 use std::path::Path;
 
 use planner::inventory::Inventory;
-use planner::placement::Placement;
+use planner::placement::{Placement, Tier};
 use planner::plan::{human, Budgets, Options, Plan};
 
 use crate::error::{Result, TrainerError};
 use crate::model::lora::LoraConfig;
-use crate::train::recipe::Recipe;
+use crate::train::recipe::{Mode, Recipe};
 
 /// What to plan for, beyond the recipe (command-line overrides).
 #[derive(Debug, Clone, Default)]
@@ -28,7 +28,7 @@ pub struct Request {
 }
 
 /// RAM the kernel would give this process now (MemAvailable).
-fn mem_available() -> Option<u64> {
+pub fn mem_available() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kb: u64 = s.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
@@ -37,8 +37,8 @@ fn mem_available() -> Option<u64> {
 /// The budgets: command line first, then the recipe ([plan].device_memory, the [offload] tiers'
 /// budgets); on CPU the device budget defaults to the RAM available now.
 pub fn budgets(recipe: &Recipe, req: &Request) -> Result<Budgets> {
-    let dev = crate::device::target_device(&recipe.run.device)?;
-    let has = |t: &str| recipe.offload.tiers.iter().any(|x| x == t);
+    let dev = recipe.run.device.target()?;
+    let o = &recipe.offload;
     let device = match (req.device_memory, recipe.plan.as_ref().map(|p| p.device_memory.0), dev) {
         (Some(b), _, _) | (None, Some(b), _) => b,
         (None, None, tch::Device::Cpu) => mem_available().unwrap_or(0),
@@ -46,9 +46,9 @@ pub fn budgets(recipe: &Recipe, req: &Request) -> Result<Budgets> {
     };
     Ok(Budgets {
         device,
-        host: req.host.unwrap_or(if has("host") { recipe.offload.host_bytes } else { 0 }),
-        numa: req.numa.unwrap_or(if has("numa") { recipe.offload.numa_bytes } else { 0 }),
-        nvme: req.nvme.unwrap_or(if has("nvme") { recipe.offload.nvme_bytes } else { 0 }),
+        host: req.host.unwrap_or(if o.has(Tier::Host) { o.host_bytes } else { 0 }),
+        numa: req.numa.unwrap_or(if o.has(Tier::Numa) { o.numa_bytes } else { 0 }),
+        nvme: req.nvme.unwrap_or(if o.has(Tier::Nvme) { o.nvme_bytes } else { 0 }),
     })
 }
 
@@ -61,7 +61,7 @@ fn baseline_rss() -> u64 {
 
 fn options(recipe: &Recipe, req: &Request, tokens: u64) -> Options {
     let apply = recipe.plan.as_ref().is_none_or(|p| p.apply);
-    let cpu = recipe.run.device == "cpu" || (recipe.run.device == "auto" && !tch::Cuda::is_available());
+    let cpu = recipe.run.device.is_cpu();
     Options {
         tokens,
         // Without tiers the engine keeps every layer whatever keep_last says.
@@ -70,15 +70,15 @@ fn options(recipe: &Recipe, req: &Request, tokens: u64) -> Options {
         max_inflight: recipe.offload.max_inflight_bytes,
         cpu,
         mip_seconds: req.mip_seconds.or(recipe.plan.as_ref().map(|p| p.mip_seconds)).unwrap_or(2.0),
-        allow_recompute: !(recipe.train.mode == "lora" && recipe.lora.as_ref().is_some_and(|l| l.dropout > 0.0)),
+        allow_recompute: !(recipe.train.mode == Mode::Lora && recipe.lora.as_ref().is_some_and(|l| l.dropout > 0.0)),
         baseline_bytes: if cpu { baseline_rss() } else { 0 },
     }
 }
 
 /// Inventory, calibration and plan for the recipe's step.
 pub fn plan_recipe(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lora: Option<&LoraConfig>, req: &Request) -> Result<(Inventory, Plan)> {
-    let dev = crate::device::target_device(&recipe.run.device)?;
-    let kind = crate::device::parse_dtype(&recipe.run.dtype)?;
+    let dev = recipe.run.device.target()?;
+    let kind = recipe.run.dtype.0;
     let inv = crate::plan::inventory::build(cfg, kind, lora, dev, recipe.train.loss_chunk)?;
     // After the probe (whose tensors are small and gone): it ran libtorch's kernels once, so the
     // thread pools and kernel buffers that every step will hold are in the figure; before the
@@ -198,4 +198,33 @@ pub fn engine_placement(
         )));
     }
     Ok(p)
+}
+
+/// After a step ran out of memory: what `train plan` says about this recipe's step with the
+/// device's memory (`[plan] device_memory`, else the GPU's total or the RAM available) as the
+/// budget — the least device memory at this length and the longest step that fits. Speeds are
+/// the cached calibration or assumed figures (the answer depends on bytes only).
+pub fn fit_after_failure(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lora: Option<&LoraConfig>) -> Result<String> {
+    let dev = recipe.run.device.target()?;
+    let kind = recipe.run.dtype.0;
+    let device_memory = match (recipe.plan.as_ref(), dev) {
+        (Some(p), _) => Some(p.device_memory.0),
+        (None, tch::Device::Cuda(i)) => offload::cuda::runtime().and_then(|rt| rt.memory(i).ok()).map(|(_, total)| total),
+        (None, _) => None,
+    };
+    let req = Request { device_memory, ..Request::default() };
+    let inv = crate::plan::inventory::build(cfg, kind, lora, dev, recipe.train.loss_chunk)?;
+    let cal = crate::plan::calibrate::cached_or_assumed(dev, kind);
+    let tokens = recipe.data.tokens_per_batch as u64;
+    let opt = Options { mip_seconds: 0.0, ..options(recipe, &req, tokens) };
+    let plan = planner::plan::plan(&inv, budgets(recipe, &req)?, &cal, &opt).map_err(|e| TrainerError::Device(format!("planner: {e}")))?;
+    let fit = what_would_fit(recipe, &inv, &plan)?;
+    Ok(format!(
+        "\n  `train plan` for this step with a device budget of {}: {}; least device memory with every layer offloaded{}: {}; longest step that fits: {}",
+        human(plan.budgets.device),
+        if plan.fits { format!("fits at a predicted peak of {} (the step held more than planned)", human(plan.device_peak)) } else { format!("does not fit ({})", plan.problems.join("; ")) },
+        if fit.needs_more_nvme { " (and more NVMe)" } else { "" },
+        human(fit.least_device_bytes),
+        fit.longest_tokens.map_or("none (not even 1024 tokens)".to_string(), |t| format!("{t} tokens (data.tokens_per_batch)")),
+    ))
 }

@@ -93,7 +93,9 @@ pub fn clip_grad_norm(grads: &mut Grads, max_norm: Option<f64>) -> f64 {
     total
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The learning-rate decay after warm-up (`train.schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Decay {
     Constant,
     Linear,

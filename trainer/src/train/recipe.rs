@@ -5,7 +5,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::data::synth::Task;
 use crate::error::{Result, TrainerError};
+use crate::model::proj::Proj;
+use crate::train::optim::Decay;
+pub use planner::placement::Tier;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +32,78 @@ pub struct Recipe {
     /// cannot fit, and takes keep_last and α from the plan.
     #[serde(default)]
     pub plan: Option<PlanSection>,
+}
+
+/// `train.mode`: which tensors train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Every parameter.
+    Full,
+    /// Only the LoRA adapters of `[lora]`.
+    Lora,
+}
+
+/// `run.device`: where the step computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA when libtorch sees a GPU, else the CPU.
+    Auto,
+    Cpu,
+    /// The first CUDA device (with torchrun, the local rank's).
+    Cuda,
+}
+
+impl DeviceChoice {
+    /// The device to run on now (an error when CUDA is asked for and absent).
+    pub fn resolve(self) -> Result<tch::Device> {
+        crate::device::parse_device(self.name())
+    }
+
+    /// The device to plan for: "cuda" stays CUDA on a machine without a GPU (the plan is for the
+    /// machine the run will use).
+    pub fn target(self) -> Result<tch::Device> {
+        crate::device::target_device(self.name())
+    }
+
+    /// Whether the step computes on the CPU.
+    pub fn is_cpu(self) -> bool {
+        self == DeviceChoice::Cpu || (self == DeviceChoice::Auto && !tch::Cuda::is_available())
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceChoice::Auto => "auto",
+            DeviceChoice::Cpu => "cpu",
+            DeviceChoice::Cuda => "cuda",
+        }
+    }
+}
+
+/// `run.dtype`: the dtype of weights and activations ("float32", "bfloat16", "float16",
+/// "float64", or their short forms), validated when the recipe is read.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Dtype(pub tch::Kind);
+
+impl TryFrom<String> for Dtype {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        crate::device::parse_dtype(&s).map(Dtype).map_err(|_| format!("`{s}` is not a dtype: expected float32, float64, bfloat16 or float16"))
+    }
+}
+
+impl From<Dtype> for String {
+    fn from(d: Dtype) -> String {
+        match d.0 {
+            tch::Kind::Double => "float64",
+            tch::Kind::BFloat16 => "bfloat16",
+            tch::Kind::Half => "float16",
+            _ => "float32",
+        }
+        .into()
+    }
 }
 
 /// A byte count written as an integer or a string with a unit ("80GiB", "24 GB").
@@ -76,9 +152,10 @@ fn default_mip_seconds() -> f64 {
 pub struct OffloadSection {
     /// Tiers that saved activations of offloaded layers move to, from ["host", "numa", "nvme"];
     /// empty keeps everything in place. Layers whose backward comes first (the last ones) go to
-    /// the fastest tier (host, then numa, then nvme); a full tier spills to the next slower one.
+    /// the fastest tier (host, then numa, then nvme), tensor by tensor until its budget is used,
+    /// then the next slower one (`planner::placement`; `train plan` prints the result).
     #[serde(default)]
-    pub tiers: Vec<String>,
+    pub tiers: Vec<Tier>,
     /// Host RAM budget (page-locked on CUDA, reserved at start). Fastest tier, costs RAM.
     #[serde(default)]
     pub host_bytes: u64,
@@ -118,14 +195,18 @@ pub struct OffloadSection {
 }
 
 impl OffloadSection {
+    /// Whether `tier` is among `tiers`.
+    pub fn has(&self, tier: Tier) -> bool {
+        self.tiers.contains(&tier)
+    }
+
     /// The activation store's tiers and budgets (`cuda_device`: page-locked arenas and a copy
     /// stream for that device's tensors).
     pub fn store_config(&self, cuda_device: Option<usize>) -> offload::store::StoreConfig {
-        let has = |t: &str| self.tiers.iter().any(|x| x == t);
         offload::store::StoreConfig {
-            host_bytes: if has("host") { self.host_bytes } else { 0 },
-            numa: has("numa").then_some((self.numa_node, self.numa_bytes)),
-            nvme: has("nvme").then(|| offload::store::NvmeConfig { dir: self.nvme_dir.clone(), bytes: self.nvme_bytes, rank: 0, io_uring: self.io_uring }),
+            host_bytes: if self.has(Tier::Host) { self.host_bytes } else { 0 },
+            numa: self.has(Tier::Numa).then_some((self.numa_node, self.numa_bytes)),
+            nvme: self.has(Tier::Nvme).then(|| offload::store::NvmeConfig { dir: self.nvme_dir.clone(), bytes: self.nvme_bytes, rank: 0, io_uring: self.io_uring }),
             max_inflight: self.max_inflight_bytes,
             cuda_device,
         }
@@ -162,10 +243,10 @@ pub struct RunSection {
     #[serde(default)]
     pub seed: u64,
     #[serde(default = "default_device")]
-    pub device: String,
+    pub device: DeviceChoice,
     /// Dtype of the weights and activations (float32, bfloat16, float16, float64).
     #[serde(default = "default_dtype")]
-    pub dtype: String,
+    pub dtype: Dtype,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -210,7 +291,7 @@ pub struct DataSection {
 #[serde(deny_unknown_fields)]
 pub struct SynthSection {
     /// passkey | kv-recall
-    pub task: String,
+    pub task: Task,
     /// Sample length in words, per curriculum stage.
     pub words: Vec<usize>,
     /// Step at which each stage begins (same length as `words`, starting at 0).
@@ -229,7 +310,7 @@ pub struct SynthSection {
 pub struct TrainSection {
     /// full | lora
     #[serde(default = "default_mode")]
-    pub mode: String,
+    pub mode: Mode,
     pub steps: i64,
     /// Micro-batches per optimizer step (their gradients add up; the loss is the mean over
     /// all their target tokens).
@@ -246,7 +327,7 @@ pub struct TrainSection {
     pub warmup: i64,
     /// constant | linear | cosine
     #[serde(default = "default_schedule")]
-    pub schedule: String,
+    pub schedule: Decay,
     #[serde(default)]
     pub min_lr_ratio: f64,
     /// Clip gradients to this global L2 norm (0: no clipping).
@@ -305,11 +386,11 @@ pub struct LogSection {
     pub tensorboard: bool,
 }
 
-fn default_device() -> String {
-    "auto".into()
+fn default_device() -> DeviceChoice {
+    DeviceChoice::Auto
 }
-fn default_dtype() -> String {
-    "float32".into()
+fn default_dtype() -> Dtype {
+    Dtype(tch::Kind::Float)
 }
 fn default_init_std() -> f64 {
     0.02
@@ -323,8 +404,8 @@ fn default_true() -> bool {
 fn default_digits() -> usize {
     5
 }
-fn default_mode() -> String {
-    "full".into()
+fn default_mode() -> Mode {
+    Mode::Full
 }
 fn default_one() -> i64 {
     1
@@ -335,8 +416,8 @@ fn default_betas() -> [f64; 2] {
 fn default_eps() -> f64 {
     1e-8
 }
-fn default_schedule() -> String {
-    "cosine".into()
+fn default_schedule() -> Decay {
+    Decay::Cosine
 }
 fn default_clip() -> f64 {
     1.0
@@ -345,7 +426,7 @@ fn default_loss_chunk() -> i64 {
     1024
 }
 fn default_targets() -> Vec<String> {
-    ["q_proj", "k_proj", "v_proj", "o_proj"].iter().map(|s| s.to_string()).collect()
+    [Proj::Q, Proj::K, Proj::V, Proj::O].map(|p| p.short().to_string()).to_vec()
 }
 fn default_keep() -> usize {
     2
@@ -430,10 +511,7 @@ impl Recipe {
                 return err("model.tokenizer", format!("\"{t}\": only \"synthetic\" is built in (an HF folder brings its own)"));
             }
         }
-        if !["full", "lora"].contains(&self.train.mode.as_str()) {
-            return err("train.mode", format!("\"{}\": expected full or lora", self.train.mode));
-        }
-        if self.train.mode == "lora" && self.lora.is_none() {
+        if self.train.mode == Mode::Lora && self.lora.is_none() {
             return err("lora", "train.mode = \"lora\" needs a [lora] section (rank, alpha)".into());
         }
         if let Some(l) = &self.lora {
@@ -441,8 +519,8 @@ impl Recipe {
                 return err("lora", format!("rank {} and alpha {} must be positive and dropout {} in [0, 1)", l.rank, l.alpha, l.dropout));
             }
             for t in &l.targets {
-                if !crate::model::lora::TARGETS.contains(&t.as_str()) {
-                    return err("lora.targets", format!("`{t}` is not one of {:?}", crate::model::lora::TARGETS));
+                if Proj::from_short(t).is_none() {
+                    return err("lora.targets", format!("`{t}` is not one of {:?}", Proj::short_names()));
                 }
             }
         }
@@ -455,9 +533,6 @@ impl Recipe {
         }
         if t.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
             return err("train.betas", format!("{:?} must lie in [0, 1)", t.betas));
-        }
-        if !["constant", "linear", "cosine"].contains(&t.schedule.as_str()) {
-            return err("train.schedule", format!("\"{}\": expected constant, linear or cosine", t.schedule));
         }
         if !(0.0..=1.0).contains(&t.min_lr_ratio) {
             return err("train.min_lr_ratio", format!("{} must lie in [0, 1]", t.min_lr_ratio));
@@ -472,9 +547,6 @@ impl Recipe {
             return err("data", "max_tokens and tokens_per_batch must be at least 2".into());
         }
         if let Some(s) = &d.synth {
-            if crate::data::synth::Task::parse(&s.task).is_none() {
-                return err("data.synth.task", format!("\"{}\": expected passkey or kv-recall", s.task));
-            }
             if s.words.is_empty() || s.words.iter().any(|&w| w < 16) {
                 return err("data.synth.words", "give at least one length, each ≥ 16 words".into());
             }
@@ -494,24 +566,23 @@ impl Recipe {
         }
         let o = &self.offload;
         for (i, t) in o.tiers.iter().enumerate() {
-            if !["host", "numa", "nvme"].contains(&t.as_str()) || o.tiers[..i].contains(t) {
-                return err("offload.tiers", format!("\"{t}\": expected distinct names from host, numa, nvme"));
+            if *t == Tier::Keep || o.tiers[..i].contains(t) {
+                return err("offload.tiers", format!("\"{}\": expected distinct names from host, numa, nvme", t.name()));
             }
         }
-        let has = |t: &str| o.tiers.iter().any(|x| x == t);
-        if has("host") && o.host_bytes == 0 {
+        if o.has(Tier::Host) && o.host_bytes == 0 {
             return err("offload.host_bytes", "the host tier needs a positive budget".into());
         }
-        if has("numa") && o.numa_bytes == 0 {
+        if o.has(Tier::Numa) && o.numa_bytes == 0 {
             return err("offload.numa_bytes", "the numa tier needs a positive budget".into());
         }
-        if has("nvme") && (o.nvme_bytes == 0 || !o.nvme_dir.is_dir()) {
+        if o.has(Tier::Nvme) && (o.nvme_bytes == 0 || !o.nvme_dir.is_dir()) {
             return err("offload", format!("nvme_dir {} must be an existing directory and nvme_bytes positive", o.nvme_dir.display()));
         }
         if !(0.0..=1.0).contains(&o.alpha) {
             return err("offload.alpha", format!("{} must lie in [0, 1]", o.alpha));
         }
-        if o.alpha < 1.0 && self.train.mode == "lora" && self.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
+        if o.alpha < 1.0 && self.train.mode == Mode::Lora && self.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
             return err("offload.alpha", "alpha < 1 recomputes adapted projections, which needs lora.dropout = 0".into());
         }
         if self.checkpoint.keep_last == 0 {

@@ -1,0 +1,234 @@
+//! Everything a run holds from its start to its end, and how it is set up: the recipe checked,
+//! the run directory claimed, the step planned before any weight is loaded, the model and its
+//! tokenizer, LoRA, the optimizer, and the state of the newest checkpoint when resuming.
+use std::path::{Path, PathBuf};
+
+use planner::placement::Placement;
+
+use crate::data::source::Tokens;
+use crate::data::{synth, ChatTemplate};
+use crate::error::{Result, TrainerError};
+use crate::model::config::ModelConfig;
+use crate::model::lora::LoraConfig;
+use crate::model::Model;
+use crate::train::checkpoints::{self, TrainerState};
+use crate::train::optim::{AdamW, AdamWConfig, Schedule};
+use crate::train::recipe::{Mode, Recipe, Tier};
+
+pub struct Session {
+    pub recipe: Recipe,
+    /// The resolved recipe as written into the run directory (and into every checkpoint).
+    pub recipe_toml: String,
+    pub run_dir: PathBuf,
+    pub model: Model,
+    pub tokens: Tokens,
+    pub lora: Option<LoraConfig>,
+    /// The base model's name for a PEFT adapter's config.
+    pub base_name: String,
+    /// The folder whose config and tokenizer files a full export copies.
+    pub export_source: PathBuf,
+    pub opt: AdamW,
+    pub schedule: Schedule,
+    pub state: TrainerState,
+    /// The plan's placement when `[plan] apply` (else the engine decides, see [`Session::activation_store`]).
+    pub planned: Option<Placement>,
+}
+
+/// The model's configuration without its weights: the folder's config.json, or `[model.init]`
+/// (then also the config.json text to write into the run directory).
+pub fn model_config(recipe: &Recipe, recipe_path: &Path) -> Result<(ModelConfig, Option<String>)> {
+    match (&recipe.model.path, &recipe.model.init) {
+        (Some(path), _) => {
+            let (cfg, warnings) = ModelConfig::load(path)?;
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+            Ok((cfg, None))
+        }
+        (None, Some(init)) => {
+            let mut table = init.clone();
+            table.insert("vocab_size".into(), toml::Value::Integer(synth::VOCAB.len() as i64));
+            table.entry("bos_token_id").or_insert(toml::Value::Integer(1));
+            table.entry("eos_token_id").or_insert(toml::Value::Integer(2));
+            table.entry("max_position_embeddings").or_insert(toml::Value::Integer(recipe.data.max_tokens.max(2048) as i64));
+            let cfg_json = serde_json::to_value(&table).map_err(|e| TrainerError::config(recipe_path, format!("model.init: {e}")))?;
+            let cfg_text = serde_json::to_string_pretty(&cfg_json).unwrap_or_default();
+            let (cfg, _) = ModelConfig::parse(&cfg_text, &recipe_path.join("[model.init]"))?;
+            Ok((cfg, Some(cfg_text)))
+        }
+        (None, None) => Err(TrainerError::config(recipe_path, "[model] needs `path` or `init`")),
+    }
+}
+
+/// The `[lora]` section as the model's adapter configuration, in LoRA mode.
+pub fn lora_config(recipe: &Recipe) -> Option<LoraConfig> {
+    recipe.lora.as_ref().filter(|_| recipe.train.mode == Mode::Lora).map(|l| LoraConfig { rank: l.rank, alpha: l.alpha, dropout: l.dropout, targets: l.targets.clone() })
+}
+
+/// Refuses to overwrite a run that has checkpoints (unless resuming); creates the directory and
+/// writes the resolved recipe. Returns the existing checkpoints, newest first.
+fn claim_run_dir(recipe: &Recipe, resume: bool) -> Result<(Vec<(i64, PathBuf)>, String)> {
+    let run_dir = &recipe.run.dir;
+    let existing = checkpoints::list(run_dir);
+    if !existing.is_empty() && !resume {
+        return Err(TrainerError::Checkpoint {
+            path: run_dir.clone(),
+            msg: "already holds checkpoints: pass --resume to continue it, or choose another run.dir (nothing was overwritten)".into(),
+        });
+    }
+    std::fs::create_dir_all(run_dir).map_err(TrainerError::io(run_dir))?;
+    let recipe_toml = recipe.to_toml();
+    let resolved = run_dir.join("recipe.toml");
+    std::fs::write(&resolved, &recipe_toml).map_err(TrainerError::io(&resolved))?;
+    Ok((existing, recipe_toml))
+}
+
+/// With a `[plan]` section: plans the step before any weight is loaded, writes plan.txt /
+/// plan.json / plan.svg into the run directory, refuses a step that cannot fit (with what
+/// would), and returns the plan's placement when `apply`.
+fn plan_before_loading(recipe: &Recipe, cfg: &ModelConfig, lora: Option<&LoraConfig>) -> Result<Option<Placement>> {
+    let Some(ps) = &recipe.plan else { return Ok(None) };
+    let (inv, plan) = crate::plan::plan_recipe(recipe, cfg, lora, &crate::plan::Request::default())?;
+    if !plan.fits {
+        let fit = crate::plan::what_would_fit(recipe, &inv, &plan)?;
+        crate::plan::write(&recipe.run.dir, &inv, &plan, Some(&fit))?;
+        return Err(crate::plan::refusal(&plan, &fit));
+    }
+    crate::plan::write(&recipe.run.dir, &inv, &plan, None)?;
+    eprintln!(
+        "plan: keep_last {}, alpha {:.3}, device peak {} of {}, predicted step {:.2}s (plan.txt in the run directory{})",
+        plan.keep_last,
+        plan.placement.alpha(0),
+        planner::plan::human(plan.device_peak),
+        planner::plan::human(plan.budgets.device),
+        plan.step_seconds,
+        if ps.apply { "" } else { "; not applied: [plan] apply = false" }
+    );
+    Ok(ps.apply.then_some(plan.placement))
+}
+
+/// The model with its weights (an HF folder, or fresh from `[model.init]`, whose config and
+/// tokenizer are written into `run_dir/model`), its tokenizer, and the base's name and folder.
+fn load_model(recipe: &Recipe, recipe_path: &Path, cfg: ModelConfig, cfg_text: Option<String>) -> Result<(Model, Tokens, String, PathBuf)> {
+    let (dev, kind) = (recipe.run.device.resolve()?, recipe.run.dtype.0);
+    let (model, tok, tok_path, chat, base_name, source) = match (&recipe.model.path, cfg_text) {
+        (Some(path), _) => {
+            let tok = crate::data::tokenizer::load(path)?;
+            let chat = ChatTemplate::load(path)?;
+            let (m, unused) = Model::load(path, cfg, kind, dev)?;
+            if !unused.is_empty() {
+                eprintln!("warning: {} unused tensor(s) in {}", unused.len(), path.display());
+            }
+            (m, tok, path.join(crate::data::tokenizer::TOKENIZER_FILE), chat, path.display().to_string(), path.clone())
+        }
+        (None, Some(cfg_text)) => {
+            let model_dir = recipe.run.dir.join("model");
+            std::fs::create_dir_all(&model_dir).map_err(TrainerError::io(&model_dir))?;
+            let cp = model_dir.join("config.json");
+            std::fs::write(&cp, &cfg_text).map_err(TrainerError::io(&cp))?;
+            let tp = model_dir.join(crate::data::tokenizer::TOKENIZER_FILE);
+            std::fs::write(&tp, synth::tokenizer_json().to_string()).map_err(TrainerError::io(&tp))?;
+            let tok = crate::data::tokenizer::load(&model_dir)?;
+            let m = Model::init_random(cfg, recipe.model.init_std, kind, dev, recipe.run.seed as i64)?;
+            (m, tok, tp, None, "strata-from-scratch".to_string(), model_dir)
+        }
+        (None, None) => return Err(TrainerError::config(recipe_path, "[model] needs `path` or `init`")),
+    };
+    let eos = model.cfg.eos_token_ids.first().copied();
+    Ok((model, Tokens { tok, tok_path, eos, chat }, base_name, source))
+}
+
+/// The state of the newest checkpoint that loads (its weights and optimizer moments restored);
+/// step 0 when there is none.
+fn resume_from(existing: &[(i64, PathBuf)], recipe: &Recipe, model: &mut Model, opt: &mut AdamW) -> TrainerState {
+    for (_, dir) in existing {
+        match checkpoints::load(dir, model, opt) {
+            Ok(s) => {
+                eprintln!("resuming from {} (step {})", dir.display(), s.step);
+                return s;
+            }
+            Err(e) => eprintln!("warning: skipping checkpoint: {e}"),
+        }
+    }
+    eprintln!("no complete checkpoint in {}: starting from step 0", recipe.run.dir.display());
+    TrainerState { step: 0, cursor: 0, optimizer_t: 0, seed: recipe.run.seed, loss: f64::NAN }
+}
+
+impl Session {
+    /// Sets a run up; nothing is loaded when the recipe, the run directory or the plan refuse.
+    pub fn prepare(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Session> {
+        let recipe = Recipe::load(recipe_path, overrides)?;
+        recipe.run.device.resolve()?;
+        let (existing, recipe_toml) = claim_run_dir(&recipe, resume)?;
+        let (cfg, cfg_text) = model_config(&recipe, recipe_path)?;
+        let lora = lora_config(&recipe);
+        let planned = plan_before_loading(&recipe, &cfg, lora.as_ref())?;
+        let (mut model, tokens, base_name, export_source) = load_model(&recipe, recipe_path, cfg, cfg_text)?;
+        if let Some(l) = &lora {
+            model.attach_lora(l, recipe.run.seed as i64 + 1)?;
+        }
+        let t = &recipe.train;
+        let mut opt = AdamW::new(AdamWConfig { lr: t.lr, beta1: t.betas[0], beta2: t.betas[1], eps: t.eps, weight_decay: t.weight_decay });
+        let schedule = Schedule { lr: t.lr, warmup: t.warmup, total: t.steps, decay: t.schedule, min_lr_ratio: t.min_lr_ratio };
+        let state = if resume {
+            resume_from(&existing, &recipe, &mut model, &mut opt)
+        } else {
+            TrainerState { step: 0, cursor: 0, optimizer_t: 0, seed: recipe.run.seed, loss: f64::NAN }
+        };
+        let run_dir = recipe.run.dir.clone();
+        Ok(Session { recipe, recipe_toml, run_dir, model, tokens, lora, base_name, export_source, opt, schedule, state, planned })
+    }
+
+    /// The activation store with the recipe's tiers, and the placement it runs: the plan's when
+    /// applied, else the recipe's keep_last and α by the planner's rule.
+    pub fn activation_store(&mut self) -> Result<(offload::store::ActivationStore, Placement)> {
+        let o = &self.recipe.offload;
+        let cuda_device = match self.model.device() {
+            tch::Device::Cuda(i) => Some(i),
+            _ => None,
+        };
+        let store = offload::store::ActivationStore::new(&o.store_config(cuda_device))?;
+        if o.has(Tier::Numa) {
+            let far = offload::numa::nodes()?.iter().any(|n| n.id == o.numa_node && n.is_far());
+            eprintln!("numa tier: node {} ({})", o.numa_node, if far { "far memory: no CPUs, e.g. CXL" } else { "a node with CPUs" });
+        }
+        let placement = match self.planned.take() {
+            Some(p) => p,
+            None => crate::plan::engine_placement(
+                &self.model.cfg,
+                self.model.kind(),
+                self.lora.as_ref(),
+                self.model.device(),
+                self.recipe.train.loss_chunk,
+                self.recipe.data.tokens_per_batch as u64,
+                o,
+                &store,
+            )?,
+        };
+        Ok((store, placement))
+    }
+
+    /// Whether an evaluation runs after the step just done (the last one always evaluates after
+    /// the loop).
+    pub fn eval_due(&self) -> bool {
+        let (e, s) = (self.recipe.eval.every, self.state.step);
+        e > 0 && s % e == 0 && s != self.recipe.train.steps
+    }
+
+    /// Saves a checkpoint when one is due after the step just done (and at the last step), then
+    /// deletes the oldest beyond `checkpoint.keep_last`.
+    pub fn checkpoint_if_due(&self) -> Result<()> {
+        let (every, s) = (self.recipe.checkpoint.every, self.state.step);
+        if (every > 0 && s % every == 0) || s == self.recipe.train.steps {
+            checkpoints::save(&self.run_dir, &self.model, &self.opt, &self.state, &self.recipe_toml, self.lora.as_ref())?;
+            checkpoints::prune(&self.run_dir, self.recipe.checkpoint.keep_last)?;
+        }
+        Ok(())
+    }
+
+    /// After an out-of-memory: what the plan says would fit, as lines for the error (empty when
+    /// even planning fails).
+    pub fn what_would_fit(&self) -> String {
+        crate::plan::fit_after_failure(&self.recipe, &self.model.cfg, self.lora.as_ref()).unwrap_or_else(|e| format!("\n  (no plan: {e})"))
+    }
+}

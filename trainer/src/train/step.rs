@@ -1,0 +1,122 @@
+//! One optimizer step: the step's micro-batches, each through the explicit forward/backward with
+//! its activations placed as the step's placement says, gradients accumulated, clipped, AdamW.
+//! It runs under [`crate::guard`], so a libtorch failure inside it (a CUDA out-of-memory most
+//! often) ends the run with an error that says where, what the device held and what would fit.
+use std::time::Instant;
+
+use planner::placement::Placement;
+use tch::{Device, Kind};
+
+use crate::data::source::{count_targets, Source};
+use crate::error::{Result, TrainerError};
+use crate::guard::{self, Failure, Phase};
+use crate::model::Grads;
+use crate::train::optim::clip_grad_norm;
+use crate::train::session::Session;
+
+/// What one step did.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOutcome {
+    /// Mean loss over the step's target tokens.
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    /// Tokens of the step's micro-batches.
+    pub tokens: i64,
+    pub seconds: f64,
+    /// The largest saved-activation bytes of one micro-batch.
+    pub saved_peak: usize,
+    /// The process's peak resident set during the step.
+    pub step_peak_rss: Option<u64>,
+}
+
+/// Step `step` (0-based) of the run; on success the session's state says `step + 1` is done.
+pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::ActivationStore, placement: &Placement, step: i64) -> Result<StepOutcome> {
+    let t0 = Instant::now();
+    let step_peak = crate::memory::PhasePeak::start();
+    let recipe = &s.recipe;
+    // Dropout masks (LoRA) come from libtorch's generator: seed it per step so a resumed run
+    // draws what the uninterrupted run drew.
+    tch::manual_seed((recipe.run.seed as i64).wrapping_mul(1_000_003).wrapping_add(step));
+    let accum = recipe.train.grad_accum;
+    let mut batches = Vec::new();
+    for micro in 0..accum {
+        batches.push(source.batch(&recipe.data, recipe.run.seed, &s.tokens, step, (step * accum + micro) as u64, &mut s.state.cursor)?);
+    }
+    let total: i64 = batches.iter().map(count_targets).sum();
+    let scale = 1.0 / total.max(1) as f64;
+    let mut grads = Grads::new();
+    let mut loss_sum = 0.0;
+    let mut saved_peak = 0usize;
+    let mut tokens = 0i64;
+    for b in &batches {
+        let (l, g, stats) = s.model.forward_backward_with(b, Some(scale), recipe.train.loss_chunk, store, placement)?;
+        loss_sum += l.sum.to_device(Device::Cpu).to_kind(Kind::Double).double_value(&[]);
+        saved_peak = saved_peak.max(stats.saved_bytes);
+        tokens += b.ids.size()[0];
+        for (n, gr) in g {
+            match grads.get_mut(&n) {
+                Some(acc) => *acc += gr,
+                None => {
+                    grads.insert(n, gr);
+                }
+            }
+        }
+    }
+    guard::enter(Phase::Optimizer, None);
+    let clip = (recipe.train.grad_clip > 0.0).then_some(recipe.train.grad_clip);
+    let grad_norm = clip_grad_norm(&mut grads, clip);
+    let lr = s.schedule.lr_at(step);
+    let params = s.model.trainable();
+    s.opt.step(&params, &grads, lr);
+    drop(grads);
+    let loss = loss_sum / total.max(1) as f64;
+    if !loss.is_finite() {
+        return Err(TrainerError::Device(format!("step {}: loss is {loss}; stopping (lower train.lr, or check the data)", step + 1)));
+    }
+    s.state.step = step + 1;
+    s.state.optimizer_t = s.opt.t;
+    s.state.loss = loss;
+    Ok(StepOutcome { loss, lr, grad_norm, tokens, seconds: t0.elapsed().as_secs_f64(), saved_peak, step_peak_rss: step_peak.bytes() })
+}
+
+/// [`train_step`] under the guard: a libtorch failure becomes [`TrainerError::Torch`] with where
+/// it happened and, for an out-of-memory, the device's state and what would fit.
+pub fn guarded(s: &mut Session, source: &Source, store: &mut offload::store::ActivationStore, placement: &Placement, step: i64) -> Result<StepOutcome> {
+    match guard::run(|| train_step(s, source, store, placement, step)) {
+        Ok(r) => r,
+        Err(f) => Err(failure_error(s, &f, step)),
+    }
+}
+
+fn failure_error(s: &Session, f: &Failure, step: i64) -> TrainerError {
+    let mut context = String::new();
+    if f.is_out_of_memory() {
+        context += &memory_state(s.model.device());
+        context += &s.what_would_fit();
+    }
+    context += &format!(
+        "\n  step {} of {} failed; nothing already written was changed: the checkpoints in {} stay (`train run --resume` continues from the newest)",
+        step + 1,
+        s.recipe.train.steps,
+        s.run_dir.display()
+    );
+    TrainerError::Torch { place: f.place(), message: f.message.clone(), context }
+}
+
+/// What the device holds now: on CUDA the driver's free/total (libtorch's own message has what
+/// its allocator holds); on CPU the process's peak resident set and the RAM available.
+fn memory_state(device: Device) -> String {
+    let h = planner::plan::human;
+    match device {
+        Device::Cuda(i) => match offload::cuda::runtime().map(|rt| rt.memory(i)) {
+            Some(Ok((free, total))) => format!("\n  cuda:{i}: {} free of {} (all processes)", h(free), h(total)),
+            _ => String::new(),
+        },
+        _ => format!(
+            "\n  this process peaked at {} resident; {} of RAM available now",
+            crate::memory::peak_rss_bytes().map_or("?".into(), h),
+            crate::plan::mem_available().map_or("?".into(), h)
+        ),
+    }
+}
