@@ -32,19 +32,23 @@ impl AlignedBuf {
         AlignedBuf { ptr, len }
     }
 
+    /// Bytes in the buffer: a multiple of [`ALIGN`], at least one page.
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Always false: a buffer holds at least one page.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// All [`len`](Self::len) bytes, including any padding past the data.
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: ptr is valid for len initialised bytes for the life of self.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
+    /// All [`len`](Self::len) bytes, writable.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: ptr is valid for len bytes and &mut self guarantees exclusive access.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }

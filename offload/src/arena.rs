@@ -10,10 +10,13 @@ const GRANULE: u64 = 64;
 /// An extent of an arena: where a tensor's bytes live while it waits for backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot {
+    /// Byte offset of the slot in the arena's mapping (a multiple of 64).
     pub offset: u64,
+    /// Payload bytes (the extent behind it is rounded up to 64).
     pub len: u64,
 }
 
+/// A RAM tier: one mapping carved into [`Slot`]s; allocation fails once its capacity is used.
 pub struct Arena {
     /// "host" or "numa": names the tier in errors and metrics.
     pub tier: &'static str,
@@ -22,6 +25,7 @@ pub struct Arena {
     extents: Extents,
     /// NUMA node the pages are bound to.
     pub node: Option<u32>,
+    /// Whether the mapping is page-locked for CUDA (registered in `new`, unregistered on drop).
     pub pinned: bool,
 }
 
@@ -57,18 +61,22 @@ impl Arena {
         Ok(a)
     }
 
+    /// Bytes the arena can hand out: its budget rounded down to 64.
     pub fn capacity(&self) -> u64 {
         self.extents.capacity()
     }
 
+    /// Bytes of slots in use (each rounded up to 64).
     pub fn used(&self) -> u64 {
         self.extents.used()
     }
 
+    /// Most bytes in use at once since creation.
     pub fn peak(&self) -> u64 {
         self.extents.peak()
     }
 
+    /// Bytes not in use (possibly in several extents).
     pub fn free_bytes(&self) -> u64 {
         self.extents.free_bytes()
     }
@@ -81,6 +89,7 @@ impl Arena {
         }
     }
 
+    /// Returns a slot's extent to the free list (coalesced with free neighbours).
     pub fn release(&mut self, s: Slot) {
         self.extents.release(s.offset, s.len);
     }

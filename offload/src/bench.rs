@@ -10,14 +10,23 @@ use crate::aligned::AlignedBuf;
 use crate::error::{OffloadError, Result};
 use crate::nvme::NvmeTier;
 
+/// NVMe bandwidths in GB/s (10⁹ bytes/s), best of three rounds: the disk's raw O_DIRECT figure
+/// and the tier's own path.
 #[derive(Debug, Clone, Copy)]
 pub struct NvmeBench {
+    /// Bytes the tier moved each way per round (a whole number of slices).
     pub bytes: u64,
+    /// Bytes per slice the tier wrote and read.
     pub slice_bytes: u64,
+    /// Plain sequential O_DIRECT writes in 8 MiB requests, fsync included.
     pub raw_write_gbps: f64,
+    /// Plain sequential O_DIRECT reads in 8 MiB requests.
     pub raw_read_gbps: f64,
+    /// The tier's checksummed slice writes, fsync included.
     pub tier_write_gbps: f64,
+    /// The tier's slice reads, checksums verified.
     pub tier_read_gbps: f64,
+    /// Whether the tier ran on io_uring (false: blocking pread/pwrite).
     pub io_uring: bool,
 }
 
@@ -106,10 +115,15 @@ pub fn bench_nvme(dir: &Path, bytes: u64, slice_bytes: u64, io_uring: bool) -> R
 /// CUDA: libtorch's copy between device and page-locked host memory).
 #[derive(Debug, Clone, Copy)]
 pub struct MemBench {
+    /// Bytes moved each way (all tensors together).
     pub bytes: u64,
+    /// Plain copy into the tier's kind of memory, GB/s (10⁹ bytes/s).
     pub raw_write_gbps: f64,
+    /// Plain copy back out of it, GB/s.
     pub raw_read_gbps: f64,
+    /// `put` of every tensor until all reached the tier (`flush`), GB/s.
     pub tier_write_gbps: f64,
+    /// `prefetch` and `take` of every tensor, GB/s.
     pub tier_read_gbps: f64,
 }
 

@@ -173,6 +173,7 @@ pub struct CopyEngine {
 unsafe impl Send for CopyEngine {}
 
 impl CopyEngine {
+    /// A non-blocking copy stream on CUDA device `device`; an error when CUDA is unavailable.
     pub fn new(device: usize) -> Result<CopyEngine> {
         let rt = runtime().ok_or_else(|| OffloadError::Io { path: "cuda".into(), op: "copy engine", source: std::io::Error::other("CUDA is not available") })?;
         let mut stream: Stream = std::ptr::null_mut();

@@ -3,6 +3,7 @@
 //! tier (4 KiB pages, for O_DIRECT) and the memory arenas (cache lines).
 use std::collections::BTreeMap;
 
+/// The allocator of one linear space: its free extents, and the bytes in use and their peak.
 pub struct Extents {
     capacity: u64,
     granule: u64,
@@ -24,6 +25,7 @@ impl Extents {
         Extents { capacity, granule, free, used: 0, peak: 0 }
     }
 
+    /// Bytes of the space (the requested capacity rounded down to the granule).
     pub fn capacity(&self) -> u64 {
         self.capacity
     }

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Memory tiers for saved activations and the engine that moves them.
 //!
 //! - [`store`]: the activation store. Between a layer's forward and its backward it holds each

@@ -7,9 +7,11 @@ use crate::error::{OffloadError, Result};
 /// One NUMA node as the kernel reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Node {
+    /// Node number, as in `/sys/devices/system/node/node<id>`.
     pub id: u32,
     /// CPUs of the node (empty: far / CXL memory).
     pub cpus: Vec<u32>,
+    /// Memory of the node in bytes (`MemTotal` of its meminfo).
     pub mem_total_bytes: u64,
 }
 

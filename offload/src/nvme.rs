@@ -26,13 +26,16 @@ struct Slice {
     crc: u32,
 }
 
+/// How the NVMe tier issues its reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
+    /// io_uring: up to 32 requests of 1 MiB in flight.
     IoUring,
     /// pread/pwrite, when io_uring cannot be set up (old kernels, seccomp) or is turned off.
     Blocking,
 }
 
+/// The NVMe tier: an unlinked, preallocated file carved into checksummed slices.
 pub struct NvmeTier {
     file: File,
     path: PathBuf,
@@ -102,6 +105,7 @@ impl NvmeTier {
         })
     }
 
+    /// The engine in use: blocking when io_uring could not be set up or was turned off.
     pub fn engine(&self) -> Engine {
         if self.ring.is_some() {
             Engine::IoUring
@@ -110,6 +114,7 @@ impl NvmeTier {
         }
     }
 
+    /// Bytes of the file: the requested capacity rounded up to a page.
     pub fn capacity(&self) -> u64 {
         self.capacity
     }

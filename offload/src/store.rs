@@ -35,18 +35,24 @@ pub use planner::placement::{Tier, TIERS};
 /// The NVMe tier's file.
 #[derive(Debug, Clone)]
 pub struct NvmeConfig {
+    /// Directory of the file (created there and unlinked at once).
     pub dir: PathBuf,
+    /// Capacity in bytes (rounded up to a page).
     pub bytes: u64,
+    /// This process's rank; part of the file's name.
     pub rank: usize,
+    /// False forces blocking pread/pwrite instead of io_uring.
     pub io_uring: bool,
 }
 
 /// The tiers a store offers and their budgets (a tier with no budget is absent).
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
+    /// Budget of the host RAM tier in bytes.
     pub host_bytes: u64,
     /// NUMA node and its budget.
     pub numa: Option<(u32, u64)>,
+    /// The NVMe tier's file.
     pub nvme: Option<NvmeConfig>,
     /// Bytes that may wait for the I/O thread (or the copy stream); `put` blocks beyond it.
     pub max_inflight: u64,
@@ -64,14 +70,19 @@ impl Default for StoreConfig {
 /// Bytes moved and time spent, for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct StoreStats {
+    /// Bytes copied into the tiers.
     pub written_bytes: u64,
+    /// Bytes copied back out of the tiers.
     pub read_bytes: u64,
     /// Most bytes resident in each tier at once.
     pub host_peak_bytes: u64,
+    /// Most bytes resident in the NUMA tier at once.
     pub numa_peak_bytes: u64,
+    /// Most bytes resident in the NVMe tier at once.
     pub nvme_peak_bytes: u64,
     /// Time the I/O thread spent writing / reading (overlapped with compute where possible).
     pub write_seconds: f64,
+    /// Seconds the I/O thread spent reading back.
     pub read_seconds: f64,
     /// Time the training thread waited for the store (backpressure on put, reads on take).
     pub stall_seconds: f64,
@@ -255,6 +266,8 @@ struct PendingD2h {
     bytes: u64,
 }
 
+/// Saved tensors between forward and backward, known by (layer, name), each in the tier its
+/// `put` names.
 pub struct ActivationStore {
     kept: HashMap<Key, Tensor>,
     host: Option<Arena>,
@@ -377,6 +390,7 @@ impl ActivationStore {
         out
     }
 
+    /// Counters since the store was created; the peaks are the tiers' allocator peaks.
     pub fn stats(&self) -> StoreStats {
         let mut s = *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
         s.stall_seconds = self.stall;
@@ -599,6 +613,7 @@ impl ActivationStore {
         self.kept.len() + self.in_arena.len() + self.on_nvme.len() + self.ready.len()
     }
 
+    /// Whether nothing is held (true after a complete backward).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

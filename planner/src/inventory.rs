@@ -2,6 +2,7 @@
 //! function of the token count T (`fixed + per_token · T`; every activation is token-major).
 use serde::{Deserialize, Serialize};
 
+/// Which part of a step a tensor class belongs to.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Group {
     /// Model weights (frozen or trained).
@@ -18,16 +19,22 @@ pub enum Group {
     Context,
 }
 
+/// A class of alike tensors; one instance holds `fixed_bytes + per_token_bytes · T` bytes.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TensorClass {
+    /// Which part of the step holds it.
     pub group: Group,
+    /// Name; for a saved tensor, the name the block saves it under.
     pub name: String,
     /// Shape formula, e.g. `[T, 4096]`.
     pub shape: String,
+    /// Element type, e.g. `bfloat16`, `float32`.
     pub dtype: String,
     /// Instances (e.g. one per layer for a weight class).
     pub count: u64,
+    /// Bytes of one instance independent of T.
     pub fixed_bytes: u64,
+    /// Bytes of one instance per token.
     pub per_token_bytes: u64,
     /// Saved only: token-local, so tokens [αT, T) may be dropped and recomputed.
     pub recomputable: bool,
@@ -49,11 +56,17 @@ impl TensorClass {
 /// the level-1 layout. Saved tensors appear too, live until the op that consumes them.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct OpBuffer {
+    /// Name of the buffer.
     pub name: String,
+    /// Shape formula, e.g. `[T, 4096]`.
     pub shape: String,
+    /// Bytes independent of T.
     pub fixed_bytes: u64,
+    /// Bytes per token.
     pub per_token_bytes: u64,
+    /// First op slot in which the buffer is live.
     pub start: u32,
+    /// Last op slot in which the buffer is live (inclusive).
     pub end: u32,
 }
 
@@ -68,14 +81,18 @@ pub struct LayerFlops {
     pub linear_backward_ratio: f64,
 }
 
+/// What a training step of a model holds, for the planner: tensor classes, op buffers, FLOPs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Inventory {
+    /// The model in one line (architecture and dimensions).
     pub model: String,
+    /// Number of transformer layers.
     pub layers: usize,
     /// Dtype of activations.
     pub dtype: String,
     /// Device the saved-tensor figures were taken on (by running one block's forward).
     pub probed_on: String,
+    /// Weights, gradients and optimizer state: sizes that do not depend on T.
     pub statics: Vec<TensorClass>,
     /// One layer's saved tensors.
     pub saved: Vec<TensorClass>,
@@ -85,13 +102,16 @@ pub struct Inventory {
     pub forward_work_per_token: u64,
     /// One layer's forward transients with lifetimes in its op sequence.
     pub forward: Vec<OpBuffer>,
+    /// One layer's backward buffers with lifetimes in its op sequence (the level-1 layout's input).
     pub backward: Vec<OpBuffer>,
+    /// One layer's floating-point work.
     pub flops: LayerFlops,
     /// Forward FLOPs per token of the LM head.
     pub head_flops_per_token: f64,
 }
 
 impl Inventory {
+    /// Bytes of all statics (at T = 0: they do not depend on the token count).
     pub fn static_bytes(&self) -> u64 {
         self.statics.iter().map(|c| c.total(0)).sum()
     }

@@ -11,13 +11,18 @@ use serde::Serialize;
 /// A buffer live over schedule slots `start..=end`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Buf {
+    /// Name, for reports and validation errors.
     pub name: String,
+    /// Size in bytes.
     pub bytes: u64,
+    /// First slot in which the buffer is live.
     pub start: u32,
+    /// Last slot in which the buffer is live (inclusive).
     pub end: u32,
 }
 
 impl Buf {
+    /// A buffer of `bytes` live over slots `start..=end`.
     pub fn new(name: impl Into<String>, bytes: u64, start: u32, end: u32) -> Buf {
         Buf { name: name.into(), bytes, start, end }
     }
@@ -30,10 +35,13 @@ impl Buf {
 /// Offsets (bytes) per buffer, in the order of the input, and the resulting peak.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Layout {
+    /// Byte offset of each buffer, in input order.
     pub offsets: Vec<u64>,
+    /// Bytes spanned: the highest end (offset + bytes) of any buffer.
     pub peak: u64,
     /// "greedy", "mip (optimal)", "mip (time limit)", or "greedy (mip found nothing better)".
     pub method: String,
+    /// Wall-clock seconds spent finding the layout.
     pub solve_seconds: f64,
 }
 

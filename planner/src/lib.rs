@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! The planner: what a training step holds (inventory), where each saved activation waits
 //! (MEMO's swap/recompute LP), where device buffers sit (the layout MIP), and whether it all fits.
 //! It knows nothing of models beyond an inventory of named tensors with shapes; the trainer

@@ -11,7 +11,9 @@ use serde::Serialize;
 /// A tier below the device, as the LP sees it.
 #[derive(Debug, Clone, Serialize)]
 pub struct TierSpec {
+    /// The tier's name (`host`, `numa`, `nvme`), for reports.
     pub name: String,
+    /// Bytes the tier may hold, all offloaded layers together.
     pub capacity: u64,
     /// Bytes per second from the device into the tier (the slower of link and medium).
     pub write_bps: f64,
@@ -32,8 +34,10 @@ pub struct LayerSpec {
     pub min_alpha: f64,
 }
 
+/// The LP's answer; every vector has one entry per offloaded layer, in forward order.
 #[derive(Debug, Clone, Serialize)]
 pub struct MemoPlan {
+    /// α per layer: share of tokens whose recomputable activations are swapped, in [min_alpha, 1].
     pub alpha: Vec<f64>,
     /// Bytes of each layer in each tier (tier order as given).
     pub tier_bytes: Vec<Vec<u64>>,
@@ -43,13 +47,24 @@ pub struct MemoPlan {
     pub recompute_seconds: Vec<f64>,
     /// Objective: seconds added to the all-resident step.
     pub added_seconds: f64,
+    /// Wall-clock seconds of building and solving the LP.
     pub solve_seconds: f64,
 }
 
+/// Why the LP gives no plan.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoError {
+    /// The tiers cannot hold the offloaded layers even at the smallest α allowed.
     #[error("the offload tiers hold {capacity} bytes but the {layers} offloaded layers need at least {need} (at the smallest α allowed)")]
-    TooSmall { capacity: u64, need: u64, layers: usize },
+    TooSmall {
+        /// Bytes of all tiers together.
+        capacity: u64,
+        /// Bytes the layers need at their smallest α.
+        need: u64,
+        /// Number of offloaded layers.
+        layers: usize,
+    },
+    /// The solver failed; its message.
     #[error("LP solver: {0}")]
     Solver(String),
 }

@@ -27,6 +27,7 @@ pub enum Tier {
 pub const TIERS: [Tier; 3] = [Tier::Host, Tier::Numa, Tier::Nvme];
 
 impl Tier {
+    /// Lowercase name, as in configs, reports and serialized placements.
     pub fn name(self) -> &'static str {
         match self {
             Tier::Keep => "keep",
@@ -92,6 +93,7 @@ pub struct Placement {
 /// One offloaded layer's stored tensor, as the fill rule sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredTensor {
+    /// The name the block saves it under.
     pub name: String,
     /// Bytes at the placement's token count, with the α split already applied.
     pub bytes: u64,
@@ -100,11 +102,15 @@ pub struct StoredTensor {
 /// What [`Placement::fill`] decides from.
 #[derive(Debug, Clone)]
 pub struct FillSpec<'a> {
+    /// Layers of the model.
     pub layers: usize,
     /// The last `keep_last` layers keep their tensors (their backward comes first).
     pub keep_last: usize,
+    /// α of every offloaded layer, recorded in the placement (`stored` already reflects it).
     pub alpha: f64,
+    /// Offloaded layers read back ahead in backward (copied into the placement).
     pub lookahead: usize,
+    /// Token count the bytes in `stored` are for.
     pub tokens: u64,
     /// The configured offload tiers with their budgets (any order; absent tiers omitted).
     pub capacities: &'a [(Tier, u64)],
@@ -151,6 +157,7 @@ impl Placement {
         Placement { tokens: spec.tokens, lookahead: spec.lookahead, layers, overflow_bytes }
     }
 
+    /// Whether a layer keeps its tensors on the device (also true for a layer past the last).
     pub fn is_kept(&self, layer: usize) -> bool {
         matches!(self.layers.get(layer), Some(LayerPlacement::Kept) | None)
     }

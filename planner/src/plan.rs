@@ -15,14 +15,18 @@ use crate::placement::{Placement, Tier};
 pub struct Budgets {
     /// The compute device (GPU memory; on CPU: the RAM for everything resident).
     pub device: u64,
+    /// Bytes for the host RAM tier (unused as a tier when the device is the CPU).
     pub host: u64,
+    /// Bytes of the chosen NUMA node for the numa tier.
     pub numa: u64,
+    /// Bytes of the NVMe tier's file.
     pub nvme: u64,
 }
 
 /// Measured (or assumed) speeds of this machine.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Calibration {
+    /// The device and dtype the figures are for, e.g. `cuda0-bfloat16`.
     pub device: String,
     /// Achieved FLOP/s of the projections' matrix products at the working dtype.
     pub matmul_flops: f64,
@@ -30,14 +34,18 @@ pub struct Calibration {
     pub attention_flops: f64,
     /// Bytes/s from the device into each tier.
     pub host_bps: f64,
+    /// Bytes/s from the device into the NUMA tier.
     pub numa_bps: f64,
+    /// Bytes/s from the device into the NVMe tier (through host memory from a GPU).
     pub nvme_bps: f64,
-    /// "measured on <date>" or "assumed: ...".
+    /// `measured on <date>` or `assumed: ...`.
     pub source: String,
 }
 
+/// What to plan and the knobs the planner does not choose.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Options {
+    /// Tokens per step (T).
     pub tokens: u64,
     /// None: the planner picks the most layers kept that fit the device.
     pub keep_last: Option<usize>,
@@ -66,9 +74,13 @@ fn unbounded() -> u64 {
 /// A layout with its baselines.
 #[derive(Debug, Clone, Serialize)]
 pub struct LayoutReport {
+    /// The buffers laid out.
     pub buffers: Vec<Buf>,
+    /// Most bytes live at once: no layout's peak is lower.
     pub lower_bound: u64,
+    /// Peak of the greedy best-fit layout, in bytes.
     pub greedy_peak: u64,
+    /// The layout taken: the MIP's, or greedy when the MIP is off or finds nothing better.
     pub mip: Layout,
 }
 
@@ -79,37 +91,58 @@ fn layout_report(buffers: Vec<Buf>, mip_seconds: f64) -> LayoutReport {
     LayoutReport { buffers, lower_bound, greedy_peak, mip }
 }
 
+/// The planner's answer for one token count: placement, tier peaks, layouts, predicted step time,
+/// and whether it fits.
 #[derive(Debug, Clone, Serialize)]
 pub struct Plan {
+    /// Tokens per step (T).
     pub tokens: u64,
+    /// Transformer layers of the model.
     pub layers: usize,
+    /// Layers at the end of the step that keep their saved tensors on the device.
     pub keep_last: usize,
+    /// Offloaded layers prefetched ahead in backward.
     pub lookahead: usize,
     /// Per layer and saved tensor: kept, or α and the tier (the engine runs exactly this).
     pub placement: Placement,
+    /// Bytes of weights, gradients and optimizer state (without `baseline_bytes`).
     pub static_bytes: u64,
     /// The process's own memory on the device (see [`Options::baseline_bytes`]).
     pub baseline_bytes: u64,
     /// On CPU with layers on the NVMe tier: the I/O thread's aligned staging buffer, as large as
     /// the largest tensor it moves (it grows to that once and is kept for the run).
     pub staging_bytes: u64,
+    /// Saved-tensor bytes of the kept layers (all rows), held on the device.
     pub saved_bytes_resident: u64,
     /// Peaks: the device (statics + level-2 layout), host, numa, nvme.
     pub device_peak: u64,
+    /// Bytes the placement puts in the host tier (every offloaded layer's share at once).
     pub host_peak: u64,
+    /// Bytes the placement puts in the NUMA tier.
     pub numa_peak: u64,
+    /// Bytes the placement puts in the NVMe tier.
     pub nvme_peak: u64,
+    /// Predicted seconds of forward and backward compute (layers and head), recompute excluded.
     pub compute_seconds: f64,
+    /// Predicted seconds of recomputing dropped activations in backward.
     pub recompute_seconds: f64,
+    /// Predicted seconds of swap-out transfer not hidden behind compute.
     pub exposed_seconds: f64,
+    /// Predicted step time: compute + recompute + exposed, in seconds.
     pub step_seconds: f64,
+    /// Device layout of one layer's backward.
     pub level1: LayoutReport,
+    /// Device layout of the whole step.
     pub level2: LayoutReport,
+    /// Seconds the MEMO LP took to solve.
     pub lp_seconds: f64,
+    /// Whether everything fits the budgets (`problems` is empty).
     pub fits: bool,
     /// Why it does not fit (empty when it does).
     pub problems: Vec<String>,
+    /// The budgets planned against.
     pub budgets: Budgets,
+    /// The speeds the times were predicted from.
     pub calibration: Calibration,
 }
 
@@ -165,6 +198,48 @@ fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usi
     v
 }
 
+/// The LP's tiers and the placement's capacities from the budgets (on CPU the host tier is the
+/// device's own memory, so it is not a tier).
+fn tier_specs(budgets: &Budgets, cal: &Calibration, cpu: bool) -> (Vec<TierSpec>, Vec<(Tier, u64)>) {
+    let host_cap = if cpu { 0 } else { budgets.host };
+    [(Tier::Host, host_cap, cal.host_bps), (Tier::Numa, budgets.numa, cal.numa_bps), (Tier::Nvme, budgets.nvme, cal.nvme_bps)]
+        .into_iter()
+        .filter(|(_, cap, _)| *cap > 0)
+        .map(|(tier, cap, bps)| (TierSpec { name: tier.name().into(), capacity: cap, write_bps: bps }, (tier, cap)))
+        .unzip()
+}
+
+/// The largest k in `0..=l` for which `fits(k)` holds, `fits` being monotone (true up to some
+/// k); 0 when none does.
+fn most_that_fit(l: usize, fits: impl Fn(usize) -> bool) -> usize {
+    if fits(l) {
+        return l;
+    }
+    // Invariant: k = lo fits or lo = 0; k = hi does not fit.
+    let (mut lo, mut hi) = (0usize, l);
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// One α for every offloaded layer: the layers are alike, so the LP is symmetric and the mean of
+/// its per-layer answers is as good and feasible (convexity); the engine runs one α. Returns the
+/// averaged LP answer and each layer's stored rows.
+fn uniform(m: memo::MemoPlan, t: u64, l: usize, n_tiers: usize) -> (memo::MemoPlan, Vec<u64>) {
+    let off = m.alpha.len();
+    let mean_alpha = m.alpha.iter().sum::<f64>() / off as f64;
+    let split = stored_rows(mean_alpha, t as i64) as u64;
+    let mean_bytes: Vec<u64> = (0..n_tiers).map(|j| m.tier_bytes.iter().map(|row| row[j]).sum::<u64>() / off as u64).collect();
+    let splits: Vec<u64> = (0..l).map(|i| if i < off { split } else { t }).collect();
+    (memo::MemoPlan { alpha: vec![mean_alpha; off], tier_bytes: vec![mean_bytes; off], ..m }, splits)
+}
+
 /// Plans one sequence length. `Err` only for solver failures; a plan that does not fit says so
 /// in `problems`.
 pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options) -> Result<Plan, MemoError> {
@@ -177,15 +252,7 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     let compute = l as f64 * (layer_fwd + layer_bwd) + head;
     // Recompute covers the token-local share (projections), not attention.
     let recompute_all = lin;
-    let mut tiers = Vec::new();
-    let mut capacities: Vec<(Tier, u64)> = Vec::new();
-    let host_cap = if opt.cpu { 0 } else { budgets.host };
-    for (tier, cap, bps) in [(Tier::Host, host_cap, cal.host_bps), (Tier::Numa, budgets.numa, cal.numa_bps), (Tier::Nvme, budgets.nvme, cal.nvme_bps)] {
-        if cap > 0 {
-            tiers.push(TierSpec { name: tier.name().into(), capacity: cap, write_bps: bps });
-            capacities.push((tier, cap));
-        }
-    }
+    let (tiers, capacities) = tier_specs(&budgets, cal, opt.cpu);
     let level1 = layout_report(level1_buffers(inv, t), opt.mip_seconds);
     let level1_peak = level1.mip.peak;
     let static_bytes = inv.static_bytes() + opt.baseline_bytes;
@@ -214,20 +281,7 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     };
     let k = match opt.keep_last {
         Some(k) => k.min(l),
-        None if device_fits_at(l) => l,
-        None => {
-            // Invariant: k = lo fits or lo = 0; k = hi does not fit.
-            let (mut lo, mut hi) = (0usize, l);
-            while hi - lo > 1 {
-                let mid = (lo + hi) / 2;
-                if device_fits_at(mid) {
-                    lo = mid;
-                } else {
-                    hi = mid;
-                }
-            }
-            lo
-        }
+        None => most_that_fit(l, device_fits_at),
     };
     let mut problems = Vec::new();
     let (m, splits) = match lp_for(k) {
@@ -240,18 +294,7 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
         Err(e) => return Err(e),
     };
     let off = m.alpha.len();
-    // The layers are alike, so the LP is symmetric: the mean of its per-layer answers is as good
-    // and feasible (convexity), and one α for all offloaded layers is what the engine runs.
-    let (m, splits) = if off > 0 {
-        let mean_alpha = m.alpha.iter().sum::<f64>() / off as f64;
-        let split = stored_rows(mean_alpha, t as i64) as u64;
-        let mean_bytes: Vec<u64> = (0..tiers.len()).map(|j| m.tier_bytes.iter().map(|row| row[j]).sum::<u64>() / off as u64).collect();
-        let uniform = memo::MemoPlan { alpha: vec![mean_alpha; off], tier_bytes: vec![mean_bytes; off], ..m };
-        let splits: Vec<u64> = (0..l).map(|i| if i < off { split } else { t }).collect();
-        (uniform, splits)
-    } else {
-        (m, splits)
-    };
+    let (m, splits) = if off > 0 { uniform(m, t, l, tiers.len()) } else { (m, splits) };
     let k = l - off;
     let level2 = layout_report(level2_buffers(inv, t, k, opt.lookahead, opt.max_inflight, &splits, level1_peak), opt.mip_seconds);
     // The LP chose α and how much each tier should take; which tensor goes where is the fill

@@ -200,185 +200,213 @@ enum BenchCmd {
     },
 }
 
-fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
-    match cli.cmd {
-        Cmd::Eval { model, adapter, data, max_tokens, device, dtype, loss_chunk, json } => {
-            let dev = device::parse_device(&device)?;
-            let kind = device::parse_dtype(&dtype)?;
-            if loss_chunk <= 0 {
-                return Err(format!("--loss-chunk must be positive, found {loss_chunk}").into());
-            }
-            let (cfg, warnings) = ModelConfig::load(&model)?;
-            for w in warnings {
-                eprintln!("warning: {w}");
-            }
-            let tok = tokenizer::load(&model)?;
-            let (mut m, unused) = Model::load(&model, cfg, kind, dev)?;
-            if let Some(a) = &adapter {
-                m.load_peft_adapter(a)?;
-            }
-            if !unused.is_empty() {
-                eprintln!("warning: {}: {} tensor(s) in the checkpoint are not used: {}", model.display(), unused.len(), unused.join(", "));
-            }
-            let tok_path = model.join(tokenizer::TOKENIZER_FILE);
-            for file in &data {
-                let r = eval::eval_file(&m, &tok, &tok_path, file, max_tokens, loss_chunk)?;
-                if json {
-                    let v = serde_json::json!({
-                        "file": r.file.display().to_string(),
-                        "loss": r.loss,
-                        "perplexity": r.perplexity,
-                        "tokens": r.tokens,
-                        "sequences": r.sequences,
-                        "device": format!("{dev:?}"),
-                        "dtype": dtype,
-                    });
-                    println!("{v}");
-                } else {
-                    println!(
-                        "{}: loss {:.6} perplexity {:.4} ({} tokens predicted in {} sequences)",
-                        r.file.display(),
-                        r.loss,
-                        r.perplexity,
-                        r.tokens,
-                        r.sequences
-                    );
-                }
-            }
-            Ok(())
-        }
-        Cmd::Run { recipe, resume, overrides } => {
-            let s = trainer::train::run(&recipe, &overrides, resume)?;
-            let mut line = format!(
-                "done: {} steps in {:.1} s, final train loss {:.4}, {:.0} tokens/s",
-                s.steps, s.seconds, s.final_loss, s.tokens_per_sec
+/// `train eval`: loss and perplexity of a model folder (with an adapter) over JSONL files.
+#[allow(clippy::too_many_arguments)]
+fn eval_cmd(model: PathBuf, adapter: Option<PathBuf>, data: Vec<PathBuf>, max_tokens: Option<usize>, device: String, dtype: String, loss_chunk: i64, json: bool) -> Result<(), Box<dyn std::error::Error>> {
+    let dev = device::parse_device(&device)?;
+    let kind = device::parse_dtype(&dtype)?;
+    if loss_chunk <= 0 {
+        return Err(format!("--loss-chunk must be positive, found {loss_chunk}").into());
+    }
+    let (cfg, warnings) = ModelConfig::load(&model)?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    let tok = tokenizer::load(&model)?;
+    let (mut m, unused) = Model::load(&model, cfg, kind, dev)?;
+    if let Some(a) = &adapter {
+        m.load_peft_adapter(a)?;
+    }
+    if !unused.is_empty() {
+        eprintln!("warning: {}: {} tensor(s) in the checkpoint are not used: {}", model.display(), unused.len(), unused.join(", "));
+    }
+    let tok_path = model.join(tokenizer::TOKENIZER_FILE);
+    for file in &data {
+        let r = eval::eval_file(&m, &tok, &tok_path, file, max_tokens, loss_chunk)?;
+        if json {
+            let v = serde_json::json!({
+                "file": r.file.display().to_string(),
+                "loss": r.loss,
+                "perplexity": r.perplexity,
+                "tokens": r.tokens,
+                "sequences": r.sequences,
+                "device": format!("{dev:?}"),
+                "dtype": dtype,
+            });
+            println!("{v}");
+        } else {
+            println!(
+                "{}: loss {:.6} perplexity {:.4} ({} tokens predicted in {} sequences)",
+                r.file.display(),
+                r.loss,
+                r.perplexity,
+                r.tokens,
+                r.sequences
             );
-            if let Some(l) = s.eval_loss {
-                line += &format!(", eval loss {l:.4}");
-            }
-            if let Some(a) = s.eval_accuracy {
-                line += &format!(", retrieval accuracy {:.1}%", 100.0 * a);
-            }
-            println!("{line}");
-            println!("run directory: {}", s.run_dir.display());
-            if let Some(rss) = trainer::memory::peak_rss_bytes() {
-                println!("peak RSS: {:.2} GiB", rss as f64 / (1u64 << 30) as f64);
-            }
-            Ok(())
         }
-        Cmd::Plan { recipe, device_mem, host_mem, numa_mem, nvme, tokens, calibrate, mip_seconds, out, overrides } => {
-            let bytes = |flag: &str, v: Option<String>| -> Result<Option<u64>, String> {
-                v.map(|s| planner::plan::parse_bytes(&s).ok_or(format!("{flag} {s}: not a byte count (e.g. 80GiB, 24GB)"))).transpose()
-            };
-            let req = trainer::plan::Request {
-                device_memory: bytes("--device-mem", device_mem)?,
-                host: bytes("--host-mem", host_mem)?,
-                numa: bytes("--numa-mem", numa_mem)?,
-                nvme: bytes("--nvme", nvme)?,
-                tokens,
-                calibrate,
-                mip_seconds,
-            };
-            if tokens == Some(0) {
-                return Err("--tokens must be positive".into());
-            }
-            let r = trainer::train::recipe::Recipe::load(&recipe, &overrides)?;
-            let (cfg, _) = trainer::train::model_config(&r, &recipe)?;
-            let lora = r.lora.as_ref().filter(|_| r.train.mode == trainer::train::recipe::Mode::Lora).map(|l| trainer::model::lora::LoraConfig { rank: l.rank, alpha: l.alpha, dropout: l.dropout, targets: l.targets.clone() });
-            let (inv, plan) = trainer::plan::plan_recipe(&r, &cfg, lora.as_ref(), &req)?;
-            print!("{}", planner::report::table(&inv, &plan));
-            let fit = trainer::plan::what_would_fit(&r, &inv, &plan)?;
-            print!("{}", fit.lines(plan.tokens));
-            let dir = out.unwrap_or(r.run.dir.clone());
-            trainer::plan::write(&dir, &inv, &plan, Some(&fit))?;
-            println!("wrote {}/plan.txt, plan.json, plan.svg", dir.display());
-            Ok(())
+    }
+    Ok(())
+}
+
+/// `train run`: trains a recipe and prints the summary.
+fn run_cmd(recipe: PathBuf, resume: bool, overrides: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
+    let s = trainer::train::run(&recipe, &overrides, resume)?;
+    let mut line = format!(
+        "done: {} steps in {:.1} s, final train loss {:.4}, {:.0} tokens/s",
+        s.steps, s.seconds, s.final_loss, s.tokens_per_sec
+    );
+    if let Some(l) = s.eval_loss {
+        line += &format!(", eval loss {l:.4}");
+    }
+    if let Some(a) = s.eval_accuracy {
+        line += &format!(", retrieval accuracy {:.1}%", 100.0 * a);
+    }
+    println!("{line}");
+    println!("run directory: {}", s.run_dir.display());
+    if let Some(rss) = trainer::memory::peak_rss_bytes() {
+        println!("peak RSS: {:.2} GiB", rss as f64 / (1u64 << 30) as f64);
+    }
+    Ok(())
+}
+
+/// `train plan`: the table, what would fit, and the plan files.
+#[allow(clippy::too_many_arguments)]
+fn plan_cmd(recipe: PathBuf, device_mem: Option<String>, host_mem: Option<String>, numa_mem: Option<String>, nvme: Option<String>, tokens: Option<u64>, calibrate: bool, mip_seconds: Option<f64>, out: Option<PathBuf>, overrides: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
+    let bytes = |flag: &str, v: Option<String>| -> Result<Option<u64>, String> {
+        v.map(|s| planner::plan::parse_bytes(&s).ok_or(format!("{flag} {s}: not a byte count (e.g. 80GiB, 24GB)"))).transpose()
+    };
+    let req = trainer::plan::Request {
+        device_memory: bytes("--device-mem", device_mem)?,
+        host: bytes("--host-mem", host_mem)?,
+        numa: bytes("--numa-mem", numa_mem)?,
+        nvme: bytes("--nvme", nvme)?,
+        tokens,
+        calibrate,
+        mip_seconds,
+    };
+    if tokens == Some(0) {
+        return Err("--tokens must be positive".into());
+    }
+    let r = trainer::train::recipe::Recipe::load(&recipe, &overrides)?;
+    let (cfg, _) = trainer::train::model_config(&r, &recipe)?;
+    let lora = trainer::train::session::lora_config(&r);
+    let (inv, plan) = trainer::plan::plan_recipe(&r, &cfg, lora.as_ref(), &req)?;
+    print!("{}", planner::report::table(&inv, &plan));
+    let fit = trainer::plan::what_would_fit(&r, &inv, &plan)?;
+    print!("{}", fit.lines(plan.tokens));
+    let dir = out.unwrap_or(r.run.dir.clone());
+    trainer::plan::write(&dir, &inv, &plan, Some(&fit))?;
+    println!("wrote {}/plan.txt, plan.json, plan.svg", dir.display());
+    Ok(())
+}
+
+/// `train data synth`: synthetic retrieval samples as prompt/completion lines.
+fn synth_cmd(task: String, tokens: usize, samples: usize, depth: Option<f64>, digits: usize, seed: u64, out: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
+    let t = trainer::data::synth::Task::parse(&task).ok_or(format!("--task {task}: expected passkey or kv-recall"))?;
+    if tokens < 16 || digits == 0 || samples == 0 {
+        return Err("--tokens must be ≥ 16, --digits and --samples positive".into());
+    }
+    if let Some(d) = depth {
+        if !(0.0..=1.0).contains(&d) {
+            return Err(format!("--depth {d}: expected a fraction in [0, 1]").into());
         }
-        Cmd::Data(DataCmd::Synth { task, tokens, samples, depth, digits, seed, out }) => {
-            let t = trainer::data::synth::Task::parse(&task).ok_or(format!("--task {task}: expected passkey or kv-recall"))?;
-            if tokens < 16 || digits == 0 || samples == 0 {
-                return Err("--tokens must be ≥ 16, --digits and --samples positive".into());
-            }
-            if let Some(d) = depth {
-                if !(0.0..=1.0).contains(&d) {
-                    return Err(format!("--depth {d}: expected a fraction in [0, 1]").into());
+    }
+    let mut text = String::new();
+    for i in 0..samples {
+        let mut rng = trainer::rng::Rng::derive(seed, 4, i as u64);
+        let s = trainer::data::synth::sample(t, &mut rng, tokens, depth, digits);
+        text += &serde_json::json!({"prompt": s.prompt, "completion": s.completion}).to_string();
+        text.push('\n');
+    }
+    std::fs::write(&out, text).map_err(|e| format!("{}: {e}", out.display()))?;
+    println!("wrote {samples} {task} samples of ~{tokens} words to {}", out.display());
+    Ok(())
+}
+
+/// `train bench offload`: each tier through the store beside the raw memory or disk.
+fn bench_offload_cmd(tiers: String, nvme_dir: Option<PathBuf>, device: String, bytes: u64, slice_bytes: u64, io_uring: bool) -> Result<(), Box<dyn std::error::Error>> {
+    if bytes == 0 || slice_bytes == 0 || slice_bytes > bytes {
+        return Err("bench offload: --bytes and --slice-bytes must be positive, slice ≤ bytes".into());
+    }
+    let dev = device::parse_device(&device)?;
+    let nodes = offload::numa::nodes()?;
+    let list: Vec<_> = nodes.iter().map(|n| serde_json::json!({"node": n.id, "cpus": n.cpus.len(), "mem_total_bytes": n.mem_total_bytes, "far": n.is_far()})).collect();
+    println!("{}", serde_json::json!({ "numa_nodes": list, "device": format!("{dev:?}") }));
+    let mem = |tier: offload::store::Tier, node: Option<u32>| -> Result<(), Box<dyn std::error::Error>> {
+        let r = offload::bench::bench_memory(tier, node.unwrap_or(0), bytes, slice_bytes, dev)?;
+        println!(
+            "{}",
+            serde_json::json!({
+                "tier": tier.name(), "numa_node": node, "device": format!("{dev:?}"), "bytes": r.bytes, "slice_bytes": slice_bytes,
+                "raw_write_GBps": r.raw_write_gbps, "raw_read_GBps": r.raw_read_gbps,
+                "tier_write_GBps": r.tier_write_gbps, "tier_read_GBps": r.tier_read_gbps,
+                "write_ratio": r.tier_write_gbps / r.raw_write_gbps, "read_ratio": r.tier_read_gbps / r.raw_read_gbps,
+            })
+        );
+        Ok(())
+    };
+    for tier in parse_tiers("bench offload", &tiers)? {
+        match tier {
+            offload::store::Tier::Numa => {
+                for n in nodes.iter().filter(|n| n.mem_total_bytes > 0) {
+                    mem(tier, Some(n.id))?;
                 }
             }
-            let mut text = String::new();
-            for i in 0..samples {
-                let mut rng = trainer::rng::Rng::derive(seed, 4, i as u64);
-                let s = trainer::data::synth::sample(t, &mut rng, tokens, depth, digits);
-                text += &serde_json::json!({"prompt": s.prompt, "completion": s.completion}).to_string();
-                text.push('\n');
-            }
-            std::fs::write(&out, text).map_err(|e| format!("{}: {e}", out.display()))?;
-            println!("wrote {samples} {task} samples of ~{tokens} words to {}", out.display());
-            Ok(())
-        }
-        Cmd::Bench(BenchCmd::Offload { tiers, nvme_dir, device, bytes, slice_bytes, io_uring }) => {
-            if bytes == 0 || slice_bytes == 0 || slice_bytes > bytes {
-                return Err("bench offload: --bytes and --slice-bytes must be positive, slice ≤ bytes".into());
-            }
-            let dev = device::parse_device(&device)?;
-            let nodes = offload::numa::nodes()?;
-            let list: Vec<_> = nodes.iter().map(|n| serde_json::json!({"node": n.id, "cpus": n.cpus.len(), "mem_total_bytes": n.mem_total_bytes, "far": n.is_far()})).collect();
-            println!("{}", serde_json::json!({ "numa_nodes": list, "device": format!("{dev:?}") }));
-            let mem = |tier: offload::store::Tier, node: Option<u32>| -> Result<(), Box<dyn std::error::Error>> {
-                let r = offload::bench::bench_memory(tier, node.unwrap_or(0), bytes, slice_bytes, dev)?;
+            offload::store::Tier::Nvme => {
+                let dir = nvme_dir.clone().unwrap_or_else(std::env::temp_dir);
+                let r = offload::bench::bench_nvme(&dir, bytes, slice_bytes, io_uring)?;
                 println!(
                     "{}",
                     serde_json::json!({
-                        "tier": tier.name(), "numa_node": node, "device": format!("{dev:?}"), "bytes": r.bytes, "slice_bytes": slice_bytes,
+                        "tier": "nvme", "dir": dir.display().to_string(), "bytes": r.bytes, "slice_bytes": r.slice_bytes,
+                        "engine": if r.io_uring { "io_uring" } else { "pread/pwrite" },
                         "raw_write_GBps": r.raw_write_gbps, "raw_read_GBps": r.raw_read_gbps,
                         "tier_write_GBps": r.tier_write_gbps, "tier_read_GBps": r.tier_read_gbps,
                         "write_ratio": r.tier_write_gbps / r.raw_write_gbps, "read_ratio": r.tier_read_gbps / r.raw_read_gbps,
                     })
                 );
-                Ok(())
-            };
-            for t in tiers.split(',').map(str::trim) {
-                match t {
-                    "host" => mem(offload::store::Tier::Host, None)?,
-                    "numa" => {
-                        for n in nodes.iter().filter(|n| n.mem_total_bytes > 0) {
-                            mem(offload::store::Tier::Numa, Some(n.id))?;
-                        }
-                    }
-                    "nvme" => {
-                        let dir = nvme_dir.clone().unwrap_or_else(std::env::temp_dir);
-                        let r = offload::bench::bench_nvme(&dir, bytes, slice_bytes, io_uring)?;
-                        println!(
-                            "{}",
-                            serde_json::json!({
-                                "tier": "nvme", "dir": dir.display().to_string(), "bytes": r.bytes, "slice_bytes": r.slice_bytes,
-                                "engine": if r.io_uring { "io_uring" } else { "pread/pwrite" },
-                                "raw_write_GBps": r.raw_write_gbps, "raw_read_GBps": r.raw_read_gbps,
-                                "tier_write_GBps": r.tier_write_gbps, "tier_read_GBps": r.tier_read_gbps,
-                                "write_ratio": r.tier_write_gbps / r.raw_write_gbps, "read_ratio": r.tier_read_gbps / r.raw_read_gbps,
-                            })
-                        );
-                    }
-                    other => return Err(format!("bench offload: --tiers: unknown tier `{other}` (host, numa, nvme)").into()),
-                }
             }
-            Ok(())
+            _ => mem(tier, None)?,
         }
+    }
+    Ok(())
+}
+
+/// `train bench step`: time and memory of one forward + backward.
+#[allow(clippy::too_many_arguments)]
+fn bench_step_cmd(layers: i64, hidden: i64, heads: i64, kv_heads: i64, intermediate: i64, vocab: i64, tokens: i64, iters: usize, device: String, dtype: String, tiers: String, nvme_dir: Option<PathBuf>, keep_last: usize, alpha: f64) -> Result<(), Box<dyn std::error::Error>> {
+    let dev = device::parse_device(&device)?;
+    let kind = device::parse_dtype(&dtype)?;
+    if [layers, hidden, heads, kv_heads, intermediate, vocab, tokens].iter().any(|v| *v <= 0) || iters == 0 || !(0.0..=1.0).contains(&alpha) {
+        return Err("bench step: every size and --iters must be positive, --alpha in [0, 1]".into());
+    }
+    let mut tiers = parse_tiers("bench step", &tiers)?;
+    if tiers.is_empty() && nvme_dir.is_some() {
+        tiers.push(offload::store::Tier::Nvme);
+    }
+    let b = trainer::bench::StepBench { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, tiers, nvme_dir, keep_last, alpha };
+    println!("{}", trainer::bench::run_step_bench(&b, kind, dev)?);
+    Ok(())
+}
+
+/// Parses `--tiers host,numa,nvme` (empty entries ignored).
+fn parse_tiers(cmd: &str, list: &str) -> Result<Vec<offload::store::Tier>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| offload::store::TIERS.iter().copied().find(|x| x.name() == t).ok_or(format!("{cmd}: --tiers: unknown tier `{t}` (host, numa, nvme)")))
+        .collect()
+}
+
+fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
+    match cli.cmd {
+        Cmd::Eval { model, adapter, data, max_tokens, device, dtype, loss_chunk, json } => eval_cmd(model, adapter, data, max_tokens, device, dtype, loss_chunk, json),
+        Cmd::Run { recipe, resume, overrides } => run_cmd(recipe, resume, overrides),
+        Cmd::Plan { recipe, device_mem, host_mem, numa_mem, nvme, tokens, calibrate, mip_seconds, out, overrides } => plan_cmd(recipe, device_mem, host_mem, numa_mem, nvme, tokens, calibrate, mip_seconds, out, overrides),
+        Cmd::Data(DataCmd::Synth { task, tokens, samples, depth, digits, seed, out }) => synth_cmd(task, tokens, samples, depth, digits, seed, out),
+        Cmd::Bench(BenchCmd::Offload { tiers, nvme_dir, device, bytes, slice_bytes, io_uring }) => bench_offload_cmd(tiers, nvme_dir, device, bytes, slice_bytes, io_uring),
         Cmd::Bench(BenchCmd::Step { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, tiers, nvme_dir, keep_last, alpha }) => {
-            let dev = device::parse_device(&device)?;
-            let kind = device::parse_dtype(&dtype)?;
-            if [layers, hidden, heads, kv_heads, intermediate, vocab, tokens].iter().any(|v| *v <= 0) || iters == 0 || !(0.0..=1.0).contains(&alpha) {
-                return Err("bench step: every size and --iters must be positive, --alpha in [0, 1]".into());
-            }
-            let mut tiers: Vec<String> = tiers.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
-            if tiers.is_empty() && nvme_dir.is_some() {
-                tiers.push("nvme".into());
-            }
-            if let Some(t) = tiers.iter().find(|t| !["host", "numa", "nvme"].contains(&t.as_str())) {
-                return Err(format!("bench step: --tiers: unknown tier `{t}` (host, numa, nvme)").into());
-            }
-            let b = trainer::bench::StepBench { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, tiers, nvme_dir, keep_last, alpha };
-            println!("{}", trainer::bench::run_step_bench(&b, kind, dev)?);
-            Ok(())
+            bench_step_cmd(layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, tiers, nvme_dir, keep_last, alpha)
         }
     }
 }

@@ -24,7 +24,7 @@ pub struct StepBench {
     pub iters: usize,
     /// Offload tiers ("host", "numa", "nvme"; empty: keep everything resident), each with a
     /// budget of 5/4 of the step's saved activations.
-    pub tiers: Vec<String>,
+    pub tiers: Vec<offload::store::Tier>,
     /// Directory of the NVMe tier's file (default: the temporary directory).
     pub nvme_dir: Option<std::path::PathBuf>,
     pub keep_last: usize,
@@ -69,11 +69,12 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
     let mut saved = 0;
     let mut loss = 0.0;
     let budget = (saved_estimate(&model, b.tokens) as u64 * 5 / 4).max(1 << 20);
-    let has = |t: &str| b.tiers.iter().any(|x| x == t);
+    use offload::store::Tier;
+    let has = |t: Tier| b.tiers.contains(&t);
     let cfg = offload::store::StoreConfig {
-        host_bytes: if has("host") { budget } else { 0 },
-        numa: has("numa").then(|| (offload::numa::current_node(), budget)),
-        nvme: has("nvme").then(|| offload::store::NvmeConfig { dir: b.nvme_dir.clone().unwrap_or_else(std::env::temp_dir), bytes: budget, rank: 0, io_uring: true }),
+        host_bytes: if has(Tier::Host) { budget } else { 0 },
+        numa: has(Tier::Numa).then(|| (offload::numa::current_node(), budget)),
+        nvme: has(Tier::Nvme).then(|| offload::store::NvmeConfig { dir: b.nvme_dir.clone().unwrap_or_else(std::env::temp_dir), bytes: budget, rank: 0, io_uring: true }),
         max_inflight: 256 << 20,
         cuda_device: match device {
             Device::Cuda(i) => Some(i),
@@ -108,7 +109,7 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
         "step_seconds_median": median,
         "tokens_per_second": b.tokens as f64 / median,
         "saved_activation_bytes": saved,
-        "offload": if b.tiers.is_empty() { "none".to_string() } else { b.tiers.join("+") },
+        "offload": if b.tiers.is_empty() { "none".to_string() } else { b.tiers.iter().map(|t| t.name()).collect::<Vec<_>>().join("+") },
         "keep_last": b.keep_last,
         "alpha": b.alpha,
         "offload_written_bytes_per_step": store.stats().written_bytes / (b.iters as u64 + 1),

@@ -12,7 +12,7 @@ use tch::{Device, Kind, Tensor};
 use crate::model::config::ModelConfig;
 use crate::error::Result;
 use crate::model::proj::Proj;
-use crate::model::Layer;
+use crate::model::layer::Layer;
 
 /// What every layer of one packed micro-batch shares: RoPE tables, document boundaries,
 /// attention shapes, and whether this is a training pass (LoRA dropout) and what is trained.
@@ -75,6 +75,28 @@ impl Context {
     }
 }
 
+/// The names of a layer's saved tensors: the keys under which the activation store, the
+/// placement and the planner's inventory know them (LoRA's add `lora_xa:{projection}` and
+/// `lora_keep:{projection}`).
+pub mod name {
+    pub const X: &str = "x";
+    pub const RSTD_ATTN: &str = "rstd_attn";
+    pub const X_ATTN: &str = "x_attn";
+    pub const Q: &str = "q";
+    pub const K: &str = "k";
+    pub const V: &str = "v";
+    pub const ATTN_OUT: &str = "attn_out";
+    pub const ATTN_LSE: &str = "attn_lse";
+    pub const H: &str = "h";
+    pub const RSTD_MLP: &str = "rstd_mlp";
+    pub const X_MLP: &str = "x_mlp";
+    pub const GATE: &str = "gate";
+    pub const UP: &str = "up";
+    pub const ACT: &str = "act";
+    pub const PHILOX_SEED: &str = "attn_philox_seed";
+    pub const PHILOX_OFFSET: &str = "attn_philox_offset";
+}
+
 /// Every activation one block keeps for its backward, token-major.
 pub struct BlockSaved {
     /// `[T, D]` the layer input (the residual stream entering the block).
@@ -107,27 +129,27 @@ impl BlockSaved {
     /// store and [`BlockSaved::from_named`] agree on.
     pub fn named(&self) -> Vec<(String, &Tensor)> {
         let mut v: Vec<(String, &Tensor)> = [
-            ("x", &self.x),
-            ("rstd_attn", &self.rstd_attn),
-            ("x_attn", &self.x_attn),
-            ("q", &self.attn.q),
-            ("k", &self.attn.k),
-            ("v", &self.attn.v),
-            ("attn_out", &self.attn.out),
-            ("attn_lse", &self.attn.lse),
-            ("h", &self.h),
-            ("rstd_mlp", &self.rstd_mlp),
-            ("x_mlp", &self.x_mlp),
-            ("gate", &self.gate),
-            ("up", &self.up),
-            ("act", &self.act),
+            (name::X, &self.x),
+            (name::RSTD_ATTN, &self.rstd_attn),
+            (name::X_ATTN, &self.x_attn),
+            (name::Q, &self.attn.q),
+            (name::K, &self.attn.k),
+            (name::V, &self.attn.v),
+            (name::ATTN_OUT, &self.attn.out),
+            (name::ATTN_LSE, &self.attn.lse),
+            (name::H, &self.h),
+            (name::RSTD_MLP, &self.rstd_mlp),
+            (name::X_MLP, &self.x_mlp),
+            (name::GATE, &self.gate),
+            (name::UP, &self.up),
+            (name::ACT, &self.act),
         ]
         .into_iter()
         .map(|(n, t)| (n.to_string(), t))
         .collect();
         if let Some((seed, offset)) = &self.attn.philox {
-            v.push(("attn_philox_seed".into(), seed));
-            v.push(("attn_philox_offset".into(), offset));
+            v.push((name::PHILOX_SEED.into(), seed));
+            v.push((name::PHILOX_OFFSET.into(), offset));
         }
         for (proj, xa, keep) in &self.lora {
             v.push((format!("lora_xa:{proj}"), xa));
@@ -146,7 +168,7 @@ impl BlockSaved {
 
     /// The inverse of [`BlockSaved::into_named`]; `get` returns the tensor stored under a name.
     pub fn from_named(names: &[String], mut get: impl FnMut(&str) -> Result<Tensor>) -> Result<BlockSaved> {
-        let philox = if names.iter().any(|n| n == "attn_philox_seed") { Some((get("attn_philox_seed")?, get("attn_philox_offset")?)) } else { None };
+        let philox = if names.iter().any(|n| n == name::PHILOX_SEED) { Some((get(name::PHILOX_SEED)?, get(name::PHILOX_OFFSET)?)) } else { None };
         let mut lora = Vec::new();
         for n in names {
             if let Some(proj) = n.strip_prefix("lora_xa:") {
@@ -160,16 +182,16 @@ impl BlockSaved {
             }
         }
         Ok(BlockSaved {
-            x: get("x")?,
-            rstd_attn: get("rstd_attn")?,
-            x_attn: get("x_attn")?,
-            attn: attention::Saved { q: get("q")?, k: get("k")?, v: get("v")?, out: get("attn_out")?, lse: get("attn_lse")?, philox },
-            h: get("h")?,
-            rstd_mlp: get("rstd_mlp")?,
-            x_mlp: get("x_mlp")?,
-            gate: get("gate")?,
-            up: get("up")?,
-            act: get("act")?,
+            x: get(name::X)?,
+            rstd_attn: get(name::RSTD_ATTN)?,
+            x_attn: get(name::X_ATTN)?,
+            attn: attention::Saved { q: get(name::Q)?, k: get(name::K)?, v: get(name::V)?, out: get(name::ATTN_OUT)?, lse: get(name::ATTN_LSE)?, philox },
+            h: get(name::H)?,
+            rstd_mlp: get(name::RSTD_MLP)?,
+            x_mlp: get(name::X_MLP)?,
+            gate: get(name::GATE)?,
+            up: get(name::UP)?,
+            act: get(name::ACT)?,
             lora,
         })
     }
@@ -195,7 +217,7 @@ fn proj(layer: &Layer, p: Proj, x: &Tensor, ctx: &Context, lora_saved: &mut Lora
 
 /// The saved tensors that are token-local functions of the layer input `x` and the attention
 /// output: the ones MEMO's split may drop for tokens [αT, T) and recompute in backward.
-pub const RECOMPUTABLE: [&str; 11] = ["rstd_attn", "x_attn", "q", "k", "v", "h", "rstd_mlp", "x_mlp", "gate", "up", "act"];
+pub const RECOMPUTABLE: [&str; 11] = [name::RSTD_ATTN, name::X_ATTN, name::Q, name::K, name::V, name::H, name::RSTD_MLP, name::X_MLP, name::GATE, name::UP, name::ACT];
 
 /// Token-local work before attention, on any rows of the layer input.
 struct PreAttn {
@@ -280,17 +302,17 @@ pub fn recompute_tail(layer: &Layer, x: &Tensor, attn_out: &Tensor, ctx: &Contex
     let o_flat = rows(attn_out).reshape([n, ctx.heads * ctx.head_dim]);
     let post = post_attn(layer, &rows(x), &o_flat, ctx, &mut ls);
     vec![
-        ("rstd_attn", pre.rstd_attn),
-        ("x_attn", pre.x_attn),
-        ("q", pre.q),
-        ("k", pre.k),
-        ("v", pre.v),
-        ("h", post.h),
-        ("rstd_mlp", post.rstd_mlp),
-        ("x_mlp", post.x_mlp),
-        ("gate", post.gate),
-        ("up", post.up),
-        ("act", post.act),
+        (name::RSTD_ATTN, pre.rstd_attn),
+        (name::X_ATTN, pre.x_attn),
+        (name::Q, pre.q),
+        (name::K, pre.k),
+        (name::V, pre.v),
+        (name::H, post.h),
+        (name::RSTD_MLP, post.rstd_mlp),
+        (name::X_MLP, post.x_mlp),
+        (name::GATE, post.gate),
+        (name::UP, post.up),
+        (name::ACT, post.act),
     ]
 }
 

@@ -7,7 +7,8 @@ use tch::{Device, Kind, Tensor};
 
 use crate::model::weights::write_safetensors;
 use crate::error::{Result, TrainerError};
-use crate::model::{LoraWeights, Model};
+use crate::model::layer::LoraWeights;
+use crate::model::Model;
 
 /// The projections LoRA can adapt, by their HF module names.
 pub use crate::model::proj::Proj;

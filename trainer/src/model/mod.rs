@@ -3,9 +3,11 @@
 pub mod block;
 pub mod config;
 pub mod init;
+pub mod layer;
 pub mod lora;
 pub mod proj;
 pub mod reference;
+pub mod stash;
 pub mod weights;
 
 use std::collections::BTreeMap;
@@ -14,31 +16,13 @@ use std::path::Path;
 use kernels::{cross_entropy, embedding, rmsnorm};
 use tch::{Device, Kind, Tensor};
 
-use block::BlockSaved;
+pub use layer::{Layer, Linear, LoraWeights};
 use proj::Proj;
 use crate::model::weights::WeightFiles;
 use crate::model::config::ModelConfig;
 use crate::error::{Result, TrainerError};
 use crate::guard::{self, Phase};
 use planner::placement::Placement;
-
-/// A projection's parameters, with its LoRA adapter when one is attached.
-pub struct Linear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-    pub lora: Option<LoraWeights>,
-}
-
-/// PEFT's `lora_A` / `lora_B` of one projection and its hyper-parameters.
-pub struct LoraWeights {
-    /// `[rank, in]`
-    pub a: Tensor,
-    /// `[out, rank]`
-    pub b: Tensor,
-    /// alpha / rank
-    pub scale: f64,
-    pub dropout: f64,
-}
 
 /// One packed micro-batch: documents one after another on the token axis.
 pub struct Batch {
@@ -55,19 +39,6 @@ impl Batch {
         let t = ids.size()[0];
         Batch { ids, labels, doc_lens: vec![t] }
     }
-}
-
-/// One decoder layer's parameters (`model.layers.{i}.*`).
-pub struct Layer {
-    pub input_layernorm: Tensor,
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub o_proj: Linear,
-    pub post_attention_layernorm: Tensor,
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
-    pub down_proj: Linear,
 }
 
 pub struct Model {
@@ -87,7 +58,7 @@ pub type Grads = BTreeMap<String, Tensor>;
 /// What one step held, measured on the tensors themselves.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StepStats {
-    /// Bytes of every layer's [`BlockSaved`] together, at the end of forward (their peak).
+    /// Bytes of every layer's [`block::BlockSaved`] together, at the end of forward (their peak).
     pub saved_bytes: usize,
 }
 
@@ -266,7 +237,7 @@ impl Model {
     }
 
     /// One forward and explicit backward over a sequence; the objective is the mean loss over the
-    /// counted tokens. Every layer's saved activations live in [`BlockSaved`] between the passes.
+    /// counted tokens. Every layer's saved activations live in [`block::BlockSaved`] between the passes.
     ///
     /// `grad_scale` is d(objective)/d(loss sum): `1/count` for this batch's mean, or
     /// `1/count_of_the_whole_step` under gradient accumulation. Only trainable tensors get
@@ -304,41 +275,18 @@ impl Model {
         }
         // Tokens whose recomputable tensors are stored; the rest are recomputed. At least two rows
         // are recomputed when any are (see block::recompute_tail on bit-identity).
-        let stored_rows = |l: usize| planner::inventory::stored_rows(placement.alpha(l), t_all);
-        if (0..n_layers).any(|l| stored_rows(l) < t_all)
+        if (0..n_layers).any(|l| planner::inventory::stored_rows(placement.alpha(l), t_all) < t_all)
             && self.layers.iter().any(|l| l.projections().iter().any(|(_, p)| p.lora.as_ref().is_some_and(|a| a.dropout > 0.0)))
         {
             return Err(TrainerError::Device("offload.alpha < 1 recomputes adapted projections: set lora.dropout = 0".into()));
         }
-        let mut names: Vec<Vec<String>> = Vec::with_capacity(n_layers);
-        let mut splits: Vec<i64> = Vec::with_capacity(n_layers);
+        let mut stashed = Vec::with_capacity(n_layers);
         let mut saved_bytes = 0;
         for (l, layer) in self.layers.iter().enumerate() {
             guard::enter(Phase::Forward, Some(l));
             let (y, s) = block::forward(layer, &x, &ctx, l)?;
             saved_bytes += s.bytes();
-            let split = stored_rows(l);
-            let mut stored = Vec::new();
-            for (name, t) in s.into_named() {
-                if split < t_all && block::RECOMPUTABLE.contains(&name.as_str()) {
-                    if split > 0 {
-                        // A copy, so that the dropped rows' memory is released.
-                        stored.push((name, t.narrow(0, 0, split).copy()));
-                    } // else recomputed whole
-                } else {
-                    stored.push((name, t));
-                }
-            }
-            let mut layer_names = Vec::new();
-            for (name, t) in stored {
-                let tier = placement
-                    .tier_of(l, &name)
-                    .ok_or_else(|| TrainerError::Device(format!("internal: the placement has no tier for layer {l}'s `{name}`")))?;
-                store.put(l, &name, t, tier)?;
-                layer_names.push(name);
-            }
-            names.push(layer_names);
-            splits.push(split);
+            stashed.push(stash::put(store, placement, l, s, t_all)?);
             x = y;
         }
         let stats = StepStats { saved_bytes };
@@ -360,27 +308,9 @@ impl Model {
             guard::enter(Phase::Backward, Some(l));
             // Ask for the next layers' activations now, so their reads overlap this backward.
             for ahead in (l.saturating_sub(placement.lookahead)..=l).rev() {
-                store.prefetch(ahead, &names[ahead])?;
+                store.prefetch(ahead, &stashed[ahead].names)?;
             }
-            let split = splits[l];
-            let s = if split < t_all {
-                let x_in = store.take(l, "x")?;
-                let attn_out = store.take(l, "attn_out")?;
-                let mut tail: BTreeMap<&str, Tensor> = block::recompute_tail(layer, &x_in, &attn_out, &ctx, split).into_iter().collect();
-                let mut all = names[l].clone();
-                all.extend(block::RECOMPUTABLE.iter().filter(|n| !names[l].iter().any(|m| m == *n)).map(|n| n.to_string()));
-                BlockSaved::from_named(&all, |n| match n {
-                    "x" => Ok(x_in.shallow_clone()),
-                    "attn_out" => Ok(attn_out.shallow_clone()),
-                    n if block::RECOMPUTABLE.contains(&n) => {
-                        let rest = tail.remove(n).ok_or_else(|| TrainerError::Device(format!("recompute lost `{n}`")))?;
-                        Ok(if split > 0 { Tensor::cat(&[store.take(l, n)?, rest], 0) } else { rest })
-                    }
-                    n => Ok(store.take(l, n)?),
-                })?
-            } else {
-                BlockSaved::from_named(&names[l], |n| Ok(store.take(l, n)?))?
-            };
+            let s = stash::take(store, layer, l, &stashed[l], &ctx, t_all)?;
             let (d, g) = block::backward(layer, dx, s, &ctx, l)?;
             for (name, t) in g {
                 grads.insert(format!("model.layers.{l}.{name}"), t);
@@ -400,36 +330,5 @@ impl Model {
             grads.insert("model.embed_tokens.weight".into(), demb);
         }
         Ok((loss, grads, stats))
-    }
-}
-
-impl Layer {
-    pub fn proj(&self, p: Proj) -> &Linear {
-        match p {
-            Proj::Q => &self.q_proj,
-            Proj::K => &self.k_proj,
-            Proj::V => &self.v_proj,
-            Proj::O => &self.o_proj,
-            Proj::Gate => &self.gate_proj,
-            Proj::Up => &self.up_proj,
-            Proj::Down => &self.down_proj,
-        }
-    }
-
-    pub fn projections_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
-        [
-            (Proj::Q.hf_name(), &mut self.q_proj),
-            (Proj::K.hf_name(), &mut self.k_proj),
-            (Proj::V.hf_name(), &mut self.v_proj),
-            (Proj::O.hf_name(), &mut self.o_proj),
-            (Proj::Gate.hf_name(), &mut self.gate_proj),
-            (Proj::Up.hf_name(), &mut self.up_proj),
-            (Proj::Down.hf_name(), &mut self.down_proj),
-        ]
-    }
-
-    /// The projections with their HF sub-names, in checkpoint order.
-    pub fn projections(&self) -> [(&'static str, &Linear); 7] {
-        Proj::ALL.map(|p| (p.hf_name(), self.proj(p)))
     }
 }

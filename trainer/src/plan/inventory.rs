@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use planner::inventory::{Group, Inventory, LayerFlops, OpBuffer, TensorClass};
 use tch::{Device, Kind, Tensor};
 
-use crate::model::block;
+use crate::model::block::{self, name};
 use crate::model::config::ModelConfig;
 use crate::error::Result;
 use crate::model::lora::LoraConfig;
@@ -204,12 +204,12 @@ fn backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, sa
         // A LoRA tensor is named `lora_…:{HF name of its projection}`.
         let proj = c.name.split(':').nth(1).and_then(|n| Proj::ALL.into_iter().find(|p| p.hf_name() == n));
         let end = match (c.name.as_str(), proj) {
-            ("act", _) => 1,
-            ("gate" | "up", _) => 2,
-            ("x_mlp", _) => 3,
-            ("h" | "rstd_mlp", _) => 4,
-            ("x_attn", _) => 9,
-            ("x" | "rstd_attn", _) => 10,
+            (name::ACT, _) => 1,
+            (name::GATE | name::UP, _) => 2,
+            (name::X_MLP, _) => 3,
+            (name::H | name::RSTD_MLP, _) => 4,
+            (name::X_ATTN, _) => 9,
+            (name::X | name::RSTD_ATTN, _) => 10,
             (_, Some(Proj::Down)) => 1,
             (_, Some(Proj::Gate | Proj::Up)) => 3,
             (_, Some(Proj::O)) => 6,
