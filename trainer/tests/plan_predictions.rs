@@ -102,3 +102,50 @@ fn plans_respect_bounds_and_layouts_validate() {
         println!("device {device} host {host} nvme {nvme}: keep_last {} α {:.3} fits {} device peak {}", p.keep_last, p.placement.alpha(0), p.fits, p.device_peak);
     }
 }
+
+/// The plan's placement is what the store does: a plan over host, NUMA and NVMe budgets that
+/// split layers across tiers, run through the model and a store with those budgets, puts every
+/// layer's bytes in exactly the tiers the plan printed, and the plan's tier peaks are their sums.
+#[test]
+fn the_store_runs_the_plans_placement_tier_by_tier() {
+    use offload::store::Tier;
+    use planner::plan::{plan, Budgets, Calibration, Options};
+    let c = cfg(LLAMA);
+    let b = batch(&[40, 17, 63]);
+    let t = 120u64;
+    let inv = trainer::plan::inventory::build(&c, Kind::Float, None, Device::Cpu, 16).unwrap();
+    let m = Model::init_random(c, 0.1, Kind::Float, Device::Cpu, 3).unwrap();
+    let cal = Calibration { device: "test".into(), matmul_flops: 1e9, attention_flops: 1e9, host_bps: 2e9, numa_bps: 1e9, nvme_bps: 5e8, source: "test figures".into() };
+    let per_layer = {
+        let (w, r) = inv.layer_saved(t, t);
+        w + r
+    };
+    // One and a half layers of host memory, one of NUMA, the rest on NVMe.
+    let budgets = Budgets { device: u64::MAX / 4, host: per_layer * 3 / 2, numa: per_layer, nvme: 64 << 20 };
+    let opt = Options { tokens: t, keep_last: Some(0), lookahead: 1, max_inflight: 256 << 20, cpu: false, mip_seconds: 0.0, allow_recompute: false, baseline_bytes: 0 };
+    let p = plan(&inv, budgets, &cal, &opt).unwrap();
+    assert!(p.fits, "{:?}", p.problems);
+    let tiers_of = |l: usize| p.placement.tier_bytes(l).iter().filter(|b| **b > 0).count();
+    assert!((0..inv.layers).any(|l| tiers_of(l) > 1), "a layer split across tiers: {:?}", p.placement.summary());
+    let node = offload::numa::current_node();
+    let mut store = ActivationStore::new(&StoreConfig {
+        host_bytes: budgets.host,
+        numa: Some((node, budgets.numa)),
+        nvme: Some(NvmeConfig { dir: nvme_dir(), bytes: budgets.nvme, rank: 0, io_uring: true }),
+        ..Default::default()
+    })
+    .unwrap();
+    m.forward_backward_with(&b, None, 16, &mut store, &p.placement).unwrap();
+    assert_eq!(store.stats().spilled_bytes, 0);
+    let mut sums = [0u64; 3];
+    for l in 0..inv.layers {
+        let placed = store.placed_bytes(l);
+        assert_eq!(placed, p.placement.tier_bytes(l), "layer {l}: store vs plan ({:?})", p.placement.summary());
+        for (s, b) in sums.iter_mut().zip(placed) {
+            *s += b;
+        }
+    }
+    assert_eq!(sums, [p.host_peak, p.numa_peak, p.nvme_peak]);
+    assert_eq!(p.placement.tier_of(inv.layers - 1, "x"), Some(Tier::Host));
+    println!("plan executed tier by tier: {}", p.placement.summary().join("; "));
+}
