@@ -7,6 +7,7 @@
 //! - `{"messages": [{"role", "content"}, ...]}`: rendered with the model's chat template
 //!   (`tokenizer_config.json` `chat_template`, or `chat_template.jinja`); only assistant turns
 //!   are targets.
+pub mod chat;
 pub mod synth;
 pub mod source;
 pub mod tokenizer;
@@ -20,6 +21,7 @@ use tokenizers::Tokenizer;
 
 use crate::error::{Result, TrainerError};
 use crate::model::Batch;
+pub use chat::{ChatTemplate, Conversation};
 
 /// One tokenized document. `target[t]` says whether token t is predicted (its loss counts at
 /// position t-1).
@@ -80,6 +82,18 @@ fn field<'v>(obj: &'v serde_json::Map<String, Value>, key: &str) -> std::result:
     }
 }
 
+/// A `messages` line as a conversation: its `tools`, `documents` and `chat_template_kwargs` too.
+fn conversation(obj: &serde_json::Map<String, Value>) -> std::result::Result<Conversation, String> {
+    let messages = obj.get("messages").and_then(|m| m.as_array()).ok_or("`messages` must be a list")?.clone();
+    let kwargs = match obj.get("chat_template_kwargs") {
+        None | Some(Value::Null) => serde_json::Map::new(),
+        Some(Value::Object(o)) => o.clone(),
+        Some(other) => return Err(format!("`chat_template_kwargs` must be an object, found {other}")),
+    };
+    let opt = |k: &str| obj.get(k).filter(|v| !v.is_null()).cloned();
+    Ok(Conversation { messages, tools: opt("tools"), documents: opt("documents"), kwargs })
+}
+
 impl Encoder<'_> {
     /// Prompt (not trained on) followed by completion (trained on) and EOS.
     pub fn prompt_completion(&self, prompt: &str, completion: &str) -> Result<Example> {
@@ -102,7 +116,7 @@ impl Encoder<'_> {
         let obj = v.as_object().ok_or("expected a JSON object")?;
         let r = if obj.contains_key("messages") {
             let chat = self.chat.as_ref().ok_or("`messages` needs a chat template (tokenizer_config.json `chat_template` or chat_template.jinja)")?;
-            chat.encode(self.tok, obj.get("messages").unwrap_or(&Value::Null)).map(|e| self.truncate(e))
+            chat.encode(self.tok, &conversation(obj)?).map(|e| self.truncate(e))
         } else if obj.contains_key("instruction") {
             let instruction = field(obj, "instruction")?;
             let input = match obj.get("input") {
@@ -147,113 +161,5 @@ impl Encoder<'_> {
             return Err(TrainerError::Data { path: path.to_path_buf(), line: 0, msg: "no examples".into() });
         }
         Ok(out)
-    }
-}
-
-/// A Hugging Face chat template (Jinja), rendered with minijinja and Python-compatible methods.
-#[derive(Clone)]
-pub struct ChatTemplate {
-    source: String,
-    path: PathBuf,
-    bos_token: String,
-    eos_token: String,
-}
-
-fn special_token(v: Option<&Value>) -> String {
-    match v {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).unwrap_or("").to_string(),
-        _ => String::new(),
-    }
-}
-
-impl ChatTemplate {
-    /// From `tokenizer_config.json` (`chat_template` as a string, or a list of named templates of
-    /// which "default" is used) or `chat_template.jinja`. None when the folder has neither.
-    pub fn load(dir: &Path) -> Result<Option<ChatTemplate>> {
-        let cfg_path = dir.join("tokenizer_config.json");
-        let cfg: Value = if cfg_path.exists() {
-            let t = std::fs::read_to_string(&cfg_path).map_err(TrainerError::io(&cfg_path))?;
-            serde_json::from_str(&t).map_err(|e| TrainerError::config(&cfg_path, format!("line {}: {e}", e.line())))?
-        } else {
-            Value::Null
-        };
-        let jinja = dir.join("chat_template.jinja");
-        let (source, path) = if jinja.exists() {
-            (std::fs::read_to_string(&jinja).map_err(TrainerError::io(&jinja))?, jinja)
-        } else {
-            match cfg.get("chat_template") {
-                Some(Value::String(s)) => (s.clone(), cfg_path.clone()),
-                Some(Value::Array(list)) => {
-                    let pick = list.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default")).or(list.first());
-                    match pick.and_then(|t| t.get("template")).and_then(|t| t.as_str()) {
-                        Some(s) => (s.to_string(), cfg_path.clone()),
-                        None => return Err(TrainerError::config(&cfg_path, "`chat_template` list has no usable template")),
-                    }
-                }
-                _ => return Ok(None),
-            }
-        };
-        let t = ChatTemplate { source, path, bos_token: special_token(cfg.get("bos_token")), eos_token: special_token(cfg.get("eos_token")) };
-        // Compile once now, so a broken template fails before training starts.
-        t.env()?;
-        Ok(Some(t))
-    }
-
-    fn env(&self) -> Result<minijinja::Environment<'static>> {
-        let mut env = minijinja::Environment::new();
-        minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template_owned("chat", self.source.clone())
-            .map_err(|e| TrainerError::config(&self.path, format!("chat template does not compile: {e}")))?;
-        Ok(env)
-    }
-
-    pub fn render(&self, messages: &[Value], add_generation_prompt: bool) -> std::result::Result<String, String> {
-        let env = self.env().map_err(|e| e.to_string())?;
-        let tmpl = env.get_template("chat").map_err(|e| e.to_string())?;
-        tmpl.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token,
-            eos_token => self.eos_token,
-        })
-        .map_err(|e| format!("chat template ({}): {e}", self.path.display()))
-    }
-
-    /// Renders a conversation and marks the tokens of assistant turns as targets: the text that
-    /// rendering `messages[..=i]` adds beyond `messages[..i]` with a generation prompt.
-    pub fn encode(&self, tok: &Tokenizer, messages: &Value) -> std::result::Result<Example, String> {
-        let msgs = messages.as_array().ok_or("`messages` must be a list")?;
-        for (i, m) in msgs.iter().enumerate() {
-            let role = m.get("role").and_then(|r| r.as_str()).ok_or(format!("messages[{i}]: missing string `role`"))?;
-            if m.get("content").is_none() {
-                return Err(format!("messages[{i}] ({role}): missing `content`"));
-            }
-        }
-        let full = self.render(msgs, false)?;
-        let mut spans = Vec::new();
-        for (i, m) in msgs.iter().enumerate() {
-            if m.get("role").and_then(|r| r.as_str()) != Some("assistant") {
-                continue;
-            }
-            let before = self.render(&msgs[..i], true)?;
-            let upto = self.render(&msgs[..=i], false)?;
-            if !full.starts_with(&upto) || !upto.starts_with(&before) {
-                return Err(format!("messages[{i}]: the chat template does not render conversations incrementally; cannot find the assistant turn"));
-            }
-            spans.push((before.len(), upto.len()));
-        }
-        if spans.is_empty() {
-            return Err("`messages` has no assistant turn to train on".into());
-        }
-        // The template writes BOS itself: no special tokens from the tokenizer.
-        let e = tok.encode(full.as_str(), false).map_err(|e| format!("cannot encode: {e}"))?;
-        let ids: Vec<i64> = e.get_ids().iter().map(|&i| i as i64).collect();
-        let target = e.get_offsets().iter().map(|&(s, _)| spans.iter().any(|&(a, b)| s >= a && s < b)).collect();
-        Ok(Example { ids, target })
     }
 }

@@ -1,0 +1,635 @@
+//! Chat data as instruct models ship it: the model folder's chat template (Jinja) rendered the
+//! way transformers' `apply_chat_template` renders it, and the tokens of assistant turns marked
+//! as the ones to train on.
+//!
+//! The environment matches transformers' sandbox: `trim_blocks` and `lstrip_blocks`, loop
+//! controls, `raise_exception`, `strftime_now`, `namespace`, `dict`, a `tojson` that writes what
+//! Python's `json.dumps` writes, Python's string methods, `{% generation %}` blocks, and the
+//! variables `messages`, `tools`, `documents`, `add_generation_prompt`, every special token of
+//! `tokenizer_config.json` and a line's own `chat_template_kwargs`.
+//!
+//! Which tokens train: the `{% generation %}` spans when the template has them (the tokens
+//! transformers' `return_assistant_tokens_mask` marks); otherwise each assistant message's content
+//! located in the one rendering of the whole conversation, with the end-of-turn special token the
+//! template writes right after it. No prefix is rendered twice, so templates that render earlier
+//! turns differently from later ones (reasoning models drop old thinking) work.
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+use tokenizers::Tokenizer;
+
+use crate::data::Example;
+use crate::error::{Result, TrainerError};
+
+/// Opens and closes a generation span in the rendered text (private-use code points, removed
+/// before tokenizing).
+const GEN_OPEN: char = '\u{E000}';
+const GEN_CLOSE: char = '\u{E001}';
+const GEN_FILTER: &str = "strata_generation";
+
+/// A Hugging Face chat template with the special tokens of its folder.
+#[derive(Clone)]
+pub struct ChatTemplate {
+    /// The template with `{% generation %}` blocks turned into filter blocks.
+    source: String,
+    path: PathBuf,
+    /// Whether the template marks assistant text with `{% generation %}`.
+    has_generation: bool,
+    /// `bos_token`, `eos_token`, ..., `additional_special_tokens`, as transformers passes them.
+    special: Map<String, Value>,
+}
+
+/// One conversation as a data line gives it.
+#[derive(Debug, Clone, Default)]
+pub struct Conversation {
+    pub messages: Vec<Value>,
+    pub tools: Option<Value>,
+    pub documents: Option<Value>,
+    /// Extra template variables (`chat_template_kwargs` of the line, e.g. `enable_thinking`).
+    pub kwargs: Map<String, Value>,
+}
+
+/// A rendered conversation: the text and the byte ranges of its generation blocks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    pub text: String,
+    pub generation: Vec<Range<usize>>,
+}
+
+/// A special token as `tokenizer_config.json` writes it: a string or `{"content": ...}`.
+fn token_text(v: &Value) -> Option<Value> {
+    match v {
+        Value::String(s) => Some(Value::String(s.clone())),
+        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(|s| Value::String(s.to_string())),
+        Value::Array(list) => Some(Value::Array(list.iter().filter_map(token_text).collect())),
+        _ => None,
+    }
+}
+
+/// transformers' `special_tokens_map`: the named special tokens and the additional ones.
+fn special_tokens(cfg: &Value) -> Map<String, Value> {
+    let mut out = Map::new();
+    for key in ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token", "additional_special_tokens"] {
+        if let Some(v) = cfg.get(key).and_then(token_text) {
+            out.insert(key.to_string(), v);
+        }
+    }
+    out
+}
+
+/// `{%- generation -%}` → `{%- filter strata_generation -%}`, `{% endgeneration %}` →
+/// `{% endfilter %}`, keeping the whitespace control, so that `trim_blocks` / `lstrip_blocks` act
+/// on them as on the block tags transformers parses. Returns the new source and whether any
+/// generation tag was found.
+fn rewrite_generation_tags(src: &str) -> (String, bool) {
+    let mut out = String::with_capacity(src.len());
+    let mut found = false;
+    let mut rest = src;
+    while let Some(i) = rest.find("{%") {
+        out.push_str(&rest[..i]);
+        let tag = &rest[i..];
+        let Some(end) = tag.find("%}") else {
+            out.push_str(tag);
+            rest = "";
+            break;
+        };
+        let inner = &tag[2..end];
+        let (lead, body) = match inner.strip_prefix('-').or_else(|| inner.strip_prefix('+')) {
+            Some(b) => (&inner[..1], b),
+            None => ("", inner),
+        };
+        let (body, trail) = match body.strip_suffix('-').or_else(|| body.strip_suffix('+')) {
+            Some(b) => (b, &body[b.len()..]),
+            None => (body, ""),
+        };
+        let word = body.trim();
+        let replaced = match word {
+            "generation" => Some(format!("{{%{lead} filter {GEN_FILTER} {trail}%}}")),
+            "endgeneration" => Some(format!("{{%{lead} endfilter {trail}%}}")),
+            _ => None,
+        };
+        match replaced {
+            Some(r) => {
+                found = true;
+                out.push_str(&r);
+            }
+            None => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    (out, found)
+}
+
+/// Python's `json.dumps(x, ensure_ascii=False, indent=indent, separators=..., sort_keys=...)`:
+/// `", "` and `": "` between items (`","` with an indent), non-ASCII kept, floats as Python
+/// writes them.
+fn py_json(v: &Value, indent: Option<usize>, seps: (&str, &str), sort_keys: bool, level: usize, out: &mut String) {
+    let newline = |out: &mut String, level: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * level));
+        }
+    };
+    match v {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+            (Some(i), _, _) => out.push_str(&i.to_string()),
+            (_, Some(u), _) => out.push_str(&u.to_string()),
+            (_, _, Some(f)) => out.push_str(&py_float(f)),
+            _ => out.push_str(&n.to_string()),
+        },
+        Value::String(s) => out.push_str(&serde_json::to_string(s).unwrap_or_default()),
+        Value::Array(a) if a.is_empty() => out.push_str("[]"),
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(seps.0);
+                }
+                newline(out, level + 1);
+                py_json(x, indent, seps, sort_keys, level + 1, out);
+            }
+            newline(out, level);
+            out.push(']');
+        }
+        Value::Object(o) if o.is_empty() => out.push_str("{}"),
+        Value::Object(o) => {
+            out.push('{');
+            let mut keys: Vec<&String> = o.keys().collect();
+            if sort_keys {
+                keys.sort();
+            }
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push_str(seps.0);
+                }
+                newline(out, level + 1);
+                out.push_str(&serde_json::to_string(k).unwrap_or_default());
+                out.push_str(seps.1);
+                py_json(&o[k], indent, seps, sort_keys, level + 1, out);
+            }
+            newline(out, level);
+            out.push('}');
+        }
+    }
+}
+
+/// A float as Python's `repr` writes it (`1.0`, `0.1`, `1e-05`, `1e+20`).
+fn py_float(f: f64) -> String {
+    if f.is_nan() {
+        return "NaN".into();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+    }
+    let exp = if f == 0.0 { 0 } else { f.abs().log10().floor() as i32 };
+    if (-4..16).contains(&exp) {
+        let s = format!("{f}");
+        if s.contains('.') || s.contains('e') {
+            s
+        } else {
+            format!("{s}.0")
+        }
+    } else {
+        // Shortest round-trip digits in scientific form, exponent with a sign and two digits.
+        let s = format!("{f:e}");
+        let (mant, e) = s.split_once('e').unwrap_or((&s, "0"));
+        let e: i32 = e.parse().unwrap_or(0);
+        format!("{mant}e{}{:02}", if e < 0 { '-' } else { '+' }, e.abs())
+    }
+}
+
+fn mj_err(msg: impl Into<String>) -> minijinja::Error {
+    minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg.into())
+}
+
+/// transformers' `tojson` filter: `json.dumps` with `ensure_ascii=False` and its keyword options.
+fn tojson(v: minijinja::Value, kwargs: minijinja::value::Kwargs) -> std::result::Result<minijinja::Value, minijinja::Error> {
+    let json: Value = serde_json::to_value(&v).map_err(|e| mj_err(format!("tojson: {e}")))?;
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
+    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    kwargs.assert_all_used()?;
+    let (item, key) = match &separators {
+        Some(s) if s.len() == 2 => (s[0].clone(), s[1].clone()),
+        Some(_) => return Err(mj_err("tojson: separators must be a pair")),
+        None if indent.is_some() => (",".into(), ": ".into()),
+        None => (", ".into(), ": ".into()),
+    };
+    let mut out = String::new();
+    py_json(&json, indent, (&item, &key), sort_keys.unwrap_or(false), 0, &mut out);
+    Ok(minijinja::Value::from_safe_string(out))
+}
+
+/// Python's `datetime.now().strftime(format)` (local time).
+fn strftime_now(format: String) -> std::result::Result<String, minijinja::Error> {
+    let c = std::ffi::CString::new(format).map_err(|_| mj_err("strftime_now: the format contains a NUL byte"))?;
+    // SAFETY: time and localtime_r only write into the locals passed; strftime writes at most
+    // buf.len() bytes into buf and returns how many it wrote (0 when it did not fit).
+    unsafe {
+        let now = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&now, &mut tm).is_null() {
+            return Err(mj_err("strftime_now: no local time"));
+        }
+        let mut buf = vec![0u8; 512];
+        let n = libc::strftime(buf.as_mut_ptr().cast(), buf.len(), c.as_ptr(), &tm);
+        buf.truncate(n);
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+}
+
+/// Python string and list methods beyond minijinja-contrib's pycompat.
+fn py_methods(state: &minijinja::State, value: &minijinja::Value, method: &str, args: &[minijinja::Value]) -> std::result::Result<minijinja::Value, minijinja::Error> {
+    use minijinja::Value as V;
+    let arg_str = |i: usize| -> std::result::Result<String, minijinja::Error> {
+        args.get(i).and_then(|a| a.as_str().map(str::to_string)).ok_or_else(|| mj_err(format!("{method}: argument {} must be a string", i + 1)))
+    };
+    if let Some(s) = value.as_str() {
+        let r = match method {
+            "removeprefix" => V::from(s.strip_prefix(arg_str(0)?.as_str()).unwrap_or(s)),
+            "removesuffix" => V::from(s.strip_suffix(arg_str(0)?.as_str()).unwrap_or(s)),
+            "rsplit" => {
+                let maxsplit = args.get(1).and_then(|a| i64::try_from(a.clone()).ok()).unwrap_or(-1);
+                let parts: Vec<String> = match args.first().filter(|a| !a.is_none()) {
+                    Some(sep) => {
+                        let sep = sep.as_str().ok_or_else(|| mj_err("rsplit: the separator must be a string"))?;
+                        let mut v: Vec<String> = if maxsplit < 0 { s.rsplit(sep).map(str::to_string).collect() } else { s.rsplitn(maxsplit as usize + 1, sep).map(str::to_string).collect() };
+                        v.reverse();
+                        v
+                    }
+                    None => s.split_whitespace().map(str::to_string).collect(),
+                };
+                V::from(parts)
+            }
+            "partition" | "rpartition" => {
+                let sep = arg_str(0)?;
+                let found = if method == "partition" { s.find(&sep) } else { s.rfind(&sep) };
+                let (a, b, c) = match found {
+                    Some(i) => (&s[..i], sep.as_str(), &s[i + sep.len()..]),
+                    None if method == "partition" => (s, "", ""),
+                    None => ("", "", s),
+                };
+                V::from(vec![V::from(a), V::from(b), V::from(c)])
+            }
+            "index" | "rindex" => {
+                let sub = arg_str(0)?;
+                let found = if method == "index" { s.find(&sub) } else { s.rfind(&sub) };
+                let i = found.ok_or_else(|| mj_err("substring not found"))?;
+                V::from(s[..i].chars().count())
+            }
+            "zfill" => {
+                let width = args.first().and_then(|a| usize::try_from(a.clone()).ok()).unwrap_or(0);
+                let n = s.chars().count();
+                if n >= width {
+                    V::from(s)
+                } else {
+                    let (sign, digits) = if s.starts_with(['-', '+']) { s.split_at(1) } else { ("", s) };
+                    V::from(format!("{sign}{}{digits}", "0".repeat(width - n)))
+                }
+            }
+            "ljust" | "rjust" | "center" => {
+                let width = args.first().and_then(|a| usize::try_from(a.clone()).ok()).unwrap_or(0);
+                let fill = args.get(1).and_then(|a| a.as_str()).and_then(|f| f.chars().next()).unwrap_or(' ');
+                let n = s.chars().count();
+                if n >= width {
+                    V::from(s)
+                } else {
+                    let pad = width - n;
+                    let (l, r) = match method {
+                        "ljust" => (0, pad),
+                        "rjust" => (pad, 0),
+                        // Python centres with the extra space on the right when both are odd.
+                        _ => {
+                            let l = pad / 2 + (pad & width & 1);
+                            (l, pad - l)
+                        }
+                    };
+                    V::from(format!("{}{s}{}", fill.to_string().repeat(l), fill.to_string().repeat(r)))
+                }
+            }
+            "swapcase" => V::from(s.chars().map(|c| if c.is_uppercase() { c.to_lowercase().collect::<String>() } else { c.to_uppercase().collect() }).collect::<String>()),
+            "casefold" => V::from(s.to_lowercase()),
+            "isnumeric" | "isdecimal" => V::from(!s.is_empty() && s.chars().all(|c| c.is_numeric())),
+            _ => return minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args),
+        };
+        return Ok(r);
+    }
+    if value.kind() == minijinja::value::ValueKind::Seq && method == "index" {
+        let needle = args.first().ok_or_else(|| mj_err("index: one argument"))?;
+        let items: Vec<V> = value.try_iter()?.collect();
+        return items.iter().position(|x| x == needle).map(V::from).ok_or_else(|| mj_err("value is not in list"));
+    }
+    minijinja_contrib::pycompat::unknown_method_callback(state, value, method, args)
+}
+
+/// Messages as transformers hands them to the template: keys whose value is null dropped, and a
+/// message's reasoning (`reasoning_content`, `thinking` or `reasoning`) under both
+/// `reasoning_content` and `thinking`.
+fn normalize(messages: &[Value]) -> Vec<Value> {
+    messages
+        .iter()
+        .map(|m| match m {
+            Value::Object(o) => {
+                let mut o: Map<String, Value> = o.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
+                if let Some(r) = ["reasoning_content", "thinking", "reasoning"].iter().find_map(|k| o.get(*k).cloned()) {
+                    let mut aliased = Map::new();
+                    aliased.insert("thinking".into(), r.clone());
+                    for (k, v) in o.iter() {
+                        aliased.insert(k.clone(), v.clone());
+                    }
+                    aliased.insert("reasoning_content".into(), r);
+                    o = aliased;
+                }
+                Value::Object(o)
+            }
+            other => other.clone(),
+        })
+        .collect()
+}
+
+impl ChatTemplate {
+    /// From a template source and its folder's `tokenizer_config.json` value.
+    pub fn from_source(source: &str, path: &Path, config: &Value) -> Result<ChatTemplate> {
+        let (source, has_generation) = rewrite_generation_tags(source);
+        let t = ChatTemplate { source, path: path.to_path_buf(), has_generation, special: special_tokens(config) };
+        // Compile once now, so a broken template fails before training starts.
+        t.env()?;
+        Ok(t)
+    }
+
+    /// From `tokenizer_config.json` (`chat_template` as a string, or a list of named templates of
+    /// which "default" is used) or `chat_template.jinja`. None when the folder has neither.
+    pub fn load(dir: &Path) -> Result<Option<ChatTemplate>> {
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Value = if cfg_path.exists() {
+            let t = std::fs::read_to_string(&cfg_path).map_err(TrainerError::io(&cfg_path))?;
+            serde_json::from_str(&t).map_err(|e| TrainerError::config(&cfg_path, format!("line {}: {e}", e.line())))?
+        } else {
+            Value::Null
+        };
+        let jinja = dir.join("chat_template.jinja");
+        let (source, path) = if jinja.exists() {
+            (std::fs::read_to_string(&jinja).map_err(TrainerError::io(&jinja))?, jinja)
+        } else {
+            match cfg.get("chat_template") {
+                Some(Value::String(s)) => (s.clone(), cfg_path.clone()),
+                Some(Value::Array(list)) => {
+                    let pick = list.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default")).or(list.first());
+                    match pick.and_then(|t| t.get("template")).and_then(|t| t.as_str()) {
+                        Some(s) => (s.to_string(), cfg_path.clone()),
+                        None => return Err(TrainerError::config(&cfg_path, "`chat_template` list has no usable template")),
+                    }
+                }
+                _ => return Ok(None),
+            }
+        };
+        ChatTemplate::from_source(&source, &path, &cfg).map(Some)
+    }
+
+    fn env(&self) -> Result<minijinja::Environment<'static>> {
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(py_methods);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> { Err(mj_err(msg)) });
+        env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
+        env.add_filter(GEN_FILTER, |s: String| format!("{GEN_OPEN}{s}{GEN_CLOSE}"));
+        env.add_template_owned("chat", self.source.clone()).map_err(|e| TrainerError::config(&self.path, format!("chat template does not compile: {e}")))?;
+        Ok(env)
+    }
+
+    /// Whether the template marks assistant text with `{% generation %}`.
+    pub fn has_generation(&self) -> bool {
+        self.has_generation
+    }
+
+    /// Renders a conversation; the error is the template's own message (`raise_exception`) or
+    /// minijinja's, with the template's file.
+    pub fn render(&self, conv: &Conversation, add_generation_prompt: bool) -> std::result::Result<Rendered, String> {
+        let env = self.env().map_err(|e| e.to_string())?;
+        let tmpl = env.get_template("chat").map_err(|e| e.to_string())?;
+        let mut ctx = self.special.clone();
+        for (k, v) in &conv.kwargs {
+            ctx.insert(k.clone(), v.clone());
+        }
+        ctx.insert("messages".into(), Value::Array(normalize(&conv.messages)));
+        ctx.insert("tools".into(), conv.tools.clone().unwrap_or(Value::Null));
+        ctx.insert("documents".into(), conv.documents.clone().unwrap_or(Value::Null));
+        ctx.insert("add_generation_prompt".into(), Value::Bool(add_generation_prompt));
+        let raw = tmpl.render(minijinja::Value::from_serialize(&ctx)).map_err(|e| {
+            let mut msg = format!("chat template ({}): {e}", self.path.display());
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg += &format!(": {s}");
+                src = s.source();
+            }
+            msg
+        })?;
+        // Strip the generation markers, recording where they were.
+        let mut text = String::with_capacity(raw.len());
+        let mut generation = Vec::new();
+        let mut open = None;
+        for c in raw.chars() {
+            match c {
+                GEN_OPEN => open = Some(text.len()),
+                GEN_CLOSE => {
+                    if let Some(start) = open.take() {
+                        generation.push(start..text.len());
+                    }
+                }
+                c => text.push(c),
+            }
+        }
+        Ok(Rendered { text, generation })
+    }
+
+    /// Renders a conversation and marks the tokens of its assistant turns as targets.
+    pub fn encode(&self, tok: &Tokenizer, conv: &Conversation) -> std::result::Result<Example, String> {
+        for (i, m) in conv.messages.iter().enumerate() {
+            let role = m.get("role").and_then(|r| r.as_str()).ok_or(format!("messages[{i}]: missing string `role`"))?;
+            if m.get("content").is_none() && m.get("tool_calls").is_none() {
+                return Err(format!("messages[{i}] ({role}): missing `content`"));
+            }
+        }
+        if !conv.messages.iter().any(|m| m.get("role").and_then(|r| r.as_str()) == Some("assistant")) {
+            return Err("`messages` has no assistant turn to train on".into());
+        }
+        let r = self.render(conv, false)?;
+        let spans = if self.has_generation {
+            r.generation.clone()
+        } else {
+            let specials: Vec<String> = tok.get_added_tokens_decoder().values().filter(|t| t.special).map(|t| t.content.clone()).collect();
+            match self.aligned_spans(conv, &r.text, &specials)? {
+                Some(spans) => spans,
+                None => searched_spans(&r.text, &conv.messages, &specials)?,
+            }
+        };
+        if spans.is_empty() {
+            return Err("the chat template's {% generation %} blocks marked no text: nothing to train on".into());
+        }
+        // The template writes BOS itself: no special tokens from the tokenizer.
+        let e = tok.encode(r.text.as_str(), false).map_err(|e| format!("cannot encode: {e}"))?;
+        let ids: Vec<i64> = e.get_ids().iter().map(|&i| i as i64).collect();
+        Ok(Example { target: token_mask(&e, &spans), ids })
+    }
+}
+
+/// transformers' mapping of character spans to an assistant mask: from the token holding the
+/// span's first byte to the token holding its last (to the end when that has none); a span whose
+/// first byte is in no token ends the marking.
+fn token_mask(e: &tokenizers::Encoding, spans: &[Range<usize>]) -> Vec<bool> {
+    let n = e.get_ids().len();
+    let mut mask = vec![false; n];
+    for s in spans.iter().filter(|s| !s.is_empty()) {
+        let Some(start) = e.char_to_token(s.start, 0) else { break };
+        let end = e.char_to_token(s.end - 1, 0).map_or(n, |t| t + 1);
+        for m in &mut mask[start..end.max(start)] {
+            *m = true;
+        }
+    }
+    mask
+}
+
+/// The text of a message's content (a string, or the text parts of a list of parts).
+fn content_text(m: &Value) -> Option<String> {
+    match m.get("content")? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(parts) => Some(parts.iter().filter_map(|p| p.get("text").and_then(|t| t.as_str())).collect::<Vec<_>>().join("")),
+        _ => None,
+    }
+}
+
+/// `end` moved over the end-of-turn special token the template writes right after an assistant
+/// message's content (whitespace between allowed), when there is one.
+fn end_of_turn(text: &str, end: usize, specials: &[String]) -> usize {
+    let after = &text[end..];
+    let ws = after.len() - after.trim_start().len();
+    match specials.iter().filter(|s| after[ws..].starts_with(s.as_str())).max_by_key(|s| s.len()) {
+        Some(s) => end + ws + s.len(),
+        None => end,
+    }
+}
+
+fn sentinel(i: usize) -> String {
+    format!("\u{E100}{i}\u{E101}")
+}
+
+impl ChatTemplate {
+    /// Without generation blocks: the conversation rendered a second time with every string
+    /// content replaced by a unique sentinel gives the template's own text around each content;
+    /// walking the real rendering along that text finds where each content starts and ends, even
+    /// where the template rewrites it (strips it, drops earlier reasoning) or moves it (a system
+    /// prompt inside the first user turn). None when the two renderings do not align (a template
+    /// whose text depends on the contents), for the search fallback.
+    fn aligned_spans(&self, conv: &Conversation, real: &str, specials: &[String]) -> std::result::Result<Option<Vec<Range<usize>>>, String> {
+        let mut marked = conv.clone();
+        for (i, m) in marked.messages.iter_mut().enumerate() {
+            if let Some(Value::String(c)) = m.get_mut("content") {
+                *c = sentinel(i);
+            }
+        }
+        let s = self.render(&marked, false)?.text;
+        // Sentinel occurrences in rendering order: (start, end, message).
+        let mut occ = Vec::new();
+        for i in 0..conv.messages.len() {
+            let sen = sentinel(i);
+            let mut from = 0;
+            while let Some(at) = s[from..].find(&sen) {
+                occ.push((from + at, from + at + sen.len(), i));
+                from += at + sen.len();
+            }
+        }
+        occ.sort();
+        let scaffold = |j: usize| -> &str {
+            let start = if j == 0 { 0 } else { occ[j - 1].1 };
+            let end = occ.get(j).map_or(s.len(), |o| o.0);
+            &s[start..end]
+        };
+        let mut spans = Vec::new();
+        let mut p = 0usize;
+        for (j, &(_, _, i)) in occ.iter().enumerate() {
+            let before = scaffold(j);
+            if !real[p..].starts_with(before) {
+                return Ok(None);
+            }
+            let c = p + before.len();
+            let content = conv.messages[i].get("content").and_then(|v| v.as_str()).unwrap_or("");
+            let next = scaffold(j + 1);
+            let e = if real[c..].starts_with(content) && real[c + content.len()..].starts_with(next) {
+                c + content.len()
+            } else if next.is_empty() {
+                return Ok(None); // two contents side by side: where one ends is ambiguous
+            } else {
+                match real[c..].find(next) {
+                    Some(at) => c + at,
+                    None => return Ok(None),
+                }
+            };
+            if conv.messages[i].get("role").and_then(|r| r.as_str()) == Some("assistant") {
+                spans.push(c..end_of_turn(real, e, specials));
+            }
+            p = e;
+        }
+        Ok((real[p..] == *scaffold(occ.len())).then_some(spans))
+    }
+}
+
+/// The fallback without generation blocks: each assistant message's content searched for in the
+/// rendering, in message order (whole, trimmed, or what follows its reasoning), extended over the
+/// end-of-turn special token.
+fn searched_spans(text: &str, messages: &[Value], specials: &[String]) -> std::result::Result<Vec<Range<usize>>, String> {
+    let mut spans = Vec::new();
+    let mut from = 0usize;
+    for (i, m) in messages.iter().enumerate() {
+        let Some(content) = content_text(m) else { continue };
+        let assistant = m.get("role").and_then(|r| r.as_str()) == Some("assistant");
+        let candidates = [content.clone(), content.trim().to_string(), content.rsplit("</think>").next().unwrap_or("").trim().to_string()];
+        let found = candidates.iter().filter(|c| !c.is_empty()).find_map(|c| text[from..].find(c.as_str()).map(|at| (from + at, from + at + c.len())));
+        let Some((start, mut end)) = found else {
+            if assistant {
+                return Err(format!("messages[{i}] (assistant): its content does not appear in the rendered conversation, so its tokens cannot be found (a template with {{% generation %}} blocks avoids this)"));
+            }
+            continue; // a system or tool message the template rewrites: order is kept by the others
+        };
+        if assistant {
+            end = end_of_turn(text, end, specials);
+            spans.push(start..end);
+        }
+        from = end;
+    }
+    Ok(spans)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_tags_become_filter_blocks_with_their_whitespace_control() {
+        let (s, found) = rewrite_generation_tags("a{%- generation -%}b{% endgeneration %}c{% if x %}{% endif %}");
+        assert!(found);
+        assert_eq!(s, "a{%- filter strata_generation -%}b{% endfilter %}c{% if x %}{% endif %}");
+        assert_eq!(rewrite_generation_tags("{{ x }}{% for m in y %}{% endfor %}"), ("{{ x }}{% for m in y %}{% endfor %}".to_string(), false));
+    }
+
+    #[test]
+    fn json_and_floats_as_python_writes_them() {
+        let v: Value = serde_json::from_str(r#"{"b": [1, 2.5, "é<"], "a": {"x": null, "y": 1e-7, "z": 3.0}}"#).unwrap();
+        let mut s = String::new();
+        py_json(&v, None, (", ", ": "), false, 0, &mut s);
+        assert_eq!(s, r#"{"b": [1, 2.5, "é<"], "a": {"x": null, "y": 1e-07, "z": 3.0}}"#);
+        let mut s = String::new();
+        py_json(&v, Some(2), (",", ": "), true, 0, &mut s);
+        assert_eq!(s, "{\n  \"a\": {\n    \"x\": null,\n    \"y\": 1e-07,\n    \"z\": 3.0\n  },\n  \"b\": [\n    1,\n    2.5,\n    \"é<\"\n  ]\n}");
+        assert_eq!(py_float(1e20), "1e+20");
+        assert_eq!(py_float(0.1), "0.1");
+        assert_eq!(py_float(123456.0), "123456.0");
+    }
+}
