@@ -10,9 +10,12 @@
 //!
 //! Which tokens train: the `{% generation %}` spans when the template has them (the tokens
 //! transformers' `return_assistant_tokens_mask` marks); otherwise each assistant message's content
-//! located in the one rendering of the whole conversation, with the end-of-turn special token the
-//! template writes right after it. No prefix is rendered twice, so templates that render earlier
-//! turns differently from later ones (reasoning models drop old thinking) work.
+//! as the whole conversation renders it, located by rendering the conversation once more with
+//! that content replaced (see [`ChatTemplate::encode`]), with the end-of-turn special token the
+//! template writes right after it. No prefix is rendered on its own, so templates that render
+//! earlier turns differently from later ones (reasoning models drop old thinking) work. Without
+//! generation blocks, reasoning the template renders from `reasoning_content` and tool calls
+//! without content are not trained; a template with generation blocks decides that itself.
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -466,10 +469,7 @@ impl ChatTemplate {
             r.generation.clone()
         } else {
             let specials: Vec<String> = tok.get_added_tokens_decoder().values().filter(|t| t.special).map(|t| t.content.clone()).collect();
-            match self.aligned_spans(conv, &r.text, &specials)? {
-                Some(spans) => spans,
-                None => searched_spans(&r.text, &conv.messages, &specials)?,
-            }
+            self.assistant_spans(conv, &r.text, &specials)?
         };
         if spans.is_empty() {
             return Err("the chat template's {% generation %} blocks marked no text: nothing to train on".into());
@@ -497,15 +497,6 @@ fn token_mask(e: &tokenizers::Encoding, spans: &[Range<usize>]) -> Vec<bool> {
     mask
 }
 
-/// The text of a message's content (a string, or the text parts of a list of parts).
-fn content_text(m: &Value) -> Option<String> {
-    match m.get("content")? {
-        Value::String(s) => Some(s.clone()),
-        Value::Array(parts) => Some(parts.iter().filter_map(|p| p.get("text").and_then(|t| t.as_str())).collect::<Vec<_>>().join("")),
-        _ => None,
-    }
-}
-
 /// `end` moved over the end-of-turn special token the template writes right after an assistant
 /// message's content (whitespace between allowed), when there is one.
 fn end_of_turn(text: &str, end: usize, specials: &[String]) -> usize {
@@ -521,90 +512,78 @@ fn sentinel(i: usize) -> String {
     format!("\u{E100}{i}\u{E101}")
 }
 
-impl ChatTemplate {
-    /// Without generation blocks: the conversation rendered a second time with every string
-    /// content replaced by a unique sentinel gives the template's own text around each content;
-    /// walking the real rendering along that text finds where each content starts and ends, even
-    /// where the template rewrites it (strips it, drops earlier reasoning) or moves it (a system
-    /// prompt inside the first user turn). None when the two renderings do not align (a template
-    /// whose text depends on the contents), for the search fallback.
-    fn aligned_spans(&self, conv: &Conversation, real: &str, specials: &[String]) -> std::result::Result<Option<Vec<Range<usize>>>, String> {
-        let mut marked = conv.clone();
-        for (i, m) in marked.messages.iter_mut().enumerate() {
-            if let Some(Value::String(c)) = m.get_mut("content") {
-                *c = sentinel(i);
-            }
-        }
-        let s = self.render(&marked, false)?.text;
-        // Sentinel occurrences in rendering order: (start, end, message).
-        let mut occ = Vec::new();
-        for i in 0..conv.messages.len() {
-            let sen = sentinel(i);
-            let mut from = 0;
-            while let Some(at) = s[from..].find(&sen) {
-                occ.push((from + at, from + at + sen.len(), i));
-                from += at + sen.len();
-            }
-        }
-        occ.sort();
-        let scaffold = |j: usize| -> &str {
-            let start = if j == 0 { 0 } else { occ[j - 1].1 };
-            let end = occ.get(j).map_or(s.len(), |o| o.0);
-            &s[start..end]
-        };
-        let mut spans = Vec::new();
-        let mut p = 0usize;
-        for (j, &(_, _, i)) in occ.iter().enumerate() {
-            let before = scaffold(j);
-            if !real[p..].starts_with(before) {
-                return Ok(None);
-            }
-            let c = p + before.len();
-            let content = conv.messages[i].get("content").and_then(|v| v.as_str()).unwrap_or("");
-            let next = scaffold(j + 1);
-            let e = if real[c..].starts_with(content) && real[c + content.len()..].starts_with(next) {
-                c + content.len()
-            } else if next.is_empty() {
-                return Ok(None); // two contents side by side: where one ends is ambiguous
-            } else {
-                match real[c..].find(next) {
-                    Some(at) => c + at,
-                    None => return Ok(None),
-                }
-            };
-            if conv.messages[i].get("role").and_then(|r| r.as_str()) == Some("assistant") {
-                spans.push(c..end_of_turn(real, e, specials));
-            }
-            p = e;
-        }
-        Ok((real[p..] == *scaffold(occ.len())).then_some(spans))
+/// Bytes `a` and `b` share at their start (on a character boundary of `a`).
+fn common_prefix(a: &str, b: &str) -> usize {
+    let mut n = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+    while !a.is_char_boundary(n) {
+        n -= 1;
     }
+    n
 }
 
-/// The fallback without generation blocks: each assistant message's content searched for in the
-/// rendering, in message order (whole, trimmed, or what follows its reasoning), extended over the
-/// end-of-turn special token.
-fn searched_spans(text: &str, messages: &[Value], specials: &[String]) -> std::result::Result<Vec<Range<usize>>, String> {
-    let mut spans = Vec::new();
-    let mut from = 0usize;
-    for (i, m) in messages.iter().enumerate() {
-        let Some(content) = content_text(m) else { continue };
-        let assistant = m.get("role").and_then(|r| r.as_str()) == Some("assistant");
-        let candidates = [content.clone(), content.trim().to_string(), content.rsplit("</think>").next().unwrap_or("").trim().to_string()];
-        let found = candidates.iter().filter(|c| !c.is_empty()).find_map(|c| text[from..].find(c.as_str()).map(|at| (from + at, from + at + c.len())));
-        let Some((start, mut end)) = found else {
-            if assistant {
-                return Err(format!("messages[{i}] (assistant): its content does not appear in the rendered conversation, so its tokens cannot be found (a template with {{% generation %}} blocks avoids this)"));
-            }
-            continue; // a system or tool message the template rewrites: order is kept by the others
-        };
-        if assistant {
-            end = end_of_turn(text, end, specials);
-            spans.push(start..end);
-        }
-        from = end;
+/// Bytes `a` and `b` share at their end (on a character boundary of `a`).
+fn common_suffix(a: &str, b: &str) -> usize {
+    let mut n = a.bytes().rev().zip(b.bytes().rev()).take_while(|(x, y)| x == y).count();
+    while !a.is_char_boundary(a.len() - n) {
+        n -= 1;
     }
-    Ok(spans)
+    n
+}
+
+/// Where a message's content may appear once rendered: whole, trimmed, or the answer after its
+/// reasoning (templates drop earlier turns' thinking).
+fn candidates(content: &str) -> Vec<&str> {
+    let mut v = vec![content, content.trim(), content.rsplit("</think>").next().unwrap_or("").trim()];
+    v.retain(|c| !c.is_empty());
+    v.dedup();
+    v
+}
+
+impl ChatTemplate {
+    /// Without generation blocks, for each assistant message: the conversation rendered again
+    /// with only that message's content replaced by a sentinel differs from the real rendering in
+    /// one region — what the content influenced. The content's span is that region when the
+    /// template writes the content verbatim; otherwise the one place inside it where the content
+    /// (trimmed, or the answer after its reasoning) appears, or the last when the region ends with
+    /// it. Then the end-of-turn special token after it. No prefix is rendered on its own, so
+    /// templates that render earlier turns differently from later ones work.
+    fn assistant_spans(&self, conv: &Conversation, real: &str, specials: &[String]) -> std::result::Result<Vec<Range<usize>>, String> {
+        let mut spans = Vec::new();
+        for (i, m) in conv.messages.iter().enumerate() {
+            if m.get("role").and_then(|r| r.as_str()) != Some("assistant") {
+                continue;
+            }
+            let Some(content) = m.get("content").and_then(|c| c.as_str()) else { continue };
+            let mut marked = conv.clone();
+            marked.messages[i]["content"] = Value::String(sentinel(i));
+            let other = self.render(&marked, false)?.text;
+            let start = common_prefix(real, &other);
+            let end = real.len() - common_suffix(&real[start..], &other[start.min(other.len())..]);
+            let region = &real[start..end];
+            let span = if region == content {
+                start..end
+            } else {
+                let mut found = None;
+                for c in candidates(content) {
+                    let hits: Vec<usize> = region.match_indices(c).map(|(at, _)| at).collect();
+                    match hits.as_slice() {
+                        [] => continue,
+                        [one] => found = Some(start + one..start + one + c.len()),
+                        [.., last] if region.trim_end().ends_with(c) => found = Some(start + last..start + last + c.len()),
+                        _ => return Err(format!("messages[{i}] (assistant): the chat template writes this content {} times; which copy is the answer is ambiguous (a template with {{% generation %}} blocks says)", hits.len())),
+                    }
+                    break;
+                }
+                found.ok_or(format!("messages[{i}] (assistant): its content does not appear in the rendered conversation, so its tokens cannot be found (a template with {{% generation %}} blocks avoids this)"))?
+            };
+            // Whitespace at either end belongs to no token (a span starting there would mark nothing).
+            let text = &real[span.clone()];
+            let (lead, trail) = (text.len() - text.trim_start().len(), text.len() - text.trim_end().len());
+            let (a, b) = (span.start + lead, (span.end - trail).max(span.start + lead));
+            spans.push(a..end_of_turn(real, b, specials));
+        }
+        Ok(spans)
+    }
 }
 
 #[cfg(test)]
