@@ -159,6 +159,17 @@ fn templates_render_and_mask_as_transformers_does_and_train() {
         .unwrap();
         let out = train(&["run", "--recipe", recipe.to_str().unwrap()]);
         assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        // What will train, as `train data inspect` shows it (not a terminal: brackets).
+        let out = train(&["data", "inspect", "--recipe", recipe.to_str().unwrap(), "--n", "2"]);
+        let so = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        for needle in ["jsonl:1: ", "trained (", "[[", "truncated: 0 documents", "packing: 1 micro-batches of up to 1024 tokens (until every document was packed once"] {
+            assert!(so.contains(needle), "{name}: `{needle}` missing from:\n{so}");
+        }
+        if name.starts_with("chatml-generation") {
+            assert!(so.contains("[[w24 w25 <|im_end|>]]") && so.contains("[[w27 w28 w29 <|im_end|>]]"), "{so}");
+            println!("train data inspect on {name}:\n{so}");
+        }
     }
     println!("{identical}/{total} conversations render to transformers' text ({both_fail} fail in both); {masked} assistant masks equal transformers' over {} templates", names.len());
     // Every test conversation renders with at least one template, and most masks are compared.

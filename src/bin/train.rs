@@ -134,6 +134,17 @@ enum DataCmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// What a recipe's data will train: the first examples with trained tokens marked (green in a
+    /// terminal, [[...]] otherwise), tokens and trained share per example, truncation, packing.
+    Inspect {
+        #[arg(long)]
+        recipe: PathBuf,
+        /// Examples to show.
+        #[arg(long, default_value_t = 3)]
+        n: usize,
+        /// key.path=value recipe overrides
+        overrides: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -404,6 +415,13 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Cmd::Run { recipe, resume, overrides } => run_cmd(recipe, resume, overrides),
         Cmd::Plan { recipe, device_mem, host_mem, numa_mem, nvme, tokens, calibrate, mip_seconds, out, overrides } => plan_cmd(recipe, device_mem, host_mem, numa_mem, nvme, tokens, calibrate, mip_seconds, out, overrides),
         Cmd::Data(DataCmd::Synth { task, tokens, samples, depth, digits, seed, out }) => synth_cmd(task, tokens, samples, depth, digits, seed, out),
+        Cmd::Data(DataCmd::Inspect { recipe, n, overrides }) => {
+            use std::io::IsTerminal;
+            let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            let marks = if colour { trainer::data::inspect::Marks::Colour } else { trainer::data::inspect::Marks::Brackets };
+            print!("{}", trainer::data::inspect::inspect(&recipe, &overrides, n, marks)?);
+            Ok(())
+        }
         Cmd::Bench(BenchCmd::Offload { tiers, nvme_dir, device, bytes, slice_bytes, io_uring }) => bench_offload_cmd(tiers, nvme_dir, device, bytes, slice_bytes, io_uring),
         Cmd::Bench(BenchCmd::Step { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, tiers, nvme_dir, keep_last, alpha }) => {
             bench_step_cmd(layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, tiers, nvme_dir, keep_last, alpha)

@@ -8,6 +8,7 @@
 //!   (`tokenizer_config.json` `chat_template`, or `chat_template.jinja`); only assistant turns
 //!   are targets.
 pub mod chat;
+pub mod inspect;
 pub mod synth;
 pub mod source;
 pub mod tokenizer;
@@ -95,16 +96,21 @@ fn conversation(obj: &serde_json::Map<String, Value>) -> std::result::Result<Con
 }
 
 impl Encoder<'_> {
-    /// Prompt (not trained on) followed by completion (trained on) and EOS.
+    /// Prompt (not trained on) followed by completion (trained on) and EOS, truncated.
     pub fn prompt_completion(&self, prompt: &str, completion: &str) -> Result<Example> {
+        Ok(self.truncate(self.prompt_completion_whole(prompt, completion)?))
+    }
+
+    fn prompt_completion_whole(&self, prompt: &str, completion: &str) -> Result<Example> {
         let p = enc(self.tok, prompt, true, &self.tok_path)?;
         let mut c = enc(self.tok, completion, false, &self.tok_path)?;
         c.extend(self.eos);
         let target = std::iter::repeat_n(false, p.len()).chain(std::iter::repeat_n(true, c.len())).collect();
-        Ok(self.truncate(Example { ids: [p, c].concat(), target }))
+        Ok(Example { ids: [p, c].concat(), target })
     }
 
-    fn truncate(&self, mut e: Example) -> Example {
+    /// The first `max_tokens` tokens.
+    pub fn truncate(&self, mut e: Example) -> Example {
         e.ids.truncate(self.max_tokens);
         e.target.truncate(self.max_tokens);
         e
@@ -112,11 +118,20 @@ impl Encoder<'_> {
 
     /// One JSONL line. Errors are plain messages; the caller adds file and line.
     pub fn line(&self, line: &str) -> std::result::Result<Example, String> {
+        let e = self.truncate(self.line_whole(line)?);
+        if e.ids.len() < 2 || e.targets() == 0 {
+            return Err("no token to train on (empty text or completion, or truncated away by max_tokens)".into());
+        }
+        Ok(e)
+    }
+
+    /// One JSONL line before truncation to `max_tokens` (for `train data inspect`).
+    pub fn line_whole(&self, line: &str) -> std::result::Result<Example, String> {
         let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
         let obj = v.as_object().ok_or("expected a JSON object")?;
-        let r = if obj.contains_key("messages") {
+        if obj.contains_key("messages") {
             let chat = self.chat.as_ref().ok_or("`messages` needs a chat template (tokenizer_config.json `chat_template` or chat_template.jinja)")?;
-            chat.encode(self.tok, &conversation(obj)?).map(|e| self.truncate(e))
+            chat.encode(self.tok, &conversation(obj)?)
         } else if obj.contains_key("instruction") {
             let instruction = field(obj, "instruction")?;
             let input = match obj.get("input") {
@@ -129,22 +144,17 @@ impl Encoder<'_> {
             } else {
                 ALPACA_WITH_INPUT.replace("{instruction}", instruction).replace("{input}", input)
             };
-            self.prompt_completion(&prompt, field(obj, "output")?).map_err(|e| e.to_string())
+            self.prompt_completion_whole(&prompt, field(obj, "output")?).map_err(|e| e.to_string())
         } else if obj.contains_key("prompt") {
-            self.prompt_completion(field(obj, "prompt")?, field(obj, "completion")?).map_err(|e| e.to_string())
+            self.prompt_completion_whole(field(obj, "prompt")?, field(obj, "completion")?).map_err(|e| e.to_string())
         } else if obj.contains_key("text") {
             let mut ids = enc(self.tok, field(obj, "text")?, true, &self.tok_path).map_err(|e| e.to_string())?;
             ids.extend(self.eos);
             let target = (0..ids.len()).map(|i| i > 0).collect();
-            Ok(self.truncate(Example { ids, target }))
+            Ok(Example { ids, target })
         } else {
             Err("expected one of: text; instruction/input/output; prompt/completion; messages".into())
-        };
-        let e = r?;
-        if e.ids.len() < 2 || e.targets() == 0 {
-            return Err("no token to train on (empty text or completion, or truncated away by max_tokens)".into());
         }
-        Ok(e)
     }
 
     /// Every line of a JSONL file; a bad line is an error naming the file and line number.
