@@ -16,6 +16,9 @@ for case in job["cases"]:
         r = {}
         try:
             r["text"] = tok.apply_chat_template(conv["messages"], tokenize=False, **kw)
+            # The prompt for a reply to the last user turn, with the generation prompt.
+            last_user = max(i for i, m in enumerate(conv["messages"]) if m["role"] == "user")
+            r["prompt"] = tok.apply_chat_template(conv["messages"][: last_user + 1], tokenize=False, add_generation_prompt=True, **kw)
             if case.get("masks"):
                 enc = tok.apply_chat_template(conv["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **kw)
                 r["ids"] = list(enc["input_ids"])

@@ -24,6 +24,17 @@ fn words() -> Vec<String> {
 }
 
 const SPECIAL: [(&str, &str); 4] = [("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"), ("pad_token", "<unk>")];
+/// A model's own named special token (`extra_special_tokens` in tokenizer_config.json).
+const EXTRA: (&str, &str) = ("image_token", "w19");
+
+/// tokenizer_config.json's special tokens.
+fn special_config() -> Value {
+    let mut cfg = json!({"extra_special_tokens": {EXTRA.0: EXTRA.1}});
+    for (k, v) in SPECIAL {
+        cfg[k] = v.into();
+    }
+    cfg
+}
 
 /// A model folder whose tokenizer knows the templates' words and whose tokenizer_config.json
 /// carries `template`.
@@ -34,10 +45,8 @@ fn folder(dir: &Path, template: &str) -> PathBuf {
     let w = words();
     let refs: Vec<&str> = w.iter().map(|s| s.as_str()).collect();
     std::fs::write(dir.join("tokenizer.json"), trainer::data::tokenizer::word_level_json(&refs, Some("<s>")).to_string()).unwrap();
-    let mut cfg = json!({"chat_template": template});
-    for (k, v) in SPECIAL {
-        cfg[k] = v.into();
-    }
+    let mut cfg = special_config();
+    cfg["chat_template"] = template.into();
     std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
     dir.to_path_buf()
 }
@@ -54,7 +63,10 @@ fn conversations() -> Vec<Value> {
         json!({"tools": [{"type": "function", "function": {"name": "w40", "description": "é ü <b>", "parameters": {"type": "object", "properties": {"x": {"type": "number", "minimum": 0.5}}}}}],
             "messages": [
             {"role": "user", "content": "w41"},
-            {"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "w40", "arguments": {"x": 1.0}}}]},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"type": "function", "function": {"name": "w40", "arguments": {"x": 1.0}}},
+                {"type": "function", "function": {"name": "w40", "arguments": {"x": 2}}},
+                {"type": "function", "function": {"name": "w40", "arguments": {"x": 1e-7}}}]},
             {"role": "tool", "content": "skip w42"},
             {"role": "assistant", "content": "w43 w44"}]}),
         json!({"messages": [{"role": "user", "content": "w45"}, {"role": "robot", "content": "w46"}, {"role": "assistant", "content": "w47"}]}),
@@ -75,7 +87,8 @@ fn conversation(v: &Value) -> Conversation {
 
 /// transformers' answers for `cases` (template, whether to return masks).
 fn reference(tokenizer: &Path, cases: &[(String, bool)]) -> Vec<Vec<Value>> {
-    let special: serde_json::Map<String, Value> = SPECIAL.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    let mut special: serde_json::Map<String, Value> = SPECIAL.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    special.insert("extra_special_tokens".into(), json!({EXTRA.0: EXTRA.1}));
     let job = json!({
         "tokenizer": tokenizer,
         "special_tokens": special,
@@ -100,7 +113,7 @@ fn templates_render_and_mask_as_transformers_does_and_train() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/chat");
     let mut names: Vec<String> = std::fs::read_dir(&src).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".jinja")).collect();
     names.sort();
-    let (mut identical, mut both_fail, mut masked, mut total) = (0, 0, 0, 0);
+    let (mut identical, mut both_fail, mut masked, mut prompts, mut total) = (0, 0, 0, 0, 0);
     for name in &names {
         let raw = std::fs::read_to_string(src.join(name)).unwrap();
         let plain = raw.replace("[[G]]", "").replace("[[/G]]", "");
@@ -108,7 +121,7 @@ fn templates_render_and_mask_as_transformers_does_and_train() {
         let model = folder(&dir.join(name.trim_end_matches(".jinja")), &plain);
         let tok = trainer::data::tokenizer::load(&model).unwrap();
         let chat = ChatTemplate::load(&model).unwrap().unwrap();
-        let twin_chat = ChatTemplate::from_source(&twin, &model.join("twin.jinja"), &json!(SPECIAL.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>())).unwrap();
+        let twin_chat = ChatTemplate::from_source(&twin, &model.join("twin.jinja"), &special_config()).unwrap();
         let refs = reference(&model.join("tokenizer.json"), &[(plain.clone(), false), (twin.clone(), true)]);
         for (i, conv) in conversations().iter().enumerate() {
             total += 1;
@@ -127,6 +140,13 @@ fn templates_render_and_mask_as_transformers_does_and_train() {
                     both_fail += 1;
                 }
                 _ => panic!("{name} conversation {i}: strata {ours:?}, transformers {theirs}"),
+            }
+            if let Some(p) = theirs.get("prompt") {
+                let messages = c.messages.clone();
+                let last_user = messages.iter().rposition(|m| m["role"] == "user").unwrap();
+                let prompt = Conversation { messages: messages[..=last_user].to_vec(), ..c.clone() };
+                assert_eq!(chat.render(&prompt, true).unwrap().text, p.as_str().unwrap(), "{name} conversation {i}: the generation prompt");
+                prompts += 1;
             }
             let Some(want) = refs[1][i].get("mask") else { continue };
             let want: Vec<bool> = want.as_array().unwrap().iter().map(|m| m.as_i64() == Some(1)).collect();
@@ -171,7 +191,7 @@ fn templates_render_and_mask_as_transformers_does_and_train() {
             println!("train data inspect on {name}:\n{so}");
         }
     }
-    println!("{identical}/{total} conversations render to transformers' text ({both_fail} fail in both); {masked} assistant masks equal transformers' over {} templates", names.len());
+    println!("{identical}/{total} conversations render to transformers' text ({both_fail} fail in both), {prompts} generation prompts too; {masked} assistant masks equal transformers' over {} templates", names.len());
     // Every test conversation renders with at least one template, and most masks are compared.
     assert!(identical >= total - names.len() && masked >= 12, "{identical} identical, {masked} masks");
     let _ = std::fs::remove_dir_all(dir);
@@ -188,5 +208,17 @@ fn a_template_error_names_the_data_file_line_and_the_templates_message() {
     let enc = Encoder { tok: &tok, tok_path: model.join("tokenizer.json"), chat, eos: Some(2), max_tokens: 64 };
     let e = enc.file(&data).unwrap_err().to_string();
     assert!(e.contains("d.jsonl:2") && e.contains("robots are not welcome"), "{e}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_content_the_template_writes_twice_is_an_ambiguity_naming_the_message() {
+    let dir = tmp_dir("chat-template-ambiguous");
+    let model = folder(&dir.join("m"), "{% for m in messages %}<|start|> {{ m.role }} {{ m.content }} <|end|> {{ m.content }} {{ m.content | length }} {% endfor %}");
+    let tok = trainer::data::tokenizer::load(&model).unwrap();
+    let chat = ChatTemplate::load(&model).unwrap().unwrap();
+    let conv = conversation(&json!({"messages": [{"role": "user", "content": "w20"}, {"role": "assistant", "content": "w21 w23"}, {"role": "user", "content": "w22"}]}));
+    let e = chat.encode(&tok, &conv).unwrap_err();
+    assert!(e.contains("messages[1]") && e.contains("ambiguous"), "{e}");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -5,8 +5,9 @@
 //! The environment matches transformers' sandbox: `trim_blocks` and `lstrip_blocks`, loop
 //! controls, `raise_exception`, `strftime_now`, `namespace`, `dict`, a `tojson` that writes what
 //! Python's `json.dumps` writes, Python's string methods, `{% generation %}` blocks, and the
-//! variables `messages`, `tools`, `documents`, `add_generation_prompt`, every special token of
-//! `tokenizer_config.json` and a line's own `chat_template_kwargs`.
+//! variables `messages`, `tools`, `documents`, `add_generation_prompt`, every named special token
+//! of `tokenizer_config.json` (`bos_token` ... `mask_token` and `extra_special_tokens`, strings or
+//! `{"content": ...}`) and a line's own `chat_template_kwargs`.
 //!
 //! Which tokens train: the `{% generation %}` spans when the template has them (the tokens
 //! transformers' `return_assistant_tokens_mask` marks); otherwise each assistant message's content
@@ -70,12 +71,20 @@ fn token_text(v: &Value) -> Option<Value> {
     }
 }
 
-/// transformers' `special_tokens_map`: the named special tokens and the additional ones.
+/// transformers' `special_tokens_map`: the named special tokens and the model's extra named ones
+/// (`extra_special_tokens`, e.g. `image_token`).
 fn special_tokens(cfg: &Value) -> Map<String, Value> {
     let mut out = Map::new();
-    for key in ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token", "additional_special_tokens"] {
+    for key in ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"] {
         if let Some(v) = cfg.get(key).and_then(token_text) {
             out.insert(key.to_string(), v);
+        }
+    }
+    if let Some(Value::Object(extra)) = cfg.get("extra_special_tokens") {
+        for (k, v) in extra {
+            if let Some(v) = token_text(v) {
+                out.insert(k.clone(), v);
+            }
         }
     }
     out
@@ -497,13 +506,26 @@ fn token_mask(e: &tokenizers::Encoding, spans: &[Range<usize>]) -> Vec<bool> {
     mask
 }
 
-/// `end` moved over the end-of-turn special token the template writes right after an assistant
-/// message's content (whitespace between allowed), when there is one.
-fn end_of_turn(text: &str, end: usize, specials: &[String]) -> usize {
+/// The special token right after `end` (whitespace between allowed), if any.
+fn special_after<'s>(text: &str, end: usize, specials: &'s [String]) -> Option<(usize, &'s str)> {
     let after = &text[end..];
     let ws = after.len() - after.trim_start().len();
-    match specials.iter().filter(|s| after[ws..].starts_with(s.as_str())).max_by_key(|s| s.len()) {
-        Some(s) => end + ws + s.len(),
+    specials.iter().filter(|s| after[ws..].starts_with(s.as_str())).max_by_key(|s| s.len()).map(|s| (ws, s.as_str()))
+}
+
+/// `end` moved over the end-of-turn token the template writes right after an assistant
+/// message's content (`<|im_end|>`, `<|eot_id|>`, `</s>`), when there is one. A special token
+/// followed by a role name (`<|im_start|>user`) opens the next turn instead and is left out.
+fn end_of_turn(text: &str, end: usize, specials: &[String], roles: &[&str]) -> usize {
+    match special_after(text, end, specials) {
+        Some((ws, s)) => {
+            let next = text[end + ws + s.len()..].trim_start();
+            if roles.iter().any(|r| next.starts_with(r)) {
+                end
+            } else {
+                end + ws + s.len()
+            }
+        }
         None => end,
     }
 }
@@ -545,9 +567,11 @@ impl ChatTemplate {
     /// one region — what the content influenced. The content's span is that region when the
     /// template writes the content verbatim; otherwise the one place inside it where the content
     /// (trimmed, or the answer after its reasoning) appears, or the last when the region ends with
-    /// it. Then the end-of-turn special token after it. No prefix is rendered on its own, so
+    /// it. Then the end-of-turn token after it (see [`end_of_turn`]). No prefix is rendered on its own, so
     /// templates that render earlier turns differently from later ones work.
     fn assistant_spans(&self, conv: &Conversation, real: &str, specials: &[String]) -> std::result::Result<Vec<Range<usize>>, String> {
+        let mut roles: Vec<&str> = conv.messages.iter().filter_map(|m| m.get("role").and_then(|r| r.as_str())).collect();
+        roles.extend(["user", "assistant", "system", "tool", "developer"]);
         let mut spans = Vec::new();
         for (i, m) in conv.messages.iter().enumerate() {
             if m.get("role").and_then(|r| r.as_str()) != Some("assistant") {
@@ -580,7 +604,7 @@ impl ChatTemplate {
             let text = &real[span.clone()];
             let (lead, trail) = (text.len() - text.trim_start().len(), text.len() - text.trim_end().len());
             let (a, b) = (span.start + lead, (span.end - trail).max(span.start + lead));
-            spans.push(a..end_of_turn(real, b, specials));
+            spans.push(a..end_of_turn(real, b, specials, &roles));
         }
         Ok(spans)
     }
