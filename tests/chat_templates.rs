@@ -59,7 +59,8 @@ fn conversations() -> Vec<Value> {
             {"role": "user", "content": "w26"}, {"role": "assistant", "content": "w27 w28 w29"}]}),
         json!({"messages": [
             {"role": "user", "content": "w30"}, {"role": "assistant", "content": "<think> w31 w32 </think> w33 w34"},
-            {"role": "user", "content": "w35"}, {"role": "assistant", "content": "w36", "reasoning_content": "w37 w38"}]}),
+            {"role": "user", "content": "w35"}, {"role": "assistant", "content": "w36", "reasoning_content": "w37 w38"},
+            {"role": "user", "content": [{"type": "text", "text": "w39"}]}, {"role": "assistant", "content": [{"type": "text", "text": "w40 w41"}]}]}),
         json!({"tools": [{"type": "function", "function": {"name": "w40", "description": "é ü <b>", "parameters": {"type": "object", "properties": {"x": {"type": "number", "minimum": 0.5}}}}}],
             "messages": [
             {"role": "user", "content": "w41"},

@@ -214,6 +214,69 @@ fn py_float(f: f64) -> String {
     }
 }
 
+/// A value as Python's `repr` writes it inside a container: strings quoted (`'a'`), `None`,
+/// `True`, floats with their `.0`.
+fn py_repr(v: &minijinja::Value, out: &mut String) {
+    use minijinja::value::ValueKind;
+    match v.kind() {
+        ValueKind::String => {
+            let s = v.as_str().unwrap_or("");
+            let q = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+            out.push(q);
+            for c in s.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    '\t' => out.push_str("\\t"),
+                    c if c == q => {
+                        out.push('\\');
+                        out.push(c);
+                    }
+                    c => out.push(c),
+                }
+            }
+            out.push(q);
+        }
+        _ => py_str(v, out),
+    }
+}
+
+/// A value as Python's `str` writes it (what `{{ value }}` prints under transformers): lists and
+/// dicts in Python's notation, `None`, `True`/`False`, floats with their `.0`.
+fn py_str(v: &minijinja::Value, out: &mut String) {
+    use minijinja::value::ValueKind;
+    match v.kind() {
+        ValueKind::Undefined => {}
+        ValueKind::None => out.push_str("None"),
+        ValueKind::Bool => out.push_str(if v.is_true() { "True" } else { "False" }),
+        ValueKind::Number if !v.is_integer() => out.push_str(&py_float(f64::try_from(v.clone()).unwrap_or(f64::NAN))),
+        ValueKind::Seq => {
+            out.push('[');
+            for (i, x) in v.try_iter().into_iter().flatten().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                py_repr(&x, out);
+            }
+            out.push(']');
+        }
+        ValueKind::Map => {
+            out.push('{');
+            for (i, k) in v.try_iter().into_iter().flatten().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                py_repr(&k, out);
+                out.push_str(": ");
+                py_repr(&v.get_item(&k).unwrap_or_default(), out);
+            }
+            out.push('}');
+        }
+        _ => out.push_str(&v.to_string()),
+    }
+}
+
 fn mj_err(msg: impl Into<String>) -> minijinja::Error {
     minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg.into())
 }
@@ -409,9 +472,37 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(py_methods);
+        // `{{ value }}` prints what Python's str() prints (templates print tool-call arguments,
+        // flags and lists directly); strings and safe strings as they are.
+        env.set_formatter(|out, _state, value| {
+            use minijinja::value::ValueKind;
+            let text = match value.kind() {
+                ValueKind::String => value.to_string(),
+                _ => {
+                    let mut s = String::new();
+                    py_str(value, &mut s);
+                    s
+                }
+            };
+            out.write_str(&text).map_err(|e| mj_err(format!("write: {e}")))
+        });
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> { Err(mj_err(msg)) });
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
+        // Filters that turn a value into text do it as Python's str() does.
+        env.add_filter("string", |v: minijinja::Value| -> String {
+            let mut s = String::new();
+            py_str(&v, &mut s);
+            s
+        });
+        env.add_filter("trim", |v: minijinja::Value, chars: Option<String>| -> String {
+            let mut s = String::new();
+            py_str(&v, &mut s);
+            match chars {
+                Some(c) => s.trim_matches(|x| c.contains(x)).to_string(),
+                None => s.trim().to_string(),
+            }
+        });
         env.add_filter(GEN_FILTER, |s: String| format!("{GEN_OPEN}{s}{GEN_CLOSE}"));
         env.add_template_owned("chat", self.source.clone()).map_err(|e| TrainerError::config(&self.path, format!("chat template does not compile: {e}")))?;
         Ok(env)
@@ -481,7 +572,11 @@ impl ChatTemplate {
             self.assistant_spans(conv, &r.text, &specials)?
         };
         if spans.is_empty() {
-            return Err("the chat template's {% generation %} blocks marked no text: nothing to train on".into());
+            return Err(if self.has_generation {
+                "the chat template's {% generation %} blocks marked no text: nothing to train on".into()
+            } else {
+                "no assistant message has content to train on".into()
+            });
         }
         // The template writes BOS itself: no special tokens from the tokenizer.
         let e = tok.encode(r.text.as_str(), false).map_err(|e| format!("cannot encode: {e}"))?;
@@ -577,13 +672,34 @@ impl ChatTemplate {
             if m.get("role").and_then(|r| r.as_str()) != Some("assistant") {
                 continue;
             }
-            let Some(content) = m.get("content").and_then(|c| c.as_str()) else { continue };
             let mut marked = conv.clone();
-            marked.messages[i]["content"] = Value::String(sentinel(i));
+            // A string content, or the text parts of a list of parts (the first part's text
+            // becomes the sentinel, the others empty).
+            let content: String = match m.get("content") {
+                Some(Value::String(c)) => {
+                    marked.messages[i]["content"] = Value::String(sentinel(i));
+                    c.clone()
+                }
+                Some(Value::Array(parts)) if parts.iter().any(|p| p.get("text").is_some_and(|t| t.is_string())) => {
+                    let mut first = true;
+                    if let Some(Value::Array(mparts)) = marked.messages[i].get_mut("content") {
+                        for p in mparts.iter_mut().filter(|p| p.get("text").is_some_and(|t| t.is_string())) {
+                            p["text"] = Value::String(if first { sentinel(i) } else { String::new() });
+                            first = false;
+                        }
+                    }
+                    parts.iter().filter_map(|p| p.get("text").and_then(|t| t.as_str())).collect()
+                }
+                _ => continue, // tool calls only: nothing of the message's own text to train
+            };
+            let content = content.as_str();
             let other = self.render(&marked, false)?.text;
             let start = common_prefix(real, &other);
             let end = real.len() - common_suffix(&real[start..], &other[start.min(other.len())..]);
             let region = &real[start..end];
+            if region.is_empty() && !content.is_empty() {
+                continue; // the template does not render this content: nothing of it to train
+            }
             let span = if region == content {
                 start..end
             } else {
