@@ -6,9 +6,11 @@
 //!   `_efficient_attention_backward`; both are in tch's generated API, so no C++ shim is needed
 //!   for this pair.
 //!
-//! The fused kernels take as many key/value heads as query heads, so grouped-query attention
-//! expands k/v before the call (HF's `repeat_kv`: query head h reads kv head h / n_rep) and sums
-//! the expanded gradients back per kv head. The logsumexp is the statistic that makes backward
+//! The fused kernels take as many key/value heads as query heads. Grouped-query attention runs
+//! one kernel call per kv head: its `n_rep` query heads (query head h reads kv head h / n_rep, as
+//! HF's `repeat_kv` has it) against that kv head broadcast to them (a stride-0 view), so no
+//! `[T, heads, head_dim]` copy of k or v exists, nor of their gradients: each group's gradients
+//! are summed into its kv head as they come. The logsumexp is the statistic that makes backward
 //! possible without the [T, T] score matrix; it is saved beside the output.
 use tch::{Device, Kind, Tensor};
 
@@ -47,28 +49,12 @@ fn to_bhtd(x: &Tensor) -> Tensor {
     x.transpose(0, 1).unsqueeze(0)
 }
 
-/// `[1, h, T, d]` → `[T, h, d]` contiguous.
-fn from_bhtd(x: &Tensor) -> Tensor {
-    x.squeeze_dim(0).transpose(0, 1).contiguous()
-}
-
-/// HF `repeat_kv`: `[1, kv, T, d]` → `[1, kv·n_rep, T, d]`.
-fn repeat_kv(x: &Tensor, n_rep: i64) -> Tensor {
-    if n_rep == 1 {
-        return x.shallow_clone();
-    }
-    let s = x.size();
-    x.unsqueeze(2).expand([s[0], s[1], n_rep, s[2], s[3]], false).reshape([s[0], s[1] * n_rep, s[2], s[3]])
-}
-
-/// Sum of the expanded heads' gradients per kv head: `[1, kv·n_rep, T, d]` → `[T, kv, d]`.
-fn reduce_kv(g: &Tensor, n_rep: i64) -> Tensor {
-    if n_rep == 1 {
-        return from_bhtd(g);
-    }
-    let s = g.size();
-    let r = g.reshape([s[0], s[1] / n_rep, n_rep, s[2], s[3]]).sum_dim_intlist(2, false, g.kind());
-    from_bhtd(&r)
+/// The query heads and the kv head of group `g`: `[1, n_rep, T, d]` views, the kv head broadcast
+/// to the group's query heads (stride 0, no copy).
+fn group(q4: &Tensor, k4: &Tensor, v4: &Tensor, g: i64, n_rep: i64) -> (Tensor, Tensor, Tensor) {
+    let s = k4.size();
+    let bcast = |x: &Tensor| x.narrow(1, g, 1).expand([s[0], n_rep, s[2], s[3]], false);
+    (q4.narrow(1, g * n_rep, n_rep), bcast(k4), bcast(v4))
 }
 
 /// Additive mask for a sliding window, or None when the window does not bite (T ≤ window).
@@ -192,45 +178,31 @@ pub fn backward_packed(grad_out: &Tensor, saved: &Saved, cfg: &AttnConfig, cu_se
 fn forward_one(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttnConfig) -> Result<(Tensor, Saved), KernelError> {
     let t = check(q, k, v, cfg)?;
     let n_rep = cfg.heads / cfg.kv_heads;
-    let (q4, k4, v4) = (to_bhtd(q), repeat_kv(&to_bhtd(k), n_rep), repeat_kv(&to_bhtd(v), n_rep));
-    let (out4, lse, philox) = match q.device() {
-        Device::Cpu => {
-            let mask = window_mask(t, cfg, q.kind(), q.device());
-            let (o, l) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(
-                &q4,
-                &k4,
-                &v4,
-                0.0,
-                mask.is_none(),
-                mask.as_ref(),
-                cfg.scale,
-            )
-            .map_err(KernelError::torch("attention forward (cpu flash)"))?;
-            (o, l, None)
-        }
-        _ => {
-            if window_mask(t, cfg, q.kind(), Device::Cpu).is_some() {
-                return Err(KernelError::shape(
-                    "attention",
-                    format!("sliding window {:?} shorter than the sequence ({t}) is not supported on CUDA yet", cfg.sliding_window),
-                ));
+    let (q4, k4, v4) = (to_bhtd(q), to_bhtd(k), to_bhtd(v));
+    if cfg.sliding_window.is_some_and(|w| t > w) && q.device() != Device::Cpu {
+        return Err(KernelError::shape("attention", format!("sliding window {:?} shorter than the sequence ({t}) is not supported on CUDA yet", cfg.sliding_window)));
+    }
+    let mask = window_mask(t, cfg, q.kind(), q.device());
+    // One call per kv head, each group's output written into its heads of `out`.
+    let out = q.empty_like();
+    let mut lses = Vec::with_capacity(cfg.kv_heads as usize);
+    let mut philox = None;
+    for g in 0..cfg.kv_heads {
+        let (qg, kg, vg) = group(&q4, &k4, &v4, g, n_rep);
+        let (o, lse) = match q.device() {
+            Device::Cpu => Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(&qg, &kg, &vg, 0.0, mask.is_none(), mask.as_ref(), cfg.scale)
+                .map_err(KernelError::torch("attention forward (cpu flash)"))?,
+            _ => {
+                let (o, l, seed, offset) = Tensor::f_internal_scaled_dot_product_efficient_attention(&qg, &kg, &vg, None::<Tensor>, true, 0.0, true, cfg.scale)
+                    .map_err(KernelError::torch("attention forward (cuda efficient)"))?;
+                philox = Some((seed, offset));
+                (o, l)
             }
-            let (o, l, seed, offset) = Tensor::f_internal_scaled_dot_product_efficient_attention(
-                &q4,
-                &k4,
-                &v4,
-                None::<Tensor>,
-                true,
-                0.0,
-                true,
-                cfg.scale,
-            )
-            .map_err(KernelError::torch("attention forward (cuda efficient)"))?;
-            (o, l, Some((seed, offset)))
-        }
-    };
-    let out = from_bhtd(&out4);
-    let lse = lse.squeeze_dim(0);
+        };
+        out.narrow(1, g * n_rep, n_rep).f_copy_(&o.squeeze_dim(0).transpose(0, 1)).map_err(KernelError::torch("attention forward"))?;
+        lses.push(lse.squeeze_dim(0));
+    }
+    let lse = if lses.len() == 1 { lses.pop().unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, q.device()))) } else { Tensor::cat(&lses, 0) };
     let saved = Saved { q: q.shallow_clone(), k: k.shallow_clone(), v: v.shallow_clone(), out: out.shallow_clone(), lse, philox };
     Ok((out, saved))
 }
@@ -238,55 +210,113 @@ fn forward_one(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttnConfig) -> Result<(
 fn backward_one(grad_out: &Tensor, saved: &Saved, cfg: &AttnConfig) -> Result<(Tensor, Tensor, Tensor), KernelError> {
     let t = check(&saved.q, &saved.k, &saved.v, cfg)?;
     let n_rep = cfg.heads / cfg.kv_heads;
-    let q4 = to_bhtd(&saved.q);
-    let k4 = repeat_kv(&to_bhtd(&saved.k), n_rep);
-    let v4 = repeat_kv(&to_bhtd(&saved.v), n_rep);
-    let lse = saved.lse.unsqueeze(0);
-    let (dq4, dk4, dv4) = match &saved.philox {
-        None => {
-            let mask = window_mask(t, cfg, saved.q.kind(), saved.q.device());
-            Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(
-                &to_bhtd(&grad_out.contiguous()),
-                &q4,
-                &k4,
-                &v4,
-                &to_bhtd(&saved.out),
+    let (q4, k4, v4) = (to_bhtd(&saved.q), to_bhtd(&saved.k), to_bhtd(&saved.v));
+    let (go4, out4) = (to_bhtd(&grad_out.contiguous()), to_bhtd(&saved.out));
+    let mask = match &saved.philox {
+        None => window_mask(t, cfg, saved.q.kind(), saved.q.device()),
+        Some(_) => None,
+    };
+    // Each group's gradients go into the whole-sequence ones as they come; a kv head's is the
+    // sum over its query heads.
+    let (dq, dk, dv) = (saved.q.empty_like(), saved.k.empty_like(), saved.v.empty_like());
+    for g in 0..cfg.kv_heads {
+        let (qg, kg, vg) = group(&q4, &k4, &v4, g, n_rep);
+        let heads = |x: &Tensor| x.narrow(1, g * n_rep, n_rep);
+        let lse = saved.lse.narrow(0, g * n_rep, n_rep).unsqueeze(0);
+        let (dqg, dkg, dvg) = match &saved.philox {
+            None => Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(
+                &heads(&go4),
+                &qg,
+                &kg,
+                &vg,
+                &heads(&out4),
                 &lse,
                 0.0,
                 mask.is_none(),
                 mask.as_ref(),
                 cfg.scale,
             )
-            .map_err(KernelError::torch("attention backward (cpu flash)"))?
+            .map_err(KernelError::torch("attention backward (cpu flash)"))?,
+            Some((seed, offset)) => {
+                // _efficient_attention_backward takes [B, T, H, D] tensors.
+                let bthd = |x: &Tensor| x.transpose(1, 2);
+                let (dq, dk, dv, _dbias) = Tensor::f_internal_efficient_attention_backward(
+                    &bthd(&heads(&go4)),
+                    &bthd(&qg),
+                    &bthd(&kg),
+                    &bthd(&vg),
+                    None::<Tensor>,
+                    &bthd(&heads(&out4)),
+                    None::<Tensor>,
+                    None::<Tensor>,
+                    t,
+                    t,
+                    &lse,
+                    0.0,
+                    seed,
+                    offset,
+                    1, // causal, diagonal from the top left
+                    false,
+                    cfg.scale,
+                    None,
+                    None,
+                    false,
+                )
+                .map_err(KernelError::torch("attention backward (cuda efficient)"))?;
+                (bthd(&dq), bthd(&dk), bthd(&dv))
+            }
+        };
+        // [1, n_rep, T, d] → [T, n_rep, d] for q; summed over the group's heads for k and v.
+        let tok = |x: &Tensor| x.squeeze_dim(0).transpose(0, 1);
+        dq.narrow(1, g * n_rep, n_rep).f_copy_(&tok(&dqg)).map_err(KernelError::torch("attention backward"))?;
+        let sum = |x: &Tensor| x.sum_dim_intlist(1, true, x.kind());
+        dk.narrow(1, g, 1).f_copy_(&tok(&sum(&dkg))).map_err(KernelError::torch("attention backward"))?;
+        dv.narrow(1, g, 1).f_copy_(&tok(&sum(&dvg))).map_err(KernelError::torch("attention backward"))?;
+    }
+    Ok((dq, dk, dv))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The former implementation: k/v expanded to every query head (HF's `repeat_kv`) in one call.
+    fn expanded(q: &Tensor, k: &Tensor, v: &Tensor, go: &Tensor, cfg: &AttnConfig) -> (Tensor, Tensor, Tensor, Tensor) {
+        let n_rep = cfg.heads / cfg.kv_heads;
+        let rep = |x: &Tensor| {
+            let s = x.size();
+            x.unsqueeze(2).expand([s[0], s[1], n_rep, s[2], s[3]], false).reshape([s[0], s[1] * n_rep, s[2], s[3]])
+        };
+        let (q4, k4, v4) = (to_bhtd(q), rep(&to_bhtd(k)), rep(&to_bhtd(v)));
+        let t = q.size()[0];
+        let mask = window_mask(t, cfg, q.kind(), q.device());
+        let (o, l) = Tensor::internal_scaled_dot_product_flash_attention_for_cpu(&q4, &k4, &v4, 0.0, mask.is_none(), mask.as_ref(), cfg.scale);
+        let (dq, dk, dv) = Tensor::internal_scaled_dot_product_flash_attention_for_cpu_backward(&to_bhtd(&go.contiguous()), &q4, &k4, &v4, &o, &l, 0.0, mask.is_none(), mask.as_ref(), cfg.scale);
+        let back = |x: &Tensor| x.squeeze_dim(0).transpose(0, 1).contiguous();
+        let red = |g: &Tensor| {
+            let s = g.size();
+            back(&g.reshape([s[0], s[1] / n_rep, n_rep, s[2], s[3]]).sum_dim_intlist(2, false, g.kind()))
+        };
+        (back(&o), back(&dq), red(&dk), red(&dv))
+    }
+
+    #[test]
+    fn one_call_per_kv_group_equals_the_expanded_call_bit_for_bit() {
+        tch::manual_seed(7);
+        for (h, kv, d, t, window) in [(8, 2, 64, 77, None), (6, 3, 32, 130, Some(40)), (4, 4, 16, 33, None), (12, 1, 64, 50, None)] {
+            for kind in [Kind::Float, Kind::Double] {
+                let cfg = AttnConfig { heads: h, kv_heads: kv, head_dim: d, scale: 1.0 / (d as f64).sqrt(), sliding_window: window };
+                let q = Tensor::randn([t, h, d], (kind, Device::Cpu));
+                let k = Tensor::randn([t, kv, d], (kind, Device::Cpu));
+                let v = Tensor::randn([t, kv, d], (kind, Device::Cpu));
+                let go = Tensor::randn([t, h, d], (kind, Device::Cpu));
+                let (o, saved) = forward(&q, &k, &v, &cfg).unwrap();
+                let (dq, dk, dv) = backward(&go, &saved, &cfg).unwrap();
+                let (o2, dq2, dk2, dv2) = expanded(&q, &k, &v, &go, &cfg);
+                for (name, a, b) in [("out", &o, &o2), ("dq", &dq, &dq2), ("dk", &dk, &dk2), ("dv", &dv, &dv2)] {
+                    assert!(a.equal(b), "h={h} kv={kv} d={d} t={t} {kind:?}: {name} differs by {}", (a - b).abs().max().double_value(&[]));
+                }
+            }
         }
-        Some((seed, offset)) => {
-            // _efficient_attention_backward takes [B, T, H, D] tensors.
-            let bthd = |x: &Tensor| x.transpose(1, 2);
-            let (dq, dk, dv, _dbias) = Tensor::f_internal_efficient_attention_backward(
-                &grad_out.contiguous().unsqueeze(0),
-                &bthd(&q4),
-                &bthd(&k4),
-                &bthd(&v4),
-                None::<Tensor>,
-                &saved.out.unsqueeze(0),
-                None::<Tensor>,
-                None::<Tensor>,
-                t,
-                t,
-                &lse,
-                0.0,
-                seed,
-                offset,
-                1, // causal, diagonal from the top left
-                false,
-                cfg.scale,
-                None,
-                None,
-                false,
-            )
-            .map_err(KernelError::torch("attention backward (cuda efficient)"))?;
-            (bthd(&dq), bthd(&dk), bthd(&dv))
-        }
-    };
-    Ok((from_bhtd(&dq4), reduce_kv(&dk4, n_rep), reduce_kv(&dv4, n_rep)))
+    }
 }

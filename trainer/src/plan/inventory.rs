@@ -192,11 +192,11 @@ fn backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, sa
         buf("d x (norm)", format!("[T, {d}]"), d * e, 10, 11),
         buf("dx", format!("[T, {d}]"), d * e, 11, 11),
     ];
-    if kvd != qd {
-        // GQA: k and v repeated to every query head for the kernel, and their gradients.
-        v.push(buf("k, v repeated", format!("2 × [T, {qd}]"), 2 * qd * e, 7, 7));
-        v.push(buf("d k, d v repeated", format!("2 × [T, {qd}]"), 2 * qd * e, 7, 7));
-    }
+    // Attention runs one kernel call per kv head: the call's gradients for that group's query
+    // heads (q, and k and v before they are summed into the kv head) exist for one group at a
+    // time; k and v are broadcast views, never copied.
+    let group = qd / (cfg.num_kv_heads as u64).max(1);
+    v.push(buf("d q, d k, d v of one kv group (kernel outputs)", format!("3 × [T, {group}]"), 3 * group * e, 7, 7));
     // LoRA: an adapted projection's input gradient gets its low-rank term added in place, so
     // that term exists beside it for the op.
     v.extend(lora_terms(kind, lora, "d input", &[(&[Proj::Down], i, 1), (&[Proj::Gate, Proj::Up], d, 3), (&[Proj::O], qd, 6), (&[Proj::Q, Proj::K, Proj::V], d, 9)]));
@@ -222,7 +222,7 @@ fn backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, sa
 }
 
 /// One layer's forward transients (what is not saved) in [`block::forward`]'s op order: q and k
-/// before RoPE, k and v repeated for grouped-query attention, the o_proj output, the down_proj
+/// before RoPE, one kv group's attention output, the o_proj output, the down_proj
 /// output and the block output (the next layer's input). Their best-fit peak per token is the
 /// forward's working set in the level-2 layout.
 fn forward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>) -> Vec<OpBuffer> {
@@ -239,9 +239,9 @@ fn forward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>) -> 
         buf("down_proj output", format!("[T, {d}]"), d * e, 6, 7),
         buf("block output", format!("[T, {d}]"), d * e, 7, 7),
     ];
-    if kvd != qd {
-        v.push(buf("k, v repeated", format!("2 × [T, {qd}]"), 2 * qd * e, 3, 3));
-    }
+    // One kv group's attention output from the kernel, before it is written into the saved one.
+    let group = qd / (cfg.num_kv_heads as u64).max(1);
+    v.push(buf("attention output of one kv group (kernel output)", format!("[T, {group}]"), group * e, 3, 3));
     // LoRA: an adapted projection's low-rank term exists beside its output until it is added in
     // place.
     let i = cfg.intermediate_size as u64;
