@@ -240,13 +240,16 @@ fn backward_one(grad_out: &Tensor, saved: &Saved, cfg: &AttnConfig) -> Result<(T
             Some((seed, offset)) => {
                 // _efficient_attention_backward takes [B, T, H, D] tensors.
                 let bthd = |x: &Tensor| x.transpose(1, 2);
+                // The kernel takes the output's row stride to be heads·head_dim of this call: a
+                // group's slice of it (and of its gradient) must be made dense.
+                let (go, out) = (bthd(&heads(&go4)).contiguous(), bthd(&heads(&out4)).contiguous());
                 let (dq, dk, dv, _dbias) = Tensor::f_internal_efficient_attention_backward(
-                    &bthd(&heads(&go4)),
+                    &go,
                     &bthd(&qg),
                     &bthd(&kg),
                     &bthd(&vg),
                     None::<Tensor>,
-                    &bthd(&heads(&out4)),
+                    &out,
                     None::<Tensor>,
                     None::<Tensor>,
                     t,

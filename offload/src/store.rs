@@ -290,6 +290,9 @@ pub struct ActivationStore {
     transfer_bytes: (u64, u64),
     /// Where each tensor of the latest forward went and its bytes.
     placed: HashMap<Key, (Tier, u64)>,
+    /// Layers whose tensors were taken back since their last put: their next put starts a new
+    /// forward, which replaces their `placed` entries.
+    taken: HashSet<usize>,
     spilled: u64,
 }
 
@@ -314,6 +317,7 @@ impl ActivationStore {
             pending_free: Vec::new(),
             transfer_bytes: (0, 0),
             placed: HashMap::new(),
+            taken: HashSet::new(),
             spilled: 0,
         }
     }
@@ -461,6 +465,9 @@ impl ActivationStore {
     pub fn put(&mut self, layer: usize, name: &str, t: Tensor, tier: Tier) -> Result<()> {
         let key = (layer, name.to_string());
         let n = bytes_of(&t);
+        if self.taken.remove(&layer) {
+            self.placed.retain(|(l, _), _| *l != layer);
+        }
         if tier == Tier::Keep || self.io.is_none() && self.copy.is_none() {
             self.placed.insert(key.clone(), (Tier::Keep, n));
             self.kept.insert(key, t);
@@ -582,6 +589,7 @@ impl ActivationStore {
     /// Takes a saved tensor back, waiting for its transfer if it is not in yet.
     pub fn take(&mut self, layer: usize, name: &str) -> Result<Tensor> {
         let key = (layer, name.to_string());
+        self.taken.insert(layer);
         if let Some(t) = self.kept.remove(&key) {
             return Ok(t);
         }

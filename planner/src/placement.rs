@@ -209,8 +209,9 @@ impl Placement {
         t
     }
 
-    /// The placement in a few words per run of alike layers, e.g.
-    /// `layers 0..3 nvme; 4 host+nvme (q, k, v host; the rest nvme); 5..7 kept`.
+    /// The placement in a line per run of alike layers, e.g. `layers 0..3: α 1.000, nvme 241.00
+    /// MiB`, `layer 4: α 1.000, host 96.31 MiB + nvme 145.00 MiB [x, q in host; the rest in nvme]`,
+    /// `layers 5..7: kept on the device`.
     pub fn summary(&self) -> Vec<String> {
         let describe = |l: &LayerPlacement| -> String {
             match l {

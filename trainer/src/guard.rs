@@ -37,6 +37,8 @@ thread_local! {
     static WHERE: Cell<(Phase, Option<usize>)> = const { Cell::new((Phase::Data, None)) };
     /// Inside [`run`]: a panic is caught and reported as an error, so the hook stays quiet.
     static GUARDED: Cell<bool> = const { Cell::new(false) };
+    /// The location of the last panic caught inside [`run`].
+    static LOCATION: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Records that the step is now in `phase` (of `layer`).
@@ -51,6 +53,8 @@ pub struct Failure {
     pub layer: Option<usize>,
     /// libtorch's message (its first paragraph, without the C++ backtrace).
     pub message: String,
+    /// A panic that did not come from libtorch: a bug in strata (the message has its location).
+    pub internal: bool,
 }
 
 impl Failure {
@@ -74,7 +78,9 @@ fn install_hook() {
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if !GUARDED.with(|g| g.get()) {
+            if GUARDED.with(|g| g.get()) {
+                LOCATION.with(|l| *l.borrow_mut() = info.location().map(|l| l.to_string()));
+            } else {
                 previous(info);
             }
         }));
@@ -82,14 +88,14 @@ fn install_hook() {
 }
 
 /// libtorch's words out of a panic payload: tch panics with
-/// ``called `Result::unwrap()` on an `Err` value: Torch("…")``, the text Debug-escaped.
-fn torch_message(payload: &(dyn std::any::Any + Send)) -> String {
+/// ``called `Result::unwrap()` on an `Err` value: Torch("…")``, the text Debug-escaped. None when
+/// the panic did not come from libtorch.
+fn torch_message(payload: &(dyn std::any::Any + Send)) -> (String, bool) {
     let raw = payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "a panic without a message".into());
-    let text = match (raw.find("Torch(\""), raw.rfind("\")")) {
-        (Some(a), Some(b)) if b > a + 7 => raw[a + 7..b].replace("\\n", "\n").replace("\\\"", "\"").replace("\\'", "'"),
-        _ => raw,
-    };
-    first_paragraph(&text)
+    match (raw.find("Torch(\""), raw.rfind("\")")) {
+        (Some(a), Some(b)) if b > a + 7 => (first_paragraph(&raw[a + 7..b].replace("\\n", "\n").replace("\\\"", "\"").replace("\\'", "'")), true),
+        _ => (raw, false),
+    }
 }
 
 /// The message without libtorch's C++ frames.
@@ -112,9 +118,16 @@ pub fn run<T>(work: impl FnOnce() -> Result<T>) -> std::result::Result<Result<T>
     GUARDED.with(|g| g.set(was));
     let (phase, layer) = WHERE.with(|w| w.get());
     match r {
-        Ok(Err(TrainerError::Kernel(e))) => Err(Failure { phase, layer, message: first_paragraph(&e.to_string()) }),
+        Ok(Err(TrainerError::Kernel(e))) => Err(Failure { phase, layer, message: first_paragraph(&e.to_string()), internal: false }),
         Ok(r) => Ok(r),
-        Err(payload) => Err(Failure { phase, layer, message: torch_message(payload.as_ref()) }),
+        Err(payload) => {
+            let (message, torch) = torch_message(payload.as_ref());
+            let message = match (torch, LOCATION.with(|l| l.borrow_mut().take())) {
+                (false, Some(at)) => format!("{message} (at {at})"),
+                _ => message,
+            };
+            Err(Failure { phase, layer, message, internal: !torch })
+        }
     }
 }
 
@@ -133,8 +146,16 @@ mod tests {
         let f = r.unwrap_err();
         assert_eq!((f.phase, f.layer), (Phase::Backward, Some(3)));
         assert!(f.message.contains("cannot be multiplied") && !f.message.contains("frame #"), "{}", f.message);
-        assert!(!f.message.contains("Torch(") && !f.is_out_of_memory(), "{}", f.message);
+        assert!(!f.message.contains("Torch(") && !f.is_out_of_memory() && !f.internal, "{}", f.message);
         assert_eq!(f.place(), "the backward of layer 3");
+        // A panic of our own is an internal error with its location.
+        let bug: std::result::Result<Result<()>, Failure> = run(|| {
+            let v: Vec<u8> = Vec::new();
+            let _ = v[std::hint::black_box(3)];
+            Ok(())
+        });
+        let f = bug.unwrap_err();
+        assert!(f.internal && f.message.contains("guard.rs"), "{}", f.message);
         // Outside the guard the next call starts clean.
         let ok: std::result::Result<Result<u8>, Failure> = run(|| Ok(7));
         assert_eq!(ok.unwrap().unwrap(), 7);

@@ -40,7 +40,7 @@ pub struct ChatTemplate {
     path: PathBuf,
     /// Whether the template marks assistant text with `{% generation %}`.
     has_generation: bool,
-    /// `bos_token`, `eos_token`, ..., `additional_special_tokens`, as transformers passes them.
+    /// `bos_token` ... `mask_token` and `extra_special_tokens`, as transformers passes them.
     special: Map<String, Value>,
 }
 
@@ -101,7 +101,7 @@ fn rewrite_generation_tags(src: &str) -> (String, bool) {
     while let Some(i) = rest.find("{%") {
         out.push_str(&rest[..i]);
         let tag = &rest[i..];
-        let Some(end) = tag.find("%}") else {
+        let Some(end) = tag[2..].find("%}").map(|e| e + 2) else {
             out.push_str(tag);
             rest = "";
             break;
@@ -197,7 +197,7 @@ fn py_float(f: f64) -> String {
     if f.is_infinite() {
         return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
     }
-    let exp = if f == 0.0 { 0 } else { f.abs().log10().floor() as i32 };
+    let exp: i32 = if f == 0.0 { 0 } else { format!("{f:e}").rsplit('e').next().and_then(|e| e.parse().ok()).unwrap_or(0) };
     if (-4..16).contains(&exp) {
         let s = format!("{f}");
         if s.contains('.') || s.contains('e') {
@@ -287,7 +287,7 @@ fn tojson(v: minijinja::Value, kwargs: minijinja::value::Kwargs) -> std::result:
     let indent: Option<usize> = kwargs.get("indent")?;
     let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
     let separators: Option<Vec<String>> = kwargs.get("separators")?;
-    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
     kwargs.assert_all_used()?;
     let (item, key) = match &separators {
         Some(s) if s.len() == 2 => (s[0].clone(), s[1].clone()),
@@ -297,6 +297,21 @@ fn tojson(v: minijinja::Value, kwargs: minijinja::value::Kwargs) -> std::result:
     };
     let mut out = String::new();
     py_json(&json, indent, (&item, &key), sort_keys.unwrap_or(false), 0, &mut out);
+    if ensure_ascii == Some(true) {
+        // Python escapes every non-ASCII character as \uXXXX (UTF-16, surrogate pairs above the BMP).
+        let mut ascii = String::with_capacity(out.len());
+        for c in out.chars() {
+            if c.is_ascii() {
+                ascii.push(c);
+            } else {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    ascii.push_str(&format!("\\u{:04x}", u));
+                }
+            }
+        }
+        out = ascii;
+    }
     Ok(minijinja::Value::from_safe_string(out))
 }
 
@@ -311,10 +326,17 @@ fn strftime_now(format: String) -> std::result::Result<String, minijinja::Error>
         if libc::localtime_r(&now, &mut tm).is_null() {
             return Err(mj_err("strftime_now: no local time"));
         }
-        let mut buf = vec![0u8; 512];
-        let n = libc::strftime(buf.as_mut_ptr().cast(), buf.len(), c.as_ptr(), &tm);
-        buf.truncate(n);
-        Ok(String::from_utf8_lossy(&buf).into_owned())
+        // strftime returns 0 when the result does not fit (or is empty): grow and retry.
+        let mut size = 256;
+        loop {
+            let mut buf = vec![0u8; size];
+            let n = libc::strftime(buf.as_mut_ptr().cast(), buf.len(), c.as_ptr(), &tm);
+            if n > 0 || size >= 1 << 16 {
+                buf.truncate(n);
+                return Ok(String::from_utf8_lossy(&buf).into_owned());
+            }
+            size *= 4;
+        }
     }
 }
 
@@ -337,7 +359,28 @@ fn py_methods(state: &minijinja::State, value: &minijinja::Value, method: &str, 
                         v.reverse();
                         v
                     }
-                    None => s.split_whitespace().map(str::to_string).collect(),
+                    None if maxsplit < 0 => s.split_whitespace().map(str::to_string).collect(),
+                    None => {
+                        // Python: at most `maxsplit` splits from the right; the rest keeps its
+                        // inner whitespace (leading whitespace of the rest stripped).
+                        let mut words: Vec<String> = Vec::new();
+                        let mut rest = s.trim_end();
+                        while (words.len() as i64) < maxsplit {
+                            match rest.rfind(char::is_whitespace) {
+                                Some(i) => {
+                                    let ws = rest[i..].chars().next().map_or(1, |c| c.len_utf8());
+                                    words.push(rest[i + ws..].to_string());
+                                    rest = rest[..i].trim_end();
+                                }
+                                None => break,
+                            }
+                        }
+                        if !rest.trim_start().is_empty() {
+                            words.push(rest.trim_start().to_string());
+                        }
+                        words.reverse();
+                        words
+                    }
                 };
                 V::from(parts)
             }
@@ -518,6 +561,12 @@ impl ChatTemplate {
     pub fn render(&self, conv: &Conversation, add_generation_prompt: bool) -> std::result::Result<Rendered, String> {
         let env = self.env().map_err(|e| e.to_string())?;
         let tmpl = env.get_template("chat").map_err(|e| e.to_string())?;
+        if self.has_generation {
+            let data = serde_json::to_string(&(&conv.messages, &conv.tools, &conv.documents, &conv.kwargs)).unwrap_or_default();
+            if data.contains(GEN_OPEN) || data.contains(GEN_CLOSE) {
+                return Err("the conversation contains U+E000 or U+E001, which mark the template's {% generation %} spans".into());
+            }
+        }
         let mut ctx = self.special.clone();
         for (k, v) in &conv.kwargs {
             ctx.insert(k.clone(), v.clone());
@@ -535,6 +584,9 @@ impl ChatTemplate {
             }
             msg
         })?;
+        if !self.has_generation {
+            return Ok(Rendered { text: raw, generation: Vec::new() });
+        }
         // Strip the generation markers, recording where they were.
         let mut text = String::with_capacity(raw.len());
         let mut generation = Vec::new();
@@ -697,11 +749,21 @@ impl ChatTemplate {
             let start = common_prefix(real, &other);
             let end = real.len() - common_suffix(&real[start..], &other[start.min(other.len())..]);
             let region = &real[start..end];
-            if region.is_empty() && !content.is_empty() {
-                continue; // the template does not render this content: nothing of it to train
+            if region.is_empty() || content.trim().is_empty() {
+                continue; // the template does not render this content, or it is empty: nothing to train
             }
+            // Several text parts: the region from the first part to the last, whatever the
+            // template writes between them.
+            let parts: Vec<&str> = match m.get("content") {
+                Some(Value::Array(p)) => p.iter().filter_map(|p| p.get("text").and_then(|t| t.as_str())).map(str::trim).filter(|t| !t.is_empty()).collect(),
+                _ => Vec::new(),
+            };
+            let trimmed = region.trim();
             let span = if region == content {
                 start..end
+            } else if parts.len() > 1 && trimmed.starts_with(parts[0]) && trimmed.ends_with(parts[parts.len() - 1]) {
+                let lead = region.len() - region.trim_start().len();
+                start + lead..start + lead + trimmed.len()
             } else {
                 let mut found = None;
                 for c in candidates(content) {
@@ -709,7 +771,10 @@ impl ChatTemplate {
                     match hits.as_slice() {
                         [] => continue,
                         [one] => found = Some(start + one..start + one + c.len()),
-                        [.., last] if region.trim_end().ends_with(c) => found = Some(start + last..start + last + c.len()),
+                        [_, ..] if region.trim_end().ends_with(c) => {
+                            let at = start + region.trim_end().len() - c.len();
+                            found = Some(at..at + c.len());
+                        }
                         _ => return Err(format!("messages[{i}] (assistant): the chat template writes this content {} times; which copy is the answer is ambiguous (a template with {{% generation %}} blocks says)", hits.len())),
                     }
                     break;
@@ -736,6 +801,21 @@ mod tests {
         assert!(found);
         assert_eq!(s, "a{%- filter strata_generation -%}b{% endfilter %}c{% if x %}{% endif %}");
         assert_eq!(rewrite_generation_tags("{{ x }}{% for m in y %}{% endfor %}"), ("{{ x }}{% for m in y %}{% endfor %}".to_string(), false));
+        assert_eq!(rewrite_generation_tags("{{ '{%}' }}{% if a %}b{% endif %}").1, false);
+    }
+
+    #[test]
+    fn python_methods_and_filters_render_as_python_does() {
+        let t = ChatTemplate::from_source(
+            "{{ m.rsplit(None, 1) }}|{{ m.rsplit(' ', 1) }}|{{ m.partition(':') }}|{{ x | tojson(ensure_ascii=True) }}|{{ x }}|{{ flag }}|{{ none }}|{{ m.zfill(12) }}|{{ 'ab'.center(5, '*') }}",
+            Path::new("t.jinja"),
+            &Value::Null,
+        )
+        .unwrap();
+        let conv = Conversation { kwargs: serde_json::from_str(r#"{"m": "a b  c:d", "x": {"é": [1.5, true, null, "it's"]}, "flag": false, "none": null}"#).unwrap(), ..Default::default() };
+        let r = t.render(&conv, false).unwrap();
+        // Python prints partition's tuple with parentheses; minijinja has no tuples.
+        assert_eq!(r.text, r#"['a b', 'c:d']|['a b ', 'c:d']|['a b  c', ':', 'd']|{"\u00e9": [1.5, true, null, "it's"]}|{'é': [1.5, True, None, "it's"]}|False|None|0000a b  c:d|**ab*"#);
     }
 
     #[test]
@@ -748,6 +828,10 @@ mod tests {
         py_json(&v, Some(2), (",", ": "), true, 0, &mut s);
         assert_eq!(s, "{\n  \"a\": {\n    \"x\": null,\n    \"y\": 1e-07,\n    \"z\": 3.0\n  },\n  \"b\": [\n    1,\n    2.5,\n    \"é<\"\n  ]\n}");
         assert_eq!(py_float(1e20), "1e+20");
+        assert_eq!(py_float(9999999999999998.0), "9999999999999998.0");
+        assert_eq!(py_float(1e16), "1e+16");
+        assert_eq!(py_float(0.0001), "0.0001");
+        assert_eq!(py_float(0.00001), "1e-05");
         assert_eq!(py_float(0.1), "0.1");
         assert_eq!(py_float(123456.0), "123456.0");
     }

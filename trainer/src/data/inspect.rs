@@ -31,28 +31,37 @@ fn tokens(recipe: &Recipe, recipe_path: &Path) -> Result<Tokens> {
     }
 }
 
-/// An example's text, runs of trained tokens marked.
+/// An example's text, runs of trained tokens marked. Each run's text is what decoding the tokens
+/// up to its end adds to decoding those before it, so the marks do not change the text (no space
+/// added between runs, no character split). The first token is never a target.
 fn marked(tok: &tokenizers::Tokenizer, e: &Example, marks: Marks) -> String {
+    let ids: Vec<u32> = e.ids.iter().map(|&x| x as u32).collect();
+    let trained = |i: usize| i > 0 && e.target[i];
+    let decode = |n: usize| tok.decode(&ids[..n], false).unwrap_or_default();
     let mut out = String::new();
+    let mut prev = String::new();
     let mut i = 0;
-    while i < e.ids.len() {
-        let trained = e.target[i];
-        let j = (i..e.ids.len()).find(|&j| e.target[j] != trained).unwrap_or(e.ids.len());
-        let ids: Vec<u32> = e.ids[i..j].iter().map(|&x| x as u32).collect();
-        let text = tok.decode(&ids, false).unwrap_or_else(|_| format!("<{} tokens>", ids.len()));
-        match (trained, marks) {
+    while i < ids.len() {
+        let on = trained(i);
+        let j = (i..ids.len()).find(|&j| trained(j) != on).unwrap_or(ids.len());
+        let upto = decode(j);
+        let text = match upto.strip_prefix(prev.as_str()) {
+            Some(t) => t.to_string(),
+            None => tok.decode(&ids[i..j], false).unwrap_or_default(),
+        };
+        // Whitespace around a trained run stays outside its marks.
+        let core = text.trim();
+        let (lead, trail) = (&text[..text.len() - text.trim_start().len()], &text[text.trim_end().len().max(text.len() - text.trim_start().len())..]);
+        match (on && !core.is_empty(), marks) {
             (false, _) => out.push_str(&text),
             (true, Marks::Colour) => {
-                let _ = write!(out, "\x1b[1;32m{text}\x1b[0m");
+                let _ = write!(out, "{lead}\x1b[1;32m{core}\x1b[0m{trail}");
             }
             (true, Marks::Brackets) => {
-                let _ = write!(out, "[[{text}]]");
+                let _ = write!(out, "{lead}[[{core}]]{trail}");
             }
         }
-        // Tokens decoded in runs: keep the word boundary the decoder would put between runs.
-        if j < e.ids.len() && !text.ends_with(char::is_whitespace) {
-            out.push(' ');
-        }
+        prev = upto;
         i = j;
     }
     out

@@ -54,7 +54,7 @@ pub fn budgets(recipe: &Recipe, req: &Request) -> Result<Budgets> {
 
 /// This process's resident set (VmRSS) when first asked: the runtime, its libraries and thread
 /// pools, before any tensor of the run exists.
-fn baseline_rss() -> u64 {
+pub fn baseline_rss() -> u64 {
     static AT_START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *AT_START.get_or_init(|| crate::memory::rss_bytes().unwrap_or(0))
 }

@@ -163,6 +163,8 @@ impl Session {
         let (cfg, cfg_text) = model_config(&recipe, recipe_path)?;
         let lora = lora_config(&recipe);
         let planned = plan_before_loading(&recipe, &cfg, lora.as_ref())?;
+        // The process before any weight exists: what a plan after a failure counts as its own.
+        crate::plan::baseline_rss();
         let (mut model, tokens, base_name, export_source) = load_model(&recipe, recipe_path, cfg, cfg_text)?;
         if let Some(l) = &lora {
             model.attach_lora(l, recipe.run.seed as i64 + 1)?;
@@ -229,6 +231,11 @@ impl Session {
     /// After an out-of-memory: what the plan says would fit, as lines for the error (empty when
     /// even planning fails).
     pub fn what_would_fit(&self) -> String {
-        crate::plan::fit_after_failure(&self.recipe, &self.model.cfg, self.lora.as_ref()).unwrap_or_else(|e| format!("\n  (no plan: {e})"))
+        // The probe allocates on the device that just ran out: guarded too.
+        match crate::guard::run(|| crate::plan::fit_after_failure(&self.recipe, &self.model.cfg, self.lora.as_ref())) {
+            Ok(Ok(lines)) => lines,
+            Ok(Err(e)) => format!("\n  (no plan: {e})"),
+            Err(f) => format!("\n  (no plan: the planner's probe failed too: {})", f.message),
+        }
     }
 }

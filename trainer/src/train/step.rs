@@ -90,6 +90,9 @@ pub fn guarded(s: &mut Session, source: &Source, store: &mut offload::store::Act
 }
 
 fn failure_error(s: &Session, f: &Failure, step: i64) -> TrainerError {
+    if f.internal {
+        return TrainerError::Device(format!("internal error in {} of step {} (a bug in strata; please report it): {}", f.place(), step + 1, f.message));
+    }
     let mut context = String::new();
     if f.is_out_of_memory() {
         context += &memory_state(s.model.device());
