@@ -10,7 +10,9 @@
 //! one kernel call per kv head: its `n_rep` query heads (query head h reads kv head h / n_rep, as
 //! HF's `repeat_kv` has it) against that kv head broadcast to them (a stride-0 view), so no
 //! `[T, heads, head_dim]` copy of k or v exists, nor of their gradients: each group's gradients
-//! are summed into its kv head as they come. The logsumexp is the statistic that makes backward
+//! are summed into its kv head as they come. (The CPU flash backward's rounding depends on how
+//! many heads a call has once a sequence spans several of its blocks, so this equals the former
+//! expanded call to rounding; MHA keeps one call for all heads.) The logsumexp is the statistic that makes backward
 //! possible without the [T, T] score matrix; it is saved beside the output.
 use tch::{Device, Kind, Tensor};
 
@@ -49,12 +51,42 @@ fn to_bhtd(x: &Tensor) -> Tensor {
     x.transpose(0, 1).unsqueeze(0)
 }
 
-/// The query heads and the kv head of group `g`: `[1, n_rep, T, d]` views, the kv head broadcast
-/// to the group's query heads (stride 0, no copy).
-fn group(q4: &Tensor, k4: &Tensor, v4: &Tensor, g: i64, n_rep: i64) -> (Tensor, Tensor, Tensor) {
-    let s = k4.size();
-    let bcast = |x: &Tensor| x.narrow(1, g, 1).expand([s[0], n_rep, s[2], s[3]], false);
-    (q4.narrow(1, g * n_rep, n_rep), bcast(k4), bcast(v4))
+/// How attention is split into kernel calls: one call for all heads when every query head has
+/// its own kv head (MHA), else one call per kv head (`calls` = kv_heads, `q_heads` = n_rep).
+#[derive(Debug, Clone, Copy)]
+struct Calls {
+    calls: i64,
+    /// Query heads per call.
+    q_heads: i64,
+    /// Kv heads per call (1 under grouped-query attention, broadcast to `q_heads`).
+    kv_heads: i64,
+}
+
+impl Calls {
+    fn of(cfg: &AttnConfig) -> Calls {
+        if cfg.heads == cfg.kv_heads {
+            // One call: the CPU flash backward's accumulation order depends on how many heads a
+            // call has, so MHA keeps the single call it always made (bit-identical results).
+            Calls { calls: 1, q_heads: cfg.heads, kv_heads: cfg.kv_heads }
+        } else {
+            Calls { calls: cfg.kv_heads, q_heads: cfg.heads / cfg.kv_heads, kv_heads: 1 }
+        }
+    }
+
+    /// Call `c`'s query heads and kv heads as `[1, heads, T, d]` views; a single kv head is
+    /// broadcast to the call's query heads (stride 0, no copy).
+    fn inputs(&self, q4: &Tensor, k4: &Tensor, v4: &Tensor, c: i64) -> (Tensor, Tensor, Tensor) {
+        let s = k4.size();
+        let kv = |x: &Tensor| {
+            let x = x.narrow(1, c * self.kv_heads, self.kv_heads);
+            if self.kv_heads == self.q_heads {
+                x
+            } else {
+                x.expand([s[0], self.q_heads, s[2], s[3]], false)
+            }
+        };
+        (q4.narrow(1, c * self.q_heads, self.q_heads), kv(k4), kv(v4))
+    }
 }
 
 /// Additive mask for a sliding window, or None when the window does not bite (T ≤ window).
@@ -177,7 +209,7 @@ pub fn backward_packed(grad_out: &Tensor, saved: &Saved, cfg: &AttnConfig, cu_se
 
 fn forward_one(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttnConfig) -> Result<(Tensor, Saved), KernelError> {
     let t = check(q, k, v, cfg)?;
-    let n_rep = cfg.heads / cfg.kv_heads;
+    let calls = Calls::of(cfg);
     let (q4, k4, v4) = (to_bhtd(q), to_bhtd(k), to_bhtd(v));
     if cfg.sliding_window.is_some_and(|w| t > w) && q.device() != Device::Cpu {
         return Err(KernelError::shape("attention", format!("sliding window {:?} shorter than the sequence ({t}) is not supported on CUDA yet", cfg.sliding_window)));
@@ -185,10 +217,10 @@ fn forward_one(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttnConfig) -> Result<(
     let mask = window_mask(t, cfg, q.kind(), q.device());
     // One call per kv head, each group's output written into its heads of `out`.
     let out = q.empty_like();
-    let mut lses = Vec::with_capacity(cfg.kv_heads as usize);
+    let mut lses = Vec::with_capacity(calls.calls as usize);
     let mut philox = None;
-    for g in 0..cfg.kv_heads {
-        let (qg, kg, vg) = group(&q4, &k4, &v4, g, n_rep);
+    for g in 0..calls.calls {
+        let (qg, kg, vg) = calls.inputs(&q4, &k4, &v4, g);
         let (o, lse) = match q.device() {
             Device::Cpu => Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(&qg, &kg, &vg, 0.0, mask.is_none(), mask.as_ref(), cfg.scale)
                 .map_err(KernelError::torch("attention forward (cpu flash)"))?,
@@ -199,7 +231,7 @@ fn forward_one(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttnConfig) -> Result<(
                 (o, l)
             }
         };
-        out.narrow(1, g * n_rep, n_rep).f_copy_(&o.squeeze_dim(0).transpose(0, 1)).map_err(KernelError::torch("attention forward"))?;
+        out.narrow(1, g * calls.q_heads, calls.q_heads).f_copy_(&o.squeeze_dim(0).transpose(0, 1)).map_err(KernelError::torch("attention forward"))?;
         lses.push(lse.squeeze_dim(0));
     }
     let lse = if lses.len() == 1 { lses.pop().unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, q.device()))) } else { Tensor::cat(&lses, 0) };
@@ -209,7 +241,7 @@ fn forward_one(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttnConfig) -> Result<(
 
 fn backward_one(grad_out: &Tensor, saved: &Saved, cfg: &AttnConfig) -> Result<(Tensor, Tensor, Tensor), KernelError> {
     let t = check(&saved.q, &saved.k, &saved.v, cfg)?;
-    let n_rep = cfg.heads / cfg.kv_heads;
+    let calls = Calls::of(cfg);
     let (q4, k4, v4) = (to_bhtd(&saved.q), to_bhtd(&saved.k), to_bhtd(&saved.v));
     let (go4, out4) = (to_bhtd(&grad_out.contiguous()), to_bhtd(&saved.out));
     let mask = match &saved.philox {
@@ -219,10 +251,10 @@ fn backward_one(grad_out: &Tensor, saved: &Saved, cfg: &AttnConfig) -> Result<(T
     // Each group's gradients go into the whole-sequence ones as they come; a kv head's is the
     // sum over its query heads.
     let (dq, dk, dv) = (saved.q.empty_like(), saved.k.empty_like(), saved.v.empty_like());
-    for g in 0..cfg.kv_heads {
-        let (qg, kg, vg) = group(&q4, &k4, &v4, g, n_rep);
-        let heads = |x: &Tensor| x.narrow(1, g * n_rep, n_rep);
-        let lse = saved.lse.narrow(0, g * n_rep, n_rep).unsqueeze(0);
+    for g in 0..calls.calls {
+        let (qg, kg, vg) = calls.inputs(&q4, &k4, &v4, g);
+        let heads = |x: &Tensor| x.narrow(1, g * calls.q_heads, calls.q_heads);
+        let lse = saved.lse.narrow(0, g * calls.q_heads, calls.q_heads).unsqueeze(0);
         let (dqg, dkg, dvg) = match &saved.philox {
             None => Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(
                 &heads(&go4),
@@ -269,12 +301,13 @@ fn backward_one(grad_out: &Tensor, saved: &Saved, cfg: &AttnConfig) -> Result<(T
                 (bthd(&dq), bthd(&dk), bthd(&dv))
             }
         };
-        // [1, n_rep, T, d] → [T, n_rep, d] for q; summed over the group's heads for k and v.
+        // [1, heads, T, d] → [T, heads, d]; a broadcast kv head's gradient is the sum over the
+        // call's query heads.
         let tok = |x: &Tensor| x.squeeze_dim(0).transpose(0, 1);
-        dq.narrow(1, g * n_rep, n_rep).f_copy_(&tok(&dqg)).map_err(KernelError::torch("attention backward"))?;
-        let sum = |x: &Tensor| x.sum_dim_intlist(1, true, x.kind());
-        dk.narrow(1, g, 1).f_copy_(&tok(&sum(&dkg))).map_err(KernelError::torch("attention backward"))?;
-        dv.narrow(1, g, 1).f_copy_(&tok(&sum(&dvg))).map_err(KernelError::torch("attention backward"))?;
+        let kv = |x: &Tensor| if calls.kv_heads == calls.q_heads { x.shallow_clone() } else { x.sum_dim_intlist(1, true, x.kind()) };
+        dq.narrow(1, g * calls.q_heads, calls.q_heads).f_copy_(&tok(&dqg)).map_err(KernelError::torch("attention backward"))?;
+        dk.narrow(1, g * calls.kv_heads, calls.kv_heads).f_copy_(&tok(&kv(&dkg))).map_err(KernelError::torch("attention backward"))?;
+        dv.narrow(1, g * calls.kv_heads, calls.kv_heads).f_copy_(&tok(&kv(&dvg))).map_err(KernelError::torch("attention backward"))?;
     }
     Ok((dq, dk, dv))
 }
@@ -304,9 +337,9 @@ mod tests {
     }
 
     #[test]
-    fn one_call_per_kv_group_equals_the_expanded_call_bit_for_bit() {
+    fn one_call_per_kv_group_equals_the_expanded_call() {
         tch::manual_seed(7);
-        for (h, kv, d, t, window) in [(8, 2, 64, 77, None), (6, 3, 32, 130, Some(40)), (4, 4, 16, 33, None), (12, 1, 64, 50, None)] {
+        for (h, kv, d, t, window) in [(8, 2, 64, 77, None), (6, 3, 32, 130, Some(40)), (4, 4, 16, 33, None), (12, 1, 64, 50, None), (4, 4, 32, 2550, None), (8, 2, 32, 2550, None)] {
             for kind in [Kind::Float, Kind::Double] {
                 let cfg = AttnConfig { heads: h, kv_heads: kv, head_dim: d, scale: 1.0 / (d as f64).sqrt(), sliding_window: window };
                 let q = Tensor::randn([t, h, d], (kind, Device::Cpu));
@@ -317,9 +350,16 @@ mod tests {
                 let (dq, dk, dv) = backward(&go, &saved, &cfg).unwrap();
                 let (o2, dq2, dk2, dv2) = expanded(&q, &k, &v, &go, &cfg);
                 for (name, a, b) in [("out", &o, &o2), ("dq", &dq, &dq2), ("dk", &dk, &dk2), ("dv", &dv, &dv2)] {
-                    assert!(a.equal(b), "h={h} kv={kv} d={d} t={t} {kind:?}: {name} differs by {}", (a - b).abs().max().double_value(&[]));
+                    let diff = (a - b).abs().max().double_value(&[]);
+                    // The CPU flash backward accumulates in an order that depends on how many
+                    // heads a call has once a sequence spans several of its blocks: beyond that,
+                    // equal to rounding (MHA keeps its single call, so stays bit-identical).
+                    let exact = kv == h || t < 256 || name == "out";
+                    let tol = if kind == Kind::Double { 1e-12 } else { 1e-5 } * b.abs().max().double_value(&[]).max(1.0);
+                    assert!(if exact { a.equal(b) } else { diff <= tol }, "h={h} kv={kv} d={d} t={t} {kind:?}: {name} differs by {diff}");
                 }
             }
         }
     }
 }
+
