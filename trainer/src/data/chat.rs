@@ -35,8 +35,9 @@ const GEN_FILTER: &str = "strata_generation";
 /// A Hugging Face chat template with the special tokens of its folder.
 #[derive(Clone)]
 pub struct ChatTemplate {
-    /// The template with `{% generation %}` blocks turned into filter blocks.
-    source: String,
+    /// The compiled template (`{% generation %}` blocks turned into filter blocks) with
+    /// transformers' environment, built once and shared by every render.
+    env: std::sync::Arc<minijinja::Environment<'static>>,
     path: PathBuf,
     /// Whether the template marks assistant text with `{% generation %}`.
     has_generation: bool,
@@ -474,10 +475,9 @@ impl ChatTemplate {
     /// From a template source and its folder's `tokenizer_config.json` value.
     pub fn from_source(source: &str, path: &Path, config: &Value) -> Result<ChatTemplate> {
         let (source, has_generation) = rewrite_generation_tags(source);
-        let t = ChatTemplate { source, path: path.to_path_buf(), has_generation, special: special_tokens(config) };
-        // Compile once now, so a broken template fails before training starts.
-        t.env()?;
-        Ok(t)
+        // Compiled once, here: a broken template fails before training starts.
+        let env = std::sync::Arc::new(Self::env(source, path)?);
+        Ok(ChatTemplate { env, path: path.to_path_buf(), has_generation, special: special_tokens(config) })
     }
 
     /// From `tokenizer_config.json` (`chat_template` as a string, or a list of named templates of
@@ -509,7 +509,7 @@ impl ChatTemplate {
         ChatTemplate::from_source(&source, &path, &cfg).map(Some)
     }
 
-    fn env(&self) -> Result<minijinja::Environment<'static>> {
+    fn env(source: String, path: &Path) -> Result<minijinja::Environment<'static>> {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_trim_blocks(true);
@@ -547,7 +547,7 @@ impl ChatTemplate {
             }
         });
         env.add_filter(GEN_FILTER, |s: String| format!("{GEN_OPEN}{s}{GEN_CLOSE}"));
-        env.add_template_owned("chat", self.source.clone()).map_err(|e| TrainerError::config(&self.path, format!("chat template does not compile: {e}")))?;
+        env.add_template_owned("chat", source).map_err(|e| TrainerError::config(path, format!("chat template does not compile: {e}")))?;
         Ok(env)
     }
 
@@ -559,8 +559,7 @@ impl ChatTemplate {
     /// Renders a conversation; the error is the template's own message (`raise_exception`) or
     /// minijinja's, with the template's file.
     pub fn render(&self, conv: &Conversation, add_generation_prompt: bool) -> std::result::Result<Rendered, String> {
-        let env = self.env().map_err(|e| e.to_string())?;
-        let tmpl = env.get_template("chat").map_err(|e| e.to_string())?;
+        let tmpl = self.env.get_template("chat").map_err(|e| e.to_string())?;
         if self.has_generation {
             let data = serde_json::to_string(&(&conv.messages, &conv.tools, &conv.documents, &conv.kwargs)).unwrap_or_default();
             if data.contains(GEN_OPEN) || data.contains(GEN_CLOSE) {
