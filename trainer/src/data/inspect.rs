@@ -94,13 +94,18 @@ pub fn inspect(recipe_path: &Path, overrides: &[String], n: usize, marks: Marks)
     for f in &d.train {
         let text = std::fs::read_to_string(f).map_err(TrainerError::io(f))?;
         for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-            let whole = enc.line_whole(line).map_err(|msg| TrainerError::Data { path: f.clone(), line: i + 1, msg })?;
+            let bad = |msg| TrainerError::Data { path: f.clone(), line: i + 1, msg };
+            let whole = enc.line_whole(line).map_err(bad)?;
             let len = whole.ids.len();
-            let e = enc.line(line).map_err(|msg| TrainerError::Data { path: f.clone(), line: i + 1, msg })?;
-            docs.push((format!("{}:{}", f.display(), i + 1), e, len));
+            docs.push((format!("{}:{}", f.display(), i + 1), enc.trainable(whole).map_err(bad)?, len));
         }
     }
-    let source = Source::from_recipe(&recipe, &t)?;
+    // The files' documents as `train run` packs them (encoded once, above).
+    let source = if d.train.is_empty() {
+        Source::from_recipe(&recipe, &t)?
+    } else {
+        Source::Files { examples: docs.iter().map(|(_, e, _)| e.clone()).collect(), shuffle: d.shuffle }
+    };
     let mut batches = Vec::new();
     let mut cursor = 0u64;
     let budget = if d.train.is_empty() { 16 } else { usize::MAX };

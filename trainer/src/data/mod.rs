@@ -118,7 +118,12 @@ impl Encoder<'_> {
 
     /// One JSONL line. Errors are plain messages; the caller adds file and line.
     pub fn line(&self, line: &str) -> std::result::Result<Example, String> {
-        let e = self.truncate(self.line_whole(line)?);
+        self.trainable(self.line_whole(line)?)
+    }
+
+    /// A whole example cut to `max_tokens`; an error when nothing of it is left to train on.
+    pub fn trainable(&self, whole: Example) -> std::result::Result<Example, String> {
+        let e = self.truncate(whole);
         if e.ids.len() < 2 || e.targets() == 0 {
             return Err("no token to train on (empty text or completion, or truncated away by max_tokens)".into());
         }
