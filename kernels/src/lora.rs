@@ -36,7 +36,19 @@ fn dropped(x: &Tensor, keep: Option<&Tensor>, p: f64) -> Tensor {
 /// `train` enables dropout (its keep-mask is drawn from libtorch's generator, so a seeded run
 /// repeats).
 pub fn forward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, ad: &Adapter, train: bool) -> (Tensor, Saved) {
-    let keep = (train && ad.dropout > 0.0).then(|| x.ones_like().bernoulli_float_(1.0 - ad.dropout).to_kind(Kind::Bool));
+    let keep = (train && ad.dropout > 0.0).then(|| draw_keep(&x.size(), (x.kind(), x.device()), ad.dropout));
+    forward_with_keep(x, weight, bias, ad, keep)
+}
+
+/// The dropout keep-mask (`[T, in]` bool) for an input of this size and type, drawn from
+/// libtorch's generator exactly as [`forward`] draws it.
+pub fn draw_keep(size: &[i64], input: (Kind, tch::Device), p: f64) -> Tensor {
+    Tensor::ones(size, input).bernoulli_float_(1.0 - p).to_kind(Kind::Bool)
+}
+
+/// [`forward`] with a given keep-mask (rows of one drawn for a longer sequence: token tiles,
+/// recompute); `None` is no dropout.
+pub fn forward_with_keep(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, ad: &Adapter, keep: Option<Tensor>) -> (Tensor, Saved) {
     // The adapter may be kept in a wider dtype than the base (float32 over bf16): compute it there.
     let xd = dropped(&x.to_kind(ad.a.kind()), keep.as_ref(), ad.dropout);
     let xa = xd.matmul(&ad.a.tr());

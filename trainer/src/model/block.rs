@@ -201,14 +201,30 @@ impl BlockSaved {
     }
 }
 
+/// Where an adapted projection's dropout keep-mask comes from.
+#[derive(Clone, Copy)]
+pub(crate) enum Masks<'a> {
+    /// Drawn as the projection runs (a whole-sequence pass).
+    Draw,
+    /// Rows `start..` of the masks drawn up front for the whole sequence (token tiles and their
+    /// recompute read the same masks; a projection absent from the list has no dropout).
+    Rows { masks: &'a [(Proj, Tensor)], start: i64 },
+}
+
 /// A projection's forward; under LoRA it also records the adapter's saved activations.
-fn proj(layer: &Layer, p: Proj, x: &Tensor, ctx: &Context, lora_saved: &mut LoraSaved) -> Tensor {
+pub(crate) fn proj(layer: &Layer, p: Proj, x: &Tensor, ctx: &Context, lora_saved: &mut LoraSaved, masks: Masks) -> Tensor {
     let (lin, name) = (layer.proj(p), p.hf_name());
     match &lin.lora {
         None => linear::apply(x, &lin.weight, lin.bias.as_ref()),
         Some(ad) => {
             let adapter = lora::Adapter { a: &ad.a, b: &ad.b, scale: ad.scale, dropout: ad.dropout };
-            let (y, s) = lora::forward(x, &lin.weight, lin.bias.as_ref(), &adapter, ctx.train);
+            let (y, s) = match masks {
+                Masks::Draw => lora::forward(x, &lin.weight, lin.bias.as_ref(), &adapter, ctx.train),
+                Masks::Rows { masks, start } => {
+                    let keep = masks.iter().find(|(q, _)| *q == p).map(|(_, m)| m.narrow(0, start, x.size()[0]));
+                    lora::forward_with_keep(x, &lin.weight, lin.bias.as_ref(), &adapter, keep)
+                }
+            };
             lora_saved.push((name, s.xa, s.keep));
             y
         }
@@ -220,56 +236,56 @@ fn proj(layer: &Layer, p: Proj, x: &Tensor, ctx: &Context, lora_saved: &mut Lora
 pub const RECOMPUTABLE: [&str; 11] = [name::RSTD_ATTN, name::X_ATTN, name::Q, name::K, name::V, name::H, name::RSTD_MLP, name::X_MLP, name::GATE, name::UP, name::ACT];
 
 /// Token-local work before attention, on any rows of the layer input.
-struct PreAttn {
-    rstd_attn: Tensor,
-    x_attn: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+pub(crate) struct PreAttn {
+    pub rstd_attn: Tensor,
+    pub x_attn: Tensor,
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
 }
 
-fn pre_attn(layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, ctx: &Context, ls: &mut LoraSaved) -> PreAttn {
+pub(crate) fn pre_attn(layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, ctx: &Context, ls: &mut LoraSaved, m: Masks) -> PreAttn {
     let t = x.size()[0];
     let (x_attn, s1) = rmsnorm::forward(x, &layer.input_layernorm, ctx.eps);
-    let q = proj(layer, Proj::Q, &x_attn, ctx, ls).view([t, ctx.heads, ctx.head_dim]);
-    let k = proj(layer, Proj::K, &x_attn, ctx, ls).view([t, ctx.kv_heads, ctx.head_dim]);
-    let v = proj(layer, Proj::V, &x_attn, ctx, ls).view([t, ctx.kv_heads, ctx.head_dim]);
+    let q = proj(layer, Proj::Q, &x_attn, ctx, ls, m).view([t, ctx.heads, ctx.head_dim]);
+    let k = proj(layer, Proj::K, &x_attn, ctx, ls, m).view([t, ctx.kv_heads, ctx.head_dim]);
+    let v = proj(layer, Proj::V, &x_attn, ctx, ls, m).view([t, ctx.kv_heads, ctx.head_dim]);
     let q = rope::forward(&q, cos, sin);
     let k = rope::forward(&k, cos, sin);
     PreAttn { rstd_attn: s1.rstd, x_attn, q, k, v }
 }
 
 /// Token-local work after attention (o_proj, residual, MLP), on any rows.
-struct PostAttn {
-    h: Tensor,
-    rstd_mlp: Tensor,
-    x_mlp: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    act: Tensor,
-    y: Tensor,
+pub(crate) struct PostAttn {
+    pub h: Tensor,
+    pub rstd_mlp: Tensor,
+    pub x_mlp: Tensor,
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub act: Tensor,
+    pub y: Tensor,
 }
 
-fn post_attn(layer: &Layer, x: &Tensor, o_flat: &Tensor, ctx: &Context, ls: &mut LoraSaved) -> PostAttn {
-    let h = x + proj(layer, Proj::O, o_flat, ctx, ls);
+pub(crate) fn post_attn(layer: &Layer, x: &Tensor, o_flat: &Tensor, ctx: &Context, ls: &mut LoraSaved, m: Masks) -> PostAttn {
+    let h = x + proj(layer, Proj::O, o_flat, ctx, ls, m);
     let (x_mlp, s2) = rmsnorm::forward(&h, &layer.post_attention_layernorm, ctx.eps);
-    let gate = proj(layer, Proj::Gate, &x_mlp, ctx, ls);
-    let up = proj(layer, Proj::Up, &x_mlp, ctx, ls);
+    let gate = proj(layer, Proj::Gate, &x_mlp, ctx, ls, m);
+    let up = proj(layer, Proj::Up, &x_mlp, ctx, ls, m);
     let (act, _) = swiglu::forward(&gate, &up);
-    let y = &h + proj(layer, Proj::Down, &act, ctx, ls);
+    let y = &h + proj(layer, Proj::Down, &act, ctx, ls, m);
     PostAttn { h, rstd_mlp: s2.rstd, x_mlp, gate, up, act, y }
 }
 
-type LoraSaved = Vec<(&'static str, Tensor, Option<Tensor>)>;
+pub(crate) type LoraSaved = Vec<(&'static str, Tensor, Option<Tensor>)>;
 
 /// # Shapes
 /// - `x`: `[T, D]` → `[T, D]`
 pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize) -> Result<(Tensor, BlockSaved)> {
     let t = x.size()[0];
     let mut ls = Vec::new();
-    let pre = pre_attn(layer, x, &ctx.cos, &ctx.sin, ctx, &mut ls);
+    let pre = pre_attn(layer, x, &ctx.cos, &ctx.sin, ctx, &mut ls, Masks::Draw);
     let (o, attn_saved) = attention::forward_packed(&pre.q, &pre.k, &pre.v, &ctx.attn[layer_idx], &ctx.cu_seqlens)?;
-    let post = post_attn(layer, x, &o.view([t, ctx.heads * ctx.head_dim]), ctx, &mut ls);
+    let post = post_attn(layer, x, &o.view([t, ctx.heads * ctx.head_dim]), ctx, &mut ls, Masks::Draw);
     let saved = BlockSaved {
         x: x.shallow_clone(),
         rstd_attn: pre.rstd_attn,
@@ -298,9 +314,9 @@ pub fn recompute_tail(layer: &Layer, x: &Tensor, attn_out: &Tensor, ctx: &Contex
     let n = t - from;
     let mut ls = Vec::new();
     let rows = |a: &Tensor| a.narrow(0, from, n);
-    let pre = pre_attn(layer, &rows(x), &rows(&ctx.cos), &rows(&ctx.sin), ctx, &mut ls);
+    let pre = pre_attn(layer, &rows(x), &rows(&ctx.cos), &rows(&ctx.sin), ctx, &mut ls, Masks::Draw);
     let o_flat = rows(attn_out).reshape([n, ctx.heads * ctx.head_dim]);
-    let post = post_attn(layer, &rows(x), &o_flat, ctx, &mut ls);
+    let post = post_attn(layer, &rows(x), &o_flat, ctx, &mut ls, Masks::Draw);
     vec![
         (name::RSTD_ATTN, pre.rstd_attn),
         (name::X_ATTN, pre.x_attn),
@@ -317,7 +333,7 @@ pub fn recompute_tail(layer: &Layer, x: &Tensor, attn_out: &Tensor, ctx: &Contex
 }
 
 /// Gradients of one projection, pushed under its HF / PEFT sub-names.
-fn proj_backward(dy: &Tensor, x: &Tensor, layer: &Layer, p: Proj, ctx: &Context, lora_saved: &mut LoraSaved, grads: &mut Vec<(String, Tensor)>) -> Result<Tensor> {
+pub(crate) fn proj_backward(dy: &Tensor, x: &Tensor, layer: &Layer, p: Proj, ctx: &Context, lora_saved: &mut LoraSaved, grads: &mut Vec<(String, Tensor)>) -> Result<Tensor> {
     let (lin, name) = (layer.proj(p), p.hf_name());
     if let Some(ad) = &lin.lora {
         let pos = lora_saved

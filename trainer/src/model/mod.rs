@@ -8,6 +8,7 @@ pub mod lora;
 pub mod proj;
 pub mod reference;
 pub mod stash;
+pub mod tiled;
 pub mod weights;
 
 use std::collections::BTreeMap;
@@ -50,6 +51,8 @@ pub struct Model {
     pub norm: Tensor,
     /// None when the embeddings are tied (`lm_head` reads `embed_tokens`).
     pub lm_head: Option<Tensor>,
+    /// Tokens per tile of a block's token-local ops ([`tiled`]); None: the whole sequence at once.
+    pub tile_tokens: Option<i64>,
 }
 
 /// Gradients keyed by HF parameter name.
@@ -114,7 +117,7 @@ impl Model {
         }
         let norm = take("model.norm.weight".into())?;
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(take("lm_head.weight".into())?) };
-        Ok(Model { cfg, full: true, embed_tokens, layers, norm, lm_head })
+        Ok(Model { cfg, full: true, embed_tokens, layers, norm, lm_head, tile_tokens: None })
     }
 
     /// Loads the weights of an HF folder, converting them to `kind` on `device`. Returns the
@@ -231,7 +234,10 @@ impl Model {
         let ctx = block::Context::new(&self.cfg, &batch.doc_lens, self.kind(), self.device());
         let mut x = embedding::forward(&self.embed_tokens, &batch.ids.to_device(self.device())).0;
         for (l, layer) in self.layers.iter().enumerate() {
-            x = block::forward(layer, &x, &ctx, l)?.0;
+            x = match self.tile_tokens {
+                Some(tile) => tiled::forward(layer, &x, &ctx, l, tile, 0)?.0,
+                None => block::forward(layer, &x, &ctx, l)?.0,
+            };
         }
         Ok(rmsnorm::forward(&x, &self.norm, self.cfg.rms_norm_eps).0)
     }
@@ -274,17 +280,23 @@ impl Model {
             return Err(TrainerError::Device(format!("internal: a placement for {} layers given to a model of {n_layers}", placement.layers.len())));
         }
         // Tokens whose recomputable tensors are stored; the rest are recomputed. At least two rows
-        // are recomputed when any are (see block::recompute_tail on bit-identity).
-        if (0..n_layers).any(|l| planner::inventory::stored_rows(placement.alpha(l), t_all) < t_all)
+        // are recomputed when any are (see block::recompute_tail on bit-identity). Tiles save
+        // the dropout masks and recompute with them; the whole-sequence recompute cannot.
+        let split = |l: usize| planner::inventory::stored_rows(placement.alpha(l), t_all);
+        if self.tile_tokens.is_none()
+            && (0..n_layers).any(|l| split(l) < t_all)
             && self.layers.iter().any(|l| l.projections().iter().any(|(_, p)| p.lora.as_ref().is_some_and(|a| a.dropout > 0.0)))
         {
-            return Err(TrainerError::Device("offload.alpha < 1 recomputes adapted projections: set lora.dropout = 0".into()));
+            return Err(TrainerError::Device("offload.alpha < 1 recomputes adapted projections: set lora.dropout = 0 or compute.tile_tokens".into()));
         }
         let mut stashed = Vec::with_capacity(n_layers);
         let mut saved_bytes = 0;
         for (l, layer) in self.layers.iter().enumerate() {
             guard::enter(Phase::Forward, Some(l));
-            let (y, s) = block::forward(layer, &x, &ctx, l)?;
+            let (y, s) = match self.tile_tokens {
+                Some(tile) => tiled::forward(layer, &x, &ctx, l, tile, split(l))?,
+                None => block::forward(layer, &x, &ctx, l)?,
+            };
             saved_bytes += s.bytes();
             stashed.push(stash::put(store, placement, l, s, t_all)?);
             x = y;
@@ -310,8 +322,10 @@ impl Model {
             for ahead in (l.saturating_sub(placement.lookahead)..=l).rev() {
                 store.prefetch(ahead, &stashed[ahead].names)?;
             }
-            let s = stash::take(store, layer, l, &stashed[l], &ctx, t_all)?;
-            let (d, g) = block::backward(layer, dx, s, &ctx, l)?;
+            let (d, g) = match self.tile_tokens {
+                Some(tile) => tiled::backward(layer, dx, stash::take_stored(store, l, &stashed[l])?, &ctx, l, tile, stashed[l].split)?,
+                None => block::backward(layer, dx, stash::take(store, layer, l, &stashed[l], &ctx, t_all)?, &ctx, l)?,
+            };
             for (name, t) in g {
                 grads.insert(format!("model.layers.{l}.{name}"), t);
             }

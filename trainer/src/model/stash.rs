@@ -34,8 +34,12 @@ pub fn put(store: &mut ActivationStore, placement: &Placement, l: usize, saved: 
             if split == 0 {
                 continue; // recomputed whole
             }
-            // A copy, so that the dropped rows' memory is released.
-            t.narrow(0, 0, split).copy()
+            if t.size()[0] == split {
+                t // cut already (token tiles keep only these rows)
+            } else {
+                // A copy, so that the dropped rows' memory is released.
+                t.narrow(0, 0, split).copy()
+            }
         } else {
             t
         };
@@ -67,4 +71,13 @@ pub fn take(store: &mut ActivationStore, layer: &Layer, l: usize, stashed: &Stas
         }
         n => Ok(store.take(l, n)?),
     })
+}
+
+/// Takes back what layer `l` stored, recomputing nothing: a recomputable tensor that stored no
+/// rows is an empty placeholder (token tiles recompute the missing rows tile by tile,
+/// [`crate::model::tiled::backward`]).
+pub fn take_stored(store: &mut ActivationStore, l: usize, stashed: &Stashed) -> Result<BlockSaved> {
+    let mut all = stashed.names.clone();
+    all.extend(block::RECOMPUTABLE.iter().filter(|n| !stashed.names.iter().any(|m| m == *n)).map(|n| n.to_string()));
+    BlockSaved::from_named(&all, |n| if stashed.names.iter().any(|m| m == n) { Ok(store.take(l, n)?) } else { Ok(Tensor::empty([0], (tch::Kind::Float, tch::Device::Cpu))) })
 }

@@ -1,0 +1,302 @@
+//! Token tiles inside a block (ALST's tiled MLP, extended to every token-local op): RMSNorm, the
+//! seven projections (with LoRA), RoPE and SwiGLU run over `tile` tokens at a time, forward and
+//! backward, so no `[T, intermediate]` tensor or gradient exists whole; weight, norm and adapter
+//! gradients are summed over the tiles. Attention still sees the whole sequence: q, k, v, its
+//! output and their gradients exist whole (`[T, heads·head_dim]` at most).
+//!
+//! With MEMO's split the forward keeps only rows `[0, split)` of the recomputable tensors (the
+//! other rows never exist beyond their tile) and the backward recomputes a tile's missing rows
+//! when it reaches the tile, from the layer input and the attention output, which are stored whole.
+//! LoRA dropout masks are drawn up front for the whole sequence, in the order the untiled pass
+//! draws them, and saved: tiles and their recompute read the same masks (so, unlike the untiled
+//! recompute, α < 1 works with dropout on).
+//!
+//! Recomputed rows equal the forward's bits: a tile is recomputed whole, over the forward's tile
+//! boundaries (see [`stored`]).
+use kernels::{attention, lora, rmsnorm, rope, swiglu};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::Result;
+use crate::model::block::{self, name, BlockSaved, Context, LoraSaved, Masks};
+use crate::model::layer::Layer;
+use crate::model::proj::Proj;
+
+/// The tiles of `t` tokens as `(start, len)`; the last is shorter when `tile` does not divide `t`.
+pub fn tiles(t: i64, tile: i64) -> impl Iterator<Item = (i64, i64)> {
+    let tile = tile.max(1);
+    (0..t).step_by(tile as usize).map(move |a| (a, tile.min(t - a)))
+}
+
+/// Whether tile `[a, a+n)` lies in the stored rows `[0, split)`. A tile that does not is
+/// recomputed whole, as the forward computed it (same rows, same GEMM shapes, so the same bits;
+/// a row subset of a GEMM can take another kernel path). The rows of a straddling tile that were
+/// stored are recomputed too: at most a tile per layer.
+fn stored(a: i64, n: i64, split: i64) -> bool {
+    a + n <= split
+}
+
+/// The LoRA dropout keep-masks of the whole sequence, drawn in the untiled pass's order (q, k, v,
+/// o, gate, up, down: the order its projections run) so that a seeded run draws the same masks.
+fn draw_masks(layer: &Layer, ctx: &Context, t: i64, input: (Kind, Device)) -> Vec<(Proj, Tensor)> {
+    if !ctx.train {
+        return Vec::new();
+    }
+    Proj::ALL
+        .into_iter()
+        .filter_map(|p| {
+            let lin = layer.proj(p);
+            let ad = lin.lora.as_ref().filter(|ad| ad.dropout > 0.0)?;
+            Some((p, lora::draw_keep(&[t, lin.weight.size()[1]], input, ad.dropout)))
+        })
+        .collect()
+}
+
+/// Rows `[0, split)` of tensors produced tile by tile (the stored part of the recomputable ones).
+struct Gather {
+    split: i64,
+    parts: Vec<(&'static str, Vec<Tensor>, Vec<i64>)>,
+}
+
+impl Gather {
+    fn new(split: i64) -> Gather {
+        Gather { split, parts: Vec::new() }
+    }
+
+    /// Adds tile `t` (starting at row `a`): its rows below `split`, copied when cut so that the
+    /// tile's other rows are released.
+    fn add(&mut self, name: &'static str, a: i64, t: &Tensor) {
+        let rows = t.size()[0];
+        let n = (self.split - a).min(rows);
+        let entry = match self.parts.iter_mut().position(|(m, _, _)| *m == name) {
+            Some(i) => &mut self.parts[i],
+            None => {
+                let mut shape = t.size();
+                shape[0] = 0;
+                self.parts.push((name, Vec::new(), shape));
+                let last = self.parts.len() - 1;
+                &mut self.parts[last]
+            }
+        };
+        if n == rows {
+            entry.1.push(t.shallow_clone());
+        } else if n > 0 {
+            entry.1.push(t.narrow(0, 0, n).copy());
+        }
+    }
+
+    /// The gathered rows of `name` (no rows: an empty tensor).
+    fn take(&mut self, name: &str, like: (Kind, Device)) -> Tensor {
+        match self.parts.iter().position(|(m, _, _)| *m == name) {
+            None => Tensor::empty([0], like),
+            Some(i) => {
+                let (_, parts, shape) = self.parts.swap_remove(i);
+                match parts.len() {
+                    0 => Tensor::empty(shape.as_slice(), like),
+                    1 => parts.into_iter().next().unwrap_or_else(|| Tensor::empty(shape.as_slice(), like)),
+                    _ => Tensor::cat(&parts, 0),
+                }
+            }
+        }
+    }
+}
+
+/// Joins the LoRA low-rank activations of one tile into the whole-sequence lists.
+fn gather_lora(all: &mut Vec<(&'static str, Vec<Tensor>)>, tile: LoraSaved) {
+    for (name, xa, _keep) in tile {
+        match all.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, v)) => v.push(xa),
+            None => all.push((name, vec![xa])),
+        }
+    }
+}
+
+/// The tile's rows of every adapter's saved activations (for its projection's backward).
+fn lora_rows(lora: &LoraSaved, a: i64, n: i64) -> LoraSaved {
+    lora.iter().map(|(name, xa, keep)| (*name, xa.narrow(0, a, n), keep.as_ref().map(|k| k.narrow(0, a, n)))).collect()
+}
+
+/// Parameter gradients summed over tiles, in the order they first appear.
+#[derive(Default)]
+struct GradSum(Vec<(String, Tensor)>);
+
+impl GradSum {
+    fn add(&mut self, tile: Vec<(String, Tensor)>) {
+        for (n, g) in tile {
+            match self.0.iter_mut().find(|(m, _)| *m == n) {
+                Some((_, acc)) => *acc += g,
+                None => self.0.push((n, g)),
+            }
+        }
+    }
+}
+
+/// [`block::forward`] over token tiles of `tile` rows, keeping `split` rows of the recomputable
+/// tensors (`T`: all of them).
+///
+/// # Shapes
+/// - `x`: `[T, D]` → `[T, D]`; the saved recomputable tensors have `min(split, T)` rows.
+pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize, tile: i64, split: i64) -> Result<(Tensor, BlockSaved)> {
+    let t = x.size()[0];
+    let like = (x.kind(), x.device());
+    let masks = draw_masks(layer, ctx, t, like);
+    let mut keep = Gather::new(split);
+    let mut xa = Vec::new();
+    let q = Tensor::empty([t, ctx.heads, ctx.head_dim], like);
+    let k = Tensor::empty([t, ctx.kv_heads, ctx.head_dim], like);
+    let v = Tensor::empty([t, ctx.kv_heads, ctx.head_dim], like);
+    for (a, n) in tiles(t, tile) {
+        let mut ls = Vec::new();
+        let pre = block::pre_attn(layer, &x.narrow(0, a, n), &ctx.cos.narrow(0, a, n), &ctx.sin.narrow(0, a, n), ctx, &mut ls, Masks::Rows { masks: &masks, start: a });
+        for (whole, part) in [(&q, &pre.q), (&k, &pre.k), (&v, &pre.v)] {
+            whole.narrow(0, a, n).copy_(part);
+        }
+        keep.add(name::RSTD_ATTN, a, &pre.rstd_attn);
+        keep.add(name::X_ATTN, a, &pre.x_attn);
+        gather_lora(&mut xa, ls);
+    }
+    let (o, attn) = attention::forward_packed(&q, &k, &v, &ctx.attn[layer_idx], &ctx.cu_seqlens)?;
+    let o_flat = o.view([t, ctx.heads * ctx.head_dim]);
+    let y = x.empty_like();
+    for (a, n) in tiles(t, tile) {
+        let mut ls = Vec::new();
+        let post = block::post_attn(layer, &x.narrow(0, a, n), &o_flat.narrow(0, a, n), ctx, &mut ls, Masks::Rows { masks: &masks, start: a });
+        y.narrow(0, a, n).copy_(&post.y);
+        for (nm, part) in [(name::H, &post.h), (name::RSTD_MLP, &post.rstd_mlp), (name::X_MLP, &post.x_mlp), (name::GATE, &post.gate), (name::UP, &post.up), (name::ACT, &post.act)] {
+            keep.add(nm, a, part);
+        }
+        gather_lora(&mut xa, ls);
+    }
+    let stored = |whole: &Tensor| if split >= t { whole.shallow_clone() } else { whole.narrow(0, 0, split.max(0)).copy() };
+    let lora = xa
+        .into_iter()
+        .map(|(nm, parts)| {
+            let keep_mask = masks.iter().find(|(p, _)| p.hf_name() == nm).map(|(_, m)| m.shallow_clone());
+            (nm, if parts.len() == 1 { parts[0].shallow_clone() } else { Tensor::cat(&parts, 0) }, keep_mask)
+        })
+        .collect();
+    let saved = BlockSaved {
+        x: x.shallow_clone(),
+        rstd_attn: keep.take(name::RSTD_ATTN, like),
+        x_attn: keep.take(name::X_ATTN, like),
+        attn: attention::Saved { q: stored(&q), k: stored(&k), v: stored(&v), out: attn.out, lse: attn.lse, philox: attn.philox },
+        h: keep.take(name::H, like),
+        rstd_mlp: keep.take(name::RSTD_MLP, like),
+        x_mlp: keep.take(name::X_MLP, like),
+        gate: keep.take(name::GATE, like),
+        up: keep.take(name::UP, like),
+        act: keep.take(name::ACT, like),
+        lora,
+    };
+    Ok((y, saved))
+}
+
+/// [`block::backward`] over token tiles, for a [`BlockSaved`] from [`forward`] with `split` rows
+/// of its recomputable tensors (a tensor with no rows stored may be any placeholder). `dy` is
+/// consumed: its storage becomes the returned input gradient (the residual's `dy + …` is added in
+/// place, tile by tile), so only the attention tensors and `dy` exist whole.
+pub fn backward(layer: &Layer, dy: Tensor, s: BlockSaved, ctx: &Context, layer_idx: usize, tile: i64, split: i64) -> Result<(Tensor, Vec<(String, Tensor)>)> {
+    let t = dy.size()[0];
+    let (qd, kvd) = (ctx.heads * ctx.head_dim, ctx.kv_heads * ctx.head_dim);
+    let BlockSaved { x, rstd_attn, x_attn, attn, h, rstd_mlp, x_mlp, gate, up, act, lora } = s;
+    let masks: Vec<(Proj, Tensor)> = lora
+        .iter()
+        .filter_map(|(nm, _, keep)| Some((Proj::ALL.into_iter().find(|p| p.hf_name() == *nm)?, keep.as_ref()?.shallow_clone())))
+        .collect();
+    let m = |start: i64| Masks::Rows { masks: &masks, start };
+    let mut grads = GradSum::default();
+    let o_flat = attn.out.view([t, qd]);
+
+    // MLP, post-attention norm and o_proj, tile by tile; d(attention output) gathered whole.
+    let d_out = Tensor::empty([t, qd], (dy.kind(), dy.device()));
+    for (a, n) in tiles(t, tile) {
+        let rows = |z: &Tensor| z.narrow(0, a, n);
+        let (h_t, rstd_t, xm_t, gate_t, up_t, act_t) = if stored(a, n, split) {
+            (rows(&h), rows(&rstd_mlp), rows(&x_mlp), rows(&gate), rows(&up), rows(&act))
+        } else {
+            let p = block::post_attn(layer, &rows(&x), &rows(&o_flat), ctx, &mut Vec::new(), m(a));
+            (p.h, p.rstd_mlp, p.x_mlp, p.gate, p.up, p.act)
+        };
+        let mut ls = lora_rows(&lora, a, n);
+        let mut g = Vec::new();
+        let mut dy_t = dy.narrow(0, a, n);
+        let dact = block::proj_backward(&dy_t, &act_t, layer, Proj::Down, ctx, &mut ls, &mut g)?;
+        drop(act_t);
+        let (dgate, dup) = swiglu::backward(&dact, &swiglu::Saved { gate: gate_t, up: up_t });
+        drop(dact);
+        let dx_mlp = block::proj_backward(&dgate, &xm_t, layer, Proj::Gate, ctx, &mut ls, &mut g)? + block::proj_backward(&dup, &xm_t, layer, Proj::Up, ctx, &mut ls, &mut g)?;
+        drop((dgate, dup, xm_t));
+        let (dh_norm, dw2) = rmsnorm::backward(&dx_mlp, &rmsnorm::Saved { x: h_t, rstd: rstd_t }, &layer.post_attention_layernorm, ctx.full);
+        if let Some(w) = dw2 {
+            g.push(("post_attention_layernorm.weight".into(), w));
+        }
+        dy_t += dh_norm; // dh = dy + dh_norm, in dy's storage
+        let do_t = block::proj_backward(&dy_t, &o_flat.narrow(0, a, n), layer, Proj::O, ctx, &mut ls, &mut g)?;
+        d_out.narrow(0, a, n).copy_(&do_t);
+        grads.add(g);
+    }
+    drop((h, rstd_mlp, x_mlp, gate, up, act, o_flat));
+
+    // Attention over the whole sequence: q, k, v from the stored rows and the recomputed ones.
+    let (q, k, v) = if split >= t {
+        (attn.q, attn.k, attn.v)
+    } else {
+        let like = (x.kind(), x.device());
+        let (q, k, v) = (Tensor::empty([t, ctx.heads, ctx.head_dim], like), Tensor::empty([t, ctx.kv_heads, ctx.head_dim], like), Tensor::empty([t, ctx.kv_heads, ctx.head_dim], like));
+        if split > 0 {
+            for (whole, part) in [(&q, &attn.q), (&k, &attn.k), (&v, &attn.v)] {
+                whole.narrow(0, 0, split).copy_(part);
+            }
+        }
+        for (a, n) in tiles(t, tile).filter(|&(a, n)| !stored(a, n, split)) {
+            let pre = block::pre_attn(layer, &x.narrow(0, a, n), &ctx.cos.narrow(0, a, n), &ctx.sin.narrow(0, a, n), ctx, &mut Vec::new(), m(a));
+            let skip = (split - a).max(0);
+            for (whole, part) in [(&q, &pre.q), (&k, &pre.k), (&v, &pre.v)] {
+                whole.narrow(0, a + skip, n - skip).copy_(&part.narrow(0, skip, n - skip));
+            }
+        }
+        (q, k, v)
+    };
+    let whole = attention::Saved { q, k, v, out: attn.out, lse: attn.lse, philox: attn.philox };
+    let (dq, dk, dv) = attention::backward_packed(&d_out.view([t, ctx.heads, ctx.head_dim]), &whole, &ctx.attn[layer_idx], &ctx.cu_seqlens)?;
+    drop((d_out, whole));
+
+    // RoPE, q/k/v and the input norm, tile by tile; dx = dh + d(norm input) in dy's storage.
+    for (a, n) in tiles(t, tile) {
+        let (xa_t, rstd_t) = if stored(a, n, split) {
+            (x_attn.narrow(0, a, n), rstd_attn.narrow(0, a, n))
+        } else {
+            let (xn, s) = rmsnorm::forward(&x.narrow(0, a, n), &layer.input_layernorm, ctx.eps);
+            (xn, s.rstd)
+        };
+        let (cos, sin) = (ctx.cos.narrow(0, a, n), ctx.sin.narrow(0, a, n));
+        let dq_t = rope::backward(&dq.narrow(0, a, n), &cos, &sin).reshape([n, qd]);
+        let dk_t = rope::backward(&dk.narrow(0, a, n), &cos, &sin).reshape([n, kvd]);
+        let dv_t = dv.narrow(0, a, n).reshape([n, kvd]);
+        let mut ls = lora_rows(&lora, a, n);
+        let mut g = Vec::new();
+        let dx_attn = block::proj_backward(&dq_t, &xa_t, layer, Proj::Q, ctx, &mut ls, &mut g)?
+            + block::proj_backward(&dk_t, &xa_t, layer, Proj::K, ctx, &mut ls, &mut g)?
+            + block::proj_backward(&dv_t, &xa_t, layer, Proj::V, ctx, &mut ls, &mut g)?;
+        drop((dq_t, dk_t, dv_t, xa_t));
+        let (dx_norm, dw1) = rmsnorm::backward(&dx_attn, &rmsnorm::Saved { x: x.narrow(0, a, n), rstd: rstd_t }, &layer.input_layernorm, ctx.full);
+        if let Some(w) = dw1 {
+            g.push(("input_layernorm.weight".into(), w));
+        }
+        let mut dx_t = dy.narrow(0, a, n);
+        dx_t += dx_norm;
+        grads.add(g);
+    }
+    Ok((dy, grads.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_cover_the_sequence_once() {
+        assert_eq!(tiles(10, 4).collect::<Vec<_>>(), [(0, 4), (4, 4), (8, 2)]);
+        assert_eq!(tiles(3, 8).collect::<Vec<_>>(), [(0, 3)]);
+        assert_eq!(tiles(3, 1).collect::<Vec<_>>(), [(0, 1), (1, 1), (2, 1)]);
+    }
+}
