@@ -52,6 +52,22 @@ impl TensorClass {
     }
 }
 
+/// How many rows (tokens) a buffer of one layer has.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Rows {
+    /// The step's T.
+    #[default]
+    Tokens,
+    /// The rows of the recomputable tensors an offloaded layer stores (`stored_rows(α, T)`).
+    Stored,
+    /// T when rows are recomputed (stored < T), else none: a whole tensor rebuilt from the
+    /// stored rows and the recomputed ones.
+    Rebuilt,
+    /// One token tile (`min(tile_tokens, T)`).
+    Tile,
+}
+
 /// A buffer of one layer's backward with its lifetime in the backward's op sequence (slots), for
 /// the level-1 layout. Saved tensors appear too, live until the op that consumes them.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -68,6 +84,23 @@ pub struct OpBuffer {
     pub start: u32,
     /// Last op slot in which the buffer is live (inclusive).
     pub end: u32,
+    /// What `per_token_bytes` multiplies.
+    #[serde(default)]
+    pub rows: Rows,
+}
+
+impl OpBuffer {
+    /// Bytes at `tokens` tokens with `stored` rows of the recomputable tensors kept and tiles of
+    /// `tile` tokens.
+    pub fn bytes(&self, tokens: u64, stored: u64, tile: u64) -> u64 {
+        let rows = match self.rows {
+            Rows::Tokens => tokens,
+            Rows::Stored => stored.min(tokens),
+            Rows::Rebuilt => if stored < tokens { tokens } else { 0 },
+            Rows::Tile => tile.min(tokens),
+        };
+        self.fixed_bytes + self.per_token_bytes * rows
+    }
 }
 
 /// Floating-point work of one layer, for step-time predictions.
@@ -98,8 +131,9 @@ pub struct Inventory {
     pub saved: Vec<TensorClass>,
     /// Outside the layers: the head's tensors and the step-wide context (by their group).
     pub head: Vec<TensorClass>,
-    /// One layer's forward working set beyond its saved tensors (peak of `forward`, per token).
-    pub forward_work_per_token: u64,
+    /// Tokens per tile of a block's token-local ops; None: the whole sequence at once.
+    #[serde(default)]
+    pub tile_tokens: Option<u64>,
     /// One layer's forward transients with lifetimes in its op sequence.
     pub forward: Vec<OpBuffer>,
     /// One layer's backward buffers with lifetimes in its op sequence (the level-1 layout's input).
@@ -111,6 +145,24 @@ pub struct Inventory {
 }
 
 impl Inventory {
+    /// Rows of one tile at `tokens` tokens.
+    pub fn tile(&self, tokens: u64) -> u64 {
+        self.tile_tokens.map_or(tokens, |t| t.clamp(1, tokens.max(1)))
+    }
+
+    /// One layer's forward working set beyond its saved tensors (the best-fit peak of
+    /// `forward`) at `tokens` tokens with `stored` rows of the recomputable tensors kept.
+    pub fn forward_work(&self, tokens: u64, stored: u64) -> u64 {
+        let tile = self.tile(tokens);
+        if self.forward.iter().all(|b| b.rows == Rows::Tokens && b.fixed_bytes == 0) {
+            // Whole-sequence buffers all scale with T: the peak at one token, scaled.
+            let one: Vec<crate::layout::Buf> = self.forward.iter().map(|b| crate::layout::Buf::new(b.name.clone(), b.per_token_bytes, b.start, b.end)).collect();
+            return crate::layout::greedy(&one).peak * tokens;
+        }
+        let bufs: Vec<crate::layout::Buf> = self.forward.iter().map(|b| crate::layout::Buf::new(b.name.clone(), b.bytes(tokens, stored, tile), b.start, b.end)).collect();
+        crate::layout::greedy(&bufs).peak
+    }
+
     /// Bytes of all statics (at T = 0: they do not depend on the token count).
     pub fn static_bytes(&self) -> u64 {
         self.statics.iter().map(|c| c.total(0)).sum()

@@ -32,6 +32,8 @@ pub struct LayerSpec {
     pub recompute_seconds: f64,
     /// Smallest α allowed (1 where recompute is impossible, e.g. LoRA dropout masks).
     pub min_alpha: f64,
+    /// The largest α the device allows (token tiles hold the stored rows in backward).
+    pub max_alpha: f64,
 }
 
 /// The LP's answer; every vector has one entry per offloaded layer, in forward order.
@@ -83,7 +85,7 @@ pub fn solve(layers: &[LayerSpec], tiers: &[TierSpec]) -> Result<MemoPlan, MemoE
     // Bytes in GB keep the coefficients near 1.
     const GB: f64 = 1e9;
     let mut vars = good_lp::ProblemVariables::new();
-    let alpha: Vec<Variable> = layers.iter().map(|l| vars.add(variable().min(l.min_alpha.clamp(0.0, 1.0)).max(1.0))).collect();
+    let alpha: Vec<Variable> = layers.iter().map(|l| vars.add(variable().min(l.min_alpha.clamp(0.0, 1.0)).max(l.max_alpha.clamp(l.min_alpha.clamp(0.0, 1.0), 1.0)))).collect();
     let x: Vec<Vec<Variable>> = layers.iter().map(|_| tiers.iter().map(|_| vars.add(variable().min(0.0))).collect()).collect();
     let e: Vec<Variable> = layers.iter().map(|_| vars.add(variable().min(0.0))).collect();
     let mut objective = Expression::from(0.0);
@@ -123,7 +125,7 @@ mod tests {
     use super::*;
 
     fn layer() -> LayerSpec {
-        LayerSpec { whole_bytes: 1_000_000_000, recomputable_bytes: 3_000_000_000, forward_seconds: 0.1, recompute_seconds: 0.05, min_alpha: 0.0 }
+        LayerSpec { whole_bytes: 1_000_000_000, recomputable_bytes: 3_000_000_000, forward_seconds: 0.1, recompute_seconds: 0.05, min_alpha: 0.0, max_alpha: 1.0 }
     }
 
     #[test]

@@ -154,9 +154,12 @@ fn forward_seconds(inv: &Inventory, cal: &Calibration, tokens: u64) -> (f64, f64
     (lin, attn)
 }
 
-/// The level-1 buffers: one layer's backward at `tokens`.
-pub fn level1_buffers(inv: &Inventory, tokens: u64) -> Vec<Buf> {
-    inv.backward.iter().map(|b| Buf::new(b.name.clone(), b.fixed_bytes + b.per_token_bytes * tokens, b.start, b.end)).collect()
+/// The level-1 buffers: one layer's backward at `tokens` with `stored` rows of its recomputable
+/// tensors kept (token tiles recompute the others tile by tile; whole-sequence backward restores
+/// them whole first, so its buffers do not depend on it).
+pub fn level1_buffers(inv: &Inventory, tokens: u64, stored: u64) -> Vec<Buf> {
+    let tile = inv.tile(tokens);
+    inv.backward.iter().map(|b| Buf::new(b.name.clone(), b.bytes(tokens, stored, tile), b.start, b.end)).collect()
 }
 
 /// The level-2 buffers over the step's schedule: slots 0..L are the layers' forwards, L the loss,
@@ -165,7 +168,11 @@ pub fn level1_buffers(inv: &Inventory, tokens: u64) -> Vec<Buf> {
 /// (the swap-out) and again from the prefetch `lookahead` layers early. A backward slot's working
 /// set is the level-1 peak, which includes the layer's own saved tensors (so those end one slot
 /// before); a forward slot's is the forward's transients.
-fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usize, max_inflight: u64, splits: &[u64], level1_peak: u64) -> Vec<Buf> {
+///
+/// `backward_kept` / `backward_offloaded`: the level-1 peak of a kept layer's backward and of an
+/// offloaded one's (equal without token tiles).
+#[allow(clippy::too_many_arguments)]
+fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usize, max_inflight: u64, splits: &[u64], backward_kept: u64, backward_offloaded: u64) -> Vec<Buf> {
     let l = inv.layers;
     let bwd_slot = |layer: usize| (l + 1 + (l - 1 - layer)) as u32;
     let mut v = Vec::new();
@@ -186,8 +193,8 @@ fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usi
                 }
             }
         }
-        v.push(Buf::new(format!("layer{layer}.forward work"), inv.forward_work_per_token * tokens, layer as u32, layer as u32));
-        v.push(Buf::new(format!("layer{layer}.backward work"), level1_peak, bwd_slot(layer), bwd_slot(layer)));
+        v.push(Buf::new(format!("layer{layer}.forward work"), inv.forward_work(tokens, if kept { tokens } else { splits[layer] }), layer as u32, layer as u32));
+        v.push(Buf::new(format!("layer{layer}.backward work"), if kept { backward_kept } else { backward_offloaded }, bwd_slot(layer), bwd_slot(layer)));
     }
     for h in &inv.head {
         // The head's tensors live from the end of forward through the loss into the first
@@ -228,13 +235,20 @@ fn most_that_fit(l: usize, fits: impl Fn(usize) -> bool) -> usize {
     lo
 }
 
+/// The most stored rows `s` in `0..=t` for which `fits(s)` holds (monotone: true up to some s),
+/// never `t - 1` (a single recomputed row is stored instead, see [`stored_rows`]); 0 when none.
+fn most_stored_that_fit(t: u64, fits: impl Fn(u64) -> bool) -> u64 {
+    let s = most_that_fit(t as usize, |s| fits(s as u64)) as u64;
+    if s + 1 == t { s.saturating_sub(1) } else { s }
+}
+
 /// One α for every offloaded layer: the layers are alike, so the LP is symmetric and the mean of
 /// its per-layer answers is as good and feasible (convexity); the engine runs one α. Returns the
 /// averaged LP answer and each layer's stored rows.
-fn uniform(m: memo::MemoPlan, t: u64, l: usize, n_tiers: usize) -> (memo::MemoPlan, Vec<u64>) {
+fn uniform(m: memo::MemoPlan, t: u64, l: usize, n_tiers: usize, max_split: u64) -> (memo::MemoPlan, Vec<u64>) {
     let off = m.alpha.len();
     let mean_alpha = m.alpha.iter().sum::<f64>() / off as f64;
-    let split = stored_rows(mean_alpha, t as i64) as u64;
+    let split = (stored_rows(mean_alpha, t as i64) as u64).min(max_split);
     let mean_bytes: Vec<u64> = (0..n_tiers).map(|j| m.tier_bytes.iter().map(|row| row[j]).sum::<u64>() / off as u64).collect();
     let splits: Vec<u64> = (0..l).map(|i| if i < off { split } else { t }).collect();
     (memo::MemoPlan { alpha: vec![mean_alpha; off], tier_bytes: vec![mean_bytes; off], ..m }, splits)
@@ -253,53 +267,62 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     // Recompute covers the token-local share (projections), not attention.
     let recompute_all = lin;
     let (tiers, capacities) = tier_specs(&budgets, cal, opt.cpu);
-    let level1 = layout_report(level1_buffers(inv, t), opt.mip_seconds);
-    let level1_peak = level1.mip.peak;
     let static_bytes = inv.static_bytes() + opt.baseline_bytes;
     // The NVMe tier's staging buffer is host memory: device memory only when the CPU computes.
     let staging_for = |offloaded: usize, split: u64| if opt.cpu && budgets.nvme > 0 && offloaded > 0 { inv.largest_stored(t, split) } else { 0 };
+    // One layer's backward holds its stored rows whole only under token tiles (the whole-sequence
+    // backward restores every row first): there the device bounds α too.
+    let tiled = inv.tile_tokens.is_some();
+    let level1_greedy = |split: u64| layout::greedy(&level1_buffers(inv, t, split)).peak;
+    let level1_at_t = layout_report(level1_buffers(inv, t, t), if tiled { 0.0 } else { opt.mip_seconds });
 
-    // The LP for the layers that keep_last = k leaves to the tiers; the splits it implies.
-    let lp_for = |k: usize| -> Result<(memo::MemoPlan, Vec<u64>), MemoError> {
+    // The LP for the layers that keep_last = k leaves to the tiers, α at most `max_split / t`;
+    // the splits it implies.
+    let lp_for = |k: usize, max_split: u64| -> Result<(memo::MemoPlan, Vec<u64>), MemoError> {
         let off = l - k;
         let (w, r) = inv.layer_saved(t, t);
-        let spec = LayerSpec { whole_bytes: w, recomputable_bytes: r, forward_seconds: layer_fwd, recompute_seconds: recompute_all, min_alpha: if opt.allow_recompute { 0.0 } else { 1.0 } };
+        let min_alpha = if opt.allow_recompute { 0.0 } else { 1.0 };
+        let spec = LayerSpec { whole_bytes: w, recomputable_bytes: r, forward_seconds: layer_fwd, recompute_seconds: recompute_all, min_alpha, max_alpha: (max_split as f64 / t.max(1) as f64).max(min_alpha) };
         if tiers.is_empty() && off > 0 {
             return Err(MemoError::TooSmall { capacity: 0, need: w * off as u64, layers: off });
         }
         let m = memo::solve(&vec![spec; off], &tiers)?;
-        let splits: Vec<u64> = (0..l).map(|i| if i < off { stored_rows(m.alpha[i], t as i64) as u64 } else { t }).collect();
+        let splits: Vec<u64> = (0..l).map(|i| if i < off { (stored_rows(m.alpha[i], t as i64) as u64).min(max_split) } else { t }).collect();
         Ok((m, splits))
     };
-    // The device peak grows with k (more layers kept) and shrinks with α, while the tiers need
-    // more with fewer layers kept: take the largest k whose device peak fits with α = 1 (an upper
-    // bound of the device use, independent of the LP), then let the LP choose α for it.
-    let device_fits_at = |k: usize| {
-        let splits = vec![t; l];
-        let l2 = level2_buffers(inv, t, k, opt.lookahead, opt.max_inflight, &splits, level1_peak);
-        static_bytes + staging_for(l - k, t) + layout::greedy(&l2).peak <= budgets.device
+    // The device peak grows with k (more layers kept) and with α, while the tiers need more with
+    // fewer layers kept: take the largest k whose device peak fits with α = 1 (an upper bound of
+    // the device use, independent of the LP), then let the LP choose α for it.
+    let device_fits = |k: usize, split: u64| {
+        let splits: Vec<u64> = (0..l).map(|i| if i + k >= l { t } else { split }).collect();
+        let l2 = level2_buffers(inv, t, k, opt.lookahead, opt.max_inflight, &splits, level1_at_t.mip.peak, if tiled { level1_greedy(split) } else { level1_at_t.mip.peak });
+        static_bytes + staging_for(l - k, split) + layout::greedy(&l2).peak <= budgets.device
     };
     let k = match opt.keep_last {
         Some(k) => k.min(l),
-        None => most_that_fit(l, device_fits_at),
+        None => most_that_fit(l, |k| device_fits(k, t)),
     };
+    // Under tiles, when even that is too large at α = 1 the most stored rows that fit (the
+    // device peak rises with them): the LP chooses α below it.
+    let max_split = if !tiled || k == l || device_fits(k, t) { t } else { most_stored_that_fit(t, |s| device_fits(k, s)) };
     let mut problems = Vec::new();
-    let (m, splits) = match lp_for(k) {
+    let (m, splits) = match lp_for(k, max_split) {
         Ok(c) => c,
         Err(MemoError::TooSmall { capacity, need, layers }) => {
             problems.push(format!("offload tiers hold {} but {layers} offloaded layers need at least {}", human(capacity), human(need)));
             // Report the all-kept layout for the table.
-            lp_for(l)?
+            lp_for(l, t)?
         }
         Err(e) => return Err(e),
     };
     let off = m.alpha.len();
-    let (m, splits) = if off > 0 { uniform(m, t, l, tiers.len()) } else { (m, splits) };
+    let (m, splits) = if off > 0 { uniform(m, t, l, tiers.len(), max_split) } else { (m, splits) };
     let k = l - off;
-    let level2 = layout_report(level2_buffers(inv, t, k, opt.lookahead, opt.max_inflight, &splits, level1_peak), opt.mip_seconds);
+    let split = splits.first().copied().unwrap_or(t);
+    let level1 = if tiled && off > 0 { layout_report(level1_buffers(inv, t, split), opt.mip_seconds) } else { level1_at_t.clone() };
+    let level2 = layout_report(level2_buffers(inv, t, k, opt.lookahead, opt.max_inflight, &splits, level1_at_t.mip.peak, level1.mip.peak), opt.mip_seconds);
     // The LP chose α and how much each tier should take; which tensor goes where is the fill
     // rule's, which the engine runs too (so the tier peaks below are what the store will hold).
-    let split = splits.first().copied().unwrap_or(t);
     let alpha = if off > 0 { split as f64 / t as f64 } else { 1.0 };
     let placement = crate::placement::from_inventory(inv, t, k, alpha, opt.lookahead, &capacities);
     if placement.overflow_bytes > 0 {

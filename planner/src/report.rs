@@ -12,6 +12,14 @@ pub fn table(inv: &Inventory, p: &Plan) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "model      {}", inv.model);
     let _ = writeln!(s, "tokens     {t} per step (T), dtype {}, saved tensors measured on {}", inv.dtype, inv.probed_on);
+    match inv.tile_tokens {
+        Some(_) => {
+            let _ = writeln!(s, "compute    token tiles of {} tokens: norms, projections, RoPE and the MLP run a tile at a time; attention sees all T", inv.tile(t));
+        }
+        None => {
+            let _ = writeln!(s, "compute    whole-sequence blocks (no token tiles)");
+        }
+    }
     let _ = writeln!(s, "{:<10} {:<44} {:<22} {:>9} {:>6} {:>12}", "group", "tensor", "shape", "dtype", "count", "bytes");
     let line = |s: &mut String, g: &str, name: &str, shape: &str, dtype: &str, count: u64, bytes: u64| {
         let _ = writeln!(s, "{g:<10} {name:<44} {shape:<22} {dtype:>9} {count:>6} {:>12}", human(bytes));
@@ -33,11 +41,13 @@ pub fn table(inv: &Inventory, p: &Plan) -> String {
         line(&mut s, "saved", &name, &c.shape, &c.dtype, inv.layers as u64, c.total(t) * inv.layers as u64);
         per_layer += c.bytes(t);
     }
-    // Transients of one layer's forward and backward (one layer at a time, hence count 1).
+    // Transients of one layer's forward and backward (one layer at a time, hence count 1), with
+    // the rows an offloaded layer stores.
+    let stored = crate::inventory::stored_rows(p.placement.alpha(0), t as i64) as u64;
     for (label, list) in [("fwd temp", &inv.forward), ("bwd temp", &inv.backward)] {
         for b in list.iter().filter(|b| !b.name.starts_with("saved ")) {
             let name = format!("{} (ops {}..{})", b.name, b.start, b.end);
-            line(&mut s, label, &name, &b.shape, &inv.dtype, 1, b.fixed_bytes + b.per_token_bytes * t);
+            line(&mut s, label, &name, &b.shape, &inv.dtype, 1, b.bytes(t, stored, inv.tile(t)));
         }
     }
     let h = group_total(&mut s, Group::Head, "head") + group_total(&mut s, Group::Context, "context");

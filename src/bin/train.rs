@@ -101,6 +101,15 @@ enum Cmd {
         /// Directory for plan.txt / plan.json / plan.svg (default: run.dir).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Plan for this model instead of the recipe's: a config.json, a model folder, or a
+        /// preset (llama-3.1-8b, llama-3.1-70b, qwen2.5-7b, mistral-7b-v0.3); nothing is
+        /// downloaded or loaded.
+        #[arg(long)]
+        model_config: Option<String>,
+        /// Token tiles of this many tokens (compute.tile_tokens; 0: the whole sequence; default:
+        /// the recipe's, else the plan's choice).
+        #[arg(long)]
+        tile_tokens: Option<u64>,
         /// key.path=value recipe overrides.
         overrides: Vec<String>,
     },
@@ -208,6 +217,9 @@ enum BenchCmd {
         /// With offload: fraction of tokens whose recomputable activations are stored.
         #[arg(long, default_value_t = 1.0)]
         alpha: f64,
+        /// Token tiles of this many tokens inside each block (0: the whole sequence).
+        #[arg(long, default_value_t = 0)]
+        tile_tokens: i64,
     },
 }
 
@@ -282,7 +294,7 @@ fn run_cmd(recipe: PathBuf, resume: bool, overrides: Vec<String>) -> Result<(), 
 
 /// `train plan`: the table, what would fit, and the plan files.
 #[allow(clippy::too_many_arguments)]
-fn plan_cmd(recipe: PathBuf, device_mem: Option<String>, host_mem: Option<String>, numa_mem: Option<String>, nvme: Option<String>, tokens: Option<u64>, calibrate: bool, mip_seconds: Option<f64>, out: Option<PathBuf>, overrides: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
+fn plan_cmd(recipe: PathBuf, device_mem: Option<String>, host_mem: Option<String>, numa_mem: Option<String>, nvme: Option<String>, tokens: Option<u64>, calibrate: bool, mip_seconds: Option<f64>, out: Option<PathBuf>, model_config: Option<String>, tile_tokens: Option<u64>, mut overrides: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
     let bytes = |flag: &str, v: Option<String>| -> Result<Option<u64>, String> {
         v.map(|s| planner::plan::parse_bytes(&s).ok_or(format!("{flag} {s}: not a byte count (e.g. 80GiB, 24GB)"))).transpose()
     };
@@ -298,12 +310,18 @@ fn plan_cmd(recipe: PathBuf, device_mem: Option<String>, host_mem: Option<String
     if tokens == Some(0) {
         return Err("--tokens must be positive".into());
     }
+    if let Some(t) = tile_tokens {
+        overrides.push(format!("compute.tile_tokens={t}"));
+    }
     let r = trainer::train::recipe::Recipe::load(&recipe, &overrides)?;
-    let (cfg, _) = trainer::train::model_config(&r, &recipe)?;
+    let cfg = match &model_config {
+        Some(m) => trainer::plan::presets::model_config(m)?,
+        None => trainer::train::model_config(&r, &recipe)?.0,
+    };
     let lora = trainer::train::session::lora_config(&r);
     let (inv, plan) = trainer::plan::plan_recipe(&r, &cfg, lora.as_ref(), &req)?;
     print!("{}", planner::report::table(&inv, &plan));
-    let fit = trainer::plan::what_would_fit(&r, &inv, &plan)?;
+    let fit = trainer::plan::what_would_fit(&r, &cfg, lora.as_ref(), &inv, &plan)?;
     print!("{}", fit.lines(plan.tokens));
     let dir = out.unwrap_or(r.run.dir.clone());
     trainer::plan::write(&dir, &inv, &plan, Some(&fit))?;
@@ -385,17 +403,17 @@ fn bench_offload_cmd(tiers: String, nvme_dir: Option<PathBuf>, device: String, b
 
 /// `train bench step`: time and memory of one forward + backward.
 #[allow(clippy::too_many_arguments)]
-fn bench_step_cmd(layers: i64, hidden: i64, heads: i64, kv_heads: i64, intermediate: i64, vocab: i64, tokens: i64, iters: usize, device: String, dtype: String, tiers: String, nvme_dir: Option<PathBuf>, keep_last: usize, alpha: f64) -> Result<(), Box<dyn std::error::Error>> {
+fn bench_step_cmd(layers: i64, hidden: i64, heads: i64, kv_heads: i64, intermediate: i64, vocab: i64, tokens: i64, iters: usize, device: String, dtype: String, tiers: String, nvme_dir: Option<PathBuf>, keep_last: usize, alpha: f64, tile_tokens: i64) -> Result<(), Box<dyn std::error::Error>> {
     let dev = device::parse_device(&device)?;
     let kind = device::parse_dtype(&dtype)?;
-    if [layers, hidden, heads, kv_heads, intermediate, vocab, tokens].iter().any(|v| *v <= 0) || iters == 0 || !(0.0..=1.0).contains(&alpha) {
-        return Err("bench step: every size and --iters must be positive, --alpha in [0, 1]".into());
+    if [layers, hidden, heads, kv_heads, intermediate, vocab, tokens].iter().any(|v| *v <= 0) || iters == 0 || !(0.0..=1.0).contains(&alpha) || tile_tokens < 0 {
+        return Err("bench step: every size and --iters must be positive, --alpha in [0, 1], --tile-tokens not negative".into());
     }
     let mut tiers = parse_tiers("bench step", &tiers)?;
     if tiers.is_empty() && nvme_dir.is_some() {
         tiers.push(offload::store::Tier::Nvme);
     }
-    let b = trainer::bench::StepBench { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, tiers, nvme_dir, keep_last, alpha };
+    let b = trainer::bench::StepBench { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, tiers, nvme_dir, keep_last, alpha, tile_tokens: (tile_tokens > 0).then_some(tile_tokens) };
     println!("{}", trainer::bench::run_step_bench(&b, kind, dev)?);
     Ok(())
 }
@@ -413,7 +431,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.cmd {
         Cmd::Eval { model, adapter, data, max_tokens, device, dtype, loss_chunk, json } => eval_cmd(model, adapter, data, max_tokens, device, dtype, loss_chunk, json),
         Cmd::Run { recipe, resume, overrides } => run_cmd(recipe, resume, overrides),
-        Cmd::Plan { recipe, device_mem, host_mem, numa_mem, nvme, tokens, calibrate, mip_seconds, out, overrides } => plan_cmd(recipe, device_mem, host_mem, numa_mem, nvme, tokens, calibrate, mip_seconds, out, overrides),
+        Cmd::Plan { recipe, device_mem, host_mem, numa_mem, nvme, tokens, calibrate, mip_seconds, out, model_config, tile_tokens, overrides } => {
+            plan_cmd(recipe, device_mem, host_mem, numa_mem, nvme, tokens, calibrate, mip_seconds, out, model_config, tile_tokens, overrides)
+        }
         Cmd::Data(DataCmd::Synth { task, tokens, samples, depth, digits, seed, out }) => synth_cmd(task, tokens, samples, depth, digits, seed, out),
         Cmd::Data(DataCmd::Inspect { recipe, n, overrides }) => {
             use std::io::IsTerminal;
@@ -423,8 +443,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Cmd::Bench(BenchCmd::Offload { tiers, nvme_dir, device, bytes, slice_bytes, io_uring }) => bench_offload_cmd(tiers, nvme_dir, device, bytes, slice_bytes, io_uring),
-        Cmd::Bench(BenchCmd::Step { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, tiers, nvme_dir, keep_last, alpha }) => {
-            bench_step_cmd(layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, tiers, nvme_dir, keep_last, alpha)
+        Cmd::Bench(BenchCmd::Step { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, tiers, nvme_dir, keep_last, alpha, tile_tokens }) => {
+            bench_step_cmd(layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, tiers, nvme_dir, keep_last, alpha, tile_tokens)
         }
     }
 }

@@ -30,6 +30,8 @@ pub struct StepBench {
     pub keep_last: usize,
     /// MEMO's α for offloaded layers (1: store every token's activations).
     pub alpha: f64,
+    /// Token tiles inside each block (None: the whole sequence at once).
+    pub tile_tokens: Option<i64>,
 }
 
 fn sync(device: Device) {
@@ -60,7 +62,8 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
     })
     .to_string();
     let (cfg, _) = ModelConfig::parse(&text, std::path::Path::new("<bench config>"))?;
-    let model = Model::init_random(cfg, 0.02, kind, device, 0)?;
+    let mut model = Model::init_random(cfg, 0.02, kind, device, 0)?;
+    model.tile_tokens = b.tile_tokens;
     let ids = Tensor::randint(b.vocab, [b.tokens], (Kind::Int64, Device::Cpu));
     let labels = ids.roll([-1], [0]);
     let batch = crate::model::Batch::single(ids, labels);
@@ -112,6 +115,7 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
         "offload": if b.tiers.is_empty() { "none".to_string() } else { b.tiers.iter().map(|t| t.name()).collect::<Vec<_>>().join("+") },
         "keep_last": b.keep_last,
         "alpha": b.alpha,
+        "tile_tokens": b.tile_tokens,
         "offload_written_bytes_per_step": store.stats().written_bytes / (b.iters as u64 + 1),
         "offload_io_seconds_per_step": (store.stats().write_seconds + store.stats().read_seconds) / (b.iters as f64 + 1.0),
         "offload_stall_seconds_per_step": store.stats().stall_seconds / (b.iters as f64 + 1.0),

@@ -6,7 +6,7 @@
 //! The backward's working buffers (level-1 layout) follow [`block::backward`]'s op order.
 use std::collections::BTreeMap;
 
-use planner::inventory::{Group, Inventory, LayerFlops, OpBuffer, TensorClass};
+use planner::inventory::{Group, Inventory, LayerFlops, OpBuffer, Rows, TensorClass};
 use tch::{Device, Kind, Tensor};
 
 use crate::model::block::{self, name};
@@ -144,7 +144,74 @@ fn statics(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>) -> Vec<Tens
 
 /// A per-token buffer of one layer's op sequence, live over ops `start..=end`.
 fn op_buf(name: &str, shape: String, per_token: u64, start: u32, end: u32) -> OpBuffer {
-    OpBuffer { name: name.into(), shape, fixed_bytes: 0, per_token_bytes: per_token, start, end }
+    OpBuffer { name: name.into(), shape, fixed_bytes: 0, per_token_bytes: per_token, start, end, rows: Rows::Tokens }
+}
+
+/// A buffer of `rows` rows (see [`Rows`]) live over ops `start..=end`.
+fn rows_buf(rows: Rows, name: &str, shape: String, per_token: u64, start: u32, end: u32) -> OpBuffer {
+    OpBuffer { rows, ..op_buf(name, shape, per_token, start, end) }
+}
+
+/// The widest LoRA term (float32, then cast) among the adapted projections of `projs`, per token.
+fn widest_lora_term(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, projs: &[Proj]) -> u64 {
+    let Some(l) = lora else { return 0 };
+    let e = kind.elt_size_in_bytes() as u64;
+    let per_elt = 4 + if e == 4 { 0 } else { e };
+    projs.iter().filter(|p| l.targets.iter().any(|t| t == p.short())).map(|p| p.shape(cfg).0.max(p.shape(cfg).1) as u64 * per_elt).max().unwrap_or(0)
+}
+
+/// One layer's backward under token tiles, in [`crate::model::tiled::backward`]'s order: slot 1
+/// the MLP / post-norm / o_proj tiles, slot 2 attention over the whole sequence (q, k, v rebuilt
+/// from the stored rows and recomputed tiles), slot 3 the RoPE / q,k,v / input-norm tiles. Only
+/// the attention tensors, the layer input and the residual gradient exist whole.
+fn tiled_backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, saved: &[TensorClass]) -> Vec<OpBuffer> {
+    let e = kind.elt_size_in_bytes() as u64;
+    let acc = kernels::accum_kind(kind).elt_size_in_bytes() as u64;
+    let (d, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+    let (qd, kvd) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64);
+    let group = qd / (cfg.num_kv_heads as u64).max(1);
+    let mut v = vec![
+        op_buf("dy, then dh, then dx (one buffer, added to in place)", format!("[T, {d}]"), d * e, 0, 3),
+        op_buf("d attention output", format!("[T, {qd}]"), qd * e, 1, 2),
+        rows_buf(Rows::Rebuilt, "q, k, v rebuilt whole (stored rows + recomputed tiles)", format!("[T, {}]", qd + 2 * kvd), (qd + 2 * kvd) * e, 2, 2),
+        op_buf("d q, d k, d v", format!("[T, {}]", qd + 2 * kvd), (qd + 2 * kvd) * e, 2, 3),
+        op_buf("d q, d k, d v of one kv group (kernel outputs)", format!("3 × [T, {group}]"), 3 * group * e, 2, 2),
+        // At the SwiGLU backward: gate and up (recomputed or views of the stored rows), d act,
+        // d gate, d up and one temporary, beside h and x_mlp.
+        rows_buf(Rows::Tile, "MLP tile: gate, up, d act, d gate, d up, SwiGLU temporary, h, x_mlp", format!("[tile, 6 × {i} + 2 × {d}]"), (6 * i + 2 * d) * e + acc + widest_lora_term(cfg, kind, lora, &[Proj::Down, Proj::Gate, Proj::Up, Proj::O]), 1, 1),
+        rows_buf(Rows::Tile, "q, k, v recompute tile: x_attn, q, k, v, RoPE temporaries", format!("[tile, {d} + 3 × {qd} + 2 × {kvd}]"), (d + 3 * qd + 2 * kvd) * e + acc, 2, 2),
+        rows_buf(Rows::Tile, "attention-input tile: x_attn, RoPE backward, d q, d k, d x_attn, d x (norm)", format!("[tile, 4 × {d} + 3 × {qd} + 2 × {kvd}]"), (4 * d + 3 * qd + 2 * kvd) * e + acc + widest_lora_term(cfg, kind, lora, &[Proj::Q, Proj::K, Proj::V]), 3, 3),
+    ];
+    for c in saved {
+        let proj = c.name.split(':').nth(1).and_then(|n| Proj::ALL.into_iter().find(|p| p.hf_name() == n));
+        let end = match (c.name.as_str(), proj) {
+            (name::H | name::RSTD_MLP | name::X_MLP | name::GATE | name::UP | name::ACT, _) => 1,
+            (name::X | name::X_ATTN | name::RSTD_ATTN, _) | (_, Some(_)) => 3,
+            _ => 2, // q, k, v, attention output, logsumexp, RNG state
+        };
+        let rows = if c.recomputable { Rows::Stored } else { Rows::Tokens };
+        v.push(OpBuffer { name: format!("saved {}", c.name), shape: c.shape.clone(), fixed_bytes: c.fixed_bytes, per_token_bytes: c.per_token_bytes, start: 0, end, rows });
+    }
+    v
+}
+
+/// One layer's forward transients under token tiles ([`crate::model::tiled::forward`]): slot 1
+/// the pre-attention tiles writing q, k, v whole, slot 2 attention, slot 3 the post-attention
+/// tiles writing the block output.
+fn tiled_forward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>) -> Vec<OpBuffer> {
+    let e = kind.elt_size_in_bytes() as u64;
+    let acc = kernels::accum_kind(kind).elt_size_in_bytes() as u64;
+    let (d, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+    let (qd, kvd) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64);
+    let group = qd / (cfg.num_kv_heads as u64).max(1);
+    vec![
+        // The stored rows of q, k, v are their own copy once rows are dropped.
+        rows_buf(Rows::Rebuilt, "q, k, v whole (attention's input) beyond their stored rows", format!("[T, {}]", qd + 2 * kvd), (qd + 2 * kvd) * e, 1, 3),
+        op_buf("attention output of one kv group (kernel output)", format!("[T, {group}]"), group * e, 2, 2),
+        op_buf("block output", format!("[T, {d}]"), d * e, 3, 3),
+        rows_buf(Rows::Tile, "pre-attention tile: x_attn, q, k, v, RoPE temporaries", format!("[tile, {d} + 3 × {qd} + 2 × {kvd}]"), (d + 3 * qd + 2 * kvd) * e + acc + widest_lora_term(cfg, kind, lora, &[Proj::Q, Proj::K, Proj::V]), 1, 1),
+        rows_buf(Rows::Tile, "post-attention tile: h, x_mlp, gate, up, act, down output, block output", format!("[tile, 4 × {d} + 3 × {i}]"), (4 * d + 3 * i) * e + acc + widest_lora_term(cfg, kind, lora, &[Proj::O, Proj::Gate, Proj::Up, Proj::Down]), 3, 3),
+    ]
 }
 
 /// LoRA's low-rank terms (computed in the adapter's float32, then cast to the working dtype) of
@@ -216,7 +283,7 @@ fn backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, sa
             (_, Some(Proj::Q | Proj::K | Proj::V)) => 9,
             _ => 7, // q, k, v, attention output, logsumexp, RNG state
         };
-        v.push(OpBuffer { name: format!("saved {}", c.name), shape: c.shape.clone(), fixed_bytes: c.fixed_bytes, per_token_bytes: c.per_token_bytes, start: 0, end });
+        v.push(OpBuffer { name: format!("saved {}", c.name), shape: c.shape.clone(), fixed_bytes: c.fixed_bytes, per_token_bytes: c.per_token_bytes, start: 0, end, rows: Rows::Tokens });
     }
     v
 }
@@ -252,6 +319,11 @@ fn forward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>) -> 
 /// The inventory for `cfg` trained in `kind` (LoRA when `lora` is set); saved tensors measured
 /// on `device` (the CPU where CUDA is absent).
 pub fn build(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: Device, ce_chunk: i64) -> Result<Inventory> {
+    build_tiled(cfg, kind, lora, device, ce_chunk, None)
+}
+
+/// [`build`] for blocks run over token tiles of `tile` tokens (None: the whole sequence).
+pub fn build_tiled(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: Device, ce_chunk: i64, tile: Option<u64>) -> Result<Inventory> {
     let device = if matches!(device, Device::Cuda(_)) && !tch::Cuda::is_available() { Device::Cpu } else { device };
     let saved = probe_saved(cfg, kind, lora, lora.is_none(), device)?;
     let e = kind.elt_size_in_bytes() as u64;
@@ -281,11 +353,10 @@ pub fn build(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: D
             recomputable: false,
         },
     ];
-    let backward = backward_buffers(cfg, kind, lora, &saved);
-    let forward = forward_buffers(cfg, kind, lora);
-    // Every forward transient is per-token, so the peak at one token scales exactly.
-    let one_token: Vec<planner::layout::Buf> = forward.iter().map(|b| planner::layout::Buf::new(b.name.clone(), b.per_token_bytes, b.start, b.end)).collect();
-    let forward_work_per_token = planner::layout::greedy(&one_token).peak;
+    let (backward, forward) = match tile {
+        None => (backward_buffers(cfg, kind, lora, &saved), forward_buffers(cfg, kind, lora)),
+        Some(_) => (tiled_backward_buffers(cfg, kind, lora, &saved), tiled_forward_buffers(cfg, kind, lora)),
+    };
     let proj_params = d * qd + 2 * d * kvd + qd * d + 3 * d * i;
     Ok(Inventory {
         model: format!("{:?}: {} layers, hidden {d}, {} heads ({} kv), intermediate {i}, vocab {v}", cfg.arch, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads),
@@ -295,7 +366,7 @@ pub fn build(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: D
         statics: statics(cfg, kind, lora),
         saved,
         head,
-        forward_work_per_token,
+        tile_tokens: tile,
         forward,
         backward,
         flops: LayerFlops { linear_per_token: 2.0 * proj_params as f64, attention_per_pair: 4.0 * qd as f64, linear_backward_ratio: if lora.is_some() { 1.0 } else { 2.0 } },

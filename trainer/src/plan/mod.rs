@@ -3,6 +3,7 @@
 //! refuses a step that cannot fit before it loads a single weight.
 pub mod calibrate;
 pub mod inventory;
+pub mod presets;
 
 use std::path::Path;
 
@@ -75,11 +76,21 @@ fn options(recipe: &Recipe, req: &Request, tokens: u64) -> Options {
     }
 }
 
-/// Inventory, calibration and plan for the recipe's step.
+/// Tiles the plan tries, largest first, when the recipe leaves `compute.tile_tokens` to it.
+pub const TILE_CHOICES: [u64; 5] = [16384, 8192, 4096, 2048, 1024];
+
+/// The tile a reach search assumes when the recipe leaves the choice to the plan.
+const REACH_TILE: u64 = 8192;
+
+/// Inventory, calibration and plan for the recipe's step. The inventory says the tile planned
+/// with (`tile_tokens`): the recipe's `compute.tile_tokens`, or, when it leaves the choice to the
+/// plan, the whole sequence if that fits, else the largest of [`TILE_CHOICES`] that fits (the
+/// smallest when none does).
 pub fn plan_recipe(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lora: Option<&LoraConfig>, req: &Request) -> Result<(Inventory, Plan)> {
     let dev = recipe.run.device.target()?;
     let kind = recipe.run.dtype.0;
-    let inv = crate::plan::inventory::build(cfg, kind, lora, dev, recipe.train.loss_chunk)?;
+    let probe = |tile: Option<u64>| crate::plan::inventory::build_tiled(cfg, kind, lora, dev, recipe.train.loss_chunk, tile);
+    let whole = probe(None)?;
     // After the probe (whose tensors are small and gone): it ran libtorch's kernels once, so the
     // thread pools and kernel buffers that every step will hold are in the figure; before the
     // calibration, whose large buffers are not held afterwards.
@@ -87,8 +98,30 @@ pub fn plan_recipe(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lor
     let cal = crate::plan::calibrate::load_or_measure(dev, kind, &recipe.offload.nvme_dir, req.calibrate)?;
     let tokens = req.tokens.unwrap_or(recipe.data.tokens_per_batch as u64);
     let b = budgets(recipe, req)?;
-    let plan = planner::plan::plan(&inv, b, &cal, &options(recipe, req, tokens)).map_err(|e| TrainerError::Device(format!("planner: {e}")))?;
-    Ok((inv, plan))
+    let opt = options(recipe, req, tokens);
+    let plan_with = |inv: Inventory, mip_seconds: f64| -> Result<(Inventory, Plan)> {
+        // Tiles keep the dropout masks, so their recompute is allowed with dropout on.
+        let o = Options { mip_seconds, allow_recompute: opt.allow_recompute || inv.tile_tokens.is_some(), ..opt.clone() };
+        let plan = planner::plan::plan(&inv, b, &cal, &o).map_err(|e| TrainerError::Device(format!("planner: {e}")))?;
+        Ok((inv, plan))
+    };
+    match recipe.compute.fixed_tile() {
+        Some(None) => plan_with(whole, opt.mip_seconds),
+        Some(Some(tile)) => plan_with(probe(Some(tile))?, opt.mip_seconds),
+        None => {
+            let (whole, p) = plan_with(whole, opt.mip_seconds)?;
+            let tried: Vec<u64> = TILE_CHOICES.into_iter().filter(|&c| c < tokens).collect();
+            if p.fits || tried.is_empty() {
+                return Ok((whole, p));
+            }
+            for &tile in &tried {
+                if plan_with(probe(Some(tile))?, 0.0)?.1.fits {
+                    return plan_with(probe(Some(tile))?, opt.mip_seconds);
+                }
+            }
+            plan_with(probe(tried.last().copied())?, opt.mip_seconds)
+        }
+    }
 }
 
 /// Writes plan.txt, plan.json and plan.svg into `dir`.
@@ -117,6 +150,8 @@ pub struct Fit {
     pub needs_more_nvme: bool,
     /// The longest step (a multiple of 1024 tokens) that fits the budgets; None: not even 1024.
     pub longest_tokens: Option<u64>,
+    /// The tile that longest step runs with (None: the whole sequence at once).
+    pub longest_tile: Option<u64>,
 }
 
 impl Fit {
@@ -126,18 +161,24 @@ impl Fit {
             "least      device memory for {tokens} tokens with every layer offloaded{}: {}\nlongest    step that fits these budgets: {}\n",
             if self.needs_more_nvme { " (and an NVMe tier large enough)" } else { "" },
             human(self.least_device_bytes),
-            self.longest_tokens.map_or("none (not even 1024 tokens)".to_string(), |t| format!("{t} tokens"))
+            self.longest_tokens.map_or("none (not even 1024 tokens)".to_string(), |t| match self.longest_tile {
+                Some(tile) => format!("{t} tokens (compute.tile_tokens = {tile})"),
+                None => format!("{t} tokens"),
+            })
         )
     }
 }
 
 /// The least device memory this step needs (every layer offloaded to the configured tiers, or to
-/// an unbounded NVMe tier where those are too small) and the longest step that fits the budgets.
-pub fn what_would_fit(recipe: &Recipe, inv: &Inventory, plan: &Plan) -> Result<Fit> {
+/// an unbounded NVMe tier where those are too small) and the longest step that fits the budgets:
+/// with the plan's tile, or with tiles of [`REACH_TILE`] tokens when the recipe leaves the tile to
+/// the plan (which takes tiles wherever the whole sequence does not fit).
+pub fn what_would_fit(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lora: Option<&LoraConfig>, inv: &Inventory, plan: &Plan) -> Result<Fit> {
     let cal = &plan.calibration;
     let req = Request::default();
     let mut opt = options(recipe, &req, plan.tokens);
     opt.mip_seconds = 0.0;
+    opt.allow_recompute |= inv.tile_tokens.is_some();
     let b = plan.budgets;
     let big = u64::MAX / 8;
     let at = |budgets: Budgets| planner::plan::plan(inv, budgets, cal, &Options { keep_last: Some(0), ..opt.clone() }).map_err(|e| TrainerError::Device(format!("planner: {e}")));
@@ -148,8 +189,23 @@ pub fn what_would_fit(recipe: &Recipe, inv: &Inventory, plan: &Plan) -> Result<F
         let unbounded = if b.host + b.numa + b.nvme == 0 { Budgets { device: big, host: 0, numa: 0, nvme: big } } else { Budgets { device: big, nvme: big, ..b } };
         (at(unbounded)?.device_peak, true)
     };
-    let longest_tokens = planner::plan::longest_fitting(inv, b, cal, &opt, 1024, 1 << 24).map_err(|e| TrainerError::Device(format!("planner: {e}")))?;
-    Ok(Fit { least_device_bytes, needs_more_nvme, longest_tokens })
+    let reach = match (recipe.compute.fixed_tile(), inv.tile_tokens) {
+        (None, None) => Some(crate::plan::inventory::build_tiled(cfg, recipe.run.dtype.0, lora, recipe.run.device.target()?, recipe.train.loss_chunk, Some(REACH_TILE))?),
+        _ => None,
+    };
+    let (reach_inv, reach_opt) = match &reach {
+        Some(r) => (r, Options { allow_recompute: true, ..opt.clone() }),
+        None => (inv, opt.clone()),
+    };
+    let longest_tokens = planner::plan::longest_fitting(reach_inv, b, cal, &reach_opt, 1024, 1 << 24).map_err(|e| TrainerError::Device(format!("planner: {e}")))?;
+    // Below the whole sequence's own reach the plan would not tile.
+    let whole_reach = if reach.is_some() { planner::plan::longest_fitting(inv, b, cal, &opt, 1024, 1 << 24).map_err(|e| TrainerError::Device(format!("planner: {e}")))? } else { None };
+    let (longest_tokens, longest_tile) = match (longest_tokens, whole_reach) {
+        (Some(t), Some(w)) if w >= t => (Some(w), None),
+        (None, w @ Some(_)) => (w, None),
+        (t, _) => (t, reach_inv.tile_tokens),
+    };
+    Ok(Fit { least_device_bytes, needs_more_nvme, longest_tokens, longest_tile })
 }
 
 /// The error of a run whose plan does not fit, with what would.
@@ -204,7 +260,9 @@ pub fn engine_placement(
 /// device's memory (`[plan] device_memory`, else the GPU's total or the RAM available) as the
 /// budget — the least device memory at this length and the longest step that fits. Speeds are
 /// the cached calibration or assumed figures (the answer depends on bytes only).
-pub fn fit_after_failure(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lora: Option<&LoraConfig>) -> Result<String> {
+///
+/// `tile`: the token tile the step ran with.
+pub fn fit_after_failure(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lora: Option<&LoraConfig>, tile: Option<u64>) -> Result<String> {
     let dev = recipe.run.device.target()?;
     let kind = recipe.run.dtype.0;
     let device_memory = match (recipe.plan.as_ref(), dev) {
@@ -213,12 +271,13 @@ pub fn fit_after_failure(recipe: &Recipe, cfg: &crate::model::config::ModelConfi
         (None, _) => None,
     };
     let req = Request { device_memory, ..Request::default() };
-    let inv = crate::plan::inventory::build(cfg, kind, lora, dev, recipe.train.loss_chunk)?;
+    let inv = crate::plan::inventory::build_tiled(cfg, kind, lora, dev, recipe.train.loss_chunk, tile)?;
     let cal = crate::plan::calibrate::cached_or_assumed(dev, kind);
     let tokens = recipe.data.tokens_per_batch as u64;
-    let opt = Options { mip_seconds: 0.0, ..options(recipe, &req, tokens) };
+    let o = options(recipe, &req, tokens);
+    let opt = Options { mip_seconds: 0.0, allow_recompute: o.allow_recompute || tile.is_some(), ..o };
     let plan = planner::plan::plan(&inv, budgets(recipe, &req)?, &cal, &opt).map_err(|e| TrainerError::Device(format!("planner: {e}")))?;
-    let fit = what_would_fit(recipe, &inv, &plan)?;
+    let fit = what_would_fit(recipe, cfg, lora, &inv, &plan)?;
     Ok(format!(
         "\n  `train plan` for this step with a device budget of {}: {}; least device memory with every layer offloaded{}: {}; longest step that fits: {}",
         human(plan.budgets.device),

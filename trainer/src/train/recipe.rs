@@ -28,6 +28,8 @@ pub struct Recipe {
     pub log: LogSection,
     #[serde(default)]
     pub offload: OffloadSection,
+    #[serde(default)]
+    pub compute: ComputeSection,
     /// With this section `train run` plans the step before loading weights: it refuses a run that
     /// cannot fit, and takes keep_last and α from the plan.
     #[serde(default)]
@@ -145,6 +147,27 @@ pub struct PlanSection {
 
 fn default_mip_seconds() -> f64 {
     2.0
+}
+
+/// `[compute]`: how a block's work is cut.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ComputeSection {
+    /// Tokens per tile of a block's token-local ops (norms, projections, RoPE, SwiGLU), forward
+    /// and backward: no `[T, intermediate]` tensor exists whole, so one layer's working set stops
+    /// growing with the MLP and the longest step grows several-fold; smaller tiles run smaller
+    /// GEMMs (slower below a few thousand tokens). 0: the whole sequence at once. Absent: the
+    /// plan's choice with an applied `[plan]` (whole when that fits), else the whole sequence.
+    #[serde(default)]
+    pub tile_tokens: Option<u64>,
+}
+
+impl ComputeSection {
+    /// The tile the recipe fixes: `Some(None)` for the whole sequence, `Some(Some(n))` for tiles
+    /// of n tokens, `None` when it leaves the choice to the plan.
+    pub fn fixed_tile(&self) -> Option<Option<u64>> {
+        self.tile_tokens.map(|t| (t > 0).then_some(t))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -582,8 +605,9 @@ impl Recipe {
         if !(0.0..=1.0).contains(&o.alpha) {
             return err("offload.alpha", format!("{} must lie in [0, 1]", o.alpha));
         }
-        if o.alpha < 1.0 && self.train.mode == Mode::Lora && self.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
-            return err("offload.alpha", "alpha < 1 recomputes adapted projections, which needs lora.dropout = 0".into());
+        let tiled = self.compute.tile_tokens.is_some_and(|t| t > 0);
+        if o.alpha < 1.0 && !tiled && self.train.mode == Mode::Lora && self.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
+            return err("offload.alpha", "alpha < 1 recomputes adapted projections, which needs lora.dropout = 0 or compute.tile_tokens (tiles keep the dropout masks)".into());
         }
         if self.checkpoint.keep_last == 0 {
             return err("checkpoint.keep_last", "must be at least 1".into());

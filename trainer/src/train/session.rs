@@ -86,25 +86,26 @@ fn claim_run_dir(recipe: &Recipe, resume: bool) -> Result<(Vec<(i64, PathBuf)>, 
 /// With a `[plan]` section: plans the step before any weight is loaded, writes plan.txt /
 /// plan.json / plan.svg into the run directory, refuses a step that cannot fit (with what
 /// would), and returns the plan's placement when `apply`.
-fn plan_before_loading(recipe: &Recipe, cfg: &ModelConfig, lora: Option<&LoraConfig>) -> Result<Option<Placement>> {
+fn plan_before_loading(recipe: &Recipe, cfg: &ModelConfig, lora: Option<&LoraConfig>) -> Result<Option<(Placement, Option<u64>)>> {
     let Some(ps) = &recipe.plan else { return Ok(None) };
     let (inv, plan) = crate::plan::plan_recipe(recipe, cfg, lora, &crate::plan::Request::default())?;
     if !plan.fits {
-        let fit = crate::plan::what_would_fit(recipe, &inv, &plan)?;
+        let fit = crate::plan::what_would_fit(recipe, cfg, lora, &inv, &plan)?;
         crate::plan::write(&recipe.run.dir, &inv, &plan, Some(&fit))?;
         return Err(crate::plan::refusal(&plan, &fit));
     }
     crate::plan::write(&recipe.run.dir, &inv, &plan, None)?;
     eprintln!(
-        "plan: keep_last {}, alpha {:.3}, device peak {} of {}, predicted step {:.2}s (plan.txt in the run directory{})",
+        "plan: keep_last {}, alpha {:.3}, {}, device peak {} of {}, predicted step {:.2}s (plan.txt in the run directory{})",
         plan.keep_last,
         plan.placement.alpha(0),
+        inv.tile_tokens.map_or("whole-sequence blocks".to_string(), |t| format!("token tiles of {t}")),
         planner::plan::human(plan.device_peak),
         planner::plan::human(plan.budgets.device),
         plan.step_seconds,
         if ps.apply { "" } else { "; not applied: [plan] apply = false" }
     );
-    Ok(ps.apply.then_some(plan.placement))
+    Ok(ps.apply.then_some((plan.placement, inv.tile_tokens)))
 }
 
 /// The model with its weights (an HF folder, or fresh from `[model.init]`, whose config and
@@ -169,6 +170,13 @@ impl Session {
         if let Some(l) = &lora {
             model.attach_lora(l, recipe.run.seed as i64 + 1)?;
         }
+        // The recipe's tile, else the applied plan's choice, else the whole sequence.
+        let tile = match recipe.compute.fixed_tile() {
+            Some(t) => t,
+            None => planned.as_ref().and_then(|(_, t)| *t),
+        };
+        model.tile_tokens = tile.map(|t| t as i64);
+        let planned = planned.map(|(p, _)| p);
         let t = &recipe.train;
         let mut opt = AdamW::new(AdamWConfig { lr: t.lr, beta1: t.betas[0], beta2: t.betas[1], eps: t.eps, weight_decay: t.weight_decay });
         let schedule = Schedule { lr: t.lr, warmup: t.warmup, total: t.steps, decay: t.schedule, min_lr_ratio: t.min_lr_ratio };
@@ -232,7 +240,7 @@ impl Session {
     /// even planning fails).
     pub fn what_would_fit(&self) -> String {
         // The probe allocates on the device that just ran out: guarded too.
-        match crate::guard::run(|| crate::plan::fit_after_failure(&self.recipe, &self.model.cfg, self.lora.as_ref())) {
+        match crate::guard::run(|| crate::plan::fit_after_failure(&self.recipe, &self.model.cfg, self.lora.as_ref(), self.model.tile_tokens.map(|t| t as u64))) {
             Ok(Ok(lines)) => lines,
             Ok(Err(e)) => format!("\n  (no plan: {e})"),
             Err(f) => format!("\n  (no plan: the planner's probe failed too: {})", f.message),
