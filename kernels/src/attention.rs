@@ -241,13 +241,23 @@ fn forward_one(q: &Tensor, k: &Tensor, v: &Tensor, cfg: &AttnConfig) -> Result<(
 
 fn backward_one(grad_out: &Tensor, saved: &Saved, cfg: &AttnConfig) -> Result<(Tensor, Tensor, Tensor), KernelError> {
     let t = check(&saved.q, &saved.k, &saved.v, cfg)?;
-    let calls = Calls::of(cfg);
-    let (q4, k4, v4) = (to_bhtd(&saved.q), to_bhtd(&saved.k), to_bhtd(&saved.v));
-    let (go4, out4) = (to_bhtd(&grad_out.contiguous()), to_bhtd(&saved.out));
     let mask = match &saved.philox {
         None => window_mask(t, cfg, saved.q.kind(), saved.q.device()),
         Some(_) => None,
     };
+    flash_backward(grad_out, saved, mask.is_none(), mask.as_ref(), cfg)
+}
+
+/// The fused backward over `saved.q` (`[n, heads, d]`) against `saved.k`/`saved.v` (`[m,
+/// kv_heads, d]`, m ≥ n): `causal` is the top-left diagonal (square blocks), `mask` an additive
+/// `[n, m]` mask instead. `saved.out` and `saved.lse` are the forward's for these queries over
+/// all the keys they attend to: with them, the gradients over any subset of those keys are that
+/// subset's exact share (the kernel rebuilds the probabilities from the logsumexp).
+fn flash_backward(grad_out: &Tensor, saved: &Saved, causal: bool, mask: Option<&Tensor>, cfg: &AttnConfig) -> Result<(Tensor, Tensor, Tensor), KernelError> {
+    let (n, m) = (saved.q.size()[0], saved.k.size()[0]);
+    let calls = Calls::of(cfg);
+    let (q4, k4, v4) = (to_bhtd(&saved.q), to_bhtd(&saved.k), to_bhtd(&saved.v));
+    let (go4, out4) = (to_bhtd(&grad_out.contiguous()), to_bhtd(&saved.out));
     // Each group's gradients go into the whole-sequence ones as they come; a kv head's is the
     // sum over its query heads.
     let (dq, dk, dv) = (saved.q.empty_like(), saved.k.empty_like(), saved.v.empty_like());
@@ -256,19 +266,8 @@ fn backward_one(grad_out: &Tensor, saved: &Saved, cfg: &AttnConfig) -> Result<(T
         let heads = |x: &Tensor| x.narrow(1, g * calls.q_heads, calls.q_heads);
         let lse = saved.lse.narrow(0, g * calls.q_heads, calls.q_heads).unsqueeze(0);
         let (dqg, dkg, dvg) = match &saved.philox {
-            None => Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(
-                &heads(&go4),
-                &qg,
-                &kg,
-                &vg,
-                &heads(&out4),
-                &lse,
-                0.0,
-                mask.is_none(),
-                mask.as_ref(),
-                cfg.scale,
-            )
-            .map_err(KernelError::torch("attention backward (cpu flash)"))?,
+            None => Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(&heads(&go4), &qg, &kg, &vg, &heads(&out4), &lse, 0.0, causal, mask, cfg.scale)
+                .map_err(KernelError::torch("attention backward (cpu flash)"))?,
             Some((seed, offset)) => {
                 // _efficient_attention_backward takes [B, T, H, D] tensors.
                 let bthd = |x: &Tensor| x.transpose(1, 2);
@@ -284,13 +283,13 @@ fn backward_one(grad_out: &Tensor, saved: &Saved, cfg: &AttnConfig) -> Result<(T
                     &out,
                     None::<Tensor>,
                     None::<Tensor>,
-                    t,
-                    t,
+                    n,
+                    m,
                     &lse,
                     0.0,
                     seed,
                     offset,
-                    1, // causal, diagonal from the top left
+                    if causal { 1 } else { 0 }, // causal: the diagonal from the top left
                     false,
                     cfg.scale,
                     None,
@@ -310,6 +309,51 @@ fn backward_one(grad_out: &Tensor, saved: &Saved, cfg: &AttnConfig) -> Result<(T
         dv.narrow(1, g * calls.kv_heads, calls.kv_heads).f_copy_(&tok(&kv(&dvg))).map_err(KernelError::torch("attention backward"))?;
     }
     Ok((dq, dk, dv))
+}
+
+/// One query chunk's share of a causal attention backward: the chunk's queries are rows `[a, a+n)`
+/// of a document whose keys are `k`, `v` up to the chunk's end (`[m, kv_heads, d]`, m = a − start
+/// + n, the document's first row at key 0). `out`, `grad_out` (`[n, heads, d]`) and `lse`
+/// (`[heads, n]`, the forward's) are the chunk's rows. The gradients of keys before the chunk
+/// come from a non-causal call, those of the chunk's own keys from a causal (square) one: no
+/// `[n, m]` mask, and backward holds one chunk of q, its output and gradients at a time.
+///
+/// Returns the chunk's `dq` and the key gradients as `(first key row, dk, dv)` pieces, to be
+/// summed into the document's.
+pub fn backward_query_chunk(grad_out: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, philox: Option<&(Tensor, Tensor)>, cfg: &AttnConfig) -> Result<(Tensor, Vec<(i64, Tensor, Tensor)>), KernelError> {
+    let (n, m) = (q.size().first().copied().unwrap_or(0), k.size().first().copied().unwrap_or(0));
+    if q.size() != [n, cfg.heads, cfg.head_dim] || k.size() != [m, cfg.kv_heads, cfg.head_dim] || v.size() != k.size() || m < n || lse.size().get(1) != Some(&n) {
+        return Err(KernelError::shape("attention chunk backward", format!("q {:?}, k {:?}, v {:?}, lse {:?} for heads={} kv_heads={} head_dim={}", q.size(), k.size(), v.size(), lse.size(), cfg.heads, cfg.kv_heads, cfg.head_dim)));
+    }
+    let off = m - n; // keys before the chunk's diagonal
+    let part = |q: &Tensor, k: &Tensor, v: &Tensor| {
+        // The CUDA backward takes its forward's logsumexp padded to a multiple of 32 queries.
+        let lse = match philox {
+            Some(_) if n % 32 != 0 => lse.constant_pad_nd([0, 32 - n % 32]),
+            _ => lse.shallow_clone(),
+        };
+        Saved { q: q.shallow_clone(), k: k.shallow_clone(), v: v.shallow_clone(), out: out.shallow_clone(), lse, philox: philox.map(|(a, b)| (a.shallow_clone(), b.shallow_clone())) }
+    };
+    if let Some(w) = cfg.sliding_window.filter(|&w| off + n > w) {
+        // A window that bites: query i (key index off + i) sees keys j with off + i - w < j ≤ off + i;
+        // only keys from off - w + 1 on can be seen, so the mask is [n, n + w - 1] at most.
+        if philox.is_some() {
+            return Err(KernelError::shape("attention", format!("sliding window {w} shorter than the sequence is not supported on CUDA yet")));
+        }
+        let lo = (off - w + 1).max(0);
+        let i = Tensor::arange_start(off, off + n, (Kind::Int64, q.device())).unsqueeze(1);
+        let j = Tensor::arange_start(lo, m, (Kind::Int64, q.device())).unsqueeze(0);
+        let allowed = j.le_tensor(&i).logical_and(&(&i - &j).lt(w));
+        let mask = Tensor::zeros([n, m - lo], (q.kind(), q.device())).masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
+        let (dq, dk, dv) = flash_backward(grad_out, &part(q, &k.narrow(0, lo, m - lo), &v.narrow(0, lo, m - lo)), false, Some(&mask), cfg)?;
+        return Ok((dq, vec![(lo, dk, dv)]));
+    }
+    let (dq, dk, dv) = flash_backward(grad_out, &part(q, &k.narrow(0, off, n), &v.narrow(0, off, n)), true, None, cfg)?;
+    if off == 0 {
+        return Ok((dq, vec![(0, dk, dv)]));
+    }
+    let (dq0, dk0, dv0) = flash_backward(grad_out, &part(q, &k.narrow(0, 0, off), &v.narrow(0, 0, off)), false, None, cfg)?;
+    Ok((dq0 + dq, vec![(0, dk0, dv0), (off, dk, dv)]))
 }
 
 #[cfg(test)]
@@ -361,5 +405,33 @@ mod tests {
             }
         }
     }
-}
 
+    #[test]
+    fn query_chunks_sum_to_the_whole_backward() {
+        tch::manual_seed(3);
+        for (h, kv, d, t, window, chunk) in [(8, 2, 16, 100, None, 32), (4, 4, 16, 77, None, 10), (6, 3, 16, 90, Some(20), 16), (4, 1, 8, 50, Some(7), 50), (4, 2, 8, 40, None, 1)] {
+            let cfg = AttnConfig { heads: h, kv_heads: kv, head_dim: d, scale: 1.0 / (d as f64).sqrt(), sliding_window: window };
+            let opts = (Kind::Double, Device::Cpu);
+            let (q, k, v, go) = (Tensor::randn([t, h, d], opts), Tensor::randn([t, kv, d], opts), Tensor::randn([t, kv, d], opts), Tensor::randn([t, h, d], opts));
+            let (o, saved) = forward(&q, &k, &v, &cfg).unwrap();
+            let (dq, dk, dv) = backward(&go, &saved, &cfg).unwrap();
+            let (dq2, dk2, dv2) = (q.zeros_like(), k.zeros_like(), v.zeros_like());
+            for a in (0..t).step_by(chunk as usize) {
+                let n = chunk.min(t - a);
+                let (dqc, parts) = backward_query_chunk(&go.narrow(0, a, n), &q.narrow(0, a, n), &k.narrow(0, 0, a + n), &v.narrow(0, 0, a + n), &o.narrow(0, a, n), &saved.lse.narrow(1, a, n), None, &cfg).unwrap();
+                dq2.narrow(0, a, n).copy_(&dqc);
+                for (s0, dkp, dvp) in parts {
+                    let len = dkp.size()[0];
+                    let mut x = dk2.narrow(0, s0, len);
+                    x += dkp;
+                    let mut y = dv2.narrow(0, s0, len);
+                    y += dvp;
+                }
+            }
+            for (name, a, b) in [("dq", &dq2, &dq), ("dk", &dk2, &dk), ("dv", &dv2, &dv)] {
+                let diff = (a - b).abs().max().double_value(&[]);
+                assert!(diff <= 1e-12 * b.abs().max().double_value(&[]), "h={h} kv={kv} t={t} window={window:?} chunk={chunk}: {name} differs by {diff}");
+            }
+        }
+    }
+}

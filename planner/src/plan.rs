@@ -61,6 +61,10 @@ pub struct Options {
     pub mip_seconds: f64,
     /// False where dropped activations cannot be recomputed (LoRA dropout): α stays 1.
     pub allow_recompute: bool,
+    /// The largest α to consider (1: the LP's choice; 0: store the fewest rows, for the least
+    /// device memory a length needs).
+    #[serde(default = "one")]
+    pub max_alpha: f64,
     /// Device memory the process holds besides its tensors (on CPU: the resident set of the
     /// runtime itself, measured before planning; on CUDA: 0, the context is outside the budget
     /// libtorch reports).
@@ -69,6 +73,10 @@ pub struct Options {
 
 fn unbounded() -> u64 {
     u64::MAX
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// A layout with its baselines.
@@ -197,9 +205,10 @@ fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usi
         v.push(Buf::new(format!("layer{layer}.backward work"), if kept { backward_kept } else { backward_offloaded }, bwd_slot(layer), bwd_slot(layer)));
     }
     for h in &inv.head {
-        // The head's tensors live from the end of forward through the loss into the first
-        // backward; the context's for the whole step.
-        let (start, end) = if h.group == Group::Context { (0, bwd_slot(0)) } else { (l as u32, (l + 1) as u32) };
+        // The head's tensors live in the loss slot (the engine drops them before the first
+        // layer's backward, whose level-1 layout holds the gradient they hand on); the
+        // context's for the whole step.
+        let (start, end) = if h.group == Group::Context { (0, bwd_slot(0)) } else { (l as u32, l as u32) };
         v.push(Buf::new(h.name.clone(), h.total(tokens), start, end));
     }
     v
@@ -282,7 +291,7 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
         let off = l - k;
         let (w, r) = inv.layer_saved(t, t);
         let min_alpha = if opt.allow_recompute { 0.0 } else { 1.0 };
-        let spec = LayerSpec { whole_bytes: w, recomputable_bytes: r, forward_seconds: layer_fwd, recompute_seconds: recompute_all, min_alpha, max_alpha: (max_split as f64 / t.max(1) as f64).max(min_alpha) };
+        let spec = LayerSpec { whole_bytes: w, recomputable_bytes: r, forward_seconds: layer_fwd, recompute_seconds: recompute_all, min_alpha, max_alpha: (max_split as f64 / t.max(1) as f64).min(opt.max_alpha).max(min_alpha) };
         if tiers.is_empty() && off > 0 {
             return Err(MemoError::TooSmall { capacity: 0, need: w * off as u64, layers: off });
         }

@@ -88,7 +88,7 @@ fn plans_respect_bounds_and_layouts_validate() {
     };
     for (device, host, nvme) in [(u64::MAX / 4, 0, 0), (inv.static_bytes() + 3 * per_layer, per_layer, 2 * per_layer), (inv.static_bytes() + 2 * per_layer, 0, 10 * per_layer)] {
         let b = Budgets { device, host, numa: 0, nvme };
-        let opt = Options { tokens: 4096, keep_last: None, lookahead: 1, max_inflight: 256 << 20, cpu: false, mip_seconds: 5.0, allow_recompute: true, baseline_bytes: 0 };
+        let opt = Options { tokens: 4096, keep_last: None, lookahead: 1, max_inflight: 256 << 20, cpu: false, mip_seconds: 5.0, allow_recompute: true, max_alpha: 1.0, baseline_bytes: 0 };
         let p = plan(&inv, b, &cal, &opt).unwrap();
         assert!((0..p.layers).all(|l| (0.0..=1.0).contains(&p.placement.alpha(l))));
         assert!(p.host_peak <= host && p.nvme_peak <= nvme, "{p:?}");
@@ -122,7 +122,7 @@ fn the_store_runs_the_plans_placement_tier_by_tier() {
     };
     // One and a half layers of host memory, one of NUMA, the rest on NVMe.
     let budgets = Budgets { device: u64::MAX / 4, host: per_layer * 3 / 2, numa: per_layer, nvme: 64 << 20 };
-    let opt = Options { tokens: t, keep_last: Some(0), lookahead: 1, max_inflight: 256 << 20, cpu: false, mip_seconds: 0.0, allow_recompute: false, baseline_bytes: 0 };
+    let opt = Options { tokens: t, keep_last: Some(0), lookahead: 1, max_inflight: 256 << 20, cpu: false, mip_seconds: 0.0, allow_recompute: false, max_alpha: 1.0, baseline_bytes: 0 };
     let p = plan(&inv, budgets, &cal, &opt).unwrap();
     assert!(p.fits, "{:?}", p.problems);
     let tiers_of = |l: usize| p.placement.tier_bytes(l).iter().filter(|b| **b > 0).count();

@@ -1,12 +1,17 @@
-//! Token tiles inside a block (ALST's tiled MLP, extended to every token-local op): RMSNorm, the
-//! seven projections (with LoRA), RoPE and SwiGLU run over `tile` tokens at a time, forward and
-//! backward, so no `[T, intermediate]` tensor or gradient exists whole; weight, norm and adapter
-//! gradients are summed over the tiles. Attention still sees the whole sequence: q, k, v, its
-//! output and their gradients exist whole (`[T, heads·head_dim]` at most).
+//! Token tiles inside a block (ALST's tiled MLP, extended to every op but the attention kernel
+//! itself): RMSNorm, the seven projections (with LoRA), RoPE and SwiGLU run over `tile` tokens
+//! at a time, forward and backward, and the attention backward runs by query tiles, so no
+//! `[T, intermediate]` tensor exists whole and a layer's backward holds whole only its input, the
+//! residual gradient, the attention output, K, V and their gradients. Weight, norm and adapter
+//! gradients are summed over the tiles.
+//!
+//! Tiles never cross a document boundary ([`tiles`]): a tile's queries are one chunk of one
+//! document, whose backward takes the keys from the document's start to the tile's end
+//! ([`attention::backward_query_chunk`]).
 //!
 //! With MEMO's split the forward keeps only rows `[0, split)` of the recomputable tensors (the
-//! other rows never exist beyond their tile) and the backward recomputes a tile's missing rows
-//! when it reaches the tile, from the layer input and the attention output, which are stored whole.
+//! other rows never exist beyond their tile) and the backward recomputes a tile's rows when it
+//! reaches the tile, from the layer input and the attention output, which are stored whole.
 //! LoRA dropout masks are drawn up front for the whole sequence, in the order the untiled pass
 //! draws them, and saved: tiles and their recompute read the same masks (so, unlike the untiled
 //! recompute, α < 1 works with dropout on).
@@ -21,10 +26,19 @@ use crate::model::block::{self, name, BlockSaved, Context, LoraSaved, Masks};
 use crate::model::layer::Layer;
 use crate::model::proj::Proj;
 
-/// The tiles of `t` tokens as `(start, len)`; the last is shorter when `tile` does not divide `t`.
-pub fn tiles(t: i64, tile: i64) -> impl Iterator<Item = (i64, i64)> {
+/// A tile: rows `[start, start + len)` of the document that begins at row `doc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tile {
+    pub doc: i64,
+    pub start: i64,
+    pub len: i64,
+}
+
+/// The tiles of a packed sequence (document offsets `cu_seqlens`): `tile` tokens each, the last of
+/// a document shorter, none crossing a document boundary.
+pub fn tiles(cu_seqlens: &[i64], tile: i64) -> Vec<Tile> {
     let tile = tile.max(1);
-    (0..t).step_by(tile as usize).map(move |a| (a, tile.min(t - a)))
+    cu_seqlens.windows(2).flat_map(|w| (w[0]..w[1]).step_by(tile as usize).map(move |a| Tile { doc: w[0], start: a, len: tile.min(w[1] - a) })).collect()
 }
 
 /// Whether tile `[a, a+n)` lies in the stored rows `[0, split)`. A tile that does not is
@@ -144,7 +158,8 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize, tile:
     let q = Tensor::empty([t, ctx.heads, ctx.head_dim], like);
     let k = Tensor::empty([t, ctx.kv_heads, ctx.head_dim], like);
     let v = Tensor::empty([t, ctx.kv_heads, ctx.head_dim], like);
-    for (a, n) in tiles(t, tile) {
+    let tiles = tiles(&ctx.cu_seqlens, tile);
+    for &Tile { start: a, len: n, .. } in &tiles {
         let mut ls = Vec::new();
         let pre = block::pre_attn(layer, &x.narrow(0, a, n), &ctx.cos.narrow(0, a, n), &ctx.sin.narrow(0, a, n), ctx, &mut ls, Masks::Rows { masks: &masks, start: a });
         for (whole, part) in [(&q, &pre.q), (&k, &pre.k), (&v, &pre.v)] {
@@ -157,7 +172,7 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize, tile:
     let (o, attn) = attention::forward_packed(&q, &k, &v, &ctx.attn[layer_idx], &ctx.cu_seqlens)?;
     let o_flat = o.view([t, ctx.heads * ctx.head_dim]);
     let y = x.empty_like();
-    for (a, n) in tiles(t, tile) {
+    for &Tile { start: a, len: n, .. } in &tiles {
         let mut ls = Vec::new();
         let post = block::post_attn(layer, &x.narrow(0, a, n), &o_flat.narrow(0, a, n), ctx, &mut ls, Masks::Rows { masks: &masks, start: a });
         y.narrow(0, a, n).copy_(&post.y);
@@ -193,7 +208,13 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize, tile:
 /// [`block::backward`] over token tiles, for a [`BlockSaved`] from [`forward`] with `split` rows
 /// of its recomputable tensors (a tensor with no rows stored may be any placeholder). `dy` is
 /// consumed: its storage becomes the returned input gradient (the residual's `dy + …` is added in
-/// place, tile by tile), so only the attention tensors and `dy` exist whole.
+/// place, tile by tile).
+///
+/// Order: K and V whole (stored, or rebuilt from recomputed tiles); then per tile the MLP,
+/// post-attention norm and o_proj backward, the tile's queries' attention backward (key gradients
+/// summed into whole dK, dV in the accumulation dtype) and q's share of the input gradient; then
+/// per tile K's and V's share (RMSNorm's backward is linear in its output gradient, so the two
+/// shares add).
 pub fn backward(layer: &Layer, dy: Tensor, s: BlockSaved, ctx: &Context, layer_idx: usize, tile: i64, split: i64) -> Result<(Tensor, Vec<(String, Tensor)>)> {
     let t = dy.size()[0];
     let (qd, kvd) = (ctx.heads * ctx.head_dim, ctx.kv_heads * ctx.head_dim);
@@ -204,13 +225,35 @@ pub fn backward(layer: &Layer, dy: Tensor, s: BlockSaved, ctx: &Context, layer_i
         .collect();
     let m = |start: i64| Masks::Rows { masks: &masks, start };
     let mut grads = GradSum::default();
-    let o_flat = attn.out.view([t, qd]);
+    let tiles = tiles(&ctx.cu_seqlens, tile);
+    let (kind, dev) = (x.kind(), x.device());
 
-    // MLP, post-attention norm and o_proj, tile by tile; d(attention output) gathered whole.
-    let d_out = Tensor::empty([t, qd], (dy.kind(), dy.device()));
-    for (a, n) in tiles(t, tile) {
+    // K and V whole: every later query attends to them.
+    let (k, v) = if split >= t {
+        (attn.k.shallow_clone(), attn.v.shallow_clone())
+    } else {
+        let (k, v) = (Tensor::empty([t, ctx.kv_heads, ctx.head_dim], (kind, dev)), Tensor::empty([t, ctx.kv_heads, ctx.head_dim], (kind, dev)));
+        if split > 0 {
+            k.narrow(0, 0, split).copy_(&attn.k);
+            v.narrow(0, 0, split).copy_(&attn.v);
+        }
+        for &Tile { start: a, len: n, .. } in tiles.iter().filter(|tl| !stored(tl.start, tl.len, split)) {
+            let pre = block::pre_attn(layer, &x.narrow(0, a, n), &ctx.cos.narrow(0, a, n), &ctx.sin.narrow(0, a, n), ctx, &mut Vec::new(), m(a));
+            let skip = (split - a).max(0);
+            k.narrow(0, a + skip, n - skip).copy_(&pre.k.narrow(0, skip, n - skip));
+            v.narrow(0, a + skip, n - skip).copy_(&pre.v.narrow(0, skip, n - skip));
+        }
+        (k, v)
+    };
+    let acc = kernels::accum_kind(kind);
+    let (dk, dv) = (Tensor::zeros([t, ctx.kv_heads, ctx.head_dim], (acc, dev)), Tensor::zeros([t, ctx.kv_heads, ctx.head_dim], (acc, dev)));
+    let o_flat = attn.out.view([t, qd]);
+    for &Tile { doc, start: a, len: n } in &tiles {
         let rows = |z: &Tensor| z.narrow(0, a, n);
-        let (h_t, rstd_t, xm_t, gate_t, up_t, act_t) = if stored(a, n, split) {
+        let kept = stored(a, n, split);
+        let (cos, sin) = (rows(&ctx.cos), rows(&ctx.sin));
+        // MLP, post-attention norm and o_proj.
+        let (h_t, rstd_t, xm_t, gate_t, up_t, act_t) = if kept {
             (rows(&h), rows(&rstd_mlp), rows(&x_mlp), rows(&gate), rows(&up), rows(&act))
         } else {
             let p = block::post_attn(layer, &rows(&x), &rows(&o_flat), ctx, &mut Vec::new(), m(a));
@@ -230,54 +273,59 @@ pub fn backward(layer: &Layer, dy: Tensor, s: BlockSaved, ctx: &Context, layer_i
             g.push(("post_attention_layernorm.weight".into(), w));
         }
         dy_t += dh_norm; // dh = dy + dh_norm, in dy's storage
-        let do_t = block::proj_backward(&dy_t, &o_flat.narrow(0, a, n), layer, Proj::O, ctx, &mut ls, &mut g)?;
-        d_out.narrow(0, a, n).copy_(&do_t);
+        let do_t = block::proj_backward(&dy_t, &rows(&o_flat), layer, Proj::O, ctx, &mut ls, &mut g)?;
+        // This tile's queries against the document's keys up to the tile's end.
+        let (x_attn_t, rstd_attn_t, q_t) = if kept {
+            (rows(&x_attn), rows(&rstd_attn), rows(&attn.q))
+        } else {
+            let p = block::pre_attn(layer, &rows(&x), &cos, &sin, ctx, &mut Vec::new(), m(a));
+            (p.x_attn, p.rstd_attn, p.q)
+        };
+        let keys = a + n - doc;
+        let (dq_t, parts) = attention::backward_query_chunk(
+            &do_t.view([n, ctx.heads, ctx.head_dim]),
+            &q_t,
+            &k.narrow(0, doc, keys),
+            &v.narrow(0, doc, keys),
+            &attn.out.narrow(0, a, n),
+            &attn.lse.narrow(1, a, n),
+            attn.philox.as_ref(),
+            &ctx.attn[layer_idx],
+        )?;
+        drop((do_t, q_t));
+        for (k0, dkp, dvp) in parts {
+            let len = dkp.size()[0];
+            let mut into = dk.narrow(0, doc + k0, len);
+            into += dkp.to_kind(acc);
+            let mut into = dv.narrow(0, doc + k0, len);
+            into += dvp.to_kind(acc);
+        }
+        // q's share of the input gradient.
+        let dq_t = rope::backward(&dq_t, &cos, &sin).reshape([n, qd]);
+        let dx_attn = block::proj_backward(&dq_t, &x_attn_t, layer, Proj::Q, ctx, &mut ls, &mut g)?;
+        let (dx_norm, dw1) = rmsnorm::backward(&dx_attn, &rmsnorm::Saved { x: rows(&x), rstd: rstd_attn_t }, &layer.input_layernorm, ctx.full);
+        if let Some(w) = dw1 {
+            g.push(("input_layernorm.weight".into(), w));
+        }
+        dy_t += dx_norm;
         grads.add(g);
     }
-    drop((h, rstd_mlp, x_mlp, gate, up, act, o_flat));
+    drop((h, rstd_mlp, x_mlp, gate, up, act, o_flat, attn, k, v));
 
-    // Attention over the whole sequence: q, k, v from the stored rows and the recomputed ones.
-    let (q, k, v) = if split >= t {
-        (attn.q, attn.k, attn.v)
-    } else {
-        let like = (x.kind(), x.device());
-        let (q, k, v) = (Tensor::empty([t, ctx.heads, ctx.head_dim], like), Tensor::empty([t, ctx.kv_heads, ctx.head_dim], like), Tensor::empty([t, ctx.kv_heads, ctx.head_dim], like));
-        if split > 0 {
-            for (whole, part) in [(&q, &attn.q), (&k, &attn.k), (&v, &attn.v)] {
-                whole.narrow(0, 0, split).copy_(part);
-            }
-        }
-        for (a, n) in tiles(t, tile).filter(|&(a, n)| !stored(a, n, split)) {
-            let pre = block::pre_attn(layer, &x.narrow(0, a, n), &ctx.cos.narrow(0, a, n), &ctx.sin.narrow(0, a, n), ctx, &mut Vec::new(), m(a));
-            let skip = (split - a).max(0);
-            for (whole, part) in [(&q, &pre.q), (&k, &pre.k), (&v, &pre.v)] {
-                whole.narrow(0, a + skip, n - skip).copy_(&part.narrow(0, skip, n - skip));
-            }
-        }
-        (q, k, v)
-    };
-    let whole = attention::Saved { q, k, v, out: attn.out, lse: attn.lse, philox: attn.philox };
-    let (dq, dk, dv) = attention::backward_packed(&d_out.view([t, ctx.heads, ctx.head_dim]), &whole, &ctx.attn[layer_idx], &ctx.cu_seqlens)?;
-    drop((d_out, whole));
-
-    // RoPE, q/k/v and the input norm, tile by tile; dx = dh + d(norm input) in dy's storage.
-    for (a, n) in tiles(t, tile) {
-        let (xa_t, rstd_t) = if stored(a, n, split) {
+    // K's and V's share of the input gradient, tile by tile.
+    for &Tile { start: a, len: n, .. } in &tiles {
+        let (x_attn_t, rstd_t) = if stored(a, n, split) {
             (x_attn.narrow(0, a, n), rstd_attn.narrow(0, a, n))
         } else {
             let (xn, s) = rmsnorm::forward(&x.narrow(0, a, n), &layer.input_layernorm, ctx.eps);
             (xn, s.rstd)
         };
-        let (cos, sin) = (ctx.cos.narrow(0, a, n), ctx.sin.narrow(0, a, n));
-        let dq_t = rope::backward(&dq.narrow(0, a, n), &cos, &sin).reshape([n, qd]);
-        let dk_t = rope::backward(&dk.narrow(0, a, n), &cos, &sin).reshape([n, kvd]);
-        let dv_t = dv.narrow(0, a, n).reshape([n, kvd]);
+        let dk_t = rope::backward(&dk.narrow(0, a, n).to_kind(kind), &ctx.cos.narrow(0, a, n), &ctx.sin.narrow(0, a, n)).reshape([n, kvd]);
+        let dv_t = dv.narrow(0, a, n).to_kind(kind).reshape([n, kvd]);
         let mut ls = lora_rows(&lora, a, n);
         let mut g = Vec::new();
-        let dx_attn = block::proj_backward(&dq_t, &xa_t, layer, Proj::Q, ctx, &mut ls, &mut g)?
-            + block::proj_backward(&dk_t, &xa_t, layer, Proj::K, ctx, &mut ls, &mut g)?
-            + block::proj_backward(&dv_t, &xa_t, layer, Proj::V, ctx, &mut ls, &mut g)?;
-        drop((dq_t, dk_t, dv_t, xa_t));
+        let dx_attn = block::proj_backward(&dk_t, &x_attn_t, layer, Proj::K, ctx, &mut ls, &mut g)? + block::proj_backward(&dv_t, &x_attn_t, layer, Proj::V, ctx, &mut ls, &mut g)?;
+        drop((dk_t, dv_t, x_attn_t));
         let (dx_norm, dw1) = rmsnorm::backward(&dx_attn, &rmsnorm::Saved { x: x.narrow(0, a, n), rstd: rstd_t }, &layer.input_layernorm, ctx.full);
         if let Some(w) = dw1 {
             g.push(("input_layernorm.weight".into(), w));
@@ -294,9 +342,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tiles_cover_the_sequence_once() {
-        assert_eq!(tiles(10, 4).collect::<Vec<_>>(), [(0, 4), (4, 4), (8, 2)]);
-        assert_eq!(tiles(3, 8).collect::<Vec<_>>(), [(0, 3)]);
-        assert_eq!(tiles(3, 1).collect::<Vec<_>>(), [(0, 1), (1, 1), (2, 1)]);
+    fn tiles_cover_the_sequence_once_within_documents() {
+        let spans = |cu: &[i64], tile| tiles(cu, tile).iter().map(|t| (t.doc, t.start, t.len)).collect::<Vec<_>>();
+        assert_eq!(spans(&[0, 10], 4), [(0, 0, 4), (0, 4, 4), (0, 8, 2)]);
+        assert_eq!(spans(&[0, 3], 8), [(0, 0, 3)]);
+        assert_eq!(spans(&[0, 5, 7], 3), [(0, 0, 3), (0, 3, 2), (5, 5, 2)]);
+        assert_eq!(spans(&[0, 1, 3], 1), [(0, 0, 1), (1, 1, 1), (1, 2, 1)]);
     }
 }

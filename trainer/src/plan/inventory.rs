@@ -161,9 +161,9 @@ fn widest_lora_term(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, pr
 }
 
 /// One layer's backward under token tiles, in [`crate::model::tiled::backward`]'s order: slot 1
-/// the MLP / post-norm / o_proj tiles, slot 2 attention over the whole sequence (q, k, v rebuilt
-/// from the stored rows and recomputed tiles), slot 3 the RoPE / q,k,v / input-norm tiles. Only
-/// the attention tensors, the layer input and the residual gradient exist whole.
+/// K and V rebuilt whole (when rows were dropped), slot 2 the tiles (MLP, post-norm, o_proj, the
+/// tile's queries' attention backward, q's share), slot 3 K's and V's share tile by tile. Only the
+/// layer input, the residual gradient, the attention output, K, V and their gradients exist whole.
 fn tiled_backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, saved: &[TensorClass]) -> Vec<OpBuffer> {
     let e = kind.elt_size_in_bytes() as u64;
     let acc = kernels::accum_kind(kind).elt_size_in_bytes() as u64;
@@ -172,22 +172,29 @@ fn tiled_backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfi
     let group = qd / (cfg.num_kv_heads as u64).max(1);
     let mut v = vec![
         op_buf("dy, then dh, then dx (one buffer, added to in place)", format!("[T, {d}]"), d * e, 0, 3),
-        op_buf("d attention output", format!("[T, {qd}]"), qd * e, 1, 2),
-        rows_buf(Rows::Rebuilt, "q, k, v rebuilt whole (stored rows + recomputed tiles)", format!("[T, {}]", qd + 2 * kvd), (qd + 2 * kvd) * e, 2, 2),
-        op_buf("d q, d k, d v", format!("[T, {}]", qd + 2 * kvd), (qd + 2 * kvd) * e, 2, 3),
-        op_buf("d q, d k, d v of one kv group (kernel outputs)", format!("3 × [T, {group}]"), 3 * group * e, 2, 2),
-        // At the SwiGLU backward: gate and up (recomputed or views of the stored rows), d act,
-        // d gate, d up and one temporary, beside h and x_mlp.
-        rows_buf(Rows::Tile, "MLP tile: gate, up, d act, d gate, d up, SwiGLU temporary, h, x_mlp", format!("[tile, 6 × {i} + 2 × {d}]"), (6 * i + 2 * d) * e + acc + widest_lora_term(cfg, kind, lora, &[Proj::Down, Proj::Gate, Proj::Up, Proj::O]), 1, 1),
-        rows_buf(Rows::Tile, "q, k, v recompute tile: x_attn, q, k, v, RoPE temporaries", format!("[tile, {d} + 3 × {qd} + 2 × {kvd}]"), (d + 3 * qd + 2 * kvd) * e + acc, 2, 2),
-        rows_buf(Rows::Tile, "attention-input tile: x_attn, RoPE backward, d q, d k, d x_attn, d x (norm)", format!("[tile, 4 × {d} + 3 × {qd} + 2 × {kvd}]"), (4 * d + 3 * qd + 2 * kvd) * e + acc + widest_lora_term(cfg, kind, lora, &[Proj::Q, Proj::K, Proj::V]), 3, 3),
+        rows_buf(Rows::Rebuilt, "k, v rebuilt whole (stored rows + recomputed tiles)", format!("[T, {}]", 2 * kvd), 2 * kvd * e, 1, 2),
+        op_buf("d k, d v summed over query tiles (accumulation dtype)", format!("[T, {}]", 2 * kvd), 2 * kvd * acc, 2, 3),
+        // A tile's queries against the keys before it: one kv group's key gradients over them.
+        op_buf("d k, d v of one kv group over a tile's keys (kernel outputs)", format!("2 × [T, {group}]"), 2 * group * e, 2, 2),
+        rows_buf(Rows::Tile, "k, v recompute tile: x_attn, q, k, v, RoPE temporaries", format!("[tile, {d} + 3 × {qd} + 2 × {kvd}]"), (d + 3 * qd + 2 * kvd) * e + acc, 1, 1),
+        // The MLP's moment (gate, up, d act, d gate, d up, one SwiGLU temporary, h, x_mlp) and
+        // the attention's (q, d out, d q and its RoPE temporaries, x_attn) never coexist; the
+        // larger is counted.
+        rows_buf(
+            Rows::Tile,
+            "tile: MLP backward (gate, up, d act, d gate, d up, temporary, h, x_mlp) or the queries' attention backward",
+            format!("[tile, max(6 × {i} + 2 × {d}, 5 × {qd} + {d})]"),
+            (6 * i + 2 * d).max(5 * qd + d) * e + acc + widest_lora_term(cfg, kind, lora, &[Proj::Down, Proj::Gate, Proj::Up, Proj::O, Proj::Q]),
+            2,
+            2,
+        ),
+        rows_buf(Rows::Tile, "k/v tile: x_attn, d k, d v, RoPE backward, d x_attn, d x (norm)", format!("[tile, 4 × {d} + 4 × {kvd}]"), (4 * d + 4 * kvd) * e + acc + widest_lora_term(cfg, kind, lora, &[Proj::K, Proj::V]), 3, 3),
     ];
     for c in saved {
         let proj = c.name.split(':').nth(1).and_then(|n| Proj::ALL.into_iter().find(|p| p.hf_name() == n));
         let end = match (c.name.as_str(), proj) {
-            (name::H | name::RSTD_MLP | name::X_MLP | name::GATE | name::UP | name::ACT, _) => 1,
             (name::X | name::X_ATTN | name::RSTD_ATTN, _) | (_, Some(_)) => 3,
-            _ => 2, // q, k, v, attention output, logsumexp, RNG state
+            _ => 2, // the MLP's, q, k, v, attention output, logsumexp, RNG state
         };
         let rows = if c.recomputable { Rows::Stored } else { Rows::Tokens };
         v.push(OpBuffer { name: format!("saved {}", c.name), shape: c.shape.clone(), fixed_bytes: c.fixed_bytes, per_token_bytes: c.per_token_bytes, start: 0, end, rows });
@@ -330,7 +337,9 @@ pub fn build_tiled(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, dev
     let (d, v) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
     let (qd, kvd, i) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64, cfg.intermediate_size as u64);
     let head = vec![
-        TensorClass { group: Group::Head, name: "final norm: input and output".into(), shape: format!("2 × [T, {d}]"), dtype: kind_name(kind), count: 1, fixed_bytes: 0, per_token_bytes: 2 * d * e, recomputable: false },
+        // The final hidden state and its norm, then the gradients of both (the loss's, then the
+        // norm's, which the last layer's backward takes over).
+        TensorClass { group: Group::Head, name: "final norm: input, output and their gradients".into(), shape: format!("4 × [T, {d}]"), dtype: kind_name(kind), count: 1, fixed_bytes: 0, per_token_bytes: 4 * d * e, recomputable: false },
         TensorClass {
             group: Group::Head,
             name: "loss: logits chunk and its gradient".into(),

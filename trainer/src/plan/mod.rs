@@ -72,6 +72,7 @@ fn options(recipe: &Recipe, req: &Request, tokens: u64) -> Options {
         cpu,
         mip_seconds: req.mip_seconds.or(recipe.plan.as_ref().map(|p| p.mip_seconds)).unwrap_or(2.0),
         allow_recompute: !(recipe.train.mode == Mode::Lora && recipe.lora.as_ref().is_some_and(|l| l.dropout > 0.0)),
+        max_alpha: 1.0,
         baseline_bytes: if cpu { baseline_rss() } else { 0 },
     }
 }
@@ -181,7 +182,8 @@ pub fn what_would_fit(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, 
     opt.allow_recompute |= inv.tile_tokens.is_some();
     let b = plan.budgets;
     let big = u64::MAX / 8;
-    let at = |budgets: Budgets| planner::plan::plan(inv, budgets, cal, &Options { keep_last: Some(0), ..opt.clone() }).map_err(|e| TrainerError::Device(format!("planner: {e}")));
+    // Every layer offloaded, the fewest rows stored.
+    let at = |budgets: Budgets| planner::plan::plan(inv, budgets, cal, &Options { keep_last: Some(0), max_alpha: 0.0, ..opt.clone() }).map_err(|e| TrainerError::Device(format!("planner: {e}")));
     let configured = at(Budgets { device: big, ..b })?;
     let (least_device_bytes, needs_more_nvme) = if configured.fits {
         (configured.device_peak, false)
