@@ -118,3 +118,30 @@ nvme_bytes = 67108864
     assert!(last["memory/nvme_peak_bytes"].as_f64().unwrap() > 0.0, "{last}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_8b_lora_step_plans_at_a_million_tokens_from_a_preset() {
+    let cache = std::env::temp_dir().join(format!("strata-plan-8b-{}", std::process::id()));
+    let out_dir = cache.join("out");
+    let recipe = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/lora-llama3-8b-long.toml");
+    let plan_for = |model: &str, extra: &[&str]| {
+        let mut a = vec!["plan", "--recipe", recipe, "--model-config", model, "--device-mem", "80GB", "--host-mem", "100GB", "--nvme", "2TB", "--mip-seconds", "0", "--out"];
+        let o = out_dir.to_string_lossy().to_string();
+        a.push(&o);
+        a.extend_from_slice(extra);
+        let out = train_env(&a, &cache);
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let plan = |extra: &[&str]| plan_for("llama-3.1-8b", extra);
+    // The plan's choice: whole-sequence blocks do not fit a million tokens, tiles do.
+    let (ok, text) = plan(&["--tokens", "1048576"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("token tiles of") && text.contains("verdict    fits"), "{text}");
+    let longest: u64 = text.lines().find(|l| l.starts_with("longest")).and_then(|l| l.split("fits these budgets: ").nth(1)).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(longest >= 1 << 20, "longest {longest}: {text}");
+    let (_, text) = plan(&["--tokens", "1048576", "--tile-tokens", "0"]);
+    assert!(text.contains("whole-sequence blocks") && text.contains("does not fit"), "{text}");
+    let (ok, text) = plan_for("gpt-17", &[]);
+    assert!(!ok && text.contains("llama-3.1-8b") && !text.contains("panicked"), "{text}");
+    let _ = std::fs::remove_dir_all(cache);
+}

@@ -102,6 +102,8 @@ fn offloaded_tiles_are_bit_identical_to_resident_tiles() {
     let node = offload::numa::current_node();
     let base = StoreConfig { max_inflight: 64 << 10, ..Default::default() };
     let stores = [
+        ("host", StoreConfig { host_bytes: 64 << 20, ..base.clone() }),
+        ("numa", StoreConfig { numa: Some((node, 64 << 20)), ..base.clone() }),
         ("nvme", StoreConfig { nvme: Some(nvme(64 << 20)), ..base.clone() }),
         ("host+numa+nvme", StoreConfig { host_bytes: 300 << 10, numa: Some((node, 300 << 10)), nvme: Some(nvme(64 << 20)), ..base }),
     ];
@@ -116,10 +118,10 @@ fn offloaded_tiles_are_bit_identical_to_resident_tiles() {
                 }
             }
             let b = batch(&[40, 17, 43]);
-            for tile in [2, 7, 32] {
+            for tile in [3, 32] {
                 m.tile_tokens = Some(tile);
                 let (l0, g0) = step(&m, &b);
-                for alpha in [0.0, 0.3, 0.61, 1.0] {
+                for alpha in [0.0, 0.3, 1.0] {
                     for (tiers, cfg) in &stores {
                         let mut store = ActivationStore::new(cfg).unwrap();
                         let p = placement(&m, lcfg.as_ref(), 100, &store, 0, alpha);

@@ -65,51 +65,42 @@ fn draw_masks(layer: &Layer, ctx: &Context, t: i64, input: (Kind, Device)) -> Ve
         .collect()
 }
 
-/// Rows `[0, split)` of tensors produced tile by tile (the stored part of the recomputable ones).
+/// Rows `[0, split)` of tensors produced tile by tile (the stored part of the recomputable
+/// ones), each written into its `[split, ...]` tensor as its tiles come (no tile outlives its
+/// step and nothing is concatenated).
 struct Gather {
     split: i64,
-    parts: Vec<(&'static str, Vec<Tensor>, Vec<i64>)>,
+    stored: Vec<(&'static str, Tensor)>,
 }
 
 impl Gather {
     fn new(split: i64) -> Gather {
-        Gather { split, parts: Vec::new() }
+        Gather { split, stored: Vec::new() }
     }
 
-    /// Adds tile `t` (starting at row `a`): its rows below `split`, copied when cut so that the
-    /// tile's other rows are released.
+    /// Adds tile `t` (starting at row `a`): its rows below `split`.
     fn add(&mut self, name: &'static str, a: i64, t: &Tensor) {
-        let rows = t.size()[0];
-        let n = (self.split - a).min(rows);
-        let entry = match self.parts.iter_mut().position(|(m, _, _)| *m == name) {
-            Some(i) => &mut self.parts[i],
+        let n = (self.split - a).min(t.size()[0]);
+        if n <= 0 {
+            return;
+        }
+        let whole = match self.stored.iter().position(|(m, _)| *m == name) {
+            Some(i) => &self.stored[i].1,
             None => {
                 let mut shape = t.size();
-                shape[0] = 0;
-                self.parts.push((name, Vec::new(), shape));
-                let last = self.parts.len() - 1;
-                &mut self.parts[last]
+                shape[0] = self.split;
+                self.stored.push((name, Tensor::empty(shape.as_slice(), (t.kind(), t.device()))));
+                &self.stored[self.stored.len() - 1].1
             }
         };
-        if n == rows {
-            entry.1.push(t.shallow_clone());
-        } else if n > 0 {
-            entry.1.push(t.narrow(0, 0, n).copy());
-        }
+        whole.narrow(0, a, n).copy_(&t.narrow(0, 0, n));
     }
 
-    /// The gathered rows of `name` (no rows: an empty tensor).
+    /// The stored rows of `name` (none: an empty placeholder).
     fn take(&mut self, name: &str, like: (Kind, Device)) -> Tensor {
-        match self.parts.iter().position(|(m, _, _)| *m == name) {
+        match self.stored.iter().position(|(m, _)| *m == name) {
+            Some(i) => self.stored.swap_remove(i).1,
             None => Tensor::empty([0], like),
-            Some(i) => {
-                let (_, parts, shape) = self.parts.swap_remove(i);
-                match parts.len() {
-                    0 => Tensor::empty(shape.as_slice(), like),
-                    1 => parts.into_iter().next().unwrap_or_else(|| Tensor::empty(shape.as_slice(), like)),
-                    _ => Tensor::cat(&parts, 0),
-                }
-            }
         }
     }
 }
@@ -129,18 +120,27 @@ fn lora_rows(lora: &LoraSaved, a: i64, n: i64) -> LoraSaved {
     lora.iter().map(|(name, xa, keep)| (*name, xa.narrow(0, a, n), keep.as_ref().map(|k| k.narrow(0, a, n)))).collect()
 }
 
-/// Parameter gradients summed over tiles, in the order they first appear.
+/// Parameter gradients summed over tiles, in the order they first appear, in the accumulation
+/// dtype (a bf16 weight gradient summed in bf16 over many tiles would lose bits at every add).
 #[derive(Default)]
-struct GradSum(Vec<(String, Tensor)>);
+struct GradSum(Vec<(String, Tensor, Kind)>);
 
 impl GradSum {
     fn add(&mut self, tile: Vec<(String, Tensor)>) {
         for (n, g) in tile {
-            match self.0.iter_mut().find(|(m, _)| *m == n) {
-                Some((_, acc)) => *acc += g,
-                None => self.0.push((n, g)),
+            match self.0.iter_mut().find(|(m, _, _)| *m == n) {
+                Some((_, acc, _)) => *acc += g,
+                None => {
+                    let kind = g.kind();
+                    self.0.push((n, g.to_kind(kernels::accum_kind(kind)), kind));
+                }
             }
         }
+    }
+
+    /// The sums in the gradients' own dtypes.
+    fn into_grads(self) -> Vec<(String, Tensor)> {
+        self.0.into_iter().map(|(n, g, kind)| (n, g.to_kind(kind))).collect()
     }
 }
 
@@ -334,7 +334,7 @@ pub fn backward(layer: &Layer, dy: Tensor, s: BlockSaved, ctx: &Context, layer_i
         dx_t += dx_norm;
         grads.add(g);
     }
-    Ok((dy, grads.0))
+    Ok((dy, grads.into_grads()))
 }
 
 #[cfg(test)]

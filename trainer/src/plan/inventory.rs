@@ -188,6 +188,12 @@ fn tiled_backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfi
             2,
             2,
         ),
+        // Full fine-tuning: the layer's weight gradients summed over tiles in the accumulation
+        // dtype (below float32 they would lose bits at every add).
+        OpBuffer {
+            fixed_bytes: if lora.is_none() && acc > e { (d * qd + 2 * d * kvd + qd * d + 3 * d * i + 2 * d) * acc } else { 0 },
+            ..op_buf("weight gradients summed over tiles (accumulation dtype)", "[layer parameters]".into(), 0, 0, 3)
+        },
         rows_buf(Rows::Tile, "k/v tile: x_attn, d k, d v, RoPE backward, d x_attn, d x (norm)", format!("[tile, 4 × {d} + 4 × {kvd}]"), (4 * d + 4 * kvd) * e + acc + widest_lora_term(cfg, kind, lora, &[Proj::K, Proj::V]), 3, 3),
     ];
     for c in saved {
