@@ -245,7 +245,19 @@ fn backward_one(grad_out: &Tensor, saved: &Saved, cfg: &AttnConfig) -> Result<(T
         None => window_mask(t, cfg, saved.q.kind(), saved.q.device()),
         Some(_) => None,
     };
-    flash_backward(grad_out, saved, mask.is_none(), mask.as_ref(), cfg)
+    let (dk, dv) = (saved.k.empty_like(), saved.v.empty_like());
+    let dq = flash_backward(grad_out, saved, mask.is_none(), mask.as_ref(), cfg, KeyGrads::Write(&dk, &dv))?;
+    Ok((dq, dk, dv))
+}
+
+/// Where [`flash_backward`] puts the key and value gradients (`[m, kv_heads, d]` each).
+#[derive(Clone, Copy)]
+enum KeyGrads<'a> {
+    /// Written over (the whole-sequence backward: every key's gradient comes from one call).
+    Write(&'a Tensor, &'a Tensor),
+    /// Added to, in their own dtype (a query tile's share, summed over tiles in float32): no
+    /// key-length gradient exists beside them but one kv group's kernel output.
+    Add(&'a Tensor, &'a Tensor),
 }
 
 /// The fused backward over `saved.q` (`[n, heads, d]`) against `saved.k`/`saved.v` (`[m,
@@ -253,14 +265,16 @@ fn backward_one(grad_out: &Tensor, saved: &Saved, cfg: &AttnConfig) -> Result<(T
 /// `[n, m]` mask instead. `saved.out` and `saved.lse` are the forward's for these queries over
 /// all the keys they attend to: with them, the gradients over any subset of those keys are that
 /// subset's exact share (the kernel rebuilds the probabilities from the logsumexp).
-fn flash_backward(grad_out: &Tensor, saved: &Saved, causal: bool, mask: Option<&Tensor>, cfg: &AttnConfig) -> Result<(Tensor, Tensor, Tensor), KernelError> {
+///
+/// Returns dq; dk and dv go where `key_grads` says.
+fn flash_backward(grad_out: &Tensor, saved: &Saved, causal: bool, mask: Option<&Tensor>, cfg: &AttnConfig, key_grads: KeyGrads) -> Result<Tensor, KernelError> {
     let (n, m) = (saved.q.size()[0], saved.k.size()[0]);
     let calls = Calls::of(cfg);
     let (q4, k4, v4) = (to_bhtd(&saved.q), to_bhtd(&saved.k), to_bhtd(&saved.v));
     let (go4, out4) = (to_bhtd(&grad_out.contiguous()), to_bhtd(&saved.out));
     // Each group's gradients go into the whole-sequence ones as they come; a kv head's is the
     // sum over its query heads.
-    let (dq, dk, dv) = (saved.q.empty_like(), saved.k.empty_like(), saved.v.empty_like());
+    let dq = saved.q.empty_like();
     for g in 0..calls.calls {
         let (qg, kg, vg) = calls.inputs(&q4, &k4, &v4, g);
         let heads = |x: &Tensor| x.narrow(1, g * calls.q_heads, calls.q_heads);
@@ -305,10 +319,19 @@ fn flash_backward(grad_out: &Tensor, saved: &Saved, causal: bool, mask: Option<&
         let tok = |x: &Tensor| x.squeeze_dim(0).transpose(0, 1);
         let kv = |x: &Tensor| if calls.kv_heads == calls.q_heads { x.shallow_clone() } else { x.sum_dim_intlist(1, true, x.kind()) };
         dq.narrow(1, g * calls.q_heads, calls.q_heads).f_copy_(&tok(&dqg)).map_err(KernelError::torch("attention backward"))?;
-        dk.narrow(1, g * calls.kv_heads, calls.kv_heads).f_copy_(&tok(&kv(&dkg))).map_err(KernelError::torch("attention backward"))?;
-        dv.narrow(1, g * calls.kv_heads, calls.kv_heads).f_copy_(&tok(&kv(&dvg))).map_err(KernelError::torch("attention backward"))?;
+        let group = |x: &Tensor| x.narrow(1, g * calls.kv_heads, calls.kv_heads);
+        match key_grads {
+            KeyGrads::Write(dk, dv) => {
+                group(dk).f_copy_(&tok(&kv(&dkg))).map_err(KernelError::torch("attention backward"))?;
+                group(dv).f_copy_(&tok(&kv(&dvg))).map_err(KernelError::torch("attention backward"))?;
+            }
+            KeyGrads::Add(dk, dv) => {
+                let _ = group(dk).f_add_(&tok(&kv(&dkg))).map_err(KernelError::torch("attention backward"))?;
+                let _ = group(dv).f_add_(&tok(&kv(&dvg))).map_err(KernelError::torch("attention backward"))?;
+            }
+        }
     }
-    Ok((dq, dk, dv))
+    Ok(dq)
 }
 
 /// One query chunk's share of a causal attention backward: the chunk's queries are rows `[a, a+n)`
@@ -318,22 +341,29 @@ fn flash_backward(grad_out: &Tensor, saved: &Saved, causal: bool, mask: Option<&
 /// come from a non-causal call, those of the chunk's own keys from a causal (square) one: no
 /// `[n, m]` mask, and backward holds one chunk of q, its output and gradients at a time.
 ///
-/// Returns the chunk's `dq` and the key gradients as `(first key row, dk, dv)` pieces, to be
-/// summed into the document's.
-pub fn backward_query_chunk(grad_out: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, philox: Option<&(Tensor, Tensor)>, cfg: &AttnConfig) -> Result<(Tensor, Vec<(i64, Tensor, Tensor)>), KernelError> {
+/// Returns the chunk's `dq`; the key and value gradients are added to `dk`, `dv` (`[m, kv_heads,
+/// d]`, any floating dtype: float32 sums bf16 shares without loss).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_query_chunk(grad_out: &Tensor, q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, philox: Option<&(Tensor, Tensor)>, cfg: &AttnConfig, dk: &Tensor, dv: &Tensor) -> Result<Tensor, KernelError> {
     let (n, m) = (q.size().first().copied().unwrap_or(0), k.size().first().copied().unwrap_or(0));
-    if q.size() != [n, cfg.heads, cfg.head_dim] || k.size() != [m, cfg.kv_heads, cfg.head_dim] || v.size() != k.size() || m < n || lse.size().get(1) != Some(&n) {
-        return Err(KernelError::shape("attention chunk backward", format!("q {:?}, k {:?}, v {:?}, lse {:?} for heads={} kv_heads={} head_dim={}", q.size(), k.size(), v.size(), lse.size(), cfg.heads, cfg.kv_heads, cfg.head_dim)));
+    if q.size() != [n, cfg.heads, cfg.head_dim] || k.size() != [m, cfg.kv_heads, cfg.head_dim] || v.size() != k.size() || dk.size() != k.size() || dv.size() != k.size() || m < n || lse.size().get(1) != Some(&n) {
+        return Err(KernelError::shape("attention chunk backward", format!("q {:?}, k {:?}, v {:?}, dk {:?}, lse {:?} for heads={} kv_heads={} head_dim={}", q.size(), k.size(), v.size(), dk.size(), lse.size(), cfg.heads, cfg.kv_heads, cfg.head_dim)));
     }
     let off = m - n; // keys before the chunk's diagonal
-    let part = |q: &Tensor, k: &Tensor, v: &Tensor| {
-        // The CUDA backward takes its forward's logsumexp padded to a multiple of 32 queries.
-        let lse = match philox {
-            Some(_) if n % 32 != 0 => lse.constant_pad_nd([0, 32 - n % 32]),
-            _ => lse.shallow_clone(),
-        };
-        Saved { q: q.shallow_clone(), k: k.shallow_clone(), v: v.shallow_clone(), out: out.shallow_clone(), lse, philox: philox.map(|(a, b)| (a.shallow_clone(), b.shallow_clone())) }
+    // The CUDA backward takes its forward's logsumexp padded to a multiple of 32 queries.
+    let lse = match philox {
+        Some(_) if n % 32 != 0 => lse.constant_pad_nd([0, 32 - n % 32]),
+        _ => lse.shallow_clone(),
     };
+    let against = |from: i64, len: i64| Saved {
+        q: q.shallow_clone(),
+        k: k.narrow(0, from, len),
+        v: v.narrow(0, from, len),
+        out: out.shallow_clone(),
+        lse: lse.shallow_clone(),
+        philox: philox.map(|(a, b)| (a.shallow_clone(), b.shallow_clone())),
+    };
+    let into = |from: i64, len: i64| (dk.narrow(0, from, len), dv.narrow(0, from, len));
     if let Some(w) = cfg.sliding_window.filter(|&w| off + n > w) {
         // A window that bites: query i (key index off + i) sees keys j with off + i - w < j ≤ off + i;
         // only keys from off - w + 1 on can be seen, so the mask is [n, n + w - 1] at most.
@@ -345,15 +375,17 @@ pub fn backward_query_chunk(grad_out: &Tensor, q: &Tensor, k: &Tensor, v: &Tenso
         let j = Tensor::arange_start(lo, m, (Kind::Int64, q.device())).unsqueeze(0);
         let allowed = j.le_tensor(&i).logical_and(&(&i - &j).lt(w));
         let mask = Tensor::zeros([n, m - lo], (q.kind(), q.device())).masked_fill(&allowed.logical_not(), f64::NEG_INFINITY);
-        let (dq, dk, dv) = flash_backward(grad_out, &part(q, &k.narrow(0, lo, m - lo), &v.narrow(0, lo, m - lo)), false, Some(&mask), cfg)?;
-        return Ok((dq, vec![(lo, dk, dv)]));
+        let (dk, dv) = into(lo, m - lo);
+        return flash_backward(grad_out, &against(lo, m - lo), false, Some(&mask), cfg, KeyGrads::Add(&dk, &dv));
     }
-    let (dq, dk, dv) = flash_backward(grad_out, &part(q, &k.narrow(0, off, n), &v.narrow(0, off, n)), true, None, cfg)?;
+    let (dk_own, dv_own) = into(off, n);
+    let dq = flash_backward(grad_out, &against(off, n), true, None, cfg, KeyGrads::Add(&dk_own, &dv_own))?;
     if off == 0 {
-        return Ok((dq, vec![(0, dk, dv)]));
+        return Ok(dq);
     }
-    let (dq0, dk0, dv0) = flash_backward(grad_out, &part(q, &k.narrow(0, 0, off), &v.narrow(0, 0, off)), false, None, cfg)?;
-    Ok((dq0 + dq, vec![(0, dk0, dv0), (off, dk, dv)]))
+    let (dk_before, dv_before) = into(0, off);
+    let dq_before = flash_backward(grad_out, &against(0, off), false, None, cfg, KeyGrads::Add(&dk_before, &dv_before))?;
+    Ok(dq_before + dq)
 }
 
 #[cfg(test)]
@@ -418,15 +450,8 @@ mod tests {
             let (dq2, dk2, dv2) = (q.zeros_like(), k.zeros_like(), v.zeros_like());
             for a in (0..t).step_by(chunk as usize) {
                 let n = chunk.min(t - a);
-                let (dqc, parts) = backward_query_chunk(&go.narrow(0, a, n), &q.narrow(0, a, n), &k.narrow(0, 0, a + n), &v.narrow(0, 0, a + n), &o.narrow(0, a, n), &saved.lse.narrow(1, a, n), None, &cfg).unwrap();
+                let dqc = backward_query_chunk(&go.narrow(0, a, n), &q.narrow(0, a, n), &k.narrow(0, 0, a + n), &v.narrow(0, 0, a + n), &o.narrow(0, a, n), &saved.lse.narrow(1, a, n), None, &cfg, &dk2.narrow(0, 0, a + n), &dv2.narrow(0, 0, a + n)).unwrap();
                 dq2.narrow(0, a, n).copy_(&dqc);
-                for (s0, dkp, dvp) in parts {
-                    let len = dkp.size()[0];
-                    let mut x = dk2.narrow(0, s0, len);
-                    x += dkp;
-                    let mut y = dv2.narrow(0, s0, len);
-                    y += dvp;
-                }
             }
             for (name, a, b) in [("dq", &dq2, &dq), ("dk", &dk2, &dk), ("dv", &dv2, &dv)] {
                 let diff = (a - b).abs().max().double_value(&[]);

@@ -61,7 +61,9 @@ pub type Grads = BTreeMap<String, Tensor>;
 /// What one step held, measured on the tensors themselves.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StepStats {
-    /// Bytes of every layer's [`block::BlockSaved`] together, at the end of forward (their peak).
+    /// Bytes of every layer's [`block::BlockSaved`] together, at the end of forward (their peak):
+    /// under token tiles the stored rows only (the others never exist whole), without tiles
+    /// every row (the block saves them all before the store keeps its share).
     pub saved_bytes: usize,
 }
 

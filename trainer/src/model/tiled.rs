@@ -45,8 +45,8 @@ pub fn tiles(cu_seqlens: &[i64], tile: i64) -> Vec<Tile> {
 /// recomputed whole, as the forward computed it (same rows, same GEMM shapes, so the same bits;
 /// a row subset of a GEMM can take another kernel path). The rows of a straddling tile that were
 /// stored are recomputed too: at most a tile per layer.
-fn stored(a: i64, n: i64, split: i64) -> bool {
-    a + n <= split
+fn tile_is_stored(tile: &Tile, split: i64) -> bool {
+    tile.start + tile.len <= split
 }
 
 /// The LoRA dropout keep-masks of the whole sequence, drawn in the untiled pass's order (q, k, v,
@@ -153,7 +153,7 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize, tile:
     let t = x.size()[0];
     let like = (x.kind(), x.device());
     let masks = draw_masks(layer, ctx, t, like);
-    let mut keep = Gather::new(split);
+    let mut stored_rows = Gather::new(split);
     let mut xa = Vec::new();
     let q = Tensor::empty([t, ctx.heads, ctx.head_dim], like);
     let k = Tensor::empty([t, ctx.kv_heads, ctx.head_dim], like);
@@ -165,11 +165,16 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize, tile:
         for (whole, part) in [(&q, &pre.q), (&k, &pre.k), (&v, &pre.v)] {
             whole.narrow(0, a, n).copy_(part);
         }
-        keep.add(name::RSTD_ATTN, a, &pre.rstd_attn);
-        keep.add(name::X_ATTN, a, &pre.x_attn);
+        stored_rows.add(name::RSTD_ATTN, a, &pre.rstd_attn);
+        stored_rows.add(name::X_ATTN, a, &pre.x_attn);
         gather_lora(&mut xa, ls);
     }
     let (o, attn) = attention::forward_packed(&q, &k, &v, &ctx.attn[layer_idx], &ctx.cu_seqlens)?;
+    // q, k, v whole are done: keep their stored rows (a copy when rows are dropped) and let the
+    // rest go before the post-attention tiles.
+    let keep_rows = |whole: Tensor| if split >= t { whole } else { whole.narrow(0, 0, split.max(0)).copy() };
+    let attention::Saved { out, lse, philox, .. } = attn;
+    let (q, k, v) = (keep_rows(q), keep_rows(k), keep_rows(v));
     let o_flat = o.view([t, ctx.heads * ctx.head_dim]);
     let y = x.empty_like();
     for &Tile { start: a, len: n, .. } in &tiles {
@@ -177,11 +182,10 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize, tile:
         let post = block::post_attn(layer, &x.narrow(0, a, n), &o_flat.narrow(0, a, n), ctx, &mut ls, Masks::Rows { masks: &masks, start: a });
         y.narrow(0, a, n).copy_(&post.y);
         for (nm, part) in [(name::H, &post.h), (name::RSTD_MLP, &post.rstd_mlp), (name::X_MLP, &post.x_mlp), (name::GATE, &post.gate), (name::UP, &post.up), (name::ACT, &post.act)] {
-            keep.add(nm, a, part);
+            stored_rows.add(nm, a, part);
         }
         gather_lora(&mut xa, ls);
     }
-    let stored = |whole: &Tensor| if split >= t { whole.shallow_clone() } else { whole.narrow(0, 0, split.max(0)).copy() };
     let lora = xa
         .into_iter()
         .map(|(nm, parts)| {
@@ -191,15 +195,15 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize, tile:
         .collect();
     let saved = BlockSaved {
         x: x.shallow_clone(),
-        rstd_attn: keep.take(name::RSTD_ATTN, like),
-        x_attn: keep.take(name::X_ATTN, like),
-        attn: attention::Saved { q: stored(&q), k: stored(&k), v: stored(&v), out: attn.out, lse: attn.lse, philox: attn.philox },
-        h: keep.take(name::H, like),
-        rstd_mlp: keep.take(name::RSTD_MLP, like),
-        x_mlp: keep.take(name::X_MLP, like),
-        gate: keep.take(name::GATE, like),
-        up: keep.take(name::UP, like),
-        act: keep.take(name::ACT, like),
+        rstd_attn: stored_rows.take(name::RSTD_ATTN, like),
+        x_attn: stored_rows.take(name::X_ATTN, like),
+        attn: attention::Saved { q, k, v, out, lse, philox },
+        h: stored_rows.take(name::H, like),
+        rstd_mlp: stored_rows.take(name::RSTD_MLP, like),
+        x_mlp: stored_rows.take(name::X_MLP, like),
+        gate: stored_rows.take(name::GATE, like),
+        up: stored_rows.take(name::UP, like),
+        act: stored_rows.take(name::ACT, like),
         lora,
     };
     Ok((y, saved))
@@ -210,131 +214,192 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize, tile:
 /// consumed: its storage becomes the returned input gradient (the residual's `dy + …` is added in
 /// place, tile by tile).
 ///
-/// Order: K and V whole (stored, or rebuilt from recomputed tiles); then per tile the MLP,
-/// post-attention norm and o_proj backward, the tile's queries' attention backward (key gradients
-/// summed into whole dK, dV in the accumulation dtype) and q's share of the input gradient; then
-/// per tile K's and V's share (RMSNorm's backward is linear in its output gradient, so the two
-/// shares add).
+/// Order: K and V whole ([`Backward::whole_kv`]); then per tile the MLP, post-attention norm and
+/// o_proj backward, the tile's queries' attention backward (key gradients added into whole dK,
+/// dV in the accumulation dtype) and q's share of the input gradient ([`Backward::tile`]); then
+/// per tile K's and V's share ([`Backward::kv_share`]; RMSNorm's backward is linear in its output
+/// gradient, so the shares add).
 pub fn backward(layer: &Layer, dy: Tensor, s: BlockSaved, ctx: &Context, layer_idx: usize, tile: i64, split: i64) -> Result<(Tensor, Vec<(String, Tensor)>)> {
-    let t = dy.size()[0];
-    let (qd, kvd) = (ctx.heads * ctx.head_dim, ctx.kv_heads * ctx.head_dim);
     let BlockSaved { x, rstd_attn, x_attn, attn, h, rstd_mlp, x_mlp, gate, up, act, lora } = s;
     let masks: Vec<(Proj, Tensor)> = lora
         .iter()
         .filter_map(|(nm, _, keep)| Some((Proj::ALL.into_iter().find(|p| p.hf_name() == *nm)?, keep.as_ref()?.shallow_clone())))
         .collect();
-    let m = |start: i64| Masks::Rows { masks: &masks, start };
-    let mut grads = GradSum::default();
+    let b = Backward { layer, ctx, layer_idx, split, x: &x, lora: &lora, masks: &masks };
     let tiles = tiles(&ctx.cu_seqlens, tile);
-    let (kind, dev) = (x.kind(), x.device());
+    let attention::Saved { q, k, v, out, lse, philox } = attn;
+    let (k, v) = b.whole_kv(&tiles, k, v);
+    let acc = (kernels::accum_kind(x.kind()), x.device());
+    let (dk, dv) = (Tensor::zeros(k.size(), acc), Tensor::zeros(v.size(), acc));
+    let mlp = MlpSaved { h, rstd_mlp, x_mlp, gate, up, act };
+    let attn = AttnRows { q, k, v, out, lse, philox, x_attn: &x_attn, rstd_attn: &rstd_attn };
+    let mut grads = GradSum::default();
+    for tl in &tiles {
+        grads.add(b.tile(tl, &dy, &mlp, &attn, &dk, &dv)?);
+    }
+    drop((mlp, attn));
+    for tl in &tiles {
+        grads.add(b.kv_share(tl, &dy, &x_attn, &rstd_attn, &dk, &dv)?);
+    }
+    Ok((dy, grads.into_grads()))
+}
 
-    // K and V whole: every later query attends to them.
-    let (k, v) = if split >= t {
-        (attn.k.shallow_clone(), attn.v.shallow_clone())
-    } else {
-        let (k, v) = (Tensor::empty([t, ctx.kv_heads, ctx.head_dim], (kind, dev)), Tensor::empty([t, ctx.kv_heads, ctx.head_dim], (kind, dev)));
-        if split > 0 {
-            k.narrow(0, 0, split).copy_(&attn.k);
-            v.narrow(0, 0, split).copy_(&attn.v);
+/// What a layer's backward reads throughout.
+struct Backward<'a> {
+    layer: &'a Layer,
+    ctx: &'a Context,
+    layer_idx: usize,
+    split: i64,
+    /// `[T, D]` the layer input.
+    x: &'a Tensor,
+    lora: &'a LoraSaved,
+    masks: &'a [(Proj, Tensor)],
+}
+
+/// The MLP's stored rows (`[split, ...]`).
+struct MlpSaved {
+    h: Tensor,
+    rstd_mlp: Tensor,
+    x_mlp: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    act: Tensor,
+}
+
+/// Attention's tensors for the backward: q's stored rows, K and V whole, the output and
+/// logsumexp, and the stored rows of the input norm.
+struct AttnRows<'a> {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    philox: Option<(Tensor, Tensor)>,
+    x_attn: &'a Tensor,
+    rstd_attn: &'a Tensor,
+}
+
+impl Backward<'_> {
+    fn masks_at(&self, start: i64) -> Masks<'_> {
+        Masks::Rows { masks: self.masks, start }
+    }
+
+    /// K and V whole (every later query attends to them): the stored ones when every row was
+    /// stored, else the stored rows and the other tiles recomputed (the stored rows then go).
+    fn whole_kv(&self, tiles: &[Tile], k_stored: Tensor, v_stored: Tensor) -> (Tensor, Tensor) {
+        let (x, ctx, split) = (self.x, self.ctx, self.split);
+        let t = x.size()[0];
+        if split >= t {
+            return (k_stored, v_stored);
         }
-        for &Tile { start: a, len: n, .. } in tiles.iter().filter(|tl| !stored(tl.start, tl.len, split)) {
-            let pre = block::pre_attn(layer, &x.narrow(0, a, n), &ctx.cos.narrow(0, a, n), &ctx.sin.narrow(0, a, n), ctx, &mut Vec::new(), m(a));
+        let like = (x.kind(), x.device());
+        let (k, v) = (Tensor::empty([t, ctx.kv_heads, ctx.head_dim], like), Tensor::empty([t, ctx.kv_heads, ctx.head_dim], like));
+        if split > 0 {
+            k.narrow(0, 0, split).copy_(&k_stored);
+            v.narrow(0, 0, split).copy_(&v_stored);
+        }
+        drop((k_stored, v_stored));
+        for tl in tiles.iter().filter(|tl| !tile_is_stored(tl, split)) {
+            let (a, n) = (tl.start, tl.len);
+            let pre = block::pre_attn(self.layer, &x.narrow(0, a, n), &ctx.cos.narrow(0, a, n), &ctx.sin.narrow(0, a, n), ctx, &mut Vec::new(), self.masks_at(a));
             let skip = (split - a).max(0);
             k.narrow(0, a + skip, n - skip).copy_(&pre.k.narrow(0, skip, n - skip));
             v.narrow(0, a + skip, n - skip).copy_(&pre.v.narrow(0, skip, n - skip));
         }
         (k, v)
-    };
-    let acc = kernels::accum_kind(kind);
-    let (dk, dv) = (Tensor::zeros([t, ctx.kv_heads, ctx.head_dim], (acc, dev)), Tensor::zeros([t, ctx.kv_heads, ctx.head_dim], (acc, dev)));
-    let o_flat = attn.out.view([t, qd]);
-    for &Tile { doc, start: a, len: n } in &tiles {
+    }
+
+    /// One tile: the MLP, post-attention norm and o_proj backward (dh into `dy`'s rows), the
+    /// tile's queries' attention backward (key gradients added into `dk`, `dv`), and q's share of
+    /// the input gradient (added into `dy`'s rows). Returns the tile's parameter gradients.
+    fn tile(&self, tl: &Tile, dy: &Tensor, mlp: &MlpSaved, attn: &AttnRows, dk: &Tensor, dv: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        let (layer, ctx) = (self.layer, self.ctx);
+        let (a, n) = (tl.start, tl.len);
         let rows = |z: &Tensor| z.narrow(0, a, n);
-        let kept = stored(a, n, split);
+        let kept = tile_is_stored(tl, self.split);
         let (cos, sin) = (rows(&ctx.cos), rows(&ctx.sin));
-        // MLP, post-attention norm and o_proj.
-        let (h_t, rstd_t, xm_t, gate_t, up_t, act_t) = if kept {
-            (rows(&h), rows(&rstd_mlp), rows(&x_mlp), rows(&gate), rows(&up), rows(&act))
+        let o_flat = rows(&attn.out).reshape([n, ctx.heads * ctx.head_dim]);
+        let (h, rstd_mlp, x_mlp, gate, up, act) = if kept {
+            (rows(&mlp.h), rows(&mlp.rstd_mlp), rows(&mlp.x_mlp), rows(&mlp.gate), rows(&mlp.up), rows(&mlp.act))
         } else {
-            let p = block::post_attn(layer, &rows(&x), &rows(&o_flat), ctx, &mut Vec::new(), m(a));
+            let p = block::post_attn(layer, &rows(self.x), &o_flat, ctx, &mut Vec::new(), self.masks_at(a));
             (p.h, p.rstd_mlp, p.x_mlp, p.gate, p.up, p.act)
         };
-        let mut ls = lora_rows(&lora, a, n);
+        let mut ls = lora_rows(self.lora, a, n);
         let mut g = Vec::new();
-        let mut dy_t = dy.narrow(0, a, n);
-        let dact = block::proj_backward(&dy_t, &act_t, layer, Proj::Down, ctx, &mut ls, &mut g)?;
-        drop(act_t);
-        let (dgate, dup) = swiglu::backward(&dact, &swiglu::Saved { gate: gate_t, up: up_t });
+        let mut dy_t = rows(dy);
+        let dact = block::proj_backward(&dy_t, &act, layer, Proj::Down, ctx, &mut ls, &mut g)?;
+        drop(act);
+        let (dgate, dup) = swiglu::backward(&dact, &swiglu::Saved { gate, up });
         drop(dact);
-        let dx_mlp = block::proj_backward(&dgate, &xm_t, layer, Proj::Gate, ctx, &mut ls, &mut g)? + block::proj_backward(&dup, &xm_t, layer, Proj::Up, ctx, &mut ls, &mut g)?;
-        drop((dgate, dup, xm_t));
-        let (dh_norm, dw2) = rmsnorm::backward(&dx_mlp, &rmsnorm::Saved { x: h_t, rstd: rstd_t }, &layer.post_attention_layernorm, ctx.full);
+        let dx_mlp = block::proj_backward(&dgate, &x_mlp, layer, Proj::Gate, ctx, &mut ls, &mut g)? + block::proj_backward(&dup, &x_mlp, layer, Proj::Up, ctx, &mut ls, &mut g)?;
+        drop((dgate, dup, x_mlp));
+        let (dh_norm, dw2) = rmsnorm::backward(&dx_mlp, &rmsnorm::Saved { x: h, rstd: rstd_mlp }, &layer.post_attention_layernorm, ctx.full);
         if let Some(w) = dw2 {
             g.push(("post_attention_layernorm.weight".into(), w));
         }
         dy_t += dh_norm; // dh = dy + dh_norm, in dy's storage
-        let do_t = block::proj_backward(&dy_t, &rows(&o_flat), layer, Proj::O, ctx, &mut ls, &mut g)?;
+        let d_out = block::proj_backward(&dy_t, &o_flat, layer, Proj::O, ctx, &mut ls, &mut g)?;
         // This tile's queries against the document's keys up to the tile's end.
-        let (x_attn_t, rstd_attn_t, q_t) = if kept {
-            (rows(&x_attn), rows(&rstd_attn), rows(&attn.q))
+        let (x_attn, rstd_attn, q) = if kept {
+            (rows(attn.x_attn), rows(attn.rstd_attn), rows(&attn.q))
         } else {
-            let p = block::pre_attn(layer, &rows(&x), &cos, &sin, ctx, &mut Vec::new(), m(a));
+            let p = block::pre_attn(layer, &rows(self.x), &cos, &sin, ctx, &mut Vec::new(), self.masks_at(a));
             (p.x_attn, p.rstd_attn, p.q)
         };
-        let keys = a + n - doc;
-        let (dq_t, parts) = attention::backward_query_chunk(
-            &do_t.view([n, ctx.heads, ctx.head_dim]),
-            &q_t,
-            &k.narrow(0, doc, keys),
-            &v.narrow(0, doc, keys),
-            &attn.out.narrow(0, a, n),
+        let keys = a + n - tl.doc;
+        let key_rows = |z: &Tensor| z.narrow(0, tl.doc, keys);
+        let dq = attention::backward_query_chunk(
+            &d_out.view([n, ctx.heads, ctx.head_dim]),
+            &q,
+            &key_rows(&attn.k),
+            &key_rows(&attn.v),
+            &rows(&attn.out),
             &attn.lse.narrow(1, a, n),
             attn.philox.as_ref(),
-            &ctx.attn[layer_idx],
+            &ctx.attn[self.layer_idx],
+            &key_rows(dk),
+            &key_rows(dv),
         )?;
-        drop((do_t, q_t));
-        for (k0, dkp, dvp) in parts {
-            let len = dkp.size()[0];
-            let mut into = dk.narrow(0, doc + k0, len);
-            into += dkp.to_kind(acc);
-            let mut into = dv.narrow(0, doc + k0, len);
-            into += dvp.to_kind(acc);
-        }
+        drop((d_out, q));
         // q's share of the input gradient.
-        let dq_t = rope::backward(&dq_t, &cos, &sin).reshape([n, qd]);
-        let dx_attn = block::proj_backward(&dq_t, &x_attn_t, layer, Proj::Q, ctx, &mut ls, &mut g)?;
-        let (dx_norm, dw1) = rmsnorm::backward(&dx_attn, &rmsnorm::Saved { x: rows(&x), rstd: rstd_attn_t }, &layer.input_layernorm, ctx.full);
+        let dq = rope::backward(&dq, &cos, &sin).reshape([n, ctx.heads * ctx.head_dim]);
+        let dx_attn = block::proj_backward(&dq, &x_attn, layer, Proj::Q, ctx, &mut ls, &mut g)?;
+        let (dx_norm, dw1) = rmsnorm::backward(&dx_attn, &rmsnorm::Saved { x: rows(self.x), rstd: rstd_attn }, &layer.input_layernorm, ctx.full);
         if let Some(w) = dw1 {
             g.push(("input_layernorm.weight".into(), w));
         }
         dy_t += dx_norm;
-        grads.add(g);
+        Ok(g)
     }
-    drop((h, rstd_mlp, x_mlp, gate, up, act, o_flat, attn, k, v));
 
-    // K's and V's share of the input gradient, tile by tile.
-    for &Tile { start: a, len: n, .. } in &tiles {
-        let (x_attn_t, rstd_t) = if stored(a, n, split) {
-            (x_attn.narrow(0, a, n), rstd_attn.narrow(0, a, n))
+    /// K's and V's share of one tile's input gradient (added into `dy`'s rows).
+    fn kv_share(&self, tl: &Tile, dy: &Tensor, x_attn: &Tensor, rstd_attn: &Tensor, dk: &Tensor, dv: &Tensor) -> Result<Vec<(String, Tensor)>> {
+        let (layer, ctx) = (self.layer, self.ctx);
+        let (a, n) = (tl.start, tl.len);
+        let rows = |z: &Tensor| z.narrow(0, a, n);
+        let (x_attn, rstd) = if tile_is_stored(tl, self.split) {
+            (rows(x_attn), rows(rstd_attn))
         } else {
-            let (xn, s) = rmsnorm::forward(&x.narrow(0, a, n), &layer.input_layernorm, ctx.eps);
+            let (xn, s) = rmsnorm::forward(&rows(self.x), &layer.input_layernorm, ctx.eps);
             (xn, s.rstd)
         };
-        let dk_t = rope::backward(&dk.narrow(0, a, n).to_kind(kind), &ctx.cos.narrow(0, a, n), &ctx.sin.narrow(0, a, n)).reshape([n, kvd]);
-        let dv_t = dv.narrow(0, a, n).to_kind(kind).reshape([n, kvd]);
-        let mut ls = lora_rows(&lora, a, n);
+        let kind = self.x.kind();
+        let kvd = ctx.kv_heads * ctx.head_dim;
+        let dk_t = rope::backward(&rows(dk).to_kind(kind), &rows(&ctx.cos), &rows(&ctx.sin)).reshape([n, kvd]);
+        let dv_t = rows(dv).to_kind(kind).reshape([n, kvd]);
+        let mut ls = lora_rows(self.lora, a, n);
         let mut g = Vec::new();
-        let dx_attn = block::proj_backward(&dk_t, &x_attn_t, layer, Proj::K, ctx, &mut ls, &mut g)? + block::proj_backward(&dv_t, &x_attn_t, layer, Proj::V, ctx, &mut ls, &mut g)?;
-        drop((dk_t, dv_t, x_attn_t));
-        let (dx_norm, dw1) = rmsnorm::backward(&dx_attn, &rmsnorm::Saved { x: x.narrow(0, a, n), rstd: rstd_t }, &layer.input_layernorm, ctx.full);
+        let dx_attn = block::proj_backward(&dk_t, &x_attn, layer, Proj::K, ctx, &mut ls, &mut g)? + block::proj_backward(&dv_t, &x_attn, layer, Proj::V, ctx, &mut ls, &mut g)?;
+        drop((dk_t, dv_t, x_attn));
+        let (dx_norm, dw1) = rmsnorm::backward(&dx_attn, &rmsnorm::Saved { x: rows(self.x), rstd }, &layer.input_layernorm, ctx.full);
         if let Some(w) = dw1 {
             g.push(("input_layernorm.weight".into(), w));
         }
-        let mut dx_t = dy.narrow(0, a, n);
+        let mut dx_t = rows(dy);
         dx_t += dx_norm;
-        grads.add(g);
+        Ok(g)
     }
-    Ok((dy, grads.into_grads()))
 }
 
 #[cfg(test)]

@@ -189,10 +189,11 @@ fn tiled_backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfi
             2,
         ),
         // Full fine-tuning: the layer's weight gradients summed over tiles in the accumulation
-        // dtype (below float32 they would lose bits at every add).
+        // dtype (below float32 they would lose bits at every add; in float32 the sum is the
+        // gradient itself), beside one tile's.
         OpBuffer {
-            fixed_bytes: if lora.is_none() && acc > e { (d * qd + 2 * d * kvd + qd * d + 3 * d * i + 2 * d) * acc } else { 0 },
-            ..op_buf("weight gradients summed over tiles (accumulation dtype)", "[layer parameters]".into(), 0, 0, 3)
+            fixed_bytes: if lora.is_none() { (d * qd + 2 * d * kvd + qd * d + 3 * d * i + 2 * d) * (if acc > e { acc } else { 0 } + e) } else { 0 },
+            ..op_buf("weight gradients: the sum over tiles and one tile's", "[layer parameters]".into(), 0, 0, 3)
         },
         rows_buf(Rows::Tile, "k/v tile: x_attn, d k, d v, RoPE backward, d x_attn, d x (norm)", format!("[tile, 4 × {d} + 4 × {kvd}]"), (4 * d + 4 * kvd) * e + acc + widest_lora_term(cfg, kind, lora, &[Proj::K, Proj::V]), 3, 3),
     ];
@@ -217,9 +218,16 @@ fn tiled_forward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig
     let (d, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
     let (qd, kvd) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64);
     let group = qd / (cfg.num_kv_heads as u64).max(1);
+    // LoRA dropout: each keep-mask is drawn whole (as the untiled pass draws it, so the draws
+    // match) from a `[T, in]` tensor of the working dtype before it becomes the saved bool mask.
+    let widest_masked_input = lora
+        .filter(|l| l.dropout > 0.0)
+        .map_or(0, |l| Proj::ALL.iter().filter(|p| l.targets.iter().any(|t| t == p.short())).map(|p| p.shape(cfg).1 as u64).max().unwrap_or(0));
     vec![
-        // The stored rows of q, k, v are their own copy once rows are dropped.
-        rows_buf(Rows::Rebuilt, "q, k, v whole (attention's input) beyond their stored rows", format!("[T, {}]", qd + 2 * kvd), (qd + 2 * kvd) * e, 1, 3),
+        op_buf("LoRA dropout keep-mask being drawn (working dtype)", format!("[T, {widest_masked_input}]"), widest_masked_input * e, 0, 0),
+        // The stored rows of q, k, v are their own copy once rows are dropped; the whole ones go
+        // after attention.
+        rows_buf(Rows::Rebuilt, "q, k, v whole (attention's input) beyond their stored rows", format!("[T, {}]", qd + 2 * kvd), (qd + 2 * kvd) * e, 1, 2),
         op_buf("attention output of one kv group (kernel output)", format!("[T, {group}]"), group * e, 2, 2),
         op_buf("block output", format!("[T, {d}]"), d * e, 3, 3),
         rows_buf(Rows::Tile, "pre-attention tile: x_attn, q, k, v, RoPE temporaries", format!("[tile, {d} + 3 × {qd} + 2 × {kvd}]"), (d + 3 * qd + 2 * kvd) * e + acc + widest_lora_term(cfg, kind, lora, &[Proj::Q, Proj::K, Proj::V]), 1, 1),
