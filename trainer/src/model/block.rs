@@ -245,14 +245,25 @@ pub(crate) struct PreAttn {
 }
 
 pub(crate) fn pre_attn(layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, ctx: &Context, ls: &mut LoraSaved, m: Masks) -> PreAttn {
-    let t = x.size()[0];
     let (x_attn, s1) = rmsnorm::forward(x, &layer.input_layernorm, ctx.eps);
-    let q = proj(layer, Proj::Q, &x_attn, ctx, ls, m).view([t, ctx.heads, ctx.head_dim]);
-    let k = proj(layer, Proj::K, &x_attn, ctx, ls, m).view([t, ctx.kv_heads, ctx.head_dim]);
-    let v = proj(layer, Proj::V, &x_attn, ctx, ls, m).view([t, ctx.kv_heads, ctx.head_dim]);
-    let q = rope::forward(&q, cos, sin);
-    let k = rope::forward(&k, cos, sin);
+    let q = attn_proj(layer, Proj::Q, &x_attn, cos, sin, ctx, ls, m);
+    let k = attn_proj(layer, Proj::K, &x_attn, cos, sin, ctx, ls, m);
+    let v = attn_proj(layer, Proj::V, &x_attn, cos, sin, ctx, ls, m);
     PreAttn { rstd_attn: s1.rstd, x_attn, q, k, v }
+}
+
+/// One of q, k, v from the normed layer input, `[T, heads, head_dim]` (q and k roped): each is
+/// its own GEMM, so a recompute that needs only some of them gets [`pre_attn`]'s values.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attn_proj(layer: &Layer, p: Proj, x_attn: &Tensor, cos: &Tensor, sin: &Tensor, ctx: &Context, ls: &mut LoraSaved, m: Masks) -> Tensor {
+    let t = x_attn.size()[0];
+    let heads = if p == Proj::Q { ctx.heads } else { ctx.kv_heads };
+    let y = proj(layer, p, x_attn, ctx, ls, m).view([t, heads, ctx.head_dim]);
+    if p == Proj::V {
+        y
+    } else {
+        rope::forward(&y, cos, sin)
+    }
 }
 
 /// Token-local work after attention (o_proj, residual, MLP), on any rows.

@@ -301,10 +301,13 @@ impl Backward<'_> {
         drop((k_stored, v_stored));
         for tl in tiles.iter().filter(|tl| !tile_is_stored(tl, split)) {
             let (a, n) = (tl.start, tl.len);
-            let pre = block::pre_attn(self.layer, &x.narrow(0, a, n), &ctx.cos.narrow(0, a, n), &ctx.sin.narrow(0, a, n), ctx, &mut Vec::new(), self.masks_at(a));
+            // K and V only: q is recomputed with its tile's backward.
+            let (x_attn, _) = rmsnorm::forward(&x.narrow(0, a, n), &self.layer.input_layernorm, ctx.eps);
             let skip = (split - a).max(0);
-            k.narrow(0, a + skip, n - skip).copy_(&pre.k.narrow(0, skip, n - skip));
-            v.narrow(0, a + skip, n - skip).copy_(&pre.v.narrow(0, skip, n - skip));
+            for (whole, p) in [(&k, Proj::K), (&v, Proj::V)] {
+                let part = block::attn_proj(self.layer, p, &x_attn, &ctx.cos.narrow(0, a, n), &ctx.sin.narrow(0, a, n), ctx, &mut Vec::new(), self.masks_at(a));
+                whole.narrow(0, a + skip, n - skip).copy_(&part.narrow(0, skip, n - skip));
+            }
         }
         (k, v)
     }
@@ -344,8 +347,10 @@ impl Backward<'_> {
         let (x_attn, rstd_attn, q) = if kept {
             (rows(attn.x_attn), rows(attn.rstd_attn), rows(&attn.q))
         } else {
-            let p = block::pre_attn(layer, &rows(self.x), &cos, &sin, ctx, &mut Vec::new(), self.masks_at(a));
-            (p.x_attn, p.rstd_attn, p.q)
+            // q only: K and V are whole already.
+            let (x_attn, s) = rmsnorm::forward(&rows(self.x), &layer.input_layernorm, ctx.eps);
+            let q = block::attn_proj(layer, Proj::Q, &x_attn, &cos, &sin, ctx, &mut Vec::new(), self.masks_at(a));
+            (x_attn, s.rstd, q)
         };
         let keys = a + n - tl.doc;
         let key_rows = |z: &Tensor| z.narrow(0, tl.doc, keys);

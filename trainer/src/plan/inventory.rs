@@ -176,7 +176,7 @@ fn tiled_backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfi
         op_buf("d k, d v summed over query tiles (accumulation dtype)", format!("[T, {}]", 2 * kvd), 2 * kvd * acc, 2, 3),
         // A tile's queries against the keys before it: one kv group's key gradients over them.
         op_buf("d k, d v of one kv group over a tile's keys (kernel outputs)", format!("2 × [T, {group}]"), 2 * group * e, 2, 2),
-        rows_buf(Rows::Tile, "k, v recompute tile: x_attn, q, k, v, RoPE temporaries", format!("[tile, {d} + 3 × {qd} + 2 × {kvd}]"), (d + 3 * qd + 2 * kvd) * e + acc, 1, 1),
+        rows_buf(Rows::Tile, "k, v recompute tile: x_attn, k, v, RoPE temporaries", format!("[tile, {d} + 4 × {kvd}]"), (d + 4 * kvd) * e + acc, 1, 1),
         // The MLP's moment (gate, up, d act, d gate, d up, one SwiGLU temporary, h, x_mlp) and
         // the attention's (q, d out, d q and its RoPE temporaries, x_attn) never coexist; the
         // larger is counted.
