@@ -77,6 +77,11 @@ done
 echo "== bench: the same layers at 8192 tokens with saved activations on the NVMe tier (keep_last 1)"
 "$BIN/train" bench step --device cuda --dtype bfloat16 --layers 4 --hidden 4096 --heads 32 --kv-heads 8 \
   --intermediate 14336 --vocab 128256 --tokens 8192 --iters 2 --nvme-dir /tmp --keep-last 1 || fail=1
+echo "== bench: token tiles (16K) on the same layers: 32K resident (vs the whole-sequence line above), 128K with every layer in host memory, α 0"
+"$BIN/train" bench step --device cuda --dtype bfloat16 --layers 4 --hidden 4096 --heads 32 --kv-heads 8 \
+  --intermediate 14336 --vocab 128256 --tokens 32768 --iters 2 --tile-tokens 16384 || fail=1
+"$BIN/train" bench step --device cuda --dtype bfloat16 --layers 4 --hidden 4096 --heads 32 --kv-heads 8 \
+  --intermediate 14336 --vocab 128256 --tokens 131072 --iters 1 --tile-tokens 16384 --tiers host --keep-last 0 --alpha 0 || fail=1
 echo "== bench offload: host tier D2H/H2D through the copy engine vs libtorch's pinned copy; NVMe vs raw O_DIRECT"
 "$BIN/train" bench offload --device cuda --tiers host --bytes 4294967296 --slice-bytes 67108864 || fail=1
 "$BIN/train" bench offload --device cpu --tiers host,numa,nvme --nvme-dir /tmp --bytes 2147483648 || fail=1
