@@ -247,6 +247,9 @@ fn tiled_runs_match_the_whole_sequence_run() {
     let se = String::from_utf8_lossy(&e.stderr);
     assert_eq!(e.status.code(), Some(1), "{se}");
     assert!(se.contains("tile_tokens") && !se.contains("panicked"), "{se}");
+    let e = train(&["run", "--recipe", r, &format!("run.dir={}", dir.join("huge").display()), "compute.tile_tokens=18446744073709551615"]);
+    let se = String::from_utf8_lossy(&e.stderr);
+    assert!(e.status.code() == Some(1) && se.contains("compute.tile_tokens") && !se.contains("panicked"), "{se}");
     let e = train(&["run", "--recipe", r, &format!("run.dir={}", dir.join("bad2").display()), "compute.tile=8"]);
     let se = String::from_utf8_lossy(&e.stderr);
     assert!(e.status.code() == Some(1) && se.contains("tile"), "{se}");

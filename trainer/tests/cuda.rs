@@ -5,6 +5,28 @@ use trainer::model::config::ModelConfig;
 use trainer::eval::shifted;
 use trainer::model::Model;
 
+/// A float64 CPU model (the reference) and its float32 copy on the GPU.
+fn reference_and_cuda(cfg: ModelConfig) -> (Model, Model) {
+    let m64 = Model::init_random(cfg.clone(), 0.05, Kind::Double, Device::Cpu, 3).unwrap();
+    let named: std::collections::BTreeMap<String, Tensor> =
+        m64.named_parameters().into_iter().map(|(n, t)| (n, t.to_kind(Kind::Float).to_device(Device::Cuda(0)))).collect();
+    let m = Model::from_named(cfg, named).unwrap();
+    (m64, m)
+}
+
+/// Every float32 CUDA gradient within 5e-3 of the float64 reference (relative to the tensor's
+/// largest value); returns the worst error.
+fn assert_near_reference(grads: &trainer::model::Grads, reference: &trainer::model::Grads) -> f64 {
+    let mut worst = 0.0f64;
+    for (n, g) in reference {
+        let got = grads[n].to_device(Device::Cpu).to_kind(Kind::Double);
+        let e = (&got - g).abs().max().double_value(&[]) / g.abs().max().double_value(&[]).max(1e-3);
+        assert!(e < 5e-3, "{n}: relative error {e:e}");
+        worst = worst.max(e);
+    }
+    worst
+}
+
 #[test]
 fn cuda_model_gradients_match_cpu_reference() {
     if !tch::Cuda::is_available() {
@@ -17,10 +39,7 @@ fn cuda_model_gradients_match_cpu_reference() {
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 256}}"#;
     let path = std::path::Path::new("config.json");
     let (cfg, _) = ModelConfig::parse(text, path).unwrap();
-    let m64 = Model::init_random(cfg.clone(), 0.05, Kind::Double, Device::Cpu, 3).unwrap();
-    let named: std::collections::BTreeMap<String, Tensor> =
-        m64.named_parameters().into_iter().map(|(n, t)| (n, t.to_kind(Kind::Float).to_device(Device::Cuda(0)))).collect();
-    let mcuda = Model::from_named(cfg, named).unwrap();
+    let (m64, mcuda) = reference_and_cuda(cfg);
     let ids: Vec<i64> = (0..777).map(|i| (i * 37 + 11) % 300).collect();
     let (x, y) = shifted(&ids);
     let (loss, grads, stats) = mcuda.forward_backward(&trainer::model::Batch::single(x.shallow_clone(), y.shallow_clone()), None, 128).unwrap();
@@ -28,13 +47,7 @@ fn cuda_model_gradients_match_cpu_reference() {
     let mean = loss.sum.to_device(Device::Cpu).double_value(&[]) / loss.count as f64;
     println!("cuda loss {mean:.8} reference {ref_loss:.8}; saved activations {} bytes", stats.saved_bytes);
     assert!((mean - ref_loss).abs() < 1e-5 * ref_loss.abs());
-    let mut worst = 0.0f64;
-    for (n, g) in &ref_grads {
-        let got = grads[n].to_device(Device::Cpu).to_kind(Kind::Double);
-        let e = (&got - g).abs().max().double_value(&[]) / g.abs().max().double_value(&[]).max(1e-3);
-        assert!(e < 5e-3, "{n}: relative error {e:e}");
-        worst = worst.max(e);
-    }
+    let worst = assert_near_reference(&grads, &ref_grads);
     println!("cuda float32 gradients: worst relative error {worst:.2e} over {} tensors", ref_grads.len());
 }
 
@@ -125,10 +138,7 @@ fn cuda_tiled_step_matches_the_reference_and_offloads() {
     let text = r#"{"model_type": "llama", "vocab_size": 300, "hidden_size": 256, "intermediate_size": 512,
         "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0}"#;
     let (cfg, _) = ModelConfig::parse(text, std::path::Path::new("config.json")).unwrap();
-    let m64 = Model::init_random(cfg.clone(), 0.05, Kind::Double, Device::Cpu, 3).unwrap();
-    let named: std::collections::BTreeMap<String, Tensor> =
-        m64.named_parameters().into_iter().map(|(n, t)| (n, t.to_kind(Kind::Float).to_device(Device::Cuda(0)))).collect();
-    let mut m = Model::from_named(cfg, named).unwrap();
+    let (m64, mut m) = reference_and_cuda(cfg);
     // Two documents with tiles of 200, and one document (the forward's logsumexp then keeps the
     // kernel's padding) with tiles of 256.
     for (doc_lens, tile) in [(vec![500i64, 277], 200i64), (vec![777], 256)] {
@@ -146,11 +156,7 @@ fn tiled_case(m: &Model, m64: &Model, doc_lens: Vec<i64>) {
     let (ref_loss, ref_grads) = trainer::model::reference::loss_and_grads(m64, &batch);
     let mean = loss.sum.to_device(Device::Cpu).double_value(&[]) / loss.count as f64;
     assert!((mean - ref_loss).abs() < 1e-5 * ref_loss.abs(), "{mean} vs {ref_loss}");
-    for (n, g) in &ref_grads {
-        let got = grads[n].to_device(Device::Cpu).to_kind(Kind::Double);
-        let e = (&got - g).abs().max().double_value(&[]) / g.abs().max().double_value(&[]).max(1e-3);
-        assert!(e < 5e-3, "{n}: relative error {e:e}");
-    }
+    assert_near_reference(&grads, &ref_grads);
     let (_, again, stats) = m.forward_backward(&batch, None, 128).unwrap();
     let repeatable = grads.iter().all(|(n, g)| g.equal(&again[n]));
     let mut store = ActivationStore::new(&StoreConfig { host_bytes: 2 * stats.saved_bytes as u64, cuda_device: Some(0), ..Default::default() }).unwrap();

@@ -211,6 +211,15 @@ impl Model {
         Ok(())
     }
 
+    /// One block's forward: over token tiles keeping `split` rows of the recomputable tensors
+    /// ([`tiled::forward`]), or whole (every row saved; the store keeps its share).
+    fn forward_block(&self, layer: &Layer, x: &Tensor, ctx: &block::Context, l: usize, split: i64) -> Result<(Tensor, block::BlockSaved)> {
+        match self.tile_tokens {
+            Some(tile) => tiled::forward(layer, x, ctx, l, tile, split),
+            None => block::forward(layer, x, ctx, l),
+        }
+    }
+
     /// Mean-able loss of one sequence, without keeping activations (evaluation).
     ///
     /// # Shapes
@@ -236,10 +245,7 @@ impl Model {
         let ctx = block::Context::new(&self.cfg, &batch.doc_lens, self.kind(), self.device());
         let mut x = embedding::forward(&self.embed_tokens, &batch.ids.to_device(self.device())).0;
         for (l, layer) in self.layers.iter().enumerate() {
-            x = match self.tile_tokens {
-                Some(tile) => tiled::forward(layer, &x, &ctx, l, tile, 0)?.0,
-                None => block::forward(layer, &x, &ctx, l)?.0,
-            };
+            x = self.forward_block(layer, &x, &ctx, l, 0)?.0;
         }
         Ok(rmsnorm::forward(&x, &self.norm, self.cfg.rms_norm_eps).0)
     }
@@ -295,10 +301,7 @@ impl Model {
         let mut saved_bytes = 0;
         for (l, layer) in self.layers.iter().enumerate() {
             guard::enter(Phase::Forward, Some(l));
-            let (y, s) = match self.tile_tokens {
-                Some(tile) => tiled::forward(layer, &x, &ctx, l, tile, split(l))?,
-                None => block::forward(layer, &x, &ctx, l)?,
-            };
+            let (y, s) = self.forward_block(layer, &x, &ctx, l, split(l))?;
             saved_bytes += s.bytes();
             stashed.push(stash::put(store, placement, l, s, t_all)?);
             x = y;

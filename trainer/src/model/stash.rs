@@ -24,6 +24,16 @@ pub struct Stashed {
     pub split: i64,
 }
 
+impl Stashed {
+    /// The stored names and every recomputable one that stored no rows: the names a
+    /// [`BlockSaved`] is rebuilt from.
+    fn with_recomputable(&self) -> Vec<String> {
+        let mut all = self.names.clone();
+        all.extend(block::RECOMPUTABLE.iter().filter(|n| !self.names.iter().any(|m| m == *n)).map(|n| n.to_string()));
+        all
+    }
+}
+
 /// Hands layer `l`'s saved tensors to the store: the recomputable ones cut to the placement's
 /// `stored_rows(α, T)` rows, each tensor to its tier.
 pub fn put(store: &mut ActivationStore, placement: &Placement, l: usize, saved: BlockSaved, tokens: i64) -> Result<Stashed> {
@@ -60,9 +70,7 @@ pub fn take(store: &mut ActivationStore, layer: &Layer, l: usize, stashed: &Stas
     let x_in = store.take(l, block::name::X)?;
     let attn_out = store.take(l, block::name::ATTN_OUT)?;
     let mut tail: BTreeMap<&str, Tensor> = block::recompute_tail(layer, &x_in, &attn_out, ctx, split).into_iter().collect();
-    let mut all = names.clone();
-    all.extend(block::RECOMPUTABLE.iter().filter(|n| !names.iter().any(|m| m == *n)).map(|n| n.to_string()));
-    BlockSaved::from_named(&all, |n| match n {
+    BlockSaved::from_named(&stashed.with_recomputable(), |n| match n {
         block::name::X => Ok(x_in.shallow_clone()),
         block::name::ATTN_OUT => Ok(attn_out.shallow_clone()),
         n if block::RECOMPUTABLE.contains(&n) => {
@@ -77,7 +85,5 @@ pub fn take(store: &mut ActivationStore, layer: &Layer, l: usize, stashed: &Stas
 /// rows is an empty placeholder (token tiles recompute the missing rows tile by tile,
 /// [`crate::model::tiled::backward`]).
 pub fn take_stored(store: &mut ActivationStore, l: usize, stashed: &Stashed) -> Result<BlockSaved> {
-    let mut all = stashed.names.clone();
-    all.extend(block::RECOMPUTABLE.iter().filter(|n| !stashed.names.iter().any(|m| m == *n)).map(|n| n.to_string()));
-    BlockSaved::from_named(&all, |n| if stashed.names.iter().any(|m| m == n) { Ok(store.take(l, n)?) } else { Ok(Tensor::empty([0], (tch::Kind::Float, tch::Device::Cpu))) })
+    BlockSaved::from_named(&stashed.with_recomputable(), |n| if stashed.names.iter().any(|m| m == n) { Ok(store.take(l, n)?) } else { Ok(Tensor::empty([0], (tch::Kind::Float, tch::Device::Cpu))) })
 }

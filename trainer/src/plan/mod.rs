@@ -116,8 +116,10 @@ pub fn plan_recipe(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lor
                 return Ok((whole, p));
             }
             for &tile in &tried {
-                if plan_with(probe(Some(tile))?, 0.0)?.1.fits {
-                    return plan_with(probe(Some(tile))?, opt.mip_seconds);
+                // Fit is decided on bytes (greedy layouts); the MIP layouts only for the answer.
+                let (inv, p) = plan_with(probe(Some(tile))?, 0.0)?;
+                if p.fits {
+                    return plan_with(inv, opt.mip_seconds);
                 }
             }
             plan_with(probe(tried.last().copied())?, opt.mip_seconds)

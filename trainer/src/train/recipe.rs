@@ -162,6 +162,9 @@ pub struct ComputeSection {
     pub tile_tokens: Option<u64>,
 }
 
+/// The largest `compute.tile_tokens` taken (2^40 tokens: no sequence is longer).
+pub const MAX_TILE_TOKENS: u64 = 1 << 40;
+
 impl ComputeSection {
     /// The tile the recipe fixes: `Some(None)` for the whole sequence, `Some(Some(n))` for tiles
     /// of n tokens, `None` when it leaves the choice to the plan.
@@ -604,6 +607,9 @@ impl Recipe {
         }
         if !(0.0..=1.0).contains(&o.alpha) {
             return err("offload.alpha", format!("{} must lie in [0, 1]", o.alpha));
+        }
+        if let Some(t) = self.compute.tile_tokens.filter(|&t| t > MAX_TILE_TOKENS) {
+            return err("compute.tile_tokens", format!("{t} is more than {MAX_TILE_TOKENS} tokens (0 runs the whole sequence at once)"));
         }
         let tiled = self.compute.tile_tokens.is_some_and(|t| t > 0);
         if o.alpha < 1.0 && !tiled && self.train.mode == Mode::Lora && self.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
