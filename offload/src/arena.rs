@@ -132,6 +132,14 @@ pub struct SlotView {
 unsafe impl Send for SlotView {}
 
 impl SlotView {
+    /// Bytes `range` of this view (clamped to it).
+    pub fn sub(self, range: std::ops::Range<usize>) -> SlotView {
+        let start = range.start.min(self.len);
+        let end = range.end.clamp(start, self.len);
+        // SAFETY: start ≤ len, so the pointer stays inside (or one past) the viewed bytes.
+        SlotView { ptr: unsafe { self.ptr.add(start) }, len: end - start }
+    }
+
     /// # Safety
     /// The slot must still be allocated and its arena alive, with no other thread using it.
     pub unsafe fn as_mut_slice<'a>(self) -> &'a mut [u8] {

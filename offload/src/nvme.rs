@@ -1,6 +1,7 @@
 //! The NVMe tier: one preallocated file per rank, opened with O_DIRECT and unlinked at once (a
 //! crash leaves nothing behind), carved into slices by a first-fit allocator over page-aligned
-//! extents. Every slice carries a crc32c that is checked when it is read back. I/O goes through
+//! extents. Every slice carries a crc32c per `chunk` bytes, checked when it is read back (so a
+//! range of a slice can be read and verified without the rest). I/O goes through
 //! io_uring (queue depth `depth`, `chunk`-sized requests); where io_uring is unavailable, plain
 //! pread/pwrite from the same thread.
 use std::collections::HashMap;
@@ -23,7 +24,8 @@ struct Slice {
     offset: u64,
     /// Payload bytes (the extent is rounded up to a page).
     len: u64,
-    crc: u32,
+    /// crc32c of each `chunk` bytes of the payload (the last of what remains).
+    crcs: Vec<u32>,
 }
 
 /// How the NVMe tier issues its reads and writes.
@@ -165,14 +167,14 @@ impl NvmeTier {
         }
         let off = self.alloc(name, len as u64)?;
         buf.as_mut_slice()[len..ext].fill(0);
-        let crc = crc32c::crc32c(&buf.as_slice()[..len]);
+        let crcs = buf.as_slice()[..len].chunks(self.chunk).map(crc32c::crc32c).collect();
         if let Err(e) = self.io(true, off, buf.as_mut_slice().as_mut_ptr(), ext) {
             self.release(off, len as u64);
             return Err(e);
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.slices.insert(id, Slice { name: name.to_string(), offset: off, len: len as u64, crc });
+        self.slices.insert(id, Slice { name: name.to_string(), offset: off, len: len as u64, crcs });
         Ok(id)
     }
 
@@ -189,22 +191,46 @@ impl NvmeTier {
         r
     }
 
-    /// Reads a slice into `buf` (grown when too small), verifying its checksum; returns its length.
+    /// Reads a slice into `buf` (grown when too small), verifying its checksums; returns its length.
     pub fn read_into(&mut self, id: SliceId, buf: &mut AlignedBuf) -> Result<usize> {
-        let (off, len, crc, name) = {
+        let len = self.slice_len(id)?;
+        // A range from byte 0 starts at byte 0 of the buffer.
+        self.read_range_into(id, 0, len, buf)?;
+        Ok(len)
+    }
+
+    /// Reads bytes `[start, start + len)` of a slice: the whole checksummed chunks that cover
+    /// them go into `buf` (grown when too small) and are verified; returns where the asked bytes
+    /// begin in `buf`.
+    pub fn read_range_into(&mut self, id: SliceId, start: usize, len: usize, buf: &mut AlignedBuf) -> Result<usize> {
+        let chunk = self.chunk;
+        let (off, total, name) = {
             let s = self.slices.get(&id).ok_or(OffloadError::UnknownSlice(id))?;
-            (s.offset, s.len, s.crc, s.name.clone())
+            (s.offset, s.len as usize, s.name.clone())
         };
-        let ext = round_up(len.max(1) as usize);
+        if start + len > total {
+            return Err(OffloadError::Io {
+                path: self.path.clone(),
+                op: "read",
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("bytes [{start}, {}) of the {total}-byte slice `{name}`", start + len)),
+            });
+        }
+        let (first, last) = (start / chunk, (start + len).max(start + 1).div_ceil(chunk).max(1));
+        let (from, to) = (first * chunk, (last * chunk).min(total));
+        let ext = round_up((to - from).max(1));
         if buf.len() < ext {
             *buf = AlignedBuf::new(ext);
         }
-        self.io(false, off, buf.as_mut_slice().as_mut_ptr(), ext)?;
-        let found = crc32c::crc32c(&buf.as_slice()[..len as usize]);
-        if found != crc {
-            return Err(OffloadError::Checksum { path: self.path.clone(), slice: name, offset: off, len, expected: crc, found });
+        self.io(false, off + from as u64, buf.as_mut_slice().as_mut_ptr(), ext)?;
+        let s = self.slices.get(&id).ok_or(OffloadError::UnknownSlice(id))?;
+        for (i, bytes) in buf.as_slice()[..to - from].chunks(chunk).enumerate() {
+            let (expected, found) = (s.crcs[first + i], crc32c::crc32c(bytes));
+            if found != expected {
+                let at = (from + i * chunk) as u64;
+                return Err(OffloadError::Checksum { path: self.path.clone(), slice: name, offset: off + at, len: bytes.len() as u64, expected, found });
+            }
         }
-        Ok(len as usize)
+        Ok(start - from)
     }
 
     /// Waits until written data is on the device (fsync).

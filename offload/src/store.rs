@@ -11,6 +11,10 @@
 //!   after the copy that reads it completed.
 //! - CUDA tensors to NVMe: the I/O thread copies them to host first (synchronously).
 //!
+//! A tensor comes back whole ([`ActivationStore::take`]) or rows at a time
+//! ([`ActivationStore::take_rows`], until [`ActivationStore::release`]): token tiles read a saved
+//! tensor one tile's rows at a time, with the next tile's on their way ([`ActivationStore::prefetch_rows`]).
+//!
 //! The store knows tensors by (layer, name) only and does not decide: each `put` names its tier,
 //! which the caller reads from the step's [`planner::placement::Placement`]. The one exception is
 //! a full arena (a micro-batch whose split stores a row or two more than the placement's): the
@@ -92,6 +96,20 @@ pub struct StoreStats {
 
 type Key = (usize, String);
 
+/// What a request brings back: a whole tensor, or rows `[start, start + len)` of it (the first
+/// dimension; the tensor stays stored).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Want {
+    key: Key,
+    rows: Option<(i64, i64)>,
+}
+
+impl Want {
+    fn whole(key: Key) -> Want {
+        Want { key, rows: None }
+    }
+}
+
 #[derive(Clone)]
 struct Meta {
     shape: Vec<i64>,
@@ -104,6 +122,23 @@ impl Meta {
         Meta { shape: t.size(), kind: t.kind(), device: t.device() }
     }
 
+    /// Bytes of one row (one index of the first dimension).
+    fn row_bytes(&self) -> usize {
+        self.shape.iter().skip(1).product::<i64>() as usize * self.kind.elt_size_in_bytes()
+    }
+
+    /// The meta of rows `[start, start + len)` and their byte range in the whole tensor's bytes.
+    fn rows(&self, (start, len): (i64, i64)) -> Result<(Meta, std::ops::Range<usize>)> {
+        let total = self.shape.first().copied().unwrap_or(0);
+        if start < 0 || len < 0 || start + len > total {
+            return Err(io_err("take rows", format!("rows [{start}, {}) of a tensor of shape {:?}", start + len, self.shape)));
+        }
+        let mut shape = self.shape.clone();
+        shape[0] = len;
+        let rb = self.row_bytes();
+        Ok((Meta { shape, ..self.clone() }, start as usize * rb..(start + len) as usize * rb))
+    }
+
     fn rebuild(&self, bytes: &[u8]) -> Result<Tensor> {
         Tensor::f_from_data_size(bytes, &self.shape, self.kind)
             .map(|t| t.to_device(self.device))
@@ -114,12 +149,14 @@ impl Meta {
 enum Req {
     /// Write to the NVMe tier.
     Write(Key, Tensor),
-    /// Read back from the NVMe tier.
-    Read(Key),
+    /// Read back from the NVMe tier (a whole tensor is freed there once read).
+    Read(Want),
+    /// Free a tensor's NVMe slice (after its rows were read).
+    Free(Key),
     /// Copy a tensor's bytes into an arena slot.
     Copy(Tensor, SlotView),
-    /// Rebuild a tensor from an arena slot.
-    Load(Key, SlotView, Meta),
+    /// Rebuild a tensor (or rows of it) from (part of) an arena slot.
+    Load(Want, SlotView, Meta),
 }
 
 fn bytes_of(t: &Tensor) -> u64 {
@@ -169,7 +206,7 @@ fn io_err(op: &'static str, msg: String) -> OffloadError {
 
 /// The I/O thread: owns the NVMe tier, serves requests in order (so a read always follows its
 /// write).
-fn worker(mut nvme: Option<NvmeTier>, rx: Receiver<Req>, done: std::sync::mpsc::Sender<(Key, Result<Tensor>)>, shared: Arc<Shared>) {
+fn worker(mut nvme: Option<NvmeTier>, rx: Receiver<Req>, done: std::sync::mpsc::Sender<(Want, Result<Tensor>)>, shared: Arc<Shared>) {
     let mut slices: HashMap<Key, (SliceId, Meta)> = HashMap::new();
     let mut failed: Option<String> = None;
     // One aligned buffer reused for every NVMe transfer: a tensor is copied once into it and
@@ -204,22 +241,44 @@ fn worker(mut nvme: Option<NvmeTier>, rx: Receiver<Req>, done: std::sync::mpsc::
                     Err(e) => failed = Some(e.to_string()),
                 }
             }
-            Req::Read(key) => {
+            Req::Read(want) => {
                 let t0 = Instant::now();
-                let r = match (&failed, slices.remove(&key), nvme.as_mut()) {
+                let found = if want.rows.is_some() { slices.get(&want.key).cloned() } else { slices.remove(&want.key) };
+                let r = match (&failed, found, nvme.as_mut()) {
                     (Some(msg), _, _) => Err(io_err("nvme write", msg.clone())),
-                    (None, Some((id, meta)), Some(tier)) => tier.read_into(id, &mut buf).and_then(|len| {
-                        tier.free(id)?;
-                        add(&|s| {
-                            s.read_bytes += len as u64;
-                            s.read_seconds += t0.elapsed().as_secs_f64();
-                        });
-                        meta.rebuild(&buf.as_slice()[..len])
-                    }),
-                    _ => Err(io_err("read", format!("layer {} tensor `{}` was never stored", key.0, key.1))),
+                    (None, Some((id, meta)), Some(tier)) => {
+                        let read = |tier: &mut NvmeTier, buf: &mut AlignedBuf| -> Result<(Meta, usize, usize)> {
+                            match want.rows {
+                                None => Ok((meta.clone(), 0, tier.read_into(id, buf)?)),
+                                Some(rows) => {
+                                    let (m, range) = meta.rows(rows)?;
+                                    let at = tier.read_range_into(id, range.start, range.len(), buf)?;
+                                    Ok((m, at, range.len()))
+                                }
+                            }
+                        };
+                        read(tier, &mut buf).and_then(|(m, at, len)| {
+                            if want.rows.is_none() {
+                                tier.free(id)?;
+                            }
+                            add(&|s| {
+                                s.read_bytes += len as u64;
+                                s.read_seconds += t0.elapsed().as_secs_f64();
+                            });
+                            m.rebuild(&buf.as_slice()[at..at + len])
+                        })
+                    }
+                    _ => Err(io_err("read", format!("layer {} tensor `{}` was never stored", want.key.0, want.key.1))),
                 };
-                if done.send((key, r)).is_err() {
+                if done.send((want, r)).is_err() {
                     return;
+                }
+            }
+            Req::Free(key) => {
+                if let (Some((id, _)), Some(tier)) = (slices.remove(&key), nvme.as_mut()) {
+                    if let Err(e) = tier.free(id) {
+                        failed.get_or_insert(e.to_string());
+                    }
                 }
             }
             Req::Copy(t, view) => {
@@ -235,7 +294,7 @@ fn worker(mut nvme: Option<NvmeTier>, rx: Receiver<Req>, done: std::sync::mpsc::
                     s.write_seconds += t0.elapsed().as_secs_f64();
                 });
             }
-            Req::Load(key, view, meta) => {
+            Req::Load(want, view, meta) => {
                 let t0 = Instant::now();
                 // SAFETY: the slot stays allocated until the store has received this reply.
                 let bytes = unsafe { view.as_mut_slice() };
@@ -244,7 +303,7 @@ fn worker(mut nvme: Option<NvmeTier>, rx: Receiver<Req>, done: std::sync::mpsc::
                     s.read_bytes += bytes.len() as u64;
                     s.read_seconds += t0.elapsed().as_secs_f64();
                 });
-                if done.send((key, r)).is_err() {
+                if done.send((want, r)).is_err() {
                     return;
                 }
             }
@@ -276,10 +335,10 @@ pub struct ActivationStore {
     in_arena: HashMap<Key, InArena>,
     /// Keys written to the NVMe tier and not yet taken.
     on_nvme: HashSet<Key>,
-    /// Keys whose way back was started (read requested or H2D issued).
-    requested: HashSet<Key>,
-    ready: HashMap<Key, Result<Tensor>>,
-    io: Option<(SyncSender<Req>, Receiver<(Key, Result<Tensor>)>, JoinHandle<()>)>,
+    /// Tensors and rows whose way back was started (read requested or H2D issued).
+    requested: HashSet<Want>,
+    ready: HashMap<Want, Result<Tensor>>,
+    io: Option<(SyncSender<Req>, Receiver<(Want, Result<Tensor>)>, JoinHandle<()>)>,
     shared: Arc<Shared>,
     stall: f64,
     max_inflight: u64,
@@ -287,6 +346,9 @@ pub struct ActivationStore {
     pending_d2h: VecDeque<PendingD2h>,
     /// Arena slots read by an H2D copy, released once it completed.
     pending_free: Vec<(Tier, Slot, CopyEvent)>,
+    /// The latest H2D copy of rows of a tensor still in its arena slot (copies on the stream
+    /// complete in order: when it has, every earlier one has).
+    row_copies: HashMap<Key, CopyEvent>,
     transfer_bytes: (u64, u64),
     /// Where each tensor of the latest forward went and its bytes.
     placed: HashMap<Key, (Tier, u64)>,
@@ -315,6 +377,7 @@ impl ActivationStore {
             copy: None,
             pending_d2h: VecDeque::new(),
             pending_free: Vec::new(),
+            row_copies: HashMap::new(),
             transfer_bytes: (0, 0),
             placed: HashMap::new(),
             taken: HashSet::new(),
@@ -545,35 +608,46 @@ impl ActivationStore {
         Ok(())
     }
 
-    /// Starts the way back of one tensor (no-op when it is kept or already on its way).
-    fn request(&mut self, key: &Key) -> Result<()> {
-        if self.requested.contains(key) {
+    /// Starts the way back of a tensor or rows of it (no-op when kept or already on its way).
+    fn request(&mut self, want: &Want) -> Result<()> {
+        if self.requested.contains(want) {
             return Ok(());
         }
+        let key = &want.key;
         if let Some(a) = self.in_arena.get(key) {
-            let (tier, slot, meta) = (a.tier, a.slot, a.meta.clone());
+            let (tier, slot) = (a.tier, a.slot);
+            let (meta, range) = match want.rows {
+                Some(rows) => a.meta.rows(rows)?,
+                None => (a.meta.clone(), 0..slot.len as usize),
+            };
             let src = self.arena(tier).map(|a| a.ptr(slot) as *const u8).ok_or_else(Self::io_gone)?;
             if let (Device::Cuda(_), Some(copy)) = (meta.device, &self.copy) {
                 let dst = Tensor::f_empty(&meta.shape, (meta.kind, meta.device)).map_err(|e| io_err("allocate", e.to_string()))?;
-                // SAFETY: the slot is released only after this copy's event completed
-                // (pending_free); the D2H that filled it ran earlier on the same copy stream.
-                let ev = unsafe { copy.host_to_device(src, &dst)? };
-                self.in_arena.remove(key);
-                self.pending_free.push((tier, slot, ev));
-                self.transfer_bytes.1 += slot.len;
-                self.ready.insert(key.clone(), Ok(dst));
+                // SAFETY: `range` lies inside the slot (Meta::rows checked it against the tensor's
+                // shape, whose bytes the slot holds); the slot is released only after this copy's
+                // event completed (pending_free, directly or through row_copies); the D2H that
+                // filled it ran earlier on the same copy stream.
+                let ev = unsafe { copy.host_to_device(src.add(range.start), &dst)? };
+                self.transfer_bytes.1 += range.len() as u64;
+                if want.rows.is_some() {
+                    self.row_copies.insert(key.clone(), ev);
+                } else {
+                    self.in_arena.remove(key);
+                    self.pending_free.push((tier, slot, ev));
+                }
+                self.ready.insert(want.clone(), Ok(dst));
             } else {
-                let view = self.arena(tier).map(|a| a.view(slot)).ok_or_else(Self::io_gone)?;
+                let view = self.arena(tier).map(|a| a.view(slot).sub(range)).ok_or_else(Self::io_gone)?;
                 let Some((tx, _, _)) = &self.io else { return Err(Self::io_gone()) };
-                tx.send(Req::Load(key.clone(), view, meta)).map_err(|_| Self::io_gone())?;
+                tx.send(Req::Load(want.clone(), view, meta)).map_err(|_| Self::io_gone())?;
             }
         } else if self.on_nvme.contains(key) {
             let Some((tx, _, _)) = &self.io else { return Err(Self::io_gone()) };
-            tx.send(Req::Read(key.clone())).map_err(|_| Self::io_gone())?;
+            tx.send(Req::Read(want.clone())).map_err(|_| Self::io_gone())?;
         } else {
             return Ok(());
         }
-        self.requested.insert(key.clone());
+        self.requested.insert(want.clone());
         Ok(())
     }
 
@@ -581,9 +655,20 @@ impl ActivationStore {
     pub fn prefetch(&mut self, layer: usize, names: &[String]) -> Result<()> {
         self.reap()?;
         for n in names {
-            self.request(&(layer, n.clone()))?;
+            self.request(&Want::whole((layer, n.clone())))?;
         }
         Ok(())
+    }
+
+    /// Starts reading rows `[start, start + len)` of a stored tensor back now, ahead of
+    /// [`ActivationStore::take_rows`].
+    pub fn prefetch_rows(&mut self, layer: usize, name: &str, start: i64, len: i64) -> Result<()> {
+        self.reap()?;
+        self.request(&Want { key: (layer, name.to_string()), rows: Some((start, len)) })
+    }
+
+    fn never_stored(key: &Key) -> OffloadError {
+        io_err("take", format!("layer {} tensor `{}` was never stored", key.0, key.1))
     }
 
     /// Takes a saved tensor back, waiting for its transfer if it is not in yet.
@@ -593,27 +678,82 @@ impl ActivationStore {
         if let Some(t) = self.kept.remove(&key) {
             return Ok(t);
         }
-        if !self.in_arena.contains_key(&key) && !self.on_nvme.contains(&key) && !self.requested.contains(&key) {
-            return Err(io_err("take", format!("layer {layer} tensor `{name}` was never stored")));
+        let want = Want::whole(key);
+        if !self.in_arena.contains_key(&want.key) && !self.on_nvme.contains(&want.key) && !self.requested.contains(&want) {
+            return Err(Self::never_stored(&want.key));
         }
-        self.request(&key)?;
-        let t0 = Instant::now();
-        while !self.ready.contains_key(&key) {
-            let Some((_, rx, _)) = &self.io else { return Err(Self::io_gone()) };
-            let (k, r) = rx.recv().map_err(|_| Self::io_gone())?;
-            // An arena slot whose tensor was rebuilt is free again.
-            if let Some(a) = self.in_arena.remove(&k) {
-                if let Some(arena) = self.arena(a.tier) {
-                    arena.release(a.slot);
+        self.wait_for(&want)
+    }
+
+    /// Rows `[start, start + len)` of a stored tensor (its first dimension), waiting for their
+    /// transfer if they are not in yet. The tensor stays stored until
+    /// [`ActivationStore::release`]: a kept one hands back a view of its rows.
+    pub fn take_rows(&mut self, layer: usize, name: &str, start: i64, len: i64) -> Result<Tensor> {
+        let key = (layer, name.to_string());
+        self.taken.insert(layer);
+        if let Some(t) = self.kept.get(&key) {
+            let meta = Meta::of(t);
+            meta.rows((start, len))?;
+            return Ok(t.narrow(0, start, len));
+        }
+        if !self.in_arena.contains_key(&key) && !self.on_nvme.contains(&key) {
+            return Err(Self::never_stored(&key));
+        }
+        self.wait_for(&Want { key, rows: Some((start, len)) })
+    }
+
+    /// Frees a tensor that was read by rows (its rows prefetched and not taken are dropped).
+    pub fn release(&mut self, layer: usize, name: &str) -> Result<()> {
+        let key = (layer, name.to_string());
+        if self.kept.remove(&key).is_some() {
+            return Ok(());
+        }
+        // No arena slot may go while a read of it is on its way.
+        let pending: Vec<Want> = self.requested.iter().filter(|w| w.key == key).cloned().collect();
+        for w in pending {
+            drop(self.wait_for(&w)?);
+        }
+        self.ready.retain(|w, _| w.key != key);
+        if let Some(a) = self.in_arena.remove(&key) {
+            match self.row_copies.remove(&key) {
+                Some(ev) => self.pending_free.push((a.tier, a.slot, ev)),
+                None => {
+                    if let Some(arena) = self.arena(a.tier) {
+                        arena.release(a.slot);
+                    }
                 }
             }
-            self.on_nvme.remove(&k);
-            self.ready.insert(k, r);
+        } else if self.on_nvme.remove(&key) {
+            let Some((tx, _, _)) = &self.io else { return Err(Self::io_gone()) };
+            tx.send(Req::Free(key)).map_err(|_| Self::io_gone())?;
+        } else {
+            return Err(Self::never_stored(&key));
+        }
+        self.reap()
+    }
+
+    /// Waits for a requested tensor or rows (requesting them first if they were not).
+    fn wait_for(&mut self, want: &Want) -> Result<Tensor> {
+        self.request(want)?;
+        let t0 = Instant::now();
+        while !self.ready.contains_key(want) {
+            let Some((_, rx, _)) = &self.io else { return Err(Self::io_gone()) };
+            let (w, r) = rx.recv().map_err(|_| Self::io_gone())?;
+            if w.rows.is_none() {
+                // An arena slot whose tensor was rebuilt whole is free again.
+                if let Some(a) = self.in_arena.remove(&w.key) {
+                    if let Some(arena) = self.arena(a.tier) {
+                        arena.release(a.slot);
+                    }
+                }
+                self.on_nvme.remove(&w.key);
+            }
+            self.ready.insert(w, r);
         }
         self.stall += t0.elapsed().as_secs_f64();
-        self.requested.remove(&key);
+        self.requested.remove(want);
         self.reap()?;
-        self.ready.remove(&key).unwrap_or_else(|| Err(Self::io_gone()))
+        self.ready.remove(want).unwrap_or_else(|| Err(Self::io_gone()))
     }
 
     /// Entries still held (none after a complete backward).

@@ -58,6 +58,29 @@ fn a_flipped_byte_is_detected() {
 }
 
 #[test]
+fn a_range_is_read_and_verified_by_the_chunks_that_cover_it() {
+    for uring in [true, false] {
+        let mut t = NvmeTier::create(&dir(), 16 << 20, 2, uring).unwrap();
+        let data = pattern((3 << 20) + 777, 5);
+        let id = t.write("layer2.x", &data).unwrap();
+        let mut buf = offload::aligned::AlignedBuf::new(1);
+        for (start, len) in [(0usize, 1usize), (4095, 2), ((1 << 20) - 3, 10), ((2 << 20) + 5, (1 << 20) + 700), (0, data.len()), (data.len() - 1, 1), (17, 0)] {
+            let at = t.read_range_into(id, start, len, &mut buf).unwrap();
+            assert_eq!(&buf.as_slice()[at..at + len], &data[start..start + len], "bytes [{start}, {})", start + len);
+        }
+        let e = t.read_range_into(id, data.len() - 1, 2, &mut buf).unwrap_err().to_string();
+        assert!(e.contains("layer2.x") && e.contains(&format!("of the {}-byte slice", data.len())), "{e}");
+        // A flipped byte in the third chunk: ranges in the first two still read, any range that
+        // touches the third fails naming the slice and the chunk's offset.
+        t.corrupt_byte_for_test(id, (2 << 20) + 10).unwrap();
+        t.read_range_into(id, 100, (2 << 20) - 200, &mut buf).unwrap();
+        let e = t.read_range_into(id, (3 << 20) - 1, 1, &mut buf).unwrap_err().to_string();
+        assert!(e.contains("layer2.x") && e.contains("corrupt") && e.contains("1048576 bytes"), "{e}");
+        assert!(t.read(id).is_err());
+    }
+}
+
+#[test]
 fn a_full_tier_and_an_impossible_reservation_are_clear_errors() {
     let mut t = NvmeTier::create(&dir(), 1 << 20, 2, true).unwrap();
     t.write("a", &pattern(700_000, 1)).unwrap();
