@@ -88,6 +88,8 @@ pub struct StoreStats {
     pub write_seconds: f64,
     /// Seconds the I/O thread spent reading back.
     pub read_seconds: f64,
+    /// The largest single transfer back (a whole tensor, or the rows asked for at once).
+    pub largest_read_bytes: u64,
     /// Time the training thread waited for the store (backpressure on put, reads on take).
     pub stall_seconds: f64,
     /// Bytes put into a slower tier than the one asked for, because that one was full.
@@ -263,6 +265,7 @@ fn worker(mut nvme: Option<NvmeTier>, rx: Receiver<Req>, done: std::sync::mpsc::
                             }
                             add(&|s| {
                                 s.read_bytes += len as u64;
+                                s.largest_read_bytes = s.largest_read_bytes.max(len as u64);
                                 s.read_seconds += t0.elapsed().as_secs_f64();
                             });
                             m.rebuild(&buf.as_slice()[at..at + len])
@@ -301,6 +304,7 @@ fn worker(mut nvme: Option<NvmeTier>, rx: Receiver<Req>, done: std::sync::mpsc::
                 let r = meta.rebuild(bytes);
                 add(&|s| {
                     s.read_bytes += bytes.len() as u64;
+                    s.largest_read_bytes = s.largest_read_bytes.max(bytes.len() as u64);
                     s.read_seconds += t0.elapsed().as_secs_f64();
                 });
                 if done.send((want, r)).is_err() {
@@ -350,6 +354,8 @@ pub struct ActivationStore {
     /// complete in order: when it has, every earlier one has).
     row_copies: HashMap<Key, CopyEvent>,
     transfer_bytes: (u64, u64),
+    /// The largest H2D copy back.
+    largest_h2d: u64,
     /// Where each tensor of the latest forward went and its bytes.
     placed: HashMap<Key, (Tier, u64)>,
     /// Layers whose tensors were taken back since their last put: their next put starts a new
@@ -379,6 +385,7 @@ impl ActivationStore {
             pending_free: Vec::new(),
             row_copies: HashMap::new(),
             transfer_bytes: (0, 0),
+            largest_h2d: 0,
             placed: HashMap::new(),
             taken: HashSet::new(),
             spilled: 0,
@@ -464,6 +471,7 @@ impl ActivationStore {
         s.spilled_bytes = self.spilled;
         s.written_bytes += self.transfer_bytes.0;
         s.read_bytes += self.transfer_bytes.1;
+        s.largest_read_bytes = s.largest_read_bytes.max(self.largest_h2d);
         s.host_peak_bytes = self.host.as_ref().map_or(0, |a| a.peak());
         s.numa_peak_bytes = self.numa.as_ref().map_or(0, |a| a.peak());
         s
@@ -629,6 +637,7 @@ impl ActivationStore {
                 // filled it ran earlier on the same copy stream.
                 let ev = unsafe { copy.host_to_device(src.add(range.start), &dst)? };
                 self.transfer_bytes.1 += range.len() as u64;
+                self.largest_h2d = self.largest_h2d.max(range.len() as u64);
                 if want.rows.is_some() {
                     self.row_copies.insert(key.clone(), ev);
                 } else {

@@ -38,6 +38,10 @@ pub struct TensorClass {
     pub per_token_bytes: u64,
     /// Saved only: token-local, so tokens [αT, T) may be dropped and recomputed.
     pub recomputable: bool,
+    /// Saved only: under token tiles an offloaded layer's backward reads it one tile's rows at a
+    /// time (see [`OpBuffer::sliced`]); the others come back whole, ahead of the layer.
+    #[serde(default)]
+    pub sliced: bool,
 }
 
 impl TensorClass {
@@ -87,18 +91,24 @@ pub struct OpBuffer {
     /// What `per_token_bytes` multiplies.
     #[serde(default)]
     pub rows: Rows,
+    /// A saved tensor that an offloaded layer's tiled backward reads from its tier one tile's rows
+    /// at a time: two tiles' rows at once (the tile computing, the next on its way), at most
+    /// `rows`. A kept layer's stays whole.
+    #[serde(default)]
+    pub sliced: bool,
 }
 
 impl OpBuffer {
     /// Bytes at `tokens` tokens with `stored` rows of the recomputable tensors kept and tiles of
-    /// `tile` tokens.
-    pub fn bytes(&self, tokens: u64, stored: u64, tile: u64) -> u64 {
+    /// `tile` tokens, in an `offloaded` layer or a kept one.
+    pub fn bytes(&self, tokens: u64, stored: u64, tile: u64, offloaded: bool) -> u64 {
         let rows = match self.rows {
             Rows::Tokens => tokens,
             Rows::Stored => stored.min(tokens),
             Rows::Rebuilt => if stored < tokens { tokens } else { 0 },
             Rows::Tile => tile.min(tokens),
         };
+        let rows = if self.sliced && offloaded { rows.min(2 * tile) } else { rows };
         self.fixed_bytes + self.per_token_bytes * rows
     }
 }
@@ -159,7 +169,7 @@ impl Inventory {
             let one: Vec<crate::layout::Buf> = self.forward.iter().map(|b| crate::layout::Buf::new(b.name.clone(), b.per_token_bytes, b.start, b.end)).collect();
             return crate::layout::greedy(&one).peak * tokens;
         }
-        let bufs: Vec<crate::layout::Buf> = self.forward.iter().map(|b| crate::layout::Buf::new(b.name.clone(), b.bytes(tokens, stored, tile), b.start, b.end)).collect();
+        let bufs: Vec<crate::layout::Buf> = self.forward.iter().map(|b| crate::layout::Buf::new(b.name.clone(), b.bytes(tokens, stored, tile, false), b.start, b.end)).collect();
         crate::layout::greedy(&bufs).peak
     }
 
@@ -176,41 +186,39 @@ impl Inventory {
         (whole, rec)
     }
 
+    /// One offloaded layer's stored tensors with `split` rows of the recomputable ones, in the
+    /// order the block saves them, with their classes (a recomputable one storing no rows is
+    /// absent).
+    fn stored(&self, tokens: u64, split: u64) -> impl Iterator<Item = (&TensorClass, u64)> {
+        self.saved
+            .iter()
+            .filter(move |c| split > 0 || !c.recomputable)
+            .map(move |c| (c, if c.recomputable { c.fixed_bytes + c.per_token_bytes * split } else { c.bytes(tokens) }))
+    }
+
+    /// What an offloaded layer's backward reads back whole, ahead of it, with `split` rows of the
+    /// recomputable tensors stored: every stored tensor, or under token tiles the ones not read
+    /// tile by tile.
+    pub fn layer_read_whole(&self, tokens: u64, split: u64) -> u64 {
+        self.stored(tokens, split).filter(|(c, _)| !c.sliced).map(|(_, b)| b).sum()
+    }
+
     /// The largest single tensor of one layer stored with `split` rows (what the NVMe tier's
     /// staging buffer grows to).
     pub fn largest_stored(&self, tokens: u64, split: u64) -> u64 {
-        self.saved
-            .iter()
-            .filter(|c| split > 0 || !c.recomputable)
-            .map(|c| if c.recomputable { c.fixed_bytes + c.per_token_bytes * split } else { c.bytes(tokens) })
-            .max()
-            .unwrap_or(0)
+        self.stored(tokens, split).map(|(_, b)| b).max().unwrap_or(0)
     }
 
     /// One offloaded layer's stored tensors with `split` rows of the recomputable ones, in the
     /// order the block saves them (what [`crate::placement::Placement::fill`] places).
     pub fn stored_tensors(&self, tokens: u64, split: u64) -> Vec<crate::placement::StoredTensor> {
-        self.saved
-            .iter()
-            .filter(|c| split > 0 || !c.recomputable)
-            .map(|c| crate::placement::StoredTensor {
-                name: c.name.clone(),
-                bytes: if c.recomputable { c.fixed_bytes + c.per_token_bytes * split } else { c.bytes(tokens) },
-            })
-            .collect()
+        self.stored(tokens, split).map(|(c, bytes)| crate::placement::StoredTensor { name: c.name.clone(), bytes }).collect()
     }
 
     /// Bytes a tier holds for one layer stored with `split` rows, each tensor rounded up to the
     /// tier's granule (as its allocator does).
     pub fn layer_tier_bytes(&self, tokens: u64, split: u64, granule: u64) -> u64 {
-        self.saved
-            .iter()
-            .filter(|c| split > 0 || !c.recomputable)
-            .map(|c| {
-                let b = if c.recomputable { c.fixed_bytes + c.per_token_bytes * split } else { c.bytes(tokens) };
-                b.max(1).div_ceil(granule) * granule
-            })
-            .sum()
+        self.stored(tokens, split).map(|(_, b)| b.max(1).div_ceil(granule) * granule).sum()
     }
 }
 

@@ -164,10 +164,11 @@ fn forward_seconds(inv: &Inventory, cal: &Calibration, tokens: u64) -> (f64, f64
 
 /// The level-1 buffers: one layer's backward at `tokens` with `stored` rows of its recomputable
 /// tensors kept (token tiles recompute the others tile by tile; whole-sequence backward restores
-/// them whole first, so its buffers do not depend on it).
-pub fn level1_buffers(inv: &Inventory, tokens: u64, stored: u64) -> Vec<Buf> {
+/// them whole first, so its buffers do not depend on it), for an `offloaded` layer (under tiles
+/// it reads its saved tensors tile by tile) or a kept one.
+pub fn level1_buffers(inv: &Inventory, tokens: u64, stored: u64, offloaded: bool) -> Vec<Buf> {
     let tile = inv.tile(tokens);
-    inv.backward.iter().map(|b| Buf::new(b.name.clone(), b.bytes(tokens, stored, tile), b.start, b.end)).collect()
+    inv.backward.iter().map(|b| Buf::new(b.name.clone(), b.bytes(tokens, stored, tile, offloaded), b.start, b.end)).collect()
 }
 
 /// The level-2 buffers over the step's schedule: slots 0..L are the layers' forwards, L the loss,
@@ -197,7 +198,8 @@ fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usi
             if lookahead > 0 {
                 let from = bwd_slot((layer + lookahead).min(l - 1));
                 if from < bwd_slot(layer) {
-                    v.push(Buf::new(format!("layer{layer}.saved (prefetched)"), w + r, from, bwd_slot(layer) - 1));
+                    let ahead = inv.layer_read_whole(tokens, splits[layer]);
+                    v.push(Buf::new(format!("layer{layer}.saved (prefetched)"), ahead, from, bwd_slot(layer) - 1));
                 }
             }
         }
@@ -282,8 +284,8 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     // One layer's backward holds its stored rows whole only under token tiles (the whole-sequence
     // backward restores every row first): there the device bounds α too.
     let tiled = inv.tile_tokens.is_some();
-    let level1_greedy = |split: u64| layout::greedy(&level1_buffers(inv, t, split)).peak;
-    let level1_at_t = layout_report(level1_buffers(inv, t, t), if tiled { 0.0 } else { opt.mip_seconds });
+    let level1_greedy = |split: u64| layout::greedy(&level1_buffers(inv, t, split, true)).peak;
+    let level1_at_t = layout_report(level1_buffers(inv, t, t, false), if tiled { 0.0 } else { opt.mip_seconds });
 
     // The LP for the layers that keep_last = k leaves to the tiers, α at most `max_split / t`;
     // the splits it implies.
@@ -328,7 +330,7 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     let (m, splits) = if off > 0 { uniform(m, t, l, tiers.len(), max_split) } else { (m, splits) };
     let k = l - off;
     let split = splits.first().copied().unwrap_or(t);
-    let level1 = if tiled && off > 0 { layout_report(level1_buffers(inv, t, split), opt.mip_seconds) } else { level1_at_t.clone() };
+    let level1 = if tiled && off > 0 { layout_report(level1_buffers(inv, t, split, true), opt.mip_seconds) } else { level1_at_t.clone() };
     let level2 = layout_report(level2_buffers(inv, t, k, opt.lookahead, opt.max_inflight, &splits, level1_at_t.mip.peak, level1.mip.peak), opt.mip_seconds);
     // The LP chose α and how much each tier should take; which tensor goes where is the fill
     // rule's, which the engine runs too (so the tier peaks below are what the store will hold).

@@ -47,7 +47,7 @@ pub fn table(inv: &Inventory, p: &Plan) -> String {
     for (label, list) in [("fwd temp", &inv.forward), ("bwd temp", &inv.backward)] {
         for b in list.iter().filter(|b| !b.name.starts_with("saved ")) {
             let name = format!("{} (ops {}..{})", b.name, b.start, b.end);
-            line(&mut s, label, &name, &b.shape, &inv.dtype, 1, b.bytes(t, stored, inv.tile(t)));
+            line(&mut s, label, &name, &b.shape, &inv.dtype, 1, b.bytes(t, stored, inv.tile(t), p.keep_last < inv.layers));
         }
     }
     let h = group_total(&mut s, Group::Head, "head") + group_total(&mut s, Group::Context, "context");

@@ -86,7 +86,7 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
     };
     let mut store = offload::store::ActivationStore::new(&cfg)?;
     let section = crate::train::recipe::OffloadSection { keep_last: b.keep_last, alpha: b.alpha, lookahead: 1, ..Default::default() };
-    let placement = crate::plan::engine_placement(&model.cfg, kind, None, device, 1024, b.tokens as u64, &section, &store)?;
+    let placement = crate::plan::engine_placement(&model, None, 1024, b.tokens as u64, &section, &store)?;
     for i in 0..b.iters + 1 {
         sync(device);
         let peak = PhasePeak::start();

@@ -103,7 +103,7 @@ fn cuda_host_tier_offload_is_bit_identical() {
             for keep_last in [0usize, 2] {
                 let mut store = ActivationStore::new(&cfg).unwrap();
                 let section = trainer::train::recipe::OffloadSection { keep_last, alpha, lookahead: 1, ..Default::default() };
-                let placement = trainer::plan::engine_placement(&m.cfg, Kind::Float, None, Device::Cuda(0), 128, 1500, &section, &store).unwrap();
+                let placement = trainer::plan::engine_placement(&m, None, 128, 1500, &section, &store).unwrap();
                 let t0 = std::time::Instant::now();
                 let (l1, g1, _) = m.forward_backward_with(&batch, None, 128, &mut store, &placement).unwrap();
                 tch::Cuda::synchronize(0);
@@ -161,7 +161,7 @@ fn tiled_case(m: &Model, m64: &Model, doc_lens: Vec<i64>) {
     let repeatable = grads.iter().all(|(n, g)| g.equal(&again[n]));
     let mut store = ActivationStore::new(&StoreConfig { host_bytes: 2 * stats.saved_bytes as u64, cuda_device: Some(0), ..Default::default() }).unwrap();
     let section = trainer::train::recipe::OffloadSection { keep_last: 0, alpha: 0.3, lookahead: 1, ..Default::default() };
-    let placement = trainer::plan::engine_placement(&m.cfg, Kind::Float, None, Device::Cuda(0), 128, 777, &section, &store).unwrap();
+    let placement = trainer::plan::engine_placement(&m, None, 128, 777, &section, &store).unwrap();
     let (l1, g1, _) = m.forward_backward_with(&batch, None, 128, &mut store, &placement).unwrap();
     assert!(store.is_empty());
     let same = |a: &Tensor, b: &Tensor| if repeatable { a.equal(b) } else { (a - b).abs().max().double_value(&[]) <= 1e-5 * a.abs().max().double_value(&[]).max(1e-6) };

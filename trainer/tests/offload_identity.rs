@@ -48,7 +48,7 @@ fn stores() -> Vec<(&'static str, StoreConfig)> {
 
 /// The placement the engine would run for `store` (the planner's rule over its tiers).
 fn placement(m: &Model, lora: Option<&LoraConfig>, store: &ActivationStore, keep_last: usize, alpha: f64) -> Placement {
-    let inv = trainer::plan::inventory::build(&m.cfg, m.kind(), lora, Device::Cpu, 16).unwrap();
+    let inv = trainer::plan::inventory::of_model(m, lora, 16).unwrap();
     from_inventory(&inv, batch().ids.size()[0] as u64, keep_last, alpha, 1 + keep_last, &store.capacities())
 }
 
@@ -130,7 +130,7 @@ fn a_store_full_beyond_the_placement_spills_and_too_small_tiers_are_refused() {
     // The engine refuses before the step when the tiers cannot hold the offloaded layers.
     let store = ActivationStore::new(&StoreConfig { host_bytes: 40 << 10, ..Default::default() }).unwrap();
     let section = trainer::train::recipe::OffloadSection { keep_last: 0, alpha: 1.0, lookahead: 1, ..Default::default() };
-    let err = trainer::plan::engine_placement(&m.cfg, Kind::Float, None, Device::Cpu, 16, 120, &section, &store).err().unwrap().to_string();
+    let err = trainer::plan::engine_placement(&m, None, 16, 120, &section, &store).err().unwrap().to_string();
     assert!(err.contains("offload tiers too small") && err.contains("host 40.00 KiB") && err.contains("offload.host_bytes"), "{err}");
 
     // Placed in host memory, run by a store with only an NVMe tier: everything spills there.

@@ -92,7 +92,7 @@ fn nvme(bytes: u64) -> NvmeConfig {
 }
 
 fn placement(m: &Model, lora: Option<&LoraConfig>, tokens: u64, store: &ActivationStore, keep_last: usize, alpha: f64) -> Placement {
-    let inv = trainer::plan::inventory::build(&m.cfg, m.kind(), lora, Device::Cpu, 16).unwrap();
+    let inv = trainer::plan::inventory::of_model(m, lora, 16).unwrap();
     from_inventory(&inv, tokens, keep_last, alpha, 1, &store.capacities())
 }
 
@@ -134,6 +134,11 @@ fn offloaded_tiles_are_bit_identical_to_resident_tiles() {
                             assert_eq!(store.placed_bytes(l), p.tier_bytes(l), "{tag} {tiers} alpha={alpha}: layer {l}");
                         }
                         let at = format!("{kind:?} {tag} tile {tile} alpha {alpha} {tiers}");
+                        // The backward read the layer input one tile at a time: nothing larger
+                        // than K came back at once (K is [T, kv_heads × head_dim], the input
+                        // [T, hidden]).
+                        let k_bytes = 100 * m.cfg.num_kv_heads * m.cfg.head_dim * kind.elt_size_in_bytes() as i64;
+                        assert_eq!(store.stats().largest_read_bytes, k_bytes as u64, "{at}: largest read");
                         assert_eq!(l0.to_bits(), l1.sum.double_value(&[]).to_bits(), "{at}: loss");
                         for (n, g) in &g0 {
                             assert!(g.equal(&g1[n]), "{at}: gradient of {n} differs");

@@ -235,6 +235,14 @@ pub(crate) fn proj(layer: &Layer, p: Proj, x: &Tensor, ctx: &Context, lora_saved
 /// output: the ones MEMO's split may drop for tokens [αT, T) and recompute in backward.
 pub const RECOMPUTABLE: [&str; 11] = [name::RSTD_ATTN, name::X_ATTN, name::Q, name::K, name::V, name::H, name::RSTD_MLP, name::X_MLP, name::GATE, name::UP, name::ACT];
 
+/// Whether MEMO's split may drop rows of saved tensor `name`: the [`RECOMPUTABLE`] ones, except
+/// K and V under token tiles. Every query tile's backward needs them whole, and rebuilding them
+/// would read the layer input twice (once for them, once for its tile); storing them costs
+/// `2 × kv_heads × head_dim` per token, at most the layer input's width under GQA.
+pub fn recomputable(name: &str, tiled: bool) -> bool {
+    RECOMPUTABLE.contains(&name) && !(tiled && (name == name::K || name == name::V))
+}
+
 /// Token-local work before attention, on any rows of the layer input.
 pub(crate) struct PreAttn {
     pub rstd_attn: Tensor,

@@ -303,7 +303,7 @@ impl Model {
             guard::enter(Phase::Forward, Some(l));
             let (y, s) = self.forward_block(layer, &x, &ctx, l, split(l))?;
             saved_bytes += s.bytes();
-            stashed.push(stash::put(store, placement, l, s, t_all)?);
+            stashed.push(stash::put(store, placement, l, s, t_all, self.tile_tokens.is_some())?);
             x = y;
         }
         let stats = StepStats { saved_bytes };
@@ -325,10 +325,10 @@ impl Model {
             guard::enter(Phase::Backward, Some(l));
             // Ask for the next layers' activations now, so their reads overlap this backward.
             for ahead in (l.saturating_sub(placement.lookahead)..=l).rev() {
-                store.prefetch(ahead, &stashed[ahead].names)?;
+                store.prefetch(ahead, &stashed[ahead].read_whole())?;
             }
             let (d, g) = match self.tile_tokens {
-                Some(tile) => tiled::backward(layer, dx, stash::take_stored(store, l, &stashed[l])?, &ctx, l, tile, stashed[l].split)?,
+                Some(tile) => tiled::backward(layer, dx, stash::TileReader::new(store, l, &stashed[l], tiled::backward_order(&ctx.cu_seqlens, tile))?, &ctx, l)?,
                 None => block::backward(layer, dx, stash::take(store, layer, l, &stashed[l], &ctx, t_all)?, &ctx, l)?,
             };
             for (name, t) in g {

@@ -5,7 +5,8 @@
 //! tensor waits and how many rows of the recomputable ones are stored
 //! ([`planner::placement::Placement`]), the store moves the bytes
 //! ([`offload::store::ActivationStore`]); this module is the glue, and the recompute of the rows
-//! not stored ([`block::recompute_tail`]).
+//! not stored ([`block::recompute_tail`]). Under token tiles the backward reads a layer's saved
+//! tensors tile by tile ([`TileReader`]).
 use std::collections::BTreeMap;
 
 use offload::store::ActivationStore;
@@ -15,6 +16,7 @@ use tch::Tensor;
 use crate::error::{Result, TrainerError};
 use crate::model::block::{self, BlockSaved, Context};
 use crate::model::layer::Layer;
+use crate::model::tiled::{self, Tile};
 
 /// What one layer handed to the store.
 pub struct Stashed {
@@ -22,6 +24,8 @@ pub struct Stashed {
     pub names: Vec<String>,
     /// Rows of the recomputable tensors stored (`T` when all of them).
     pub split: i64,
+    /// Whether the layer ran over token tiles (which changes what is recomputable).
+    pub tiled: bool,
 }
 
 impl Stashed {
@@ -29,18 +33,24 @@ impl Stashed {
     /// [`BlockSaved`] is rebuilt from.
     fn with_recomputable(&self) -> Vec<String> {
         let mut all = self.names.clone();
-        all.extend(block::RECOMPUTABLE.iter().filter(|n| !self.names.iter().any(|m| m == *n)).map(|n| n.to_string()));
+        all.extend(block::RECOMPUTABLE.iter().filter(|n| block::recomputable(n, self.tiled) && !self.names.iter().any(|m| m == *n)).map(|n| n.to_string()));
         all
+    }
+
+    /// What the backward takes whole, to be read back ahead of it: every stored tensor, or under
+    /// token tiles the ones not read tile by tile ([`tiled::read_whole`]).
+    pub fn read_whole(&self) -> Vec<String> {
+        self.names.iter().filter(|n| !self.tiled || tiled::read_whole(n)).cloned().collect()
     }
 }
 
-/// Hands layer `l`'s saved tensors to the store: the recomputable ones cut to the placement's
-/// `stored_rows(α, T)` rows, each tensor to its tier.
-pub fn put(store: &mut ActivationStore, placement: &Placement, l: usize, saved: BlockSaved, tokens: i64) -> Result<Stashed> {
+/// Hands layer `l`'s saved tensors to the store: the recomputable ones (`tiled`: of a layer run
+/// over token tiles) cut to the placement's `stored_rows(α, T)` rows, each tensor to its tier.
+pub fn put(store: &mut ActivationStore, placement: &Placement, l: usize, saved: BlockSaved, tokens: i64, tiled: bool) -> Result<Stashed> {
     let split = planner::inventory::stored_rows(placement.alpha(l), tokens);
     let mut names = Vec::new();
     for (name, t) in saved.into_named() {
-        let t = if split < tokens && block::RECOMPUTABLE.contains(&name.as_str()) {
+        let t = if split < tokens && block::recomputable(&name, tiled) {
             if split == 0 {
                 continue; // recomputed whole
             }
@@ -57,7 +67,7 @@ pub fn put(store: &mut ActivationStore, placement: &Placement, l: usize, saved: 
         store.put(l, &name, t, tier)?;
         names.push(name);
     }
-    Ok(Stashed { names, split })
+    Ok(Stashed { names, split, tiled })
 }
 
 /// Takes layer `l`'s saved tensors back for its backward, recomputing the rows it did not store
@@ -81,9 +91,69 @@ pub fn take(store: &mut ActivationStore, layer: &Layer, l: usize, stashed: &Stas
     })
 }
 
-/// Takes back what layer `l` stored, recomputing nothing: a recomputable tensor that stored no
-/// rows is an empty placeholder (token tiles recompute the missing rows tile by tile,
-/// [`crate::model::tiled::backward`]).
-pub fn take_stored(store: &mut ActivationStore, l: usize, stashed: &Stashed) -> Result<BlockSaved> {
-    BlockSaved::from_named(&stashed.with_recomputable(), |n| if stashed.names.iter().any(|m| m == n) { Ok(store.take(l, n)?) } else { Ok(Tensor::empty([0], (tch::Kind::Float, tch::Device::Cpu))) })
+/// A layer's saved tensors for its tiled backward ([`tiled::backward`]): the ones it reads whole
+/// taken at once, the others one tile's rows at a time in the backward's tile order, the next
+/// tile's rows on their way while a tile computes (MEMO's token-wise swapping inside a layer).
+/// A tensor read by rows stays in the store until [`TileReader::finish`].
+pub struct TileReader<'s> {
+    store: &'s mut ActivationStore,
+    l: usize,
+    stashed: &'s Stashed,
+    whole: Vec<(String, Tensor)>,
+    order: Vec<Tile>,
+    next: usize,
+}
+
+impl<'s> TileReader<'s> {
+    /// Takes layer `l`'s whole tensors and starts reading the first tile's rows; `order` is the
+    /// backward's ([`tiled::backward_order`]).
+    pub fn new(store: &'s mut ActivationStore, l: usize, stashed: &'s Stashed, order: Vec<Tile>) -> Result<TileReader<'s>> {
+        let mut whole = Vec::new();
+        for n in stashed.read_whole() {
+            let t = store.take(l, &n)?;
+            whole.push((n, t));
+        }
+        let mut r = TileReader { store, l, stashed, whole, order, next: 0 };
+        if let Some(first) = r.order.first().copied() {
+            r.prefetch(&first)?;
+        }
+        Ok(r)
+    }
+
+    /// Rows of the recomputable tensors the layer stored.
+    pub fn split(&self) -> i64 {
+        self.stashed.split
+    }
+
+    fn prefetch(&mut self, tl: &Tile) -> Result<()> {
+        for n in self.stashed.names.iter().filter(|n| tiled::tile_reads(n, tl, self.stashed.split)) {
+            self.store.prefetch_rows(self.l, n, tl.start, tl.len)?;
+        }
+        Ok(())
+    }
+
+    /// The next tile and its rows of the saved tensors it reads (K, V and the logsumexp whole; a
+    /// tensor the tile does not read is an empty placeholder). Starts reading the tile after.
+    pub fn next_tile(&mut self) -> Result<Option<(Tile, BlockSaved)>> {
+        let Some(tl) = self.order.get(self.next).copied() else { return Ok(None) };
+        self.next += 1;
+        if let Some(after) = self.order.get(self.next).copied() {
+            self.prefetch(&after)?;
+        }
+        let (store, whole, l, split) = (&mut *self.store, &self.whole, self.l, self.stashed.split);
+        let saved = BlockSaved::from_named(&self.stashed.with_recomputable(), |n| match whole.iter().find(|(m, _)| m == n) {
+            Some((_, t)) => Ok(t.shallow_clone()),
+            None if self.stashed.names.iter().any(|m| m == n) && tiled::tile_reads(n, &tl, split) => Ok(store.take_rows(l, n, tl.start, tl.len)?),
+            None => Ok(Tensor::empty([0], (tch::Kind::Float, tch::Device::Cpu))),
+        })?;
+        Ok(Some((tl, saved)))
+    }
+
+    /// Frees the tensors read by rows (after the last tile).
+    pub fn finish(self) -> Result<()> {
+        for n in self.stashed.names.iter().filter(|n| !tiled::read_whole(n)) {
+            self.store.release(self.l, n)?;
+        }
+        Ok(())
+    }
 }

@@ -1,23 +1,26 @@
 //! Token tiles inside a block (ALST's tiled MLP, extended to every op but the attention kernel
 //! itself): RMSNorm, the seven projections (with LoRA), RoPE and SwiGLU run over `tile` tokens
 //! at a time, forward and backward, and the attention backward runs by query tiles, so no
-//! `[T, intermediate]` tensor exists whole and a layer's backward holds whole only its input, the
-//! residual gradient, the attention output, K, V and their gradients. Weight, norm and adapter
-//! gradients are summed over the tiles.
+//! `[T, intermediate]` tensor exists whole. A layer's backward holds whole only K, V, their
+//! gradients and the residual gradient; every other saved tensor comes from the activation store
+//! one tile's rows at a time, the next tile's on their way meanwhile ([`TileReader`]: MEMO's
+//! token-wise swapping inside a layer). Weight, norm and adapter gradients are summed over the
+//! tiles.
 //!
 //! Tiles never cross a document boundary ([`tiles`]): a tile's queries are one chunk of one
 //! document, whose backward takes the keys from the document's start to the tile's end
-//! ([`attention::backward_query_chunk`]).
+//! ([`attention::backward_query_chunk`]). The backward visits the tiles last to first
+//! ([`backward_order`]).
 //!
 //! With MEMO's split the forward keeps only rows `[0, split)` of the recomputable tensors (the
 //! other rows never exist beyond their tile) and the backward recomputes a tile's rows when it
-//! reaches the tile, from the layer input and the attention output, which are stored whole.
-//! LoRA dropout masks are drawn up front for the whole sequence, in the order the untiled pass
-//! draws them, and saved: tiles and their recompute read the same masks (so, unlike the untiled
-//! recompute, α < 1 works with dropout on).
+//! reaches the tile, from the layer input and the attention output, which are stored whole, as
+//! are K and V ([`block::recomputable`]). LoRA dropout masks are drawn up front for the whole
+//! sequence, in the order the untiled pass draws them, and saved: tiles and their recompute read
+//! the same masks (so, unlike the untiled recompute, α < 1 works with dropout on).
 //!
 //! Recomputed rows equal the forward's bits: a tile is recomputed whole, over the forward's tile
-//! boundaries (see [`stored`]).
+//! boundaries (see [`tile_is_stored`]).
 use kernels::{attention, lora, rmsnorm, rope, swiglu};
 use tch::{Device, Kind, Tensor};
 
@@ -25,6 +28,7 @@ use crate::error::Result;
 use crate::model::block::{self, name, BlockSaved, Context, LoraSaved, Masks};
 use crate::model::layer::Layer;
 use crate::model::proj::Proj;
+use crate::model::stash::TileReader;
 
 /// A tile: rows `[start, start + len)` of the document that begins at row `doc`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,11 +119,6 @@ fn gather_lora(all: &mut Vec<(&'static str, Vec<Tensor>)>, tile: LoraSaved) {
     }
 }
 
-/// The tile's rows of every adapter's saved activations (for its projection's backward).
-fn lora_rows(lora: &LoraSaved, a: i64, n: i64) -> LoraSaved {
-    lora.iter().map(|(name, xa, keep)| (*name, xa.narrow(0, a, n), keep.as_ref().map(|k| k.narrow(0, a, n)))).collect()
-}
-
 /// Parameter gradients summed over tiles, in the order they first appear, in the accumulation
 /// dtype (a bf16 weight gradient summed in bf16 over many tiles would lose bits at every add).
 #[derive(Default)]
@@ -170,11 +169,10 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize, tile:
         gather_lora(&mut xa, ls);
     }
     let (o, attn) = attention::forward_packed(&q, &k, &v, &ctx.attn[layer_idx], &ctx.cu_seqlens)?;
-    // q, k, v whole are done: keep their stored rows (a copy when rows are dropped) and let the
-    // rest go before the post-attention tiles.
-    let keep_rows = |whole: Tensor| if split >= t { whole } else { whole.narrow(0, 0, split.max(0)).copy() };
+    // q whole is done: keep its stored rows (a copy when rows are dropped) and let the rest go
+    // before the post-attention tiles. K and V are saved whole (`block::recomputable`).
     let attention::Saved { out, lse, philox, .. } = attn;
-    let (q, k, v) = (keep_rows(q), keep_rows(k), keep_rows(v));
+    let q = if split >= t { q } else { q.narrow(0, 0, split.max(0)).copy() };
     let o_flat = o.view([t, ctx.heads * ctx.head_dim]);
     let y = x.empty_like();
     for &Tile { start: a, len: n, .. } in &tiles {
@@ -209,38 +207,50 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize, tile:
     Ok((y, saved))
 }
 
-/// [`block::backward`] over token tiles, for a [`BlockSaved`] from [`forward`] with `split` rows
-/// of its recomputable tensors (a tensor with no rows stored may be any placeholder). `dy` is
-/// consumed: its storage becomes the returned input gradient (the residual's `dy + …` is added in
-/// place, tile by tile).
+/// Saved tensors a tiled backward reads whole: K and V (every query tile attends to them), the
+/// logsumexp (`[heads, T]`, not token-major) and the attention RNG state. It reads every other
+/// one tile's rows at a time ([`crate::model::stash::TileReader`]).
+pub fn read_whole(name: &str) -> bool {
+    matches!(name, name::K | name::V | name::ATTN_LSE | name::PHILOX_SEED | name::PHILOX_OFFSET)
+}
+
+/// Whether the backward of tile `tl` reads its rows of saved tensor `name` (with `split` rows of
+/// the recomputable tensors stored): a recomputed tile reads only what is never recomputed (the
+/// layer input, the attention output, LoRA's activations and masks).
+pub fn tile_reads(name: &str, tl: &Tile, split: i64) -> bool {
+    !read_whole(name) && (tile_is_stored(tl, split) || !block::recomputable(name, true))
+}
+
+/// The order in which [`backward`] visits the tiles: last to first. When a tile's queries are
+/// done, every later query of its document is too, so its keys' gradients are complete and its
+/// share of the input gradient (through q, K and V) is taken in one go.
+pub fn backward_order(cu_seqlens: &[i64], tile: i64) -> Vec<Tile> {
+    let mut order = tiles(cu_seqlens, tile);
+    order.reverse();
+    order
+}
+
+/// [`block::backward`] over token tiles, in [`backward_order`], reading the layer's saved
+/// tensors from `saved` (from [`forward`]: `split` rows of the recomputable ones; K and V whole).
+/// `dy` is consumed: its storage becomes the returned input gradient (the residual's `dy + …` is
+/// added in place, tile by tile).
 ///
-/// Order: K and V whole ([`Backward::whole_kv`]); then per tile the MLP, post-attention norm and
-/// o_proj backward, the tile's queries' attention backward (key gradients added into whole dK,
-/// dV in the accumulation dtype) and q's share of the input gradient ([`Backward::tile`]); then
-/// per tile K's and V's share ([`Backward::kv_share`]; RMSNorm's backward is linear in its output
-/// gradient, so the shares add).
-pub fn backward(layer: &Layer, dy: Tensor, s: BlockSaved, ctx: &Context, layer_idx: usize, tile: i64, split: i64) -> Result<(Tensor, Vec<(String, Tensor)>)> {
-    let BlockSaved { x, rstd_attn, x_attn, attn, h, rstd_mlp, x_mlp, gate, up, act, lora } = s;
-    let masks: Vec<(Proj, Tensor)> = lora
-        .iter()
-        .filter_map(|(nm, _, keep)| Some((Proj::ALL.into_iter().find(|p| p.hf_name() == *nm)?, keep.as_ref()?.shallow_clone())))
-        .collect();
-    let b = Backward { layer, ctx, layer_idx, split, x: &x, lora: &lora, masks: &masks };
-    let tiles = tiles(&ctx.cu_seqlens, tile);
-    let attention::Saved { q, k, v, out, lse, philox } = attn;
-    let (k, v) = b.whole_kv(&tiles, k, v);
-    let acc = (kernels::accum_kind(x.kind()), x.device());
-    let (dk, dv) = (Tensor::zeros(k.size(), acc), Tensor::zeros(v.size(), acc));
-    let mlp = MlpSaved { h, rstd_mlp, x_mlp, gate, up, act };
-    let attn = AttnRows { q, k, v, out, lse, philox, x_attn: &x_attn, rstd_attn: &rstd_attn };
+/// Per tile: the MLP, post-attention norm and o_proj backward; the tile's queries' attention
+/// backward against the document's keys up to the tile's end (key gradients added into whole
+/// dK, dV in the accumulation dtype); then the tile's share of the input gradient through q, K
+/// and V. Whole throughout: K, V, dK, dV and the residual gradient; the rest one tile at a time.
+pub fn backward(layer: &Layer, dy: Tensor, mut saved: TileReader, ctx: &Context, layer_idx: usize) -> Result<(Tensor, Vec<(String, Tensor)>)> {
+    let b = Backward { layer, ctx, layer_idx, split: saved.split() };
     let mut grads = GradSum::default();
-    for tl in &tiles {
-        grads.add(b.tile(tl, &dy, &mlp, &attn, &dk, &dv)?);
+    let mut dkv = None;
+    while let Some((tl, s)) = saved.next_tile()? {
+        let (dk, dv) = dkv.get_or_insert_with(|| {
+            let acc = (kernels::accum_kind(dy.kind()), dy.device());
+            (Tensor::zeros(s.attn.k.size(), acc), Tensor::zeros(s.attn.v.size(), acc))
+        });
+        grads.add(b.tile(&tl, &dy, s, dk, dv)?);
     }
-    drop((mlp, attn));
-    for tl in &tiles {
-        grads.add(b.kv_share(tl, &dy, &x_attn, &rstd_attn, &dk, &dv)?);
-    }
+    saved.finish()?;
     Ok((dy, grads.into_grads()))
 }
 
@@ -250,85 +260,32 @@ struct Backward<'a> {
     ctx: &'a Context,
     layer_idx: usize,
     split: i64,
-    /// `[T, D]` the layer input.
-    x: &'a Tensor,
-    lora: &'a LoraSaved,
-    masks: &'a [(Proj, Tensor)],
-}
-
-/// The MLP's stored rows (`[split, ...]`).
-struct MlpSaved {
-    h: Tensor,
-    rstd_mlp: Tensor,
-    x_mlp: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    act: Tensor,
-}
-
-/// Attention's tensors for the backward: q's stored rows, K and V whole, the output and
-/// logsumexp, and the stored rows of the input norm.
-struct AttnRows<'a> {
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    philox: Option<(Tensor, Tensor)>,
-    x_attn: &'a Tensor,
-    rstd_attn: &'a Tensor,
 }
 
 impl Backward<'_> {
-    fn masks_at(&self, start: i64) -> Masks<'_> {
-        Masks::Rows { masks: self.masks, start }
-    }
-
-    /// K and V whole (every later query attends to them): the stored ones when every row was
-    /// stored, else the stored rows and the other tiles recomputed (the stored rows then go).
-    fn whole_kv(&self, tiles: &[Tile], k_stored: Tensor, v_stored: Tensor) -> (Tensor, Tensor) {
-        let (x, ctx, split) = (self.x, self.ctx, self.split);
-        let t = x.size()[0];
-        if split >= t {
-            return (k_stored, v_stored);
-        }
-        let like = (x.kind(), x.device());
-        let (k, v) = (Tensor::empty([t, ctx.kv_heads, ctx.head_dim], like), Tensor::empty([t, ctx.kv_heads, ctx.head_dim], like));
-        if split > 0 {
-            k.narrow(0, 0, split).copy_(&k_stored);
-            v.narrow(0, 0, split).copy_(&v_stored);
-        }
-        drop((k_stored, v_stored));
-        for tl in tiles.iter().filter(|tl| !tile_is_stored(tl, split)) {
-            let (a, n) = (tl.start, tl.len);
-            // K and V only: q is recomputed with its tile's backward.
-            let (x_attn, _) = rmsnorm::forward(&x.narrow(0, a, n), &self.layer.input_layernorm, ctx.eps);
-            let skip = (split - a).max(0);
-            for (whole, p) in [(&k, Proj::K), (&v, Proj::V)] {
-                let part = block::attn_proj(self.layer, p, &x_attn, &ctx.cos.narrow(0, a, n), &ctx.sin.narrow(0, a, n), ctx, &mut Vec::new(), self.masks_at(a));
-                whole.narrow(0, a + skip, n - skip).copy_(&part.narrow(0, skip, n - skip));
-            }
-        }
-        (k, v)
-    }
-
-    /// One tile: the MLP, post-attention norm and o_proj backward (dh into `dy`'s rows), the
-    /// tile's queries' attention backward (key gradients added into `dk`, `dv`), and q's share of
-    /// the input gradient (added into `dy`'s rows). Returns the tile's parameter gradients.
-    fn tile(&self, tl: &Tile, dy: &Tensor, mlp: &MlpSaved, attn: &AttnRows, dk: &Tensor, dv: &Tensor) -> Result<Vec<(String, Tensor)>> {
+    /// One tile, `s` holding its rows of the saved tensors it reads (K, V and the logsumexp
+    /// whole): the MLP, post-attention norm and o_proj backward (dh into `dy`'s rows), the tile's
+    /// queries' attention backward (key gradients added into `dk`, `dv`), and the tile's share of
+    /// the input gradient through q, K and V (added into `dy`'s rows; the tile's rows of `dk`,
+    /// `dv` are complete, see [`backward_order`]). Returns the tile's parameter gradients.
+    fn tile(&self, tl: &Tile, dy: &Tensor, s: BlockSaved, dk: &Tensor, dv: &Tensor) -> Result<Vec<(String, Tensor)>> {
         let (layer, ctx) = (self.layer, self.ctx);
         let (a, n) = (tl.start, tl.len);
-        let rows = |z: &Tensor| z.narrow(0, a, n);
+        let BlockSaved { x, rstd_attn, x_attn, attn, h, rstd_mlp, x_mlp, gate, up, act, lora } = s;
+        let masks: Vec<(Proj, Tensor)> =
+            lora.iter().filter_map(|(nm, _, keep)| Some((Proj::ALL.into_iter().find(|p| p.hf_name() == *nm)?, keep.as_ref()?.shallow_clone()))).collect();
+        let m = Masks::Rows { masks: &masks, start: 0 };
         let kept = tile_is_stored(tl, self.split);
+        let rows = |z: &Tensor| z.narrow(0, a, n);
         let (cos, sin) = (rows(&ctx.cos), rows(&ctx.sin));
-        let o_flat = rows(&attn.out).reshape([n, ctx.heads * ctx.head_dim]);
+        let o_flat = attn.out.reshape([n, ctx.heads * ctx.head_dim]);
         let (h, rstd_mlp, x_mlp, gate, up, act) = if kept {
-            (rows(&mlp.h), rows(&mlp.rstd_mlp), rows(&mlp.x_mlp), rows(&mlp.gate), rows(&mlp.up), rows(&mlp.act))
+            (h, rstd_mlp, x_mlp, gate, up, act)
         } else {
-            let p = block::post_attn(layer, &rows(self.x), &o_flat, ctx, &mut Vec::new(), self.masks_at(a));
+            let p = block::post_attn(layer, &x, &o_flat, ctx, &mut Vec::new(), m);
             (p.h, p.rstd_mlp, p.x_mlp, p.gate, p.up, p.act)
         };
-        let mut ls = lora_rows(self.lora, a, n);
+        let mut ls = lora;
         let mut g = Vec::new();
         let mut dy_t = rows(dy);
         let dact = block::proj_backward(&dy_t, &act, layer, Proj::Down, ctx, &mut ls, &mut g)?;
@@ -343,14 +300,15 @@ impl Backward<'_> {
         }
         dy_t += dh_norm; // dh = dy + dh_norm, in dy's storage
         let d_out = block::proj_backward(&dy_t, &o_flat, layer, Proj::O, ctx, &mut ls, &mut g)?;
+        drop(o_flat);
         // This tile's queries against the document's keys up to the tile's end.
         let (x_attn, rstd_attn, q) = if kept {
-            (rows(attn.x_attn), rows(attn.rstd_attn), rows(&attn.q))
+            (x_attn, rstd_attn, attn.q)
         } else {
-            // q only: K and V are whole already.
-            let (x_attn, s) = rmsnorm::forward(&rows(self.x), &layer.input_layernorm, ctx.eps);
-            let q = block::attn_proj(layer, Proj::Q, &x_attn, &cos, &sin, ctx, &mut Vec::new(), self.masks_at(a));
-            (x_attn, s.rstd, q)
+            // q only: K and V are stored whole.
+            let (x_attn, st) = rmsnorm::forward(&x, &layer.input_layernorm, ctx.eps);
+            let q = block::attn_proj(layer, Proj::Q, &x_attn, &cos, &sin, ctx, &mut Vec::new(), m);
+            (x_attn, st.rstd, q)
         };
         let keys = a + n - tl.doc;
         let key_rows = |z: &Tensor| z.narrow(0, tl.doc, keys);
@@ -359,7 +317,7 @@ impl Backward<'_> {
             &q,
             &key_rows(&attn.k),
             &key_rows(&attn.v),
-            &rows(&attn.out),
+            &attn.out,
             &attn.lse.narrow(1, a, n),
             attn.philox.as_ref(),
             &ctx.attn[self.layer_idx],
@@ -367,42 +325,21 @@ impl Backward<'_> {
             &key_rows(dv),
         )?;
         drop((d_out, q));
-        // q's share of the input gradient.
+        // The tile's share of the input gradient through q, K and V.
+        let kind = x.kind();
+        let kvd = ctx.kv_heads * ctx.head_dim;
         let dq = rope::backward(&dq, &cos, &sin).reshape([n, ctx.heads * ctx.head_dim]);
-        let dx_attn = block::proj_backward(&dq, &x_attn, layer, Proj::Q, ctx, &mut ls, &mut g)?;
-        let (dx_norm, dw1) = rmsnorm::backward(&dx_attn, &rmsnorm::Saved { x: rows(self.x), rstd: rstd_attn }, &layer.input_layernorm, ctx.full);
+        let dk_t = rope::backward(&rows(dk).to_kind(kind), &cos, &sin).reshape([n, kvd]);
+        let dv_t = rows(dv).to_kind(kind).reshape([n, kvd]);
+        let dx_attn = block::proj_backward(&dq, &x_attn, layer, Proj::Q, ctx, &mut ls, &mut g)?
+            + block::proj_backward(&dk_t, &x_attn, layer, Proj::K, ctx, &mut ls, &mut g)?
+            + block::proj_backward(&dv_t, &x_attn, layer, Proj::V, ctx, &mut ls, &mut g)?;
+        drop((dq, dk_t, dv_t, x_attn));
+        let (dx_norm, dw1) = rmsnorm::backward(&dx_attn, &rmsnorm::Saved { x, rstd: rstd_attn }, &layer.input_layernorm, ctx.full);
         if let Some(w) = dw1 {
             g.push(("input_layernorm.weight".into(), w));
         }
         dy_t += dx_norm;
-        Ok(g)
-    }
-
-    /// K's and V's share of one tile's input gradient (added into `dy`'s rows).
-    fn kv_share(&self, tl: &Tile, dy: &Tensor, x_attn: &Tensor, rstd_attn: &Tensor, dk: &Tensor, dv: &Tensor) -> Result<Vec<(String, Tensor)>> {
-        let (layer, ctx) = (self.layer, self.ctx);
-        let (a, n) = (tl.start, tl.len);
-        let rows = |z: &Tensor| z.narrow(0, a, n);
-        let (x_attn, rstd) = if tile_is_stored(tl, self.split) {
-            (rows(x_attn), rows(rstd_attn))
-        } else {
-            let (xn, s) = rmsnorm::forward(&rows(self.x), &layer.input_layernorm, ctx.eps);
-            (xn, s.rstd)
-        };
-        let kind = self.x.kind();
-        let kvd = ctx.kv_heads * ctx.head_dim;
-        let dk_t = rope::backward(&rows(dk).to_kind(kind), &rows(&ctx.cos), &rows(&ctx.sin)).reshape([n, kvd]);
-        let dv_t = rows(dv).to_kind(kind).reshape([n, kvd]);
-        let mut ls = lora_rows(self.lora, a, n);
-        let mut g = Vec::new();
-        let dx_attn = block::proj_backward(&dk_t, &x_attn, layer, Proj::K, ctx, &mut ls, &mut g)? + block::proj_backward(&dv_t, &x_attn, layer, Proj::V, ctx, &mut ls, &mut g)?;
-        drop((dk_t, dv_t, x_attn));
-        let (dx_norm, dw1) = rmsnorm::backward(&dx_attn, &rmsnorm::Saved { x: rows(self.x), rstd }, &layer.input_layernorm, ctx.full);
-        if let Some(w) = dw1 {
-            g.push(("input_layernorm.weight".into(), w));
-        }
-        let mut dx_t = rows(dy);
-        dx_t += dx_norm;
         Ok(g)
     }
 }

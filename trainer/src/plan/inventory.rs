@@ -42,7 +42,7 @@ fn shape_formula(a: &[i64], b: &[i64]) -> String {
 }
 
 /// One block's saved tensors at T = 64 and 128, measured on `device`.
-fn probe_saved(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, full: bool, device: Device) -> Result<Vec<TensorClass>> {
+fn probe_saved(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, full: bool, device: Device, tiled: bool) -> Result<Vec<TensorClass>> {
     let mut one = cfg.clone();
     one.num_layers = 1;
     one.vocab_size = 8; // the block never touches the embedding
@@ -87,7 +87,8 @@ fn probe_saved(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, full: b
                 count: 1,
                 fixed_bytes: b0 - per_token * PROBE_T[0] as u64,
                 per_token_bytes: per_token,
-                recomputable: block::RECOMPUTABLE.contains(&name.as_str()),
+                recomputable: block::recomputable(name, tiled),
+                sliced: tiled && !crate::model::tiled::read_whole(name),
             }
         })
         .collect())
@@ -113,6 +114,7 @@ fn statics(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>) -> Vec<Tens
         fixed_bytes: shape.iter().product::<i64>() as u64 * elt,
         per_token_bytes: 0,
         recomputable: false,
+        sliced: false,
     };
     let mut v = Vec::new();
     for (name, (shape, count)) in &classes {
@@ -144,7 +146,7 @@ fn statics(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>) -> Vec<Tens
 
 /// A per-token buffer of one layer's op sequence, live over ops `start..=end`.
 fn op_buf(name: &str, shape: String, per_token: u64, start: u32, end: u32) -> OpBuffer {
-    OpBuffer { name: name.into(), shape, fixed_bytes: 0, per_token_bytes: per_token, start, end, rows: Rows::Tokens }
+    OpBuffer { name: name.into(), shape, fixed_bytes: 0, per_token_bytes: per_token, start, end, rows: Rows::Tokens, sliced: false }
 }
 
 /// A buffer of `rows` rows (see [`Rows`]) live over ops `start..=end`.
@@ -160,10 +162,11 @@ fn widest_lora_term(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, pr
     projs.iter().filter(|p| l.targets.iter().any(|t| t == p.short())).map(|p| p.shape(cfg).0.max(p.shape(cfg).1) as u64 * per_elt).max().unwrap_or(0)
 }
 
-/// One layer's backward under token tiles, in [`crate::model::tiled::backward`]'s order: slot 1
-/// K and V rebuilt whole (when rows were dropped), slot 2 the tiles (MLP, post-norm, o_proj, the
-/// tile's queries' attention backward, q's share), slot 3 K's and V's share tile by tile. Only the
-/// layer input, the residual gradient, the attention output, K, V and their gradients exist whole.
+/// One layer's backward under token tiles, in [`crate::model::tiled::backward`]'s order: slot 0
+/// the saved tensors read whole (K, V, the logsumexp), slot 1 the tiles, last to first (MLP,
+/// post-norm, o_proj, the tile's queries' attention backward, its share of the input gradient
+/// through q, K and V). Whole: the residual gradient, K, V and their gradients; an offloaded
+/// layer's other saved tensors come two tiles at a time (`sliced`), a kept layer's stay whole.
 fn tiled_backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, saved: &[TensorClass]) -> Vec<OpBuffer> {
     let e = kind.elt_size_in_bytes() as u64;
     let acc = kernels::accum_kind(kind).elt_size_in_bytes() as u64;
@@ -171,40 +174,33 @@ fn tiled_backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfi
     let (qd, kvd) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64);
     let group = qd / (cfg.num_kv_heads as u64).max(1);
     let mut v = vec![
-        op_buf("dy, then dh, then dx (one buffer, added to in place)", format!("[T, {d}]"), d * e, 0, 3),
-        rows_buf(Rows::Rebuilt, "k, v rebuilt whole (stored rows + recomputed tiles)", format!("[T, {}]", 2 * kvd), 2 * kvd * e, 1, 2),
-        op_buf("d k, d v summed over query tiles (accumulation dtype)", format!("[T, {}]", 2 * kvd), 2 * kvd * acc, 2, 3),
+        op_buf("dy, then dh, then dx (one buffer, added to in place)", format!("[T, {d}]"), d * e, 0, 1),
+        op_buf("d k, d v summed over query tiles (accumulation dtype)", format!("[T, {}]", 2 * kvd), 2 * kvd * acc, 1, 1),
         // A tile's queries against the keys before it: one kv group's key gradients over them.
-        op_buf("d k, d v of one kv group over a tile's keys (kernel outputs)", format!("2 × [T, {group}]"), 2 * group * e, 2, 2),
-        rows_buf(Rows::Tile, "k, v recompute tile: x_attn, k, v, RoPE temporaries", format!("[tile, {d} + 4 × {kvd}]"), (d + 4 * kvd) * e + acc, 1, 1),
-        // The MLP's moment (gate, up, d act, d gate, d up, one SwiGLU temporary, h, x_mlp) and
-        // the attention's (q, d out, d q and its RoPE temporaries, x_attn) never coexist; the
-        // larger is counted.
+        op_buf("d k, d v of one kv group over a tile's keys (kernel outputs)", format!("2 × [T, {group}]"), 2 * group * e, 1, 1),
+        // The MLP's moment (gate, up, d act, d gate, d up, one SwiGLU temporary, h, x_mlp), the
+        // attention's (q, d out, d q and its RoPE temporaries, x_attn) and the input gradient's
+        // (d q, the tile's d k and d v and their RoPE backward, x_attn, d x_attn, d x) never
+        // coexist; the largest is counted.
         rows_buf(
             Rows::Tile,
-            "tile: MLP backward (gate, up, d act, d gate, d up, temporary, h, x_mlp) or the queries' attention backward",
-            format!("[tile, max(6 × {i} + 2 × {d}, 5 × {qd} + {d})]"),
-            (6 * i + 2 * d).max(5 * qd + d) * e + acc + widest_lora_term(cfg, kind, lora, &[Proj::Down, Proj::Gate, Proj::Up, Proj::O, Proj::Q]),
-            2,
-            2,
+            "tile: MLP backward (gate, up, d act, d gate, d up, temporary, h, x_mlp), the queries' attention backward or the q/k/v share",
+            format!("[tile, max(6 × {i} + 2 × {d}, 5 × {qd} + {d}, {qd} + 4 × {d} + 4 × {kvd})]"),
+            (6 * i + 2 * d).max(5 * qd + d).max(qd + 4 * d + 4 * kvd) * e + acc + widest_lora_term(cfg, kind, lora, &Proj::ALL),
+            1,
+            1,
         ),
         // Full fine-tuning: the layer's weight gradients summed over tiles in the accumulation
         // dtype (below float32 they would lose bits at every add; in float32 the sum is the
         // gradient itself), beside one tile's.
         OpBuffer {
             fixed_bytes: if lora.is_none() { (d * qd + 2 * d * kvd + qd * d + 3 * d * i + 2 * d) * (if acc > e { acc } else { 0 } + e) } else { 0 },
-            ..op_buf("weight gradients: the sum over tiles and one tile's", "[layer parameters]".into(), 0, 0, 3)
+            ..op_buf("weight gradients: the sum over tiles and one tile's", "[layer parameters]".into(), 0, 0, 1)
         },
-        rows_buf(Rows::Tile, "k/v tile: x_attn, d k, d v, RoPE backward, d x_attn, d x (norm)", format!("[tile, 4 × {d} + 4 × {kvd}]"), (4 * d + 4 * kvd) * e + acc + widest_lora_term(cfg, kind, lora, &[Proj::K, Proj::V]), 3, 3),
     ];
     for c in saved {
-        let proj = c.name.split(':').nth(1).and_then(|n| Proj::ALL.into_iter().find(|p| p.hf_name() == n));
-        let end = match (c.name.as_str(), proj) {
-            (name::X | name::X_ATTN | name::RSTD_ATTN, _) | (_, Some(_)) => 3,
-            _ => 2, // the MLP's, q, k, v, attention output, logsumexp, RNG state
-        };
         let rows = if c.recomputable { Rows::Stored } else { Rows::Tokens };
-        v.push(OpBuffer { name: format!("saved {}", c.name), shape: c.shape.clone(), fixed_bytes: c.fixed_bytes, per_token_bytes: c.per_token_bytes, start: 0, end, rows });
+        v.push(OpBuffer { name: format!("saved {}", c.name), shape: c.shape.clone(), fixed_bytes: c.fixed_bytes, per_token_bytes: c.per_token_bytes, start: 0, end: 1, rows, sliced: c.sliced });
     }
     v
 }
@@ -225,9 +221,9 @@ fn tiled_forward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig
         .map_or(0, |l| Proj::ALL.iter().filter(|p| l.targets.iter().any(|t| t == p.short())).map(|p| p.shape(cfg).1 as u64).max().unwrap_or(0));
     vec![
         op_buf("LoRA dropout keep-mask being drawn (working dtype)", format!("[T, {widest_masked_input}]"), widest_masked_input * e, 0, 0),
-        // The stored rows of q, k, v are their own copy once rows are dropped; the whole ones go
-        // after attention.
-        rows_buf(Rows::Rebuilt, "q, k, v whole (attention's input) beyond their stored rows", format!("[T, {}]", qd + 2 * kvd), (qd + 2 * kvd) * e, 1, 2),
+        // The stored rows of q are their own copy once rows are dropped; the whole q goes after
+        // attention (K and V are saved whole).
+        rows_buf(Rows::Rebuilt, "q whole (attention's input) beyond its stored rows", format!("[T, {qd}]"), qd * e, 1, 2),
         op_buf("attention output of one kv group (kernel output)", format!("[T, {group}]"), group * e, 2, 2),
         op_buf("block output", format!("[T, {d}]"), d * e, 3, 3),
         rows_buf(Rows::Tile, "pre-attention tile: x_attn, q, k, v, RoPE temporaries", format!("[tile, {d} + 3 × {qd} + 2 × {kvd}]"), (d + 3 * qd + 2 * kvd) * e + acc + widest_lora_term(cfg, kind, lora, &[Proj::Q, Proj::K, Proj::V]), 1, 1),
@@ -304,7 +300,7 @@ fn backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, sa
             (_, Some(Proj::Q | Proj::K | Proj::V)) => 9,
             _ => 7, // q, k, v, attention output, logsumexp, RNG state
         };
-        v.push(OpBuffer { name: format!("saved {}", c.name), shape: c.shape.clone(), fixed_bytes: c.fixed_bytes, per_token_bytes: c.per_token_bytes, start: 0, end, rows: Rows::Tokens });
+        v.push(OpBuffer { name: format!("saved {}", c.name), shape: c.shape.clone(), fixed_bytes: c.fixed_bytes, per_token_bytes: c.per_token_bytes, start: 0, end, rows: Rows::Tokens, sliced: false });
     }
     v
 }
@@ -343,17 +339,22 @@ pub fn build(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: D
     build_tiled(cfg, kind, lora, device, ce_chunk, None)
 }
 
+/// The inventory of `model` as it runs (its dtype, device and token tiles), LoRA per `lora`.
+pub fn of_model(model: &Model, lora: Option<&LoraConfig>, ce_chunk: i64) -> Result<Inventory> {
+    build_tiled(&model.cfg, model.kind(), lora, model.device(), ce_chunk, model.tile_tokens.map(|t| t as u64))
+}
+
 /// [`build`] for blocks run over token tiles of `tile` tokens (None: the whole sequence).
 pub fn build_tiled(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: Device, ce_chunk: i64, tile: Option<u64>) -> Result<Inventory> {
     let device = if matches!(device, Device::Cuda(_)) && !tch::Cuda::is_available() { Device::Cpu } else { device };
-    let saved = probe_saved(cfg, kind, lora, lora.is_none(), device)?;
+    let saved = probe_saved(cfg, kind, lora, lora.is_none(), device, tile.is_some())?;
     let e = kind.elt_size_in_bytes() as u64;
     let (d, v) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
     let (qd, kvd, i) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64, cfg.intermediate_size as u64);
     let head = vec![
         // The final hidden state and its norm, then the gradients of both (the loss's, then the
         // norm's, which the last layer's backward takes over).
-        TensorClass { group: Group::Head, name: "final norm: input, output and their gradients".into(), shape: format!("4 × [T, {d}]"), dtype: kind_name(kind), count: 1, fixed_bytes: 0, per_token_bytes: 4 * d * e, recomputable: false },
+        TensorClass { group: Group::Head, name: "final norm: input, output and their gradients".into(), shape: format!("4 × [T, {d}]"), dtype: kind_name(kind), count: 1, fixed_bytes: 0, per_token_bytes: 4 * d * e, recomputable: false, sliced: false },
         TensorClass {
             group: Group::Head,
             name: "loss: logits chunk and its gradient".into(),
@@ -363,8 +364,9 @@ pub fn build_tiled(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, dev
             fixed_bytes: 2 * ce_chunk as u64 * v * 4,
             per_token_bytes: 0,
             recomputable: false,
+            sliced: false,
         },
-        TensorClass { group: Group::Head, name: "loss: logsumexp per token".into(), shape: "[T]".into(), dtype: "float32".into(), count: 1, fixed_bytes: 0, per_token_bytes: 4, recomputable: false },
+        TensorClass { group: Group::Head, name: "loss: logsumexp per token".into(), shape: "[T]".into(), dtype: "float32".into(), count: 1, fixed_bytes: 0, per_token_bytes: 4, recomputable: false, sliced: false },
         TensorClass {
             group: Group::Context,
             name: "RoPE tables cos, sin".into(),
@@ -374,6 +376,7 @@ pub fn build_tiled(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, dev
             fixed_bytes: 0,
             per_token_bytes: 2 * cfg.head_dim as u64 * e,
             recomputable: false,
+            sliced: false,
         },
     ];
     let (backward, forward) = match tile {

@@ -229,22 +229,20 @@ pub fn refusal(plan: &Plan, fit: &Fit) -> TrainerError {
 
 /// The placement the engine runs when no plan decides: `keep_last` and α from the recipe (or
 /// the bench's flags) over the store's tiers, by the planner's own rule
-/// ([`planner::placement::from_inventory`]) on an inventory probed from the block code.
-#[allow(clippy::too_many_arguments)]
+/// ([`planner::placement::from_inventory`]) on an inventory probed from the block code, for the
+/// model as it runs (its token tiles change what is stored).
 pub fn engine_placement(
-    cfg: &crate::model::config::ModelConfig,
-    kind: tch::Kind,
+    model: &crate::model::Model,
     lora: Option<&LoraConfig>,
-    device: tch::Device,
     ce_chunk: i64,
     tokens: u64,
     offload: &crate::train::recipe::OffloadSection,
     store: &offload::store::ActivationStore,
 ) -> Result<Placement> {
     if !store.has_tiers() {
-        return Ok(Placement::resident(cfg.num_layers as usize, tokens));
+        return Ok(Placement::resident(model.cfg.num_layers as usize, tokens));
     }
-    let inv = crate::plan::inventory::build(cfg, kind, lora, device, ce_chunk)?;
+    let inv = crate::plan::inventory::of_model(model, lora, ce_chunk)?;
     let caps = store.capacities();
     let p = planner::placement::from_inventory(&inv, tokens, offload.keep_last, offload.alpha, offload.lookahead, &caps);
     if p.overflow_bytes > 0 {

@@ -205,10 +205,8 @@ impl Session {
         let placement = match self.planned.take() {
             Some(p) => p,
             None => crate::plan::engine_placement(
-                &self.model.cfg,
-                self.model.kind(),
+                &self.model,
                 self.lora.as_ref(),
-                self.model.device(),
                 self.recipe.train.loss_chunk,
                 self.recipe.data.tokens_per_batch as u64,
                 o,
