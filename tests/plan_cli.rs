@@ -124,15 +124,15 @@ fn an_8b_lora_step_plans_at_a_million_tokens_from_a_preset() {
     let cache = std::env::temp_dir().join(format!("strata-plan-8b-{}", std::process::id()));
     let out_dir = cache.join("out");
     let recipe = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes/lora-llama3-8b-long.toml");
-    let plan_for = |model: &str, extra: &[&str]| {
-        let mut a = vec!["plan", "--recipe", recipe, "--model-config", model, "--device-mem", "80GB", "--host-mem", "100GB", "--nvme", "2TB", "--mip-seconds", "0", "--out"];
+    let plan_for = |model: &str, device: &str, extra: &[&str]| {
+        let mut a = vec!["plan", "--recipe", recipe, "--model-config", model, "--device-mem", device, "--host-mem", "100GB", "--nvme", "2TB", "--mip-seconds", "0", "--out"];
         let o = out_dir.to_string_lossy().to_string();
         a.push(&o);
         a.extend_from_slice(extra);
         let out = train_env(&a, &cache);
         (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
     };
-    let plan = |extra: &[&str]| plan_for("llama-3.1-8b", extra);
+    let plan = |extra: &[&str]| plan_for("llama-3.1-8b", "80GB", extra);
     // The plan's choice: whole-sequence blocks do not fit a million tokens, tiles do.
     let (ok, text) = plan(&["--tokens", "1048576"]);
     assert!(ok, "{text}");
@@ -141,7 +141,11 @@ fn an_8b_lora_step_plans_at_a_million_tokens_from_a_preset() {
     assert!(longest >= 1 << 20, "longest {longest}: {text}");
     let (_, text) = plan(&["--tokens", "1048576", "--tile-tokens", "0"]);
     assert!(text.contains("whole-sequence blocks") && text.contains("does not fit"), "{text}");
-    let (ok, text) = plan_for("gpt-17", &[]);
+    // A larger GPU stores more rows, up to the NVMe budget: the LP fills it by bytes, the
+    // placement packs whole tensors, and the plan stores fewer rows until they pack.
+    let (ok, text) = plan_for("llama-3.1-8b", "141GB", &["--tokens", "1048576"]);
+    assert!(ok && text.contains("verdict    fits"), "{text}");
+    let (ok, text) = plan_for("gpt-17", "80GB", &[]);
     assert!(!ok && text.contains("llama-3.1-8b") && !text.contains("panicked"), "{text}");
     let _ = std::fs::remove_dir_all(cache);
 }

@@ -265,6 +265,24 @@ fn uniform(m: memo::MemoPlan, t: u64, l: usize, n_tiers: usize, max_split: u64) 
     (memo::MemoPlan { alpha: vec![mean_alpha; off], tier_bytes: vec![mean_bytes; off], ..m }, splits)
 }
 
+/// The LP fills the tiers to their budgets by bytes, but the placement puts whole tensors at each
+/// tier's granule, so at a budget's edge a few may not pack: then the offloaded layers store fewer
+/// rows, the most that pack (none packing: unchanged, and the plan reports the overflow). The
+/// LP's exposed transfer stays as an upper bound (fewer bytes move); the recompute follows α.
+#[allow(clippy::too_many_arguments)]
+fn packed(inv: &Inventory, t: u64, k: usize, lookahead: usize, caps: &[(Tier, u64)], m: memo::MemoPlan, splits: Vec<u64>, recompute_all: f64) -> (memo::MemoPlan, Vec<u64>) {
+    let packs = |s: u64| crate::placement::from_inventory(inv, t, k, s as f64 / t.max(1) as f64, lookahead, caps).overflow_bytes == 0;
+    let split = splits.first().copied().unwrap_or(t);
+    if packs(split) || !packs(0) {
+        return (m, splits);
+    }
+    let s = most_that_fit(split as usize, |s| packs(s as u64)) as u64;
+    let alpha = s as f64 / t.max(1) as f64;
+    let splits = splits.iter().map(|&x| if x == split { s } else { x }).collect();
+    let n = m.alpha.len();
+    (memo::MemoPlan { alpha: vec![alpha; n], recompute_seconds: vec![(1.0 - alpha) * recompute_all; n], ..m }, splits)
+}
+
 /// Plans one sequence length. `Err` only for solver failures; a plan that does not fit says so
 /// in `problems`.
 pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options) -> Result<Plan, MemoError> {
@@ -329,6 +347,7 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     let off = m.alpha.len();
     let (m, splits) = if off > 0 { uniform(m, t, l, tiers.len(), max_split) } else { (m, splits) };
     let k = l - off;
+    let (m, splits) = if off > 0 { packed(inv, t, k, opt.lookahead, &capacities, m, splits, recompute_all) } else { (m, splits) };
     let split = splits.first().copied().unwrap_or(t);
     let level1 = if tiled && off > 0 { layout_report(level1_buffers(inv, t, split, true), opt.mip_seconds) } else { level1_at_t.clone() };
     let level2 = layout_report(level2_buffers(inv, t, k, opt.lookahead, opt.max_inflight, &splits, level1_at_t.mip.peak, level1.mip.peak), opt.mip_seconds);
