@@ -9,8 +9,9 @@ TRANSFORMERS_VERSION=5.23.0
 PEFT_VERSION=0.21.2
 TENSORBOARD_VERSION=2.21.0
 # g++ builds tch's C++ glue; pkg-config and python3-venv for the venv; cmake and libclang-dev build
-# HiGHS (the planner's MIP solver, through good_lp) and its bindings.
-APT_PACKAGES=(g++ make pkg-config python3-venv cmake libclang-dev)
+# HiGHS (the planner's MIP solver, through good_lp) and its bindings; libgloo-dev has the gloo
+# headers the c10d shim (dist/) compiles against (the torch wheel ships none).
+APT_PACKAGES=(g++ make pkg-config python3-venv cmake libclang-dev libgloo-dev)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
