@@ -179,9 +179,10 @@ pub fn level1_buffers(inv: &Inventory, tokens: u64, stored: u64, offloaded: bool
 /// before); a forward slot's is the forward's transients.
 ///
 /// `backward_kept` / `backward_offloaded`: the level-1 peak of a kept layer's backward and of an
-/// offloaded one's (equal without token tiles).
+/// offloaded one's (equal without token tiles). `in_flight(bytes)`: what of a layer's swap-out
+/// of `bytes` still waits in memory when the next layer's forward ends.
 #[allow(clippy::too_many_arguments)]
-fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usize, max_inflight: u64, splits: &[u64], backward_kept: u64, backward_offloaded: u64) -> Vec<Buf> {
+fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usize, in_flight: &dyn Fn(u64) -> u64, splits: &[u64], backward_kept: u64, backward_offloaded: u64) -> Vec<Buf> {
     let l = inv.layers;
     let bwd_slot = |layer: usize| (l + 1 + (l - 1 - layer)) as u32;
     let mut v = Vec::new();
@@ -194,7 +195,7 @@ fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usi
             // Whole while the layer's forward makes it; during the next layer's forward only what
             // the engine lets wait for the I/O thread.
             v.push(Buf::new(format!("layer{layer}.saved (swap-out)"), w + r, layer as u32, layer as u32));
-            v.push(Buf::new(format!("layer{layer}.saved (in flight)"), (w + r).min(max_inflight), (layer + 1) as u32, (layer + 1) as u32));
+            v.push(Buf::new(format!("layer{layer}.saved (in flight)"), in_flight(w + r), (layer + 1) as u32, (layer + 1) as u32));
             if lookahead > 0 {
                 let from = bwd_slot((layer + lookahead).min(l - 1));
                 if from < bwd_slot(layer) {
@@ -296,6 +297,12 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     // Recompute covers the token-local share (projections), not attention.
     let recompute_all = lin;
     let (tiers, capacities) = tier_specs(&budgets, cal, opt.cpu);
+    // A layer's swap-out drains during the next layer's forward at the slowest tier's speed (the
+    // engine's I/O thread or copy stream); `put` lets at most max_inflight bytes wait. What is
+    // left when that forward ends is held beside the next layer's own saved tensors.
+    let drain_bps = tiers.iter().map(|s| s.write_bps).fold(f64::INFINITY, f64::min);
+    let drained = if drain_bps.is_finite() { (drain_bps * layer_fwd) as u64 } else { 0 };
+    let in_flight = |bytes: u64| bytes.saturating_sub(drained).min(opt.max_inflight);
     let static_bytes = inv.static_bytes() + opt.baseline_bytes;
     // The NVMe tier's staging buffer is host memory: device memory only when the CPU computes.
     let staging_for = |offloaded: usize, split: u64| if opt.cpu && budgets.nvme > 0 && offloaded > 0 { inv.largest_stored(t, split) } else { 0 };
@@ -324,7 +331,7 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     // the device use, independent of the LP), then let the LP choose α for it.
     let device_fits = |k: usize, split: u64| {
         let splits: Vec<u64> = (0..l).map(|i| if i + k >= l { t } else { split }).collect();
-        let l2 = level2_buffers(inv, t, k, opt.lookahead, opt.max_inflight, &splits, level1_at_t.mip.peak, if tiled { level1_greedy(split) } else { level1_at_t.mip.peak });
+        let l2 = level2_buffers(inv, t, k, opt.lookahead, &in_flight, &splits, level1_at_t.mip.peak, if tiled { level1_greedy(split) } else { level1_at_t.mip.peak });
         static_bytes + staging_for(l - k, split) + layout::greedy(&l2).peak <= budgets.device
     };
     let k = match opt.keep_last {
@@ -350,7 +357,7 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     let (m, splits) = if off > 0 { packed(inv, t, k, opt.lookahead, &capacities, m, splits, recompute_all) } else { (m, splits) };
     let split = splits.first().copied().unwrap_or(t);
     let level1 = if tiled && off > 0 { layout_report(level1_buffers(inv, t, split, true), opt.mip_seconds) } else { level1_at_t.clone() };
-    let level2 = layout_report(level2_buffers(inv, t, k, opt.lookahead, opt.max_inflight, &splits, level1_at_t.mip.peak, level1.mip.peak), opt.mip_seconds);
+    let level2 = layout_report(level2_buffers(inv, t, k, opt.lookahead, &in_flight, &splits, level1_at_t.mip.peak, level1.mip.peak), opt.mip_seconds);
     // The LP chose α and how much each tier should take; which tensor goes where is the fill
     // rule's, which the engine runs too (so the tier peaks below are what the store will hold).
     let alpha = if off > 0 { split as f64 / t as f64 } else { 1.0 };

@@ -273,7 +273,23 @@ fn eval_cmd(model: PathBuf, adapter: Option<PathBuf>, data: Vec<PathBuf>, max_to
 
 /// `train run`: trains a recipe and prints the summary.
 fn run_cmd(recipe: PathBuf, resume: bool, overrides: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
-    let s = trainer::train::run(&recipe, &overrides, resume)?;
+    // One rank of a job when torchrun or `train launch` says so (WORLD_SIZE and the rest).
+    let env = trainer::world::Env::from_process()?;
+    let s = match trainer::train::run(&recipe, &overrides, resume, env.as_ref()) {
+        Ok(s) => s,
+        Err(e) => {
+            // torchrun reads a failing rank's root cause from this file.
+            if let Some(f) = env.as_ref().and_then(|e| e.error_file.as_ref()) {
+                if let Err(w) = trainer::world::write_error_file(f, &e.to_string()) {
+                    eprintln!("warning: could not write {}: {w}", f.display());
+                }
+            }
+            return Err(e.into());
+        }
+    };
+    if env.as_ref().is_some_and(|e| e.rank != 0) {
+        return Ok(());
+    }
     let mut line = format!(
         "done: {} steps in {:.1} s, final train loss {:.4}, {:.0} tokens/s",
         s.steps, s.seconds, s.final_loss, s.tokens_per_sec

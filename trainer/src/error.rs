@@ -26,8 +26,17 @@ pub enum TrainerError {
     Kernel(#[from] kernels::KernelError),
     #[error(transparent)]
     Offload(#[from] offload::OffloadError),
+    #[error("rank {rank}: {source}")]
+    Collective {
+        rank: usize,
+        #[source]
+        source: dist::DistError,
+    },
     #[error("{0}")]
     Device(String),
+    /// The job's processes: their environment, the rendezvous, a collective.
+    #[error("{0}")]
+    Dist(String),
     /// libtorch failed inside a step (see [`crate::guard`]).
     #[error("libtorch failed in {place}: {message}{context}")]
     Torch { place: String, message: String, context: String },

@@ -25,5 +25,6 @@ pub mod model;
 pub mod plan;
 pub mod rng;
 pub mod train;
+pub mod world;
 
 pub use error::{Result, TrainerError};

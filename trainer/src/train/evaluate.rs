@@ -86,6 +86,11 @@ impl EvalSets {
         Ok(EvalSets { synth, file, eos: tokens.eos, loss_chunk: recipe.train.loss_chunk })
     }
 
+    /// No evaluation (the ranks of a job other than 0).
+    pub fn none() -> EvalSets {
+        EvalSets { synth: None, file: None, eos: None, loss_chunk: 1 }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.synth.is_none() && self.file.is_none()
     }

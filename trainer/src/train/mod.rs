@@ -43,35 +43,44 @@ pub struct RunSummary {
     pub seconds: f64,
 }
 
-/// Runs (or resumes) the recipe at `recipe_path` with `overrides` applied.
-pub fn run(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<RunSummary> {
-    let mut s = Session::prepare(recipe_path, overrides, resume)?;
+/// Runs (or resumes) the recipe at `recipe_path` with `overrides` applied; one rank of a job when
+/// `env` says so (rank 0 alone writes metrics, checkpoints and the export, and evaluates).
+pub fn run(recipe_path: &Path, overrides: &[String], resume: bool, env: Option<&crate::world::Env>) -> Result<RunSummary> {
+    let mut s = Session::prepare(recipe_path, overrides, resume, env)?;
+    let main = s.world.is_main();
     let source = Source::from_recipe(&s.recipe, &s.tokens)?;
-    let evals = EvalSets::from_recipe(&s.recipe, &s.tokens)?;
-    let mut metrics = Metrics::open(&s.run_dir, s.recipe.log.tensorboard)?;
+    let evals = if main { EvalSets::from_recipe(&s.recipe, &s.tokens)? } else { EvalSets::none() };
+    let mut metrics = if main { Some(Metrics::open(&s.run_dir, s.recipe.log.tensorboard)?) } else { None };
     let (mut store, placement) = s.activation_store()?;
     let total = s.recipe.train.steps;
-    let progress = Progress::new(s.state.step, total, s.recipe.log.every);
+    let progress = if main { Progress::new(s.state.step, total, s.recipe.log.every) } else { Progress::quiet() };
     let (start, start_step) = (Instant::now(), s.state.step);
     let (mut tokens_done, mut tokens_per_sec) = (0i64, 0.0);
     for step in s.state.step..total {
         let o = step::guarded(&mut s, &source, &mut store, &placement, step)?;
         tokens_done += o.tokens;
         tokens_per_sec = tokens_done as f64 / start.elapsed().as_secs_f64();
-        metrics.emit(metrics::step_record(s.state.step, &o, &store))?;
+        if let Some(m) = &mut metrics {
+            m.emit(metrics::step_record(s.state.step, &o, &store))?;
+        }
         let tps = o.tokens as f64 / o.seconds;
         let eta = (total - s.state.step) as f64 * start.elapsed().as_secs_f64() / (s.state.step - start_step) as f64;
         let short = format!("loss {:.4} {tps:.0} tok/s", o.loss);
         let line = format!("step {}/{total} loss {:.4} lr {:.2e} grad_norm {:.3} {tps:.0} tok/s eta {}", s.state.step, o.loss, o.lr, o.grad_norm, fmt_secs(eta));
         progress.step(s.state.step, &line, &short);
-        if s.eval_due() {
-            evals.run(&s.model, s.state.step, &mut metrics, &progress)?;
+        if let (true, Some(m)) = (s.eval_due(), &mut metrics) {
+            evals.run(&s.model, s.state.step, m, &progress)?;
         }
         s.checkpoint_if_due()?;
     }
-    let last = if s.state.step > start_step || !evals.is_empty() { evals.run(&s.model, s.state.step, &mut metrics, &progress)? } else { (None, None) };
+    let last = match &mut metrics {
+        Some(m) if s.state.step > start_step || !evals.is_empty() => evals.run(&s.model, s.state.step, m, &progress)?,
+        _ => (None, None),
+    };
     progress.finish();
-    export::final_export(&s.model, &s.run_dir, s.lora.as_ref(), &s.base_name, &s.export_source)?;
+    if main {
+        export::final_export(&s.model, &s.run_dir, s.lora.as_ref(), &s.base_name, &s.export_source)?;
+    }
     Ok(RunSummary {
         run_dir: s.run_dir,
         steps: s.state.step,

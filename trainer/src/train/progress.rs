@@ -36,6 +36,11 @@ impl Progress {
         Progress { bar, total, every }
     }
 
+    /// Prints nothing (the ranks of a job other than 0).
+    pub fn quiet() -> Progress {
+        Progress { bar: None, total: -1, every: i64::MAX }
+    }
+
     /// After step `step` (1-based) finished: the bar moves (or a plain line is printed on its
     /// schedule). `line` is the full step line; `short` what the bar shows beside it.
     pub fn step(&self, step: i64, line: &str, short: &str) {

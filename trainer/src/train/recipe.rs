@@ -34,6 +34,43 @@ pub struct Recipe {
     /// cannot fit, and takes keep_last and α from the plan.
     #[serde(default)]
     pub plan: Option<PlanSection>,
+    #[serde(default)]
+    pub dist: DistSection,
+}
+
+/// `[dist]`: the process group of a job of several processes (torchrun or `train launch`;
+/// unused by a single process).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DistSection {
+    /// "gloo" (CPU and CUDA tensors; CUDA ones go through host memory) or "auto" (Gloo: NCCL is
+    /// not built into strata yet).
+    #[serde(default)]
+    pub backend: Backend,
+    /// Seconds the rendezvous and each collective may wait for the other ranks before the run
+    /// stops with an error. Rank 0 alone evaluates and writes checkpoints while the others wait
+    /// at the next step's all-reduce, so it must cover those.
+    #[serde(default = "default_dist_timeout")]
+    pub timeout_seconds: u64,
+}
+
+impl Default for DistSection {
+    fn default() -> Self {
+        DistSection { backend: Backend::Auto, timeout_seconds: default_dist_timeout() }
+    }
+}
+
+fn default_dist_timeout() -> u64 {
+    1800
+}
+
+/// `dist.backend`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Auto,
+    Gloo,
 }
 
 /// `train.mode`: which tensors train.
@@ -228,11 +265,12 @@ impl OffloadSection {
 
     /// The activation store's tiers and budgets (`cuda_device`: page-locked arenas and a copy
     /// stream for that device's tensors).
-    pub fn store_config(&self, cuda_device: Option<usize>) -> offload::store::StoreConfig {
+    /// The store of rank `rank` (each rank has its own tier budgets and NVMe file).
+    pub fn store_config(&self, cuda_device: Option<usize>, rank: usize) -> offload::store::StoreConfig {
         offload::store::StoreConfig {
             host_bytes: if self.has(Tier::Host) { self.host_bytes } else { 0 },
             numa: self.has(Tier::Numa).then_some((self.numa_node, self.numa_bytes)),
-            nvme: self.has(Tier::Nvme).then(|| offload::store::NvmeConfig { dir: self.nvme_dir.clone(), bytes: self.nvme_bytes, rank: 0, io_uring: self.io_uring }),
+            nvme: self.has(Tier::Nvme).then(|| offload::store::NvmeConfig { dir: self.nvme_dir.clone(), bytes: self.nvme_bytes, rank, io_uring: self.io_uring }),
             max_inflight: self.max_inflight_bytes,
             cuda_device,
         }
@@ -562,6 +600,9 @@ impl Recipe {
         }
         if !(0.0..=1.0).contains(&t.min_lr_ratio) {
             return err("train.min_lr_ratio", format!("{} must lie in [0, 1]", t.min_lr_ratio));
+        }
+        if self.dist.timeout_seconds == 0 {
+            return err("dist.timeout_seconds", "must be at least 1 (seconds the ranks wait for each other)".into());
         }
         let d = &self.data;
         match (&d.synth, d.train.is_empty()) {

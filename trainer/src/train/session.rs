@@ -14,6 +14,7 @@ use crate::model::Model;
 use crate::train::checkpoints::{self, TrainerState};
 use crate::train::optim::{AdamW, AdamWConfig, Schedule};
 use crate::train::recipe::{Mode, Recipe, Tier};
+use crate::world::{Env, World};
 
 pub struct Session {
     pub recipe: Recipe,
@@ -32,6 +33,8 @@ pub struct Session {
     pub state: TrainerState,
     /// The plan's placement when `[plan] apply` (else the engine decides, see [`Session::activation_store`]).
     pub planned: Option<Placement>,
+    /// The job's processes (one when alone); rank 0 alone writes the run's files.
+    pub world: World,
 }
 
 /// The model's configuration without its weights: the folder's config.json, or `[model.init]`
@@ -67,7 +70,9 @@ pub fn lora_config(recipe: &Recipe) -> Option<LoraConfig> {
 
 /// Refuses to overwrite a run that has checkpoints (unless resuming); creates the directory and
 /// writes the resolved recipe. Returns the existing checkpoints, newest first.
-fn claim_run_dir(recipe: &Recipe, resume: bool) -> Result<(Vec<(i64, PathBuf)>, String)> {
+/// `main`: this process writes the run's files (the only process, or rank 0); the other ranks
+/// read the checkpoints and write nothing.
+fn claim_run_dir(recipe: &Recipe, resume: bool, main: bool) -> Result<(Vec<(i64, PathBuf)>, String)> {
     let run_dir = &recipe.run.dir;
     let existing = checkpoints::list(run_dir);
     if !existing.is_empty() && !resume {
@@ -76,8 +81,11 @@ fn claim_run_dir(recipe: &Recipe, resume: bool) -> Result<(Vec<(i64, PathBuf)>, 
             msg: "already holds checkpoints: pass --resume to continue it, or choose another run.dir (nothing was overwritten)".into(),
         });
     }
-    std::fs::create_dir_all(run_dir).map_err(TrainerError::io(run_dir))?;
     let recipe_toml = recipe.to_toml();
+    if !main {
+        return Ok((existing, recipe_toml));
+    }
+    std::fs::create_dir_all(run_dir).map_err(TrainerError::io(run_dir))?;
     let resolved = run_dir.join("recipe.toml");
     std::fs::write(&resolved, &recipe_toml).map_err(TrainerError::io(&resolved))?;
     Ok((existing, recipe_toml))
@@ -86,13 +94,18 @@ fn claim_run_dir(recipe: &Recipe, resume: bool) -> Result<(Vec<(i64, PathBuf)>, 
 /// With a `[plan]` section: plans the step before any weight is loaded, writes plan.txt /
 /// plan.json / plan.svg into the run directory, refuses a step that cannot fit (with what
 /// would), and returns the plan's placement when `apply`.
-fn plan_before_loading(recipe: &Recipe, cfg: &ModelConfig, lora: Option<&LoraConfig>) -> Result<Option<(Placement, Option<u64>)>> {
+fn plan_before_loading(recipe: &Recipe, cfg: &ModelConfig, lora: Option<&LoraConfig>, main: bool) -> Result<Option<(Placement, Option<u64>)>> {
     let Some(ps) = &recipe.plan else { return Ok(None) };
     let (inv, plan) = crate::plan::plan_recipe(recipe, cfg, lora, &crate::plan::Request::default())?;
     if !plan.fits {
         let fit = crate::plan::what_would_fit(recipe, cfg, lora, &inv, &plan)?;
-        crate::plan::write(&recipe.run.dir, &inv, &plan, Some(&fit))?;
+        if main {
+            crate::plan::write(&recipe.run.dir, &inv, &plan, Some(&fit))?;
+        }
         return Err(crate::plan::refusal(&plan, &fit));
+    }
+    if !main {
+        return Ok(ps.apply.then_some((plan.placement, inv.tile_tokens)));
     }
     crate::plan::write(&recipe.run.dir, &inv, &plan, None)?;
     eprintln!(
@@ -109,9 +122,10 @@ fn plan_before_loading(recipe: &Recipe, cfg: &ModelConfig, lora: Option<&LoraCon
 }
 
 /// The model with its weights (an HF folder, or fresh from `[model.init]`, whose config and
-/// tokenizer are written into `run_dir/model`), its tokenizer, and the base's name and folder.
-fn load_model(recipe: &Recipe, recipe_path: &Path, cfg: ModelConfig, cfg_text: Option<String>) -> Result<(Model, Tokens, String, PathBuf)> {
-    let (dev, kind) = (recipe.run.device.resolve()?, recipe.run.dtype.0);
+/// tokenizer are written into `run_dir/model`; by the other ranks of a job into a folder of
+/// their own), its tokenizer, and the base's name and folder; on `dev`.
+fn load_model(recipe: &Recipe, recipe_path: &Path, cfg: ModelConfig, cfg_text: Option<String>, dev: tch::Device, world: &World) -> Result<(Model, Tokens, String, PathBuf)> {
+    let kind = recipe.run.dtype.0;
     let (model, tok, tok_path, chat, base_name, source) = match (&recipe.model.path, cfg_text) {
         (Some(path), _) => {
             let tok = crate::data::tokenizer::load(path)?;
@@ -123,7 +137,7 @@ fn load_model(recipe: &Recipe, recipe_path: &Path, cfg: ModelConfig, cfg_text: O
             (m, tok, path.join(crate::data::tokenizer::TOKENIZER_FILE), chat, path.display().to_string(), path.clone())
         }
         (None, Some(cfg_text)) => {
-            let model_dir = recipe.run.dir.join("model");
+            let model_dir = if world.is_main() { recipe.run.dir.join("model") } else { std::env::temp_dir().join(format!("strata-rank{}-{}", world.rank, std::process::id())) };
             std::fs::create_dir_all(&model_dir).map_err(TrainerError::io(&model_dir))?;
             let cp = model_dir.join("config.json");
             std::fs::write(&cp, &cfg_text).map_err(TrainerError::io(&cp))?;
@@ -157,16 +171,29 @@ fn resume_from(existing: &[(i64, PathBuf)], recipe: &Recipe, model: &mut Model, 
 
 impl Session {
     /// Sets a run up; nothing is loaded when the recipe, the run directory or the plan refuse.
-    pub fn prepare(recipe_path: &Path, overrides: &[String], resume: bool) -> Result<Session> {
+    ///
+    /// With a job environment (`env`: torchrun's or `train launch`'s) it first meets the other
+    /// ranks: they must run the same resolved recipe; a restarted job resumes.
+    pub fn prepare(recipe_path: &Path, overrides: &[String], resume: bool, env: Option<&Env>) -> Result<Session> {
         let recipe = Recipe::load(recipe_path, overrides)?;
-        recipe.run.device.resolve()?;
-        let (existing, recipe_toml) = claim_run_dir(&recipe, resume)?;
+        let mut dev = recipe.run.device.resolve()?;
+        let world = match env {
+            Some(e) => World::join(e, std::time::Duration::from_secs(recipe.dist.timeout_seconds))?,
+            None => World::alone(),
+        };
+        if let tch::Device::Cuda(_) = dev {
+            dev = tch::Device::Cuda(world.local_rank);
+        }
+        // torchrun restarts every rank after a failure: each continues from the newest checkpoint.
+        let resume = resume || env.is_some_and(|e| e.restart_count > 0);
+        let (existing, recipe_toml) = claim_run_dir(&recipe, resume, world.is_main())?;
+        world.check_same("resolved recipe", crc32c::crc32c(recipe_toml.as_bytes()) as u64)?;
         let (cfg, cfg_text) = model_config(&recipe, recipe_path)?;
         let lora = lora_config(&recipe);
-        let planned = plan_before_loading(&recipe, &cfg, lora.as_ref())?;
+        let planned = plan_before_loading(&recipe, &cfg, lora.as_ref(), world.is_main())?;
         // The process before any weight exists: what a plan after a failure counts as its own.
         crate::plan::baseline_rss();
-        let (mut model, tokens, base_name, export_source) = load_model(&recipe, recipe_path, cfg, cfg_text)?;
+        let (mut model, tokens, base_name, export_source) = load_model(&recipe, recipe_path, cfg, cfg_text, dev, &world)?;
         if let Some(l) = &lora {
             model.attach_lora(l, recipe.run.seed as i64 + 1)?;
         }
@@ -185,8 +212,14 @@ impl Session {
         } else {
             TrainerState { step: 0, cursor: 0, optimizer_t: 0, seed: recipe.run.seed, loss: f64::NAN }
         };
+        // Every rank starts from rank 0's trainable weights (the same by construction; this makes
+        // it so whatever the ranks' libraries do).
+        for (_, p) in model.trainable() {
+            world.from_main(&p)?;
+        }
+        world.check_same("resumed step", state.step as u64)?;
         let run_dir = recipe.run.dir.clone();
-        Ok(Session { recipe, recipe_toml, run_dir, model, tokens, lora, base_name, export_source, opt, schedule, state, planned })
+        Ok(Session { recipe, recipe_toml, run_dir, model, tokens, lora, base_name, export_source, opt, schedule, state, planned, world })
     }
 
     /// The activation store with the recipe's tiers, and the placement it runs: the plan's when
@@ -197,7 +230,7 @@ impl Session {
             tch::Device::Cuda(i) => Some(i),
             _ => None,
         };
-        let store = offload::store::ActivationStore::new(&o.store_config(cuda_device))?;
+        let store = offload::store::ActivationStore::new(&o.store_config(cuda_device, self.world.rank))?;
         if o.has(Tier::Numa) {
             let far = offload::numa::nodes()?.iter().any(|n| n.id == o.numa_node && n.is_far());
             eprintln!("numa tier: node {} ({})", o.numa_node, if far { "far memory: no CPUs, e.g. CXL" } else { "a node with CPUs" });
@@ -220,14 +253,14 @@ impl Session {
     /// the loop).
     pub fn eval_due(&self) -> bool {
         let (e, s) = (self.recipe.eval.every, self.state.step);
-        e > 0 && s % e == 0 && s != self.recipe.train.steps
+        self.world.is_main() && e > 0 && s % e == 0 && s != self.recipe.train.steps
     }
 
     /// Saves a checkpoint when one is due after the step just done (and at the last step), then
     /// deletes the oldest beyond `checkpoint.keep_last`.
     pub fn checkpoint_if_due(&self) -> Result<()> {
         let (every, s) = (self.recipe.checkpoint.every, self.state.step);
-        if (every > 0 && s % every == 0) || s == self.recipe.train.steps {
+        if self.world.is_main() && ((every > 0 && s % every == 0) || s == self.recipe.train.steps) {
             checkpoints::save(&self.run_dir, &self.model, &self.opt, &self.state, &self.recipe_toml, self.lora.as_ref())?;
             checkpoints::prune(&self.run_dir, self.recipe.checkpoint.keep_last)?;
         }

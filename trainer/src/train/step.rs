@@ -14,6 +14,9 @@ use crate::model::Grads;
 use crate::train::optim::clip_grad_norm;
 use crate::train::session::Session;
 
+/// Gradients are all-reduced in buckets of about this many bytes (PyTorch DDP's default 25 MiB).
+const GRAD_BUCKET_BYTES: usize = 25 << 20;
+
 /// What one step did.
 #[derive(Debug, Clone, Copy)]
 pub struct StepOutcome {
@@ -21,7 +24,7 @@ pub struct StepOutcome {
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
-    /// Tokens of the step's micro-batches.
+    /// Tokens of the step's micro-batches (all ranks').
     pub tokens: i64,
     pub seconds: f64,
     /// The largest saved-activation bytes of one micro-batch.
@@ -35,25 +38,32 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
     let t0 = Instant::now();
     let step_peak = crate::memory::PhasePeak::start();
     let recipe = &s.recipe;
-    // Dropout masks (LoRA) come from libtorch's generator: seed it per step so a resumed run
-    // draws what the uninterrupted run drew.
-    tch::manual_seed((recipe.run.seed as i64).wrapping_mul(1_000_003).wrapping_add(step));
-    let accum = recipe.train.grad_accum;
-    let mut batches = Vec::new();
-    for micro in 0..accum {
-        batches.push(source.batch(&recipe.data, recipe.run.seed, &s.tokens, step, (step * accum + micro) as u64, &mut s.state.cursor)?);
+    // The step's micro-batches are those one process with grad_accum × world size would take;
+    // every rank draws them all (file data advances its cursor through all of them) and
+    // computes its own run of `grad_accum`: rank r the r-th.
+    let (accum, world) = (recipe.train.grad_accum, &s.world);
+    let per_step = accum * world.size as i64;
+    let mut all = Vec::new();
+    for micro in 0..per_step {
+        let index = step * per_step + micro;
+        all.push((index, source.batch(&recipe.data, recipe.run.seed, &s.tokens, step, index as u64, &mut s.state.cursor)?));
     }
-    let total: i64 = batches.iter().map(count_targets).sum();
+    // The objective is the mean over the whole step's target tokens, on every rank.
+    let total: i64 = all.iter().map(|(_, b)| count_targets(b)).sum();
+    let tokens: i64 = all.iter().map(|(_, b)| b.ids.size()[0]).sum();
     let scale = 1.0 / total.max(1) as f64;
+    let mine = all.into_iter().skip(world.rank * accum as usize).take(accum as usize);
     let mut grads = Grads::new();
     let mut loss_sum = 0.0;
     let mut saved_peak = 0usize;
-    let mut tokens = 0i64;
-    for b in &batches {
-        let (l, g, stats) = s.model.forward_backward_with(b, Some(scale), recipe.train.loss_chunk, store, placement)?;
+    for (index, b) in mine {
+        // Dropout masks (LoRA) come from libtorch's generator: seeded per micro-batch, so a
+        // resumed run, or a rank computing this micro-batch, draws what one uninterrupted
+        // process drew (with grad_accum 1 the index is the step, as before).
+        tch::manual_seed((recipe.run.seed as i64).wrapping_mul(1_000_003).wrapping_add(index));
+        let (l, g, stats) = s.model.forward_backward_with(&b, Some(scale), recipe.train.loss_chunk, store, placement)?;
         loss_sum += l.sum.to_device(Device::Cpu).to_kind(Kind::Double).double_value(&[]);
         saved_peak = saved_peak.max(stats.saved_bytes);
-        tokens += b.ids.size()[0];
         for (n, gr) in g {
             match grads.get_mut(&n) {
                 Some(acc) => *acc += gr,
@@ -63,7 +73,10 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
             }
         }
     }
+    // Data parallelism: the step's gradient and loss are the sums over the ranks.
     guard::enter(Phase::Optimizer, None);
+    s.world.sum_grads(&mut grads, GRAD_BUCKET_BYTES)?;
+    let loss_sum = s.world.sum_f64(loss_sum)?;
     let clip = (recipe.train.grad_clip > 0.0).then_some(recipe.train.grad_clip);
     let grad_norm = clip_grad_norm(&mut grads, clip);
     let lr = s.schedule.lr_at(step);

@@ -1,0 +1,159 @@
+//! Several processes of one job on 127.0.0.1 (Gloo), driven the way users launch them: torchrun
+//! from `.venv` runs the `train` binary unchanged. Data parallelism over 2 ranks with
+//! grad_accum 1 equals one process with grad_accum 2 over the same micro-batches; bad job
+//! environments are clear errors.
+mod common;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+use tch::{Kind, Tensor};
+
+fn fixture(dir: &Path) -> (PathBuf, PathBuf) {
+    let model = dir.join("base");
+    if !model.exists() {
+        write_checkpoint(&model, &llama_config(), Kind::Float, 1, 21);
+    }
+    let data = dir.join("train.jsonl");
+    write_texts(&data, 40, 24, 9);
+    (model, data)
+}
+
+fn recipe(dir: &Path, model: &Path, data: &Path, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"[run]
+dir = "{run}"
+seed = 3
+device = "cpu"
+dtype = "float64"
+
+[model]
+path = "{model}"
+
+[data]
+train = ["{data}"]
+tokens_per_batch = 96
+max_tokens = 48
+
+[train]
+steps = 5
+lr = 3e-3
+warmup = 2
+grad_accum = 1
+
+[checkpoint]
+every = 5
+
+[log]
+every = 1
+tensorboard = false
+{extra}"#,
+        run = dir.join("unused").display(),
+        model = model.display(),
+        data = data.display()
+    );
+    let p = dir.join("recipe.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn losses(run: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()?.get("train/loss")?.as_f64()).collect()
+}
+
+/// The trained tensors of the last checkpoint (the model, or LoRA's adapter).
+fn weights(run: &Path) -> Vec<(String, Tensor)> {
+    let dir = run.join("step_00000005");
+    let file = ["model.safetensors", "adapter_model.safetensors"].into_iter().map(|f| dir.join(f)).find(|p| p.exists()).expect("a checkpoint");
+    let mut w = Tensor::read_safetensors(file).unwrap();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+fn torchrun() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/torchrun")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The same steps, once as one process with grad_accum 2, once as 2 ranks under torchrun.
+fn one_vs_two(dir: &Path, tag: &str, extra: &str, overrides: &[&str]) {
+    let (model, data) = fixture(dir);
+    let r = recipe(dir, &model, &data, extra);
+    let (one, two) = (dir.join(format!("{tag}-one")), dir.join(format!("{tag}-two")));
+    let mut args = vec!["run".to_string(), "--recipe".into(), r.display().to_string(), format!("run.dir={}", one.display()), "train.grad_accum=2".into()];
+    args.extend(overrides.iter().map(|s| s.to_string()));
+    let out = train(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bin = env!("CARGO_BIN_EXE_train");
+    let out = Command::new(torchrun())
+        .args(["--no-python", "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", &format!("127.0.0.1:{}", free_port()), bin, "run", "--recipe"])
+        .arg(&r)
+        .arg(format!("run.dir={}", two.display()))
+        .args(overrides)
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "torchrun: {stderr}");
+    let (a, b) = (losses(&one), losses(&two));
+    assert_eq!(a.len(), 5, "{a:?}");
+    assert_eq!(a.len(), b.len());
+    for (s, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() <= 1e-12 * x.abs(), "{tag} step {}: loss {x} (one process) vs {y} (two ranks)", s + 1);
+    }
+    let (wa, wb) = (weights(&one), weights(&two));
+    assert_eq!(wa.len(), wb.len());
+    for ((n, x), (m, y)) in wa.iter().zip(&wb) {
+        assert_eq!(n, m);
+        let d = (x - y).abs().max().double_value(&[]);
+        let scale = x.abs().max().double_value(&[]).max(1e-30);
+        assert!(d <= 1e-12 * scale, "{tag} {n}: weights differ by {d:e} (max |w| {scale:e})");
+    }
+    // Rank 0 alone wrote the run's files: one metrics file, one line per step.
+    assert_eq!(losses(&two).len(), 5);
+    println!("{tag}: 2 ranks × grad_accum 1 == 1 process × grad_accum 2 over 5 steps: losses {b:?}");
+}
+
+#[test]
+fn data_parallel_ranks_equal_one_process_with_their_micro_batches() {
+    let dir = tmp_dir("multi-process-dp");
+    one_vs_two(&dir, "full", "", &[]);
+    let lora = "\n[lora]\nrank = 4\nalpha = 8.0\ndropout = 0.1\ntargets = [\"q_proj\", \"v_proj\", \"down_proj\"]\n";
+    one_vs_two(&dir, "lora", lora, &["train.mode=lora"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn bad_job_environments_are_clear_errors() {
+    let dir = tmp_dir("multi-process-env");
+    let (model, data) = fixture(&dir);
+    let r = recipe(&dir, &model, &data, "");
+    let run = |vars: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_train"));
+        c.args(["run", "--recipe", r.to_str().unwrap(), &format!("run.dir={}", dir.join("run").display()), "dist.timeout_seconds=3"]);
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = run(&[("WORLD_SIZE", "2"), ("RANK", "0")]);
+    assert!(e.contains("MASTER_ADDR is not set"), "{e}");
+    let e = run(&[("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")]);
+    assert!(e.contains("RANK=2 with WORLD_SIZE=2"), "{e}");
+    // A master nobody hosts: a timeout error within the recipe's limit, not a hang.
+    let t0 = std::time::Instant::now();
+    let e = run(&[("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &free_port().to_string()), ("TORCHELASTIC_ERROR_FILE", dir.join("error.json").to_str().unwrap())]);
+    assert!(e.contains("rendezvous store") && e.contains("timed out"), "{e}");
+    assert!(t0.elapsed().as_secs() < 60);
+    // torchrun's error file: the JSON its elastic agent reads.
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("error.json")).unwrap()).unwrap();
+    assert!(v["message"]["message"].as_str().unwrap().contains("rendezvous store"), "{v}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,248 @@
+//! The processes of one training job: torchrun's environment contract (which `train launch`
+//! follows too), the rendezvous through a c10d TCPStore, the process group, and what data
+//! parallelism needs of it.
+//!
+//! Alone (no `WORLD_SIZE`, or 1) a run is one process and nothing here talks to anyone.
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dist::{ProcessGroup, ReduceOp, Store};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Result, TrainerError};
+
+/// The job as the environment describes it (torchrun's variables).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Env {
+    pub rank: usize,
+    pub size: usize,
+    pub local_rank: usize,
+    pub local_size: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    /// torchrun's agent hosts the store (`TORCHELASTIC_USE_AGENT_STORE=True`): every rank is a
+    /// client, keys under `/worker/attempt_{restart_count}`; else rank 0 hosts it.
+    pub agent_store: bool,
+    /// `TORCHELASTIC_RESTART_COUNT`: restarts of the job so far (each resumes from the newest
+    /// checkpoint).
+    pub restart_count: u64,
+    /// `TORCHELASTIC_ERROR_FILE`: where a failing rank writes its error for torchrun.
+    pub error_file: Option<PathBuf>,
+}
+
+fn var_err(msg: String) -> TrainerError {
+    TrainerError::Dist(format!("{msg} (torchrun and `train launch` set these variables)"))
+}
+
+impl Env {
+    /// Reads the job from `get` (the process environment: `|k| std::env::var(k).ok()`); None
+    /// when `WORLD_SIZE` is unset. Inconsistent values are errors naming the variable.
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Option<Env>> {
+        let Some(ws) = get("WORLD_SIZE") else { return Ok(None) };
+        let int = |name: &str, v: &str| -> Result<usize> { v.trim().parse::<usize>().map_err(|_| var_err(format!("{name}={v} is not a non-negative integer"))) };
+        let size = int("WORLD_SIZE", &ws)?;
+        if size == 0 {
+            return Err(var_err("WORLD_SIZE=0: a job has at least one process".into()));
+        }
+        let rank = match get("RANK") {
+            Some(r) => int("RANK", &r)?,
+            None if size == 1 => 0,
+            None => return Err(var_err(format!("WORLD_SIZE={size} but RANK is not set"))),
+        };
+        if rank >= size {
+            return Err(var_err(format!("RANK={rank} with WORLD_SIZE={size}: ranks are 0..{}", size - 1)));
+        }
+        let local_rank = get("LOCAL_RANK").map(|v| int("LOCAL_RANK", &v)).transpose()?.unwrap_or(rank);
+        let local_size = get("LOCAL_WORLD_SIZE").map(|v| int("LOCAL_WORLD_SIZE", &v)).transpose()?.unwrap_or(size);
+        if local_rank >= local_size {
+            return Err(var_err(format!("LOCAL_RANK={local_rank} with LOCAL_WORLD_SIZE={local_size}")));
+        }
+        let port = |p: String| p.trim().parse::<u16>().map_err(|_| var_err(format!("MASTER_PORT={p} is not a port number")));
+        let (master_addr, master_port) = match (get("MASTER_ADDR").filter(|a| !a.is_empty()), get("MASTER_PORT")) {
+            (Some(a), Some(p)) => (a, port(p)?),
+            _ if size == 1 => ("127.0.0.1".to_string(), 0),
+            (None, _) => return Err(var_err(format!("WORLD_SIZE={size} but MASTER_ADDR is not set"))),
+            (Some(_), None) => return Err(var_err(format!("WORLD_SIZE={size} but MASTER_PORT is not set"))),
+        };
+        let restart_count = get("TORCHELASTIC_RESTART_COUNT").map(|v| int("TORCHELASTIC_RESTART_COUNT", &v)).transpose()?.unwrap_or(0) as u64;
+        Ok(Some(Env {
+            rank,
+            size,
+            local_rank,
+            local_size,
+            master_addr,
+            master_port,
+            agent_store: get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v == "True"),
+            restart_count,
+            error_file: get("TORCHELASTIC_ERROR_FILE").filter(|f| !f.is_empty()).map(PathBuf::from),
+        }))
+    }
+
+    /// This process's job from its environment.
+    pub fn from_process() -> Result<Option<Env>> {
+        Env::from_vars(|k| std::env::var(k).ok())
+    }
+}
+
+/// This process's place in the job and, with more than one process, its process group.
+pub struct World {
+    pub rank: usize,
+    pub size: usize,
+    pub local_rank: usize,
+    pg: Option<ProcessGroup>,
+}
+
+impl World {
+    /// A job of one process.
+    pub fn alone() -> World {
+        World { rank: 0, size: 1, local_rank: 0, pg: None }
+    }
+
+    /// Meets the other ranks: the store (torchrun's agent's, or hosted by rank 0), then a Gloo
+    /// group; waits at most `timeout` for them (an unreachable master is a timeout error).
+    pub fn join(env: &Env, timeout: Duration) -> Result<World> {
+        if env.size == 1 {
+            return Ok(World { rank: 0, size: 1, local_rank: env.local_rank, pg: None });
+        }
+        let at = format!("{}:{}", env.master_addr, env.master_port);
+        let fail = |what: &str, e: dist::DistError| TrainerError::Dist(format!("rank {} of {}: {what} at {at}: {e}", env.rank, env.size));
+        let store = if env.agent_store {
+            Store::tcp(&env.master_addr, env.master_port, false, timeout, &format!("/worker/attempt_{}/", env.restart_count))
+        } else {
+            Store::tcp(&env.master_addr, env.master_port, env.rank == 0, timeout, "/strata/")
+        }
+        .map_err(|e| fail("the rendezvous store", e))?;
+        let pg = ProcessGroup::gloo(Arc::new(store), env.rank, env.size, timeout).map_err(|e| fail("the Gloo process group", e))?;
+        Ok(World { rank: env.rank, size: env.size, local_rank: env.local_rank, pg: Some(pg) })
+    }
+
+    /// Whether this process writes the run's files (metrics, checkpoints, exports): rank 0.
+    pub fn is_main(&self) -> bool {
+        self.rank == 0
+    }
+
+    fn collective<T>(&self, r: dist::Result<T>) -> Result<T> {
+        r.map_err(|source| TrainerError::Collective { rank: self.rank, source })
+    }
+
+    /// Stops unless every rank holds the same `value` (e.g. a hash of the resolved recipe):
+    /// ranks started with different recipes would train different things in lockstep.
+    pub fn check_same(&self, what: &str, value: u64) -> Result<()> {
+        let Some(pg) = &self.pg else { return Ok(()) };
+        let all = self.collective(pg.all_gather(&Tensor::from_slice(&[value as i64])))?;
+        let all = Vec::<i64>::try_from(&all).map_err(|e| TrainerError::Dist(e.to_string()))?;
+        if let Some(r) = all.iter().position(|&v| v != value as i64) {
+            return Err(TrainerError::Dist(format!("rank {r}'s {what} differs from rank {}'s: every rank must run the same recipe and overrides", self.rank)));
+        }
+        Ok(())
+    }
+
+    /// Sums `t` over the ranks, in place.
+    pub fn sum(&self, t: &Tensor) -> Result<()> {
+        match &self.pg {
+            Some(pg) => self.collective(pg.all_reduce(t, ReduceOp::Sum)),
+            None => Ok(()),
+        }
+    }
+
+    /// Sums a number over the ranks.
+    pub fn sum_f64(&self, x: f64) -> Result<f64> {
+        let t = Tensor::from_slice(&[x]);
+        self.sum(&t)?;
+        Ok(t.double_value(&[0]))
+    }
+
+    /// Sums every gradient over the ranks: flattened into buckets of about `bucket_bytes` per
+    /// dtype and device, every bucket's all-reduce in flight at once, then written back.
+    pub fn sum_grads(&self, grads: &mut crate::model::Grads, bucket_bytes: usize) -> Result<()> {
+        let Some(pg) = &self.pg else { return Ok(()) };
+        let names: Vec<String> = grads.keys().cloned().collect();
+        let mut buckets: Vec<(Vec<String>, usize, (Kind, Device))> = Vec::new();
+        for n in names {
+            let g = &grads[&n];
+            let key = (g.kind(), g.device());
+            let bytes = g.numel() * g.kind().elt_size_in_bytes();
+            match buckets.last_mut().filter(|(_, b, k)| *k == key && *b < bucket_bytes) {
+                Some((ns, b, _)) => {
+                    ns.push(n);
+                    *b += bytes;
+                }
+                None => buckets.push((vec![n], bytes, key)),
+            }
+        }
+        let mut flat = Vec::new();
+        for (ns, _, _) in &buckets {
+            let parts: Vec<Tensor> = ns.iter().map(|n| grads[n].reshape([-1])).collect();
+            let f = Tensor::cat(&parts, 0);
+            let work = self.collective(pg.all_reduce_async(&f, ReduceOp::Sum))?;
+            flat.push((f, work));
+        }
+        for ((ns, _, _), (f, work)) in buckets.iter().zip(flat) {
+            self.collective(work.wait())?;
+            let mut at = 0;
+            for n in ns {
+                let g = grads.get_mut(n).ok_or_else(|| TrainerError::Dist(format!("internal: gradient `{n}` vanished")))?;
+                let k = g.numel() as i64;
+                let summed = f.narrow(0, at, k).view(g.size().as_slice());
+                g.copy_(&summed);
+                at += k;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every rank's `t` equal rank 0's.
+    pub fn from_main(&self, t: &Tensor) -> Result<()> {
+        match &self.pg {
+            Some(pg) => self.collective(pg.broadcast(t, 0)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Writes a failure where torchrun reads it (`TORCHELASTIC_ERROR_FILE`), in the JSON layout of
+/// torch.distributed.elastic's error handler, so that torchrun reports this rank's root cause.
+pub fn write_error_file(path: &std::path::Path, message: &str) -> std::io::Result<()> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let data = serde_json::json!({
+        "message": {
+            "message": format!("TrainError: {message}"),
+            "extraInfo": { "py_callstack": message, "timestamp": now.to_string() }
+        }
+    });
+    std::fs::write(path, data.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Result<Option<Env>> {
+        let m: std::collections::HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Env::from_vars(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn the_environment_contract_and_its_errors() {
+        assert_eq!(env(&[]).unwrap(), None);
+        let e = env(&[("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1"), ("LOCAL_WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500"), ("TORCHELASTIC_USE_AGENT_STORE", "True"), ("TORCHELASTIC_RESTART_COUNT", "3")])
+            .unwrap()
+            .unwrap();
+        assert_eq!((e.rank, e.size, e.local_rank, e.master_port, e.agent_store, e.restart_count), (1, 2, 1, 29500, true, 3));
+        let one = env(&[("WORLD_SIZE", "1")]).unwrap().unwrap();
+        assert_eq!((one.rank, one.size), (0, 1));
+        for (vars, says) in [
+            (vec![("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "29500")], "MASTER_ADDR is not set"),
+            (vec![("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "h")], "MASTER_PORT is not set"),
+            (vec![("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")], "RANK=2 with WORLD_SIZE=2"),
+            (vec![("WORLD_SIZE", "two")], "WORLD_SIZE=two is not"),
+            (vec![("WORLD_SIZE", "0")], "WORLD_SIZE=0"),
+            (vec![("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")], "RANK is not set"),
+            (vec![("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "99999")], "MASTER_PORT=99999"),
+        ] {
+            let e = env(&vars).unwrap_err().to_string();
+            assert!(e.contains(says), "{vars:?}: {e}");
+        }
+    }
+}
