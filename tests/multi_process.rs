@@ -59,13 +59,27 @@ tensorboard = false
 }
 
 fn losses(run: &Path) -> Vec<f64> {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
-    text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()?.get("train/loss")?.as_f64()).collect()
+    by_step(run).into_values().collect()
+}
+
+/// step → train/loss, the last record of each step (a resumed run repeats some).
+fn by_step(run: &Path) -> std::collections::BTreeMap<i64, f64> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let v = serde_json::from_str::<Value>(l).ok()?;
+            Some((v.get("step")?.as_i64()?, v.get("train/loss")?.as_f64()?))
+        })
+        .collect()
 }
 
 /// The trained tensors of the last checkpoint (the model, or LoRA's adapter).
 fn weights(run: &Path) -> Vec<(String, Tensor)> {
-    let dir = run.join("step_00000005");
+    weights_at(run, 5)
+}
+
+fn weights_at(run: &Path, step: i64) -> Vec<(String, Tensor)> {
+    let dir = run.join(format!("step_{step:08}"));
     let file = ["model.safetensors", "adapter_model.safetensors"].into_iter().map(|f| dir.join(f)).find(|p| p.exists()).expect("a checkpoint");
     let mut w = Tensor::read_safetensors(file).unwrap();
     w.sort_by(|a, b| a.0.cmp(&b.0));
@@ -100,6 +114,16 @@ fn one_vs_two(dir: &Path, tag: &str, extra: &str, overrides: &[&str]) {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "torchrun: {stderr}");
+    // The built-in launcher: the same job without Python.
+    let three = dir.join(format!("{tag}-launch"));
+    let mut args = vec!["launch".to_string(), "--nproc-per-node".into(), "2".into(), "--".into(), "run".into(), "--recipe".into(), r.display().to_string(), format!("run.dir={}", three.display())];
+    args.extend(overrides.iter().map(|s| s.to_string()));
+    let out = train(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "train launch: {stderr}");
+    assert!(stderr.contains("[rank 0] step 5/5") && !stderr.contains("[rank 1] step"), "rank 0 alone reports steps: {stderr}");
+    assert_eq!(losses(&three), losses(&two), "{tag}: train launch and torchrun run the same job");
+    assert!(weights(&three).iter().zip(weights(&two)).all(|((_, x), (_, y))| x.equal(&y)), "{tag}: train launch and torchrun end with the same weights");
     let (a, b) = (losses(&one), losses(&two));
     assert_eq!(a.len(), 5, "{a:?}");
     assert_eq!(a.len(), b.len());
@@ -155,5 +179,68 @@ fn bad_job_environments_are_clear_errors() {
     // torchrun's error file: the JSON its elastic agent reads.
     let v: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("error.json")).unwrap()).unwrap();
     assert!(v["message"]["message"].as_str().unwrap().contains("rendezvous store"), "{v}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_killed_rank_stops_the_job_and_resume_continues_exactly() {
+    let dir = tmp_dir("multi-process-kill");
+    let (model, data) = fixture(&dir);
+    let r = recipe(&dir, &model, &data, "");
+    let steps = "train.steps=40";
+    let launch = |run: &Path, resume: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_train"));
+        c.args(["launch", "--nproc-per-node", "2", "--", "run", "--recipe", r.to_str().unwrap(), &format!("run.dir={}", run.display()), steps, "checkpoint.every=4", "checkpoint.keep_last=20"]);
+        if resume {
+            c.arg("--resume");
+        }
+        c
+    };
+    // The uninterrupted job.
+    let full = dir.join("uninterrupted");
+    let out = launch(&full, false).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The same job, rank 1 SIGKILLed once a checkpoint exists.
+    let run = dir.join("killed");
+    let mut job = launch(&run, false).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut stderr = job.stderr.take().unwrap();
+    let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = text.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let t0 = std::time::Instant::now();
+    while !run.join("step_00000008/DONE").exists() {
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint: {}", text.lock().unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid: i32 = {
+        let t = text.lock().unwrap();
+        let line = t.lines().find(|l| l.starts_with("[launch] rank 1: pid ")).expect("the launcher names each rank's pid").to_string();
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let killed_at = std::time::Instant::now();
+    assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+    let status = job.wait().unwrap();
+    let took = killed_at.elapsed();
+    reader.join().unwrap();
+    let text = text.lock().unwrap().clone();
+    assert!(!status.success(), "{text}");
+    assert!(took.as_secs() < 30, "the job took {took:?} to stop");
+    assert!(text.contains("rank 1 failed (killed by signal 9 (SIGKILL))"), "{text}");
+    // Resumed: every step and the final weights equal the uninterrupted job's, bit for bit.
+    let out = launch(&run, true).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (a, b) = (by_step(&full), by_step(&run));
+    assert_eq!(a.len(), 40);
+    assert_eq!(a, b, "losses of the resumed job");
+    assert!(weights_at(&full, 40).iter().zip(weights_at(&run, 40)).all(|((n, x), (m, y))| n == &m && x.equal(&y)), "final weights of the resumed job");
+    println!("rank 1 killed after step 8's checkpoint: the job stopped in {took:?}; resumed, 40 steps equal the uninterrupted job's");
     let _ = std::fs::remove_dir_all(dir);
 }

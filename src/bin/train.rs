@@ -70,6 +70,29 @@ enum Cmd {
         /// key.path=value overrides.
         overrides: Vec<String>,
     },
+    /// Start this node's processes of a multi-process job, as torchrun does (same environment
+    /// contract): `train launch --nproc-per-node 2 -- run --recipe r.toml`. Output lines carry a
+    /// `[rank N]` prefix; when one rank fails the others are stopped and the rank is named.
+    Launch {
+        /// Processes on this node (one per GPU).
+        #[arg(long, default_value_t = 1)]
+        nproc_per_node: usize,
+        /// Nodes of the job.
+        #[arg(long, default_value_t = 1)]
+        nnodes: usize,
+        /// This node's index in 0..nnodes.
+        #[arg(long, default_value_t = 0)]
+        node_rank: usize,
+        /// Address of node 0 (hosting the rendezvous store).
+        #[arg(long, default_value = "127.0.0.1")]
+        master_addr: String,
+        /// Port of the rendezvous store (default: a free one; required with several nodes).
+        #[arg(long)]
+        master_port: Option<u16>,
+        /// The `train` command each rank runs, after `--`.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
     /// Plan a recipe's step before running it: every buffer class with shape formula and bytes,
     /// where each layer's activations wait, per-tier peaks, predicted step time, buffer layouts,
     /// and the longest step that fits. Writes plan.txt, plan.json and plan.svg.
@@ -447,6 +470,11 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.cmd {
         Cmd::Eval { model, adapter, data, max_tokens, device, dtype, loss_chunk, json } => eval_cmd(model, adapter, data, max_tokens, device, dtype, loss_chunk, json),
         Cmd::Run { recipe, resume, overrides } => run_cmd(recipe, resume, overrides),
+        Cmd::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, cmd } => {
+            let exe = std::env::current_exe()?;
+            let job = trainer::launch::Job { nproc_per_node, nnodes, node_rank, master_addr, master_port };
+            Ok(trainer::launch::launch(&exe, &job, &cmd)?)
+        }
         Cmd::Plan { recipe, device_mem, host_mem, numa_mem, nvme, tokens, calibrate, mip_seconds, out, model_config, tile_tokens, overrides } => {
             plan_cmd(recipe, device_mem, host_mem, numa_mem, nvme, tokens, calibrate, mip_seconds, out, model_config, tile_tokens, overrides)
         }

@@ -20,6 +20,7 @@ pub mod device;
 pub mod error;
 pub mod eval;
 pub mod guard;
+pub mod launch;
 pub mod memory;
 pub mod model;
 pub mod plan;
