@@ -37,3 +37,6 @@ done
 
 echo "== memory over a whole run: plan vs per-step peak RSS, 5 steps at 4096 tokens (scripts/bench-memory.sh)"
 TOKENS=4096 bash scripts/bench-memory.sh
+
+echo "== several processes: all-reduce GB/s (shim vs torch.distributed), tokens/s of 1 vs 2 processes (scripts/bench-dist.sh)"
+bash scripts/bench-dist.sh

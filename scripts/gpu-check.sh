@@ -64,6 +64,9 @@ TOML
 echo "== the demo recipe on CUDA (first 300 steps: 128-word samples), for its tokens/s"
 "$BIN/train" run --recipe recipes/demo-passkey-cpu.toml run.device=cuda "run.dir=$run/demo" train.steps=300 eval.every=0 eval.samples=4 log.every=100 || fail=1
 
+echo "== one rank under train launch on CUDA: the NCCL process group with world size 1 (same code path as many ranks)"
+"$BIN/train" launch --nproc-per-node 1 -- run --recipe recipes/demo-passkey-cpu.toml run.device=cuda "run.dir=$run/nccl" train.steps=20 eval.every=0 eval.samples=2 log.every=10 dist.backend=nccl || fail=1
+
 echo "== bench: Llama-3-8B-shaped layers (hidden 4096, 32/8 heads, intermediate 14336, vocab 128256), bf16"
 for tokens in 8192 32768; do
   "$BIN/train" bench step --device cuda --dtype bfloat16 --layers 4 --hidden 4096 --heads 32 --kv-heads 8 \

@@ -48,4 +48,11 @@ then
   echo "setup: installing ${PY_REFS[*]} (test references)"
   .venv/bin/python3 -m pip install -q --disable-pip-version-check "${PY_REFS[@]}"
 fi
+# The CUDA runtime headers that the torch wheel's nvidia-cuda-runtime lacks (crt/, libcu++'s
+# nv/target), so that the c10d shim compiles ProcessGroupNCCL (dist/build.rs); headers only.
+CUDA_HEADERS=("nvidia-cuda-crt==13.0.88" "nvidia-cuda-cccl==13.0.85")
+if [ ! -e .venv/lib/python3*/site-packages/nvidia/cu13/include/nv/target ] || [ ! -e .venv/lib/python3*/site-packages/nvidia/cu13/include/crt/host_config.h ]; then
+  echo "setup: installing ${CUDA_HEADERS[*]} (CUDA headers for the NCCL process group)"
+  .venv/bin/python3 -m pip install -q --disable-pip-version-check --no-deps "${CUDA_HEADERS[@]}"
+fi
 echo "setup: ok (torch $(.venv/bin/python3 -c 'import torch; print(torch.__version__)'))"

@@ -176,6 +176,31 @@ fn bad_job_environments_are_clear_errors() {
     let e = run(&[("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", &free_port().to_string()), ("TORCHELASTIC_ERROR_FILE", dir.join("error.json").to_str().unwrap())]);
     assert!(e.contains("rendezvous store") && e.contains("timed out"), "{e}");
     assert!(t0.elapsed().as_secs() < 60);
+    // NCCL takes CUDA tensors only.
+    let out = Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(["launch", "--nproc-per-node", "1", "--", "run", "--recipe", r.to_str().unwrap(), &format!("run.dir={}", dir.join("nccl").display()), "dist.backend=nccl"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("rank 0 failed") && e.contains("dist.backend = \"nccl\" needs CUDA tensors"), "{e}");
+    // Ranks started with different recipes (here one override apart): both stop, saying so.
+    let port = free_port().to_string();
+    let ranks: Vec<_> = [("0", "train.lr=3e-3"), ("1", "train.lr=1e-3")]
+        .into_iter()
+        .map(|(rank, lr)| {
+            Command::new(env!("CARGO_BIN_EXE_train"))
+                .args(["run", "--recipe", r.to_str().unwrap(), &format!("run.dir={}", dir.join("mismatch").display()), "dist.timeout_seconds=30", lr])
+                .envs([("WORLD_SIZE", "2"), ("RANK", rank), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str())])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (r, child) in ranks.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && e.contains("resolved recipe differs") && e.contains("every rank must run the same recipe"), "rank {r}: {e}");
+    }
     // torchrun's error file: the JSON its elastic agent reads.
     let v: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("error.json")).unwrap()).unwrap();
     assert!(v["message"]["message"].as_str().unwrap().contains("rendezvous store"), "{v}");
@@ -242,5 +267,20 @@ fn a_killed_rank_stops_the_job_and_resume_continues_exactly() {
     assert_eq!(a, b, "losses of the resumed job");
     assert!(weights_at(&full, 40).iter().zip(weights_at(&run, 40)).all(|((n, x), (m, y))| n == &m && x.equal(&y)), "final weights of the resumed job");
     println!("rank 1 killed after step 8's checkpoint: the job stopped in {took:?}; resumed, 40 steps equal the uninterrupted job's");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_job_of_one_process_runs_its_group_and_equals_a_plain_run() {
+    let dir = tmp_dir("multi-process-one");
+    let (model, data) = fixture(&dir);
+    let r = recipe(&dir, &model, &data, "");
+    let (plain, job) = (dir.join("plain"), dir.join("job"));
+    let out = train(&["run", "--recipe", r.to_str().unwrap(), &format!("run.dir={}", plain.display())]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = train(&["launch", "--nproc-per-node", "1", "--", "run", "--recipe", r.to_str().unwrap(), &format!("run.dir={}", job.display())]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(losses(&plain), losses(&job));
+    assert!(weights(&plain).iter().zip(weights(&job)).all(|((_, x), (_, y))| x.equal(&y)));
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -145,6 +145,9 @@ fn an_8b_lora_step_plans_at_a_million_tokens_from_a_preset() {
     // placement packs whole tensors, and the plan stores fewer rows until they pack.
     let (ok, text) = plan_for("llama-3.1-8b", "141GB", &["--tokens", "1048576"]);
     assert!(ok && text.contains("verdict    fits"), "{text}");
+    // A data-parallel job: each rank holds what one process does; the node holds them all.
+    let (ok, text) = plan(&["--tokens", "131072", "--nproc-per-node", "8"]);
+    assert!(ok && text.contains("job        8 processes per node, data parallel") && text.contains("an optimizer step trains on 8 × 2 × 131072 = 2097152 tokens per node"), "{text}");
     let (ok, text) = plan_for("gpt-17", "80GB", &[]);
     assert!(!ok && text.contains("llama-3.1-8b") && !text.contains("panicked"), "{text}");
     let _ = std::fs::remove_dir_all(cache);

@@ -29,6 +29,8 @@ extern "C" {
     fn strata_store_add(s: *mut RawStore, key: *const c_char, delta: i64, value: *mut i64) -> *mut c_char;
     fn strata_pg_gloo(s: *mut RawStore, rank: i32, size: i32, timeout_ms: i64, out: *mut *mut RawPg) -> *mut c_char;
     fn strata_pg_free(pg: *mut RawPg);
+    #[cfg(strata_nccl)]
+    fn strata_pg_nccl(s: *mut RawStore, rank: i32, size: i32, timeout_ms: i64, device: i32, out: *mut *mut RawPg) -> *mut c_char;
     fn strata_all_reduce(pg: *mut RawPg, t: *const torch_sys::C_tensor, op: i32, out: *mut *mut RawWork) -> *mut c_char;
     fn strata_broadcast(pg: *mut RawPg, t: *const torch_sys::C_tensor, root: i32, out: *mut *mut RawWork) -> *mut c_char;
     fn strata_all_gather(pg: *mut RawPg, output: *const torch_sys::C_tensor, input: *const torch_sys::C_tensor, out: *mut *mut RawWork) -> *mut c_char;
@@ -174,7 +176,8 @@ impl Drop for Work {
     }
 }
 
-/// A process group over `size` ranks (Gloo: CPU tensors).
+/// A process group over `size` ranks: Gloo (CPU tensors, and CUDA ones through host memory) or
+/// NCCL (CUDA tensors).
 pub struct ProcessGroup {
     raw: *mut RawPg,
     rank: usize,
@@ -198,6 +201,31 @@ impl ProcessGroup {
         // SAFETY: live store handle and valid out-pointer.
         check("ProcessGroupGloo", unsafe { strata_pg_gloo(store.raw, rank as i32, size as i32, millis(timeout), &mut raw) })?;
         Ok(ProcessGroup { raw, rank, size, timeout, _store: store })
+    }
+
+    /// An NCCL group of `size` ranks, this one on CUDA device `device`; collectives take CUDA
+    /// tensors of that device. An error where strata was built without NCCL (no CUDA wheel).
+    pub fn nccl(store: std::sync::Arc<Store>, rank: usize, size: usize, timeout: Duration, device: usize) -> Result<ProcessGroup> {
+        if rank >= size {
+            return Err(DistError::Invalid(format!("rank {rank} of a group of {size}")));
+        }
+        #[cfg(strata_nccl)]
+        {
+            let mut raw = std::ptr::null_mut();
+            // SAFETY: live store handle and valid out-pointer.
+            check("ProcessGroupNCCL", unsafe { strata_pg_nccl(store.raw, rank as i32, size as i32, millis(timeout), device as i32, &mut raw) })?;
+            Ok(ProcessGroup { raw, rank, size, timeout, _store: store })
+        }
+        #[cfg(not(strata_nccl))]
+        {
+            let _ = (store, timeout, device);
+            Err(DistError::Invalid("this build of strata has no NCCL (built without the CUDA wheel's NCCL headers): use dist.backend = \"gloo\"".into()))
+        }
+    }
+
+    /// Whether NCCL was built in.
+    pub fn has_nccl() -> bool {
+        cfg!(strata_nccl)
     }
 
     pub fn rank(&self) -> usize {
@@ -272,6 +300,7 @@ impl ProcessGroup {
 
     /// Returns when every rank has called it.
     pub fn barrier(&self) -> Result<()> {
+        // SAFETY: live group handle and a valid out-pointer.
         self.started("barrier", Vec::new(), |out| unsafe { strata_barrier(self.raw, out) })?.wait()
     }
 }

@@ -194,6 +194,10 @@ impl NvmeTier {
     /// Reads a slice into `buf` (grown when too small), verifying its checksums; returns its length.
     pub fn read_into(&mut self, id: SliceId, buf: &mut AlignedBuf) -> Result<usize> {
         let len = self.slice_len(id)?;
+        if len == 0 {
+            // An empty slice has nothing to read or verify.
+            return Ok(0);
+        }
         // A range from byte 0 starts at byte 0 of the buffer.
         self.read_range_into(id, 0, len, buf)?;
         Ok(len)
@@ -201,8 +205,8 @@ impl NvmeTier {
 
     /// Reads bytes `[start, start + len)` of a slice: the whole checksummed chunks that cover
     /// them go into `buf` (grown when too small) and are verified; returns where the asked bytes
-    /// begin in `buf`.
-    pub fn read_range_into(&mut self, id: SliceId, start: usize, len: usize, buf: &mut AlignedBuf) -> Result<usize> {
+    /// begin in `buf` and how many bytes were read from the file.
+    pub fn read_range_into(&mut self, id: SliceId, start: usize, len: usize, buf: &mut AlignedBuf) -> Result<(usize, usize)> {
         let chunk = self.chunk;
         let (off, total, name) = {
             let s = self.slices.get(&id).ok_or(OffloadError::UnknownSlice(id))?;
@@ -215,7 +219,10 @@ impl NvmeTier {
                 source: std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("bytes [{start}, {}) of the {total}-byte slice `{name}`", start + len)),
             });
         }
-        let (first, last) = (start / chunk, (start + len).max(start + 1).div_ceil(chunk).max(1));
+        if len == 0 {
+            return Ok((0, 0));
+        }
+        let (first, last) = (start / chunk, (start + len).div_ceil(chunk));
         let (from, to) = (first * chunk, (last * chunk).min(total));
         let ext = round_up((to - from).max(1));
         if buf.len() < ext {
@@ -230,7 +237,7 @@ impl NvmeTier {
                 return Err(OffloadError::Checksum { path: self.path.clone(), slice: name, offset: off + at, len: bytes.len() as u64, expected, found });
             }
         }
-        Ok(start - from)
+        Ok((start - from, ext))
     }
 
     /// Waits until written data is on the device (fsync).

@@ -76,7 +76,7 @@ impl Default for StoreConfig {
 pub struct StoreStats {
     /// Bytes copied into the tiers.
     pub written_bytes: u64,
-    /// Bytes copied back out of the tiers.
+    /// Bytes copied back out of the tiers (for NVMe rows: the whole checksummed chunks read).
     pub read_bytes: u64,
     /// Most bytes resident in each tier at once.
     pub host_peak_bytes: u64,
@@ -143,7 +143,7 @@ impl Meta {
 
     fn rebuild(&self, bytes: &[u8]) -> Result<Tensor> {
         Tensor::f_from_data_size(bytes, &self.shape, self.kind)
-            .map(|t| t.to_device(self.device))
+            .and_then(|t| t.f_to_device(self.device))
             .map_err(|e| OffloadError::Io { path: "activation store".into(), op: "rebuild tensor", source: std::io::Error::other(e.to_string()) })
     }
 }
@@ -208,7 +208,14 @@ fn io_err(op: &'static str, msg: String) -> OffloadError {
 
 /// The I/O thread: owns the NVMe tier, serves requests in order (so a read always follows its
 /// write).
-fn worker(mut nvme: Option<NvmeTier>, rx: Receiver<Req>, done: std::sync::mpsc::Sender<(Want, Result<Tensor>)>, shared: Arc<Shared>) {
+fn worker(nvme: Option<NvmeTier>, rx: Receiver<Req>, done: std::sync::mpsc::Sender<(Want, Result<Tensor>)>, shared: Arc<Shared>) {
+    serve(nvme, rx, done, &shared);
+    // Whatever ended the thread, a `put` waiting for room must not wait for it forever: it
+    // wakes, finds the thread gone and returns an error.
+    shared.inflight.done(u64::MAX);
+}
+
+fn serve(mut nvme: Option<NvmeTier>, rx: Receiver<Req>, done: std::sync::mpsc::Sender<(Want, Result<Tensor>)>, shared: &Shared) {
     let mut slices: HashMap<Key, (SliceId, Meta)> = HashMap::new();
     let mut failed: Option<String> = None;
     // One aligned buffer reused for every NVMe transfer: a tensor is copied once into it and
@@ -249,22 +256,27 @@ fn worker(mut nvme: Option<NvmeTier>, rx: Receiver<Req>, done: std::sync::mpsc::
                 let r = match (&failed, found, nvme.as_mut()) {
                     (Some(msg), _, _) => Err(io_err("nvme write", msg.clone())),
                     (None, Some((id, meta)), Some(tier)) => {
-                        let read = |tier: &mut NvmeTier, buf: &mut AlignedBuf| -> Result<(Meta, usize, usize)> {
+                        // (meta of what comes back, where its bytes start in `buf`, their length,
+                        // bytes read from the file: whole checksummed chunks for rows).
+                        let read = |tier: &mut NvmeTier, buf: &mut AlignedBuf| -> Result<(Meta, usize, usize, usize)> {
                             match want.rows {
-                                None => Ok((meta.clone(), 0, tier.read_into(id, buf)?)),
+                                None => {
+                                    let n = tier.read_into(id, buf)?;
+                                    Ok((meta.clone(), 0, n, n))
+                                }
                                 Some(rows) => {
                                     let (m, range) = meta.rows(rows)?;
-                                    let at = tier.read_range_into(id, range.start, range.len(), buf)?;
-                                    Ok((m, at, range.len()))
+                                    let (at, read) = tier.read_range_into(id, range.start, range.len(), buf)?;
+                                    Ok((m, at, range.len(), read))
                                 }
                             }
                         };
-                        read(tier, &mut buf).and_then(|(m, at, len)| {
+                        read(tier, &mut buf).and_then(|(m, at, len, read)| {
                             if want.rows.is_none() {
                                 tier.free(id)?;
                             }
                             add(&|s| {
-                                s.read_bytes += len as u64;
+                                s.read_bytes += read as u64;
                                 s.largest_read_bytes = s.largest_read_bytes.max(len as u64);
                                 s.read_seconds += t0.elapsed().as_secs_f64();
                             });
@@ -622,6 +634,14 @@ impl ActivationStore {
             return Ok(());
         }
         let key = &want.key;
+        // A whole read frees the slot when it lands: no read of rows may be on its way then.
+        let mixed = match want.rows {
+            Some(_) => self.requested.contains(&Want::whole(key.clone())),
+            None => self.requested.iter().any(|w| w.key == *key && w.rows.is_some()),
+        };
+        if mixed {
+            return Err(io_err("take", format!("layer {} tensor `{}` is read whole and by rows at once", key.0, key.1)));
+        }
         if let Some(a) = self.in_arena.get(key) {
             let (tier, slot) = (a.tier, a.slot);
             let (meta, range) = match want.rows {
@@ -783,6 +803,9 @@ impl Drop for ActivationStore {
             let _ = p.ev.wait();
         }
         for (_, _, ev) in self.pending_free.drain(..) {
+            let _ = ev.wait();
+        }
+        for (_, ev) in self.row_copies.drain() {
             let _ = ev.wait();
         }
         if let Some((tx, rx, handle)) = self.io.take() {

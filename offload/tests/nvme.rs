@@ -65,7 +65,7 @@ fn a_range_is_read_and_verified_by_the_chunks_that_cover_it() {
         let id = t.write("layer2.x", &data).unwrap();
         let mut buf = offload::aligned::AlignedBuf::new(1);
         for (start, len) in [(0usize, 1usize), (4095, 2), ((1 << 20) - 3, 10), ((2 << 20) + 5, (1 << 20) + 700), (0, data.len()), (data.len() - 1, 1), (17, 0)] {
-            let at = t.read_range_into(id, start, len, &mut buf).unwrap();
+            let (at, _) = t.read_range_into(id, start, len, &mut buf).unwrap();
             assert_eq!(&buf.as_slice()[at..at + len], &data[start..start + len], "bytes [{start}, {})", start + len);
         }
         let e = t.read_range_into(id, data.len() - 1, 2, &mut buf).unwrap_err().to_string();

@@ -56,6 +56,10 @@ impl TensorClass {
     }
 }
 
+/// Tiles of each saved tensor an offloaded layer's tiled backward holds at once: the tile being
+/// computed and the next one on its way (the trainer's `stash::TileReader` reads one ahead).
+pub const TILES_HELD: u64 = 2;
+
 /// How many rows (tokens) a buffer of one layer has.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -92,8 +96,7 @@ pub struct OpBuffer {
     #[serde(default)]
     pub rows: Rows,
     /// A saved tensor that an offloaded layer's tiled backward reads from its tier one tile's rows
-    /// at a time: two tiles' rows at once (the tile computing, the next on its way), at most
-    /// `rows`. A kept layer's stays whole.
+    /// at a time: [`TILES_HELD`] tiles' rows at once, at most `rows`. A kept layer's stays whole.
     #[serde(default)]
     pub sliced: bool,
 }
@@ -108,7 +111,7 @@ impl OpBuffer {
             Rows::Rebuilt => if stored < tokens { tokens } else { 0 },
             Rows::Tile => tile.min(tokens),
         };
-        let rows = if self.sliced && offloaded { rows.min(2 * tile) } else { rows };
+        let rows = if self.sliced && offloaded { rows.min(TILES_HELD * tile) } else { rows };
         self.fixed_bytes + self.per_token_bytes * rows
     }
 }

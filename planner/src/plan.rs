@@ -270,16 +270,20 @@ fn uniform(m: memo::MemoPlan, t: u64, l: usize, n_tiers: usize, max_split: u64) 
 /// tier's granule, so at a budget's edge a few may not pack: then the offloaded layers store fewer
 /// rows, the most that pack (none packing: unchanged, and the plan reports the overflow). The
 /// LP's exposed transfer stays as an upper bound (fewer bytes move); the recompute follows α.
+/// `fits(s)`: the device still holds the step with `s` stored rows (fewer rows can need more
+/// device memory: tiles then rebuild whole tensors).
 #[allow(clippy::too_many_arguments)]
-fn packed(inv: &Inventory, t: u64, k: usize, lookahead: usize, caps: &[(Tier, u64)], m: memo::MemoPlan, splits: Vec<u64>, recompute_all: f64) -> (memo::MemoPlan, Vec<u64>) {
+fn packed(inv: &Inventory, t: u64, k: usize, lookahead: usize, caps: &[(Tier, u64)], m: memo::MemoPlan, splits: Vec<u64>, recompute_all: f64, fits: impl Fn(u64) -> bool) -> (memo::MemoPlan, Vec<u64>) {
     let packs = |s: u64| crate::placement::from_inventory(inv, t, k, s as f64 / t.max(1) as f64, lookahead, caps).overflow_bytes == 0;
+    let ok = |s: u64| packs(s) && fits(s);
     let split = splits.first().copied().unwrap_or(t);
-    if packs(split) || !packs(0) {
+    if packs(split) || !ok(0) {
         return (m, splits);
     }
-    let s = most_that_fit(split as usize, |s| packs(s as u64)) as u64;
+    let s = most_that_fit(split as usize, |s| ok(s as u64)) as u64;
     let alpha = s as f64 / t.max(1) as f64;
-    let splits = splits.iter().map(|&x| if x == split { s } else { x }).collect();
+    let off = m.alpha.len();
+    let splits = splits.iter().enumerate().map(|(i, &x)| if i < off { s } else { x }).collect();
     let n = m.alpha.len();
     (memo::MemoPlan { alpha: vec![alpha; n], recompute_seconds: vec![(1.0 - alpha) * recompute_all; n], ..m }, splits)
 }
@@ -298,11 +302,13 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     let recompute_all = lin;
     let (tiers, capacities) = tier_specs(&budgets, cal, opt.cpu);
     // A layer's swap-out drains during the next layer's forward at the slowest tier's speed (the
-    // engine's I/O thread or copy stream); `put` lets at most max_inflight bytes wait. What is
-    // left when that forward ends is held beside the next layer's own saved tensors.
+    // engine's I/O thread or copy stream). When it drains within that forward nothing waits by
+    // its end; when it does not, the backlog grows layer after layer up to what `put` lets wait:
+    // max_inflight bytes, plus one tensor on the CUDA copy stream's path.
     let drain_bps = tiers.iter().map(|s| s.write_bps).fold(f64::INFINITY, f64::min);
     let drained = if drain_bps.is_finite() { (drain_bps * layer_fwd) as u64 } else { 0 };
-    let in_flight = |bytes: u64| bytes.saturating_sub(drained).min(opt.max_inflight);
+    let largest = inv.largest_stored(t, t);
+    let in_flight = |bytes: u64| if bytes <= drained { 0 } else { opt.max_inflight.saturating_add(largest) };
     let static_bytes = inv.static_bytes() + opt.baseline_bytes;
     // The NVMe tier's staging buffer is host memory: device memory only when the CPU computes.
     let staging_for = |offloaded: usize, split: u64| if opt.cpu && budgets.nvme > 0 && offloaded > 0 { inv.largest_stored(t, split) } else { 0 };
@@ -354,7 +360,7 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     let off = m.alpha.len();
     let (m, splits) = if off > 0 { uniform(m, t, l, tiers.len(), max_split) } else { (m, splits) };
     let k = l - off;
-    let (m, splits) = if off > 0 { packed(inv, t, k, opt.lookahead, &capacities, m, splits, recompute_all) } else { (m, splits) };
+    let (m, splits) = if off > 0 { packed(inv, t, k, opt.lookahead, &capacities, m, splits, recompute_all, |s| device_fits(k, s)) } else { (m, splits) };
     let split = splits.first().copied().unwrap_or(t);
     let level1 = if tiled && off > 0 { layout_report(level1_buffers(inv, t, split, true), opt.mip_seconds) } else { level1_at_t.clone() };
     let level2 = layout_report(level2_buffers(inv, t, k, opt.lookahead, &in_flight, &splits, level1_at_t.mip.peak, level1.mip.peak), opt.mip_seconds);

@@ -83,9 +83,10 @@ enum Cmd {
         /// This node's index in 0..nnodes.
         #[arg(long, default_value_t = 0)]
         node_rank: usize,
-        /// Address of node 0 (hosting the rendezvous store).
-        #[arg(long, default_value = "127.0.0.1")]
-        master_addr: String,
+        /// Address of node 0, which hosts the rendezvous store (default 127.0.0.1; required with
+        /// several nodes).
+        #[arg(long)]
+        master_addr: Option<String>,
         /// Port of the rendezvous store (default: a free one; required with several nodes).
         #[arg(long)]
         master_port: Option<u16>,
@@ -133,6 +134,10 @@ enum Cmd {
         /// the recipe's, else the plan's choice).
         #[arg(long)]
         tile_tokens: Option<u64>,
+        /// Processes per node of a data-parallel job (`train launch` / torchrun's
+        /// --nproc-per-node): each holds what one process does; the node's totals are printed.
+        #[arg(long, default_value_t = 1)]
+        nproc_per_node: usize,
         /// key.path=value recipe overrides.
         overrides: Vec<String>,
     },
@@ -202,6 +207,14 @@ enum BenchCmd {
         /// false: the pread/pwrite engine.
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
         io_uring: bool,
+    },
+    /// All-reduce bandwidth of the job's process group (run it under `train launch` or
+    /// torchrun): float32 tensors of `--bytes`, summed `--iters` times after a warm-up.
+    Allreduce {
+        #[arg(long, default_value_t = 64 << 20)]
+        bytes: u64,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
     },
     /// One forward + explicit backward of a Llama-shaped model with random weights.
     Step {
@@ -333,7 +346,7 @@ fn run_cmd(recipe: PathBuf, resume: bool, overrides: Vec<String>) -> Result<(), 
 
 /// `train plan`: the table, what would fit, and the plan files.
 #[allow(clippy::too_many_arguments)]
-fn plan_cmd(recipe: PathBuf, device_mem: Option<String>, host_mem: Option<String>, numa_mem: Option<String>, nvme: Option<String>, tokens: Option<u64>, calibrate: bool, mip_seconds: Option<f64>, out: Option<PathBuf>, model_config: Option<String>, tile_tokens: Option<u64>, mut overrides: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
+fn plan_cmd(recipe: PathBuf, device_mem: Option<String>, host_mem: Option<String>, numa_mem: Option<String>, nvme: Option<String>, tokens: Option<u64>, calibrate: bool, mip_seconds: Option<f64>, out: Option<PathBuf>, model_config: Option<String>, tile_tokens: Option<u64>, nproc_per_node: usize, mut overrides: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
     let bytes = |flag: &str, v: Option<String>| -> Result<Option<u64>, String> {
         v.map(|s| planner::plan::parse_bytes(&s).ok_or(format!("{flag} {s}: not a byte count (e.g. 80GiB, 24GB)"))).transpose()
     };
@@ -362,6 +375,7 @@ fn plan_cmd(recipe: PathBuf, device_mem: Option<String>, host_mem: Option<String
     print!("{}", planner::report::table(&inv, &plan));
     let fit = trainer::plan::what_would_fit(&r, &cfg, lora.as_ref(), &inv, &plan)?;
     print!("{}", fit.lines(plan.tokens));
+    print!("{}", trainer::plan::job_lines(&r, &plan, nproc_per_node));
     let dir = out.unwrap_or(r.run.dir.clone());
     trainer::plan::write(&dir, &inv, &plan, Some(&fit))?;
     println!("wrote {}/plan.txt, plan.json, plan.svg", dir.display());
@@ -475,8 +489,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let job = trainer::launch::Job { nproc_per_node, nnodes, node_rank, master_addr, master_port };
             Ok(trainer::launch::launch(&exe, &job, &cmd)?)
         }
-        Cmd::Plan { recipe, device_mem, host_mem, numa_mem, nvme, tokens, calibrate, mip_seconds, out, model_config, tile_tokens, overrides } => {
-            plan_cmd(recipe, device_mem, host_mem, numa_mem, nvme, tokens, calibrate, mip_seconds, out, model_config, tile_tokens, overrides)
+        Cmd::Plan { recipe, device_mem, host_mem, numa_mem, nvme, tokens, calibrate, mip_seconds, out, model_config, tile_tokens, nproc_per_node, overrides } => {
+            plan_cmd(recipe, device_mem, host_mem, numa_mem, nvme, tokens, calibrate, mip_seconds, out, model_config, tile_tokens, nproc_per_node, overrides)
         }
         Cmd::Data(DataCmd::Synth { task, tokens, samples, depth, digits, seed, out }) => synth_cmd(task, tokens, samples, depth, digits, seed, out),
         Cmd::Data(DataCmd::Inspect { recipe, n, overrides }) => {
@@ -487,6 +501,14 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Cmd::Bench(BenchCmd::Offload { tiers, nvme_dir, device, bytes, slice_bytes, io_uring }) => bench_offload_cmd(tiers, nvme_dir, device, bytes, slice_bytes, io_uring),
+        Cmd::Bench(BenchCmd::Allreduce { bytes, iters }) => {
+            let env = trainer::world::Env::from_process()?.ok_or("bench allreduce: no job environment (run it under `train launch` or torchrun)")?;
+            let r = trainer::world::bench_all_reduce(&env, bytes, iters)?;
+            if env.rank == 0 {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            }
+            Ok(())
+        }
         Cmd::Bench(BenchCmd::Step { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, tiers, nvme_dir, keep_last, alpha, tile_tokens }) => {
             bench_step_cmd(layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, tiers, nvme_dir, keep_last, alpha, tile_tokens)
         }

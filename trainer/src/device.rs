@@ -3,18 +3,32 @@ use tch::{Device, Kind};
 
 use crate::error::{Result, TrainerError};
 
+/// This process's GPU: `cuda:LOCAL_RANK` in a job of several processes (torchrun and `train
+/// launch` set LOCAL_RANK, one GPU per process), else `cuda:0`. Planning, calibration and the
+/// run all take their device from here.
+fn this_process_gpu() -> usize {
+    std::env::var("LOCAL_RANK").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
 /// Resolves a device name. `auto` is CUDA when libtorch sees a GPU, else CPU.
 pub fn parse_device(name: &str) -> Result<Device> {
+    let gpu = || -> Result<Device> {
+        let (i, n) = (this_process_gpu(), tch::Cuda::device_count() as usize);
+        if i >= n {
+            return Err(TrainerError::Device(format!("LOCAL_RANK={i} but {n} CUDA device(s) are visible: one process per GPU")));
+        }
+        Ok(Device::Cuda(i))
+    };
     match name {
         "cpu" => Ok(Device::Cpu),
         "cuda" => {
             if tch::Cuda::is_available() {
-                Ok(Device::Cuda(0))
+                gpu()
             } else {
                 Err(TrainerError::Device("--device cuda: no CUDA device is visible to libtorch".into()))
             }
         }
-        "auto" => Ok(if tch::Cuda::is_available() { Device::Cuda(0) } else { Device::Cpu }),
+        "auto" => if tch::Cuda::is_available() { gpu() } else { Ok(Device::Cpu) },
         other => Err(TrainerError::Device(format!("--device {other}: expected cpu, cuda or auto"))),
     }
 }
@@ -23,7 +37,7 @@ pub fn parse_device(name: &str) -> Result<Device> {
 /// plan is for the machine the run will use).
 pub fn target_device(name: &str) -> Result<Device> {
     match name {
-        "cuda" => Ok(Device::Cuda(0)),
+        "cuda" if !tch::Cuda::is_available() => Ok(Device::Cuda(this_process_gpu())),
         other => parse_device(other),
     }
 }

@@ -4,7 +4,8 @@
 //! TORCHELASTIC_ERROR_FILE), prefixes each rank's output lines with `[rank N]`, and watches them:
 //! when one fails the others are stopped within seconds and the launcher names the rank and its
 //! error; Ctrl-C stops every rank.
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,7 +19,8 @@ pub struct Job {
     pub nproc_per_node: usize,
     pub nnodes: usize,
     pub node_rank: usize,
-    pub master_addr: String,
+    /// None: 127.0.0.1 (single node only).
+    pub master_addr: Option<String>,
     /// None: a free port on this machine (single node only).
     pub master_port: Option<u16>,
 }
@@ -40,18 +42,18 @@ struct Rank {
     /// The rank's last stderr lines (for the report when it leaves no error file).
     tail: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     status: Option<ExitStatus>,
+    /// The threads copying its output (joined before the launcher returns, so no line is lost).
+    relays: Vec<std::thread::JoinHandle<()>>,
 }
 
-/// Copies a rank's output to ours line by line with its prefix, keeping the last lines.
-fn relay(rank: usize, stream: impl Read + Send + 'static, to_stderr: bool, tail: Option<std::sync::Arc<std::sync::Mutex<Vec<String>>>>) {
+/// Copies a rank's output to ours line by line with its prefix, keeping the last lines. Our
+/// own output closing (a pipe whose reader left) does not stop the copy: the rank must never
+/// block on a full pipe.
+fn relay(rank: usize, stream: impl Read + Send + 'static, to_stderr: bool, tail: Option<std::sync::Arc<std::sync::Mutex<Vec<String>>>>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines() {
             let Ok(line) = line else { break };
-            if to_stderr {
-                eprintln!("[rank {rank}] {line}");
-            } else {
-                println!("[rank {rank}] {line}");
-            }
+            let _ = if to_stderr { writeln!(std::io::stderr(), "[rank {rank}] {line}") } else { writeln!(std::io::stdout(), "[rank {rank}] {line}") };
             if let Some(t) = &tail {
                 let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
                 t.push(line);
@@ -60,7 +62,7 @@ fn relay(rank: usize, stream: impl Read + Send + 'static, to_stderr: bool, tail:
                 }
             }
         }
-    });
+    })
 }
 
 fn describe(status: ExitStatus) -> String {
@@ -121,17 +123,24 @@ pub fn launch(exe: &Path, job: &Job, args: &[String]) -> Result<()> {
     if job.nproc_per_node == 0 || job.nnodes == 0 || job.node_rank >= job.nnodes {
         return Err(TrainerError::Dist(format!("--nproc-per-node {} --nnodes {} --node-rank {}: need at least one process and node, and node-rank below nnodes", job.nproc_per_node, job.nnodes, job.node_rank)));
     }
-    let port = match job.master_port {
-        Some(p) => p,
-        None if job.nnodes == 1 => std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).map_err(TrainerError::io("127.0.0.1:0"))?,
-        None => return Err(TrainerError::Dist("--master-port is needed with more than one node".into())),
+    let (addr, port) = match (&job.master_addr, job.master_port) {
+        (Some(a), Some(p)) => (a.clone(), p),
+        (None, Some(p)) if job.nnodes == 1 => ("127.0.0.1".to_string(), p),
+        (a, None) if job.nnodes == 1 => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).map_err(TrainerError::io("127.0.0.1:0"))?;
+            (a.clone().unwrap_or_else(|| "127.0.0.1".into()), port)
+        }
+        _ => return Err(TrainerError::Dist("--master-addr and --master-port (node 0's address and a free port there) are needed with more than one node".into())),
     };
     let world = job.nnodes * job.nproc_per_node;
     let logs = std::env::temp_dir().join(format!("strata-launch-{}", std::process::id()));
     std::fs::create_dir_all(&logs).map_err(TrainerError::io(&logs))?;
-    // SAFETY: installs a handler that only stores to an atomic (async-signal-safe).
-    unsafe {
-        libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
+    // Ctrl-C, and a launcher told to stop (SIGTERM, a closed terminal), stop every rank.
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: installs a handler that only stores to an atomic (async-signal-safe).
+        unsafe {
+            libc::signal(sig, on_interrupt as *const () as libc::sighandler_t);
+        }
     }
     let mut ranks = Vec::new();
     for local in 0..job.nproc_per_node {
@@ -144,7 +153,7 @@ pub fn launch(exe: &Path, job: &Job, args: &[String]) -> Result<()> {
             .env("GROUP_RANK", job.node_rank.to_string())
             .env("WORLD_SIZE", world.to_string())
             .env("LOCAL_WORLD_SIZE", job.nproc_per_node.to_string())
-            .env("MASTER_ADDR", &job.master_addr)
+            .env("MASTER_ADDR", &addr)
             .env("MASTER_PORT", port.to_string())
             .env("TORCHELASTIC_RESTART_COUNT", "0")
             .env("TORCHELASTIC_ERROR_FILE", &error_file)
@@ -153,6 +162,15 @@ pub fn launch(exe: &Path, job: &Job, args: &[String]) -> Result<()> {
         // As torchrun: one thread per rank unless the user chose.
         if job.nproc_per_node > 1 && std::env::var_os("OMP_NUM_THREADS").is_none() {
             c.env("OMP_NUM_THREADS", "1");
+        }
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent; it runs in the
+        // child between fork and exec. A launcher that dies (even by SIGKILL) takes its ranks
+        // with it instead of leaving them waiting in a collective.
+        unsafe {
+            c.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
         }
         let mut child = match c.spawn() {
             Ok(ch) => ch,
@@ -163,15 +181,22 @@ pub fn launch(exe: &Path, job: &Job, args: &[String]) -> Result<()> {
         };
         eprintln!("[launch] rank {rank}: pid {}", child.id());
         let tail = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut relays = Vec::new();
         if let Some(out) = child.stdout.take() {
-            relay(rank, out, false, None);
+            relays.push(relay(rank, out, false, None));
         }
         if let Some(err) = child.stderr.take() {
-            relay(rank, err, true, Some(tail.clone()));
+            relays.push(relay(rank, err, true, Some(tail.clone())));
         }
-        ranks.push(Rank { rank, child, error_file, tail, status: None });
+        ranks.push(Rank { rank, child, error_file, tail, status: None, relays });
     }
     let outcome = watch(&mut ranks);
+    // Every rank has ended: its pipes close and the copies finish.
+    for r in &mut ranks {
+        for h in r.relays.drain(..) {
+            let _ = h.join();
+        }
+    }
     let _ = std::fs::remove_dir_all(&logs);
     outcome
 }
@@ -190,7 +215,9 @@ fn watch(ranks: &mut [Rank]) -> Result<()> {
             }
             let Ok(Some(s)) = ranks[i].child.try_wait() else { continue };
             ranks[i].status = Some(s);
-            if !s.success() {
+            // A rank ended by the same Ctrl-C as the launcher did not fail: the loop's next
+            // turn reports the interruption.
+            if !s.success() && !INTERRUPTED.load(Ordering::SeqCst) {
                 // Give its error file and last lines a moment to land, then stop the rest.
                 std::thread::sleep(Duration::from_millis(200));
                 let (rank, why) = (ranks[i].rank, reason(&ranks[i]));

@@ -11,6 +11,7 @@ use dist::{ProcessGroup, ReduceOp, Store};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, TrainerError};
+use crate::train::recipe::Backend;
 
 /// The job as the environment describes it (torchrun's variables).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,20 +92,29 @@ pub struct World {
     pub size: usize,
     pub local_rank: usize,
     pg: Option<ProcessGroup>,
+    /// Where the group's own small tensors live (NCCL takes only CUDA tensors).
+    on: Device,
 }
 
 impl World {
     /// A job of one process.
     pub fn alone() -> World {
-        World { rank: 0, size: 1, local_rank: 0, pg: None }
+        World { rank: 0, size: 1, local_rank: 0, pg: None, on: Device::Cpu }
     }
 
-    /// Meets the other ranks: the store (torchrun's agent's, or hosted by rank 0), then a Gloo
-    /// group; waits at most `timeout` for them (an unreachable master is a timeout error).
-    pub fn join(env: &Env, timeout: Duration) -> Result<World> {
-        if env.size == 1 {
-            return Ok(World { rank: 0, size: 1, local_rank: env.local_rank, pg: None });
-        }
+    /// Meets the other ranks: the store (torchrun's agent's, or hosted by rank 0), then the
+    /// process group `backend` says for a run on `device` (auto: NCCL on CUDA where built in,
+    /// else Gloo); waits at most `timeout` for them (an unreachable master is a timeout error).
+    pub fn join(env: &Env, backend: Backend, timeout: Duration, device: Device) -> Result<World> {
+        let nccl = match (backend, device) {
+            (Backend::Gloo, _) => false,
+            (Backend::Auto, Device::Cuda(_)) => ProcessGroup::has_nccl(),
+            (Backend::Auto, _) => false,
+            (Backend::Nccl, Device::Cuda(_)) => true,
+            (Backend::Nccl, d) => return Err(TrainerError::Dist(format!("dist.backend = \"nccl\" needs CUDA tensors, but this run computes on {d:?}: use \"gloo\" or \"auto\""))),
+        };
+        // A job of one process still gets its group (as torchrun's workers do): the same code
+        // path as many, e.g. NCCL on a machine with one GPU.
         let at = format!("{}:{}", env.master_addr, env.master_port);
         let fail = |what: &str, e: dist::DistError| TrainerError::Dist(format!("rank {} of {}: {what} at {at}: {e}", env.rank, env.size));
         let store = if env.agent_store {
@@ -113,8 +123,12 @@ impl World {
             Store::tcp(&env.master_addr, env.master_port, env.rank == 0, timeout, "/strata/")
         }
         .map_err(|e| fail("the rendezvous store", e))?;
-        let pg = ProcessGroup::gloo(Arc::new(store), env.rank, env.size, timeout).map_err(|e| fail("the Gloo process group", e))?;
-        Ok(World { rank: env.rank, size: env.size, local_rank: env.local_rank, pg: Some(pg) })
+        let store = Arc::new(store);
+        let (pg, on) = match device {
+            Device::Cuda(i) if nccl => (ProcessGroup::nccl(store, env.rank, env.size, timeout, i).map_err(|e| fail("the NCCL process group", e))?, device),
+            _ => (ProcessGroup::gloo(store, env.rank, env.size, timeout).map_err(|e| fail("the Gloo process group", e))?, Device::Cpu),
+        };
+        Ok(World { rank: env.rank, size: env.size, local_rank: env.local_rank, pg: Some(pg), on })
     }
 
     /// Whether this process writes the run's files (metrics, checkpoints, exports): rank 0.
@@ -130,8 +144,8 @@ impl World {
     /// ranks started with different recipes would train different things in lockstep.
     pub fn check_same(&self, what: &str, value: u64) -> Result<()> {
         let Some(pg) = &self.pg else { return Ok(()) };
-        let all = self.collective(pg.all_gather(&Tensor::from_slice(&[value as i64])))?;
-        let all = Vec::<i64>::try_from(&all).map_err(|e| TrainerError::Dist(e.to_string()))?;
+        let all = self.collective(pg.all_gather(&Tensor::from_slice(&[value as i64]).to_device(self.on)))?;
+        let all = Vec::<i64>::try_from(&all.to_device(Device::Cpu)).map_err(|e| TrainerError::Dist(e.to_string()))?;
         if let Some(r) = all.iter().position(|&v| v != value as i64) {
             return Err(TrainerError::Dist(format!("rank {r}'s {what} differs from rank {}'s: every rank must run the same recipe and overrides", self.rank)));
         }
@@ -148,46 +162,31 @@ impl World {
 
     /// Sums a number over the ranks.
     pub fn sum_f64(&self, x: f64) -> Result<f64> {
-        let t = Tensor::from_slice(&[x]);
+        let t = Tensor::from_slice(&[x]).to_device(self.on);
         self.sum(&t)?;
         Ok(t.double_value(&[0]))
     }
 
-    /// Sums every gradient over the ranks: flattened into buckets of about `bucket_bytes` per
-    /// dtype and device, every bucket's all-reduce in flight at once, then written back.
-    pub fn sum_grads(&self, grads: &mut crate::model::Grads, bucket_bytes: usize) -> Result<()> {
-        let Some(pg) = &self.pg else { return Ok(()) };
-        let names: Vec<String> = grads.keys().cloned().collect();
-        let mut buckets: Vec<(Vec<String>, usize, (Kind, Device))> = Vec::new();
-        for n in names {
-            let g = &grads[&n];
+    /// Starts summing `grads` over the ranks: flattened (per dtype and device) into one tensor
+    /// whose all-reduce runs while the caller goes on; alone they are kept as they are.
+    pub fn start_sum(&self, grads: crate::model::Grads, pending: &mut PendingSums) -> Result<()> {
+        let Some(pg) = &self.pg else {
+            pending.done.extend(grads);
+            return Ok(());
+        };
+        let mut groups: Vec<((Kind, Device), Vec<(String, Tensor)>)> = Vec::new();
+        for (n, g) in grads {
             let key = (g.kind(), g.device());
-            let bytes = g.numel() * g.kind().elt_size_in_bytes();
-            match buckets.last_mut().filter(|(_, b, k)| *k == key && *b < bucket_bytes) {
-                Some((ns, b, _)) => {
-                    ns.push(n);
-                    *b += bytes;
-                }
-                None => buckets.push((vec![n], bytes, key)),
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) => v.push((n, g)),
+                None => groups.push((key, vec![(n, g)])),
             }
         }
-        let mut flat = Vec::new();
-        for (ns, _, _) in &buckets {
-            let parts: Vec<Tensor> = ns.iter().map(|n| grads[n].reshape([-1])).collect();
-            let f = Tensor::cat(&parts, 0);
-            let work = self.collective(pg.all_reduce_async(&f, ReduceOp::Sum))?;
-            flat.push((f, work));
-        }
-        for ((ns, _, _), (f, work)) in buckets.iter().zip(flat) {
-            self.collective(work.wait())?;
-            let mut at = 0;
-            for n in ns {
-                let g = grads.get_mut(n).ok_or_else(|| TrainerError::Dist(format!("internal: gradient `{n}` vanished")))?;
-                let k = g.numel() as i64;
-                let summed = f.narrow(0, at, k).view(g.size().as_slice());
-                g.copy_(&summed);
-                at += k;
-            }
+        for (_, members) in groups {
+            let flat = Tensor::cat(&members.iter().map(|(_, g)| g.reshape([-1])).collect::<Vec<_>>(), 0);
+            let work = self.collective(pg.all_reduce_async(&flat, ReduceOp::Sum))?;
+            let shapes = members.into_iter().map(|(n, g)| (n, g.size())).collect();
+            pending.flights.push((shapes, flat, work));
         }
         Ok(())
     }
@@ -199,6 +198,58 @@ impl World {
             None => Ok(()),
         }
     }
+}
+
+/// Gradient sums in flight ([`World::start_sum`]).
+#[derive(Default)]
+pub struct PendingSums {
+    /// Each flattened group: its members' names and shapes, the tensor, its all-reduce.
+    flights: Vec<(Vec<(String, Vec<i64>)>, Tensor, dist::Work)>,
+    /// Gradients with nothing to wait for (a job of one process).
+    done: crate::model::Grads,
+}
+
+impl PendingSums {
+    /// Waits for every sum; the summed gradients by name.
+    pub fn finish(self, world: &World) -> Result<crate::model::Grads> {
+        let mut out = self.done;
+        for (members, flat, work) in self.flights {
+            world.collective(work.wait())?;
+            let mut at = 0;
+            for (n, shape) in members {
+                let k: i64 = shape.iter().product();
+                out.insert(n, flat.narrow(0, at, k).view(shape.as_slice()));
+                at += k;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Times the job's all-reduce: `iters` sums of a float32 tensor of `bytes` after one warm-up.
+/// Bandwidth as NCCL's tests define it: algorithm (bytes / time) and bus (× 2(n−1)/n, what each
+/// link carries in a ring).
+pub fn bench_all_reduce(env: &Env, bytes: u64, iters: usize) -> Result<serde_json::Value> {
+    let world = World::join(env, Backend::Gloo, Duration::from_secs(120), Device::Cpu)?;
+    let t = Tensor::ones([(bytes / 4).max(1) as i64], (Kind::Float, Device::Cpu));
+    world.sum(&t)?;
+    let mut secs = Vec::new();
+    for _ in 0..iters.max(1) {
+        let t0 = std::time::Instant::now();
+        world.sum(&t)?;
+        secs.push(t0.elapsed().as_secs_f64());
+    }
+    secs.sort_by(f64::total_cmp);
+    let median = secs[secs.len() / 2];
+    let n = world.size as f64;
+    let algo = bytes as f64 / median / 1e9;
+    Ok(serde_json::json!({
+        "ranks": world.size,
+        "bytes": bytes,
+        "median_seconds": median,
+        "algorithm_gb_per_s": algo,
+        "bus_gb_per_s": algo * 2.0 * (n - 1.0) / n,
+    }))
 }
 
 /// Writes a failure where torchrun reads it (`TORCHELASTIC_ERROR_FILE`), in the JSON layout of

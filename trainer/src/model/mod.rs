@@ -274,6 +274,27 @@ impl Model {
         store: &mut offload::store::ActivationStore,
         placement: &Placement,
     ) -> Result<(cross_entropy::LossSum, Grads, StepStats)> {
+        let mut grads = Grads::new();
+        let (loss, stats) = self.forward_backward_hooked(batch, grad_scale, ce_chunk, store, placement, &mut |g| {
+            grads.extend(g);
+            Ok(())
+        })?;
+        Ok((loss, grads, stats))
+    }
+
+    /// [`Model::forward_backward_with`] handing the gradients to `done` as soon as they are
+    /// final: the final norm's first, then each layer's after its backward (last layer first),
+    /// then the embedding's and the LM head's. Data parallelism starts summing a layer's
+    /// gradients across ranks there, while the layers below still run backward.
+    pub fn forward_backward_hooked(
+        &self,
+        batch: &Batch,
+        grad_scale: Option<f64>,
+        ce_chunk: i64,
+        store: &mut offload::store::ActivationStore,
+        placement: &Placement,
+        done: &mut dyn FnMut(Grads) -> Result<()>,
+    ) -> Result<(cross_entropy::LossSum, StepStats)> {
         self.check_ids(&batch.ids, "token ids")?;
         let _guard = tch::no_grad_guard();
         let dev = self.device();
@@ -311,7 +332,6 @@ impl Model {
         let (h, norm_saved) = rmsnorm::forward(&x, &self.norm, self.cfg.rms_norm_eps);
         let (loss, ce_saved) = cross_entropy::forward(&h, self.lm_head_weight(), &labels, ce_chunk);
 
-        let mut grads = Grads::new();
         let scale = grad_scale.unwrap_or(if loss.count > 0 { 1.0 / loss.count as f64 } else { 0.0 });
         let (dh, dhead) = cross_entropy::backward(scale, &ce_saved, self.lm_head_weight(), self.full);
         drop(ce_saved);
@@ -319,25 +339,32 @@ impl Model {
         // The head's tensors end here, before the first layer's backward (as the plan has them).
         drop((dh, norm_saved, x, h));
         if let Some(g) = dnorm {
-            grads.insert("model.norm.weight".into(), g);
+            done(Grads::from([("model.norm.weight".to_string(), g)]))?;
         }
         for (l, layer) in self.layers.iter().enumerate().rev() {
             guard::enter(Phase::Backward, Some(l));
-            // Ask for the next layers' activations now, so their reads overlap this backward.
-            for ahead in (l.saturating_sub(placement.lookahead)..=l).rev() {
-                store.prefetch(ahead, &stashed[ahead].read_whole())?;
-            }
+            // The next layers' activations are asked for now, so that their reads overlap this
+            // backward: after this layer's own (under tiles, after its first tile's rows).
+            let ahead: Vec<(usize, Vec<String>)> = (l.saturating_sub(placement.lookahead)..l).rev().map(|a| (a, stashed[a].read_whole())).collect();
+            store.prefetch(l, &stashed[l].read_whole())?;
             let (d, g) = match self.tile_tokens {
-                Some(tile) => tiled::backward(layer, dx, stash::TileReader::new(store, l, &stashed[l], tiled::backward_order(&ctx.cu_seqlens, tile))?, &ctx, l)?,
-                None => block::backward(layer, dx, stash::take(store, layer, l, &stashed[l], &ctx, t_all)?, &ctx, l)?,
+                Some(tile) => {
+                    let reader = stash::TileReader::new(store, l, &stashed[l], tiled::backward_order(&ctx.cu_seqlens, tile), &ahead)?;
+                    tiled::backward(layer, dx, reader, &ctx, l)?
+                }
+                None => {
+                    for (a, names) in &ahead {
+                        store.prefetch(*a, names)?;
+                    }
+                    block::backward(layer, dx, stash::take(store, layer, l, &stashed[l], &ctx, t_all)?, &ctx, l)?
+                }
             };
-            for (name, t) in g {
-                grads.insert(format!("model.layers.{l}.{name}"), t);
-            }
+            done(g.into_iter().map(|(name, t)| (format!("model.layers.{l}.{name}"), t)).collect())?;
             dx = d;
         }
         guard::enter(Phase::Backward, None);
         if self.full {
+            let mut grads = Grads::new();
             let mut demb = embedding::backward(&dx, &emb_saved, self.cfg.vocab_size);
             if let Some(dhead) = dhead {
                 if self.lm_head.is_some() {
@@ -347,7 +374,8 @@ impl Model {
                 }
             }
             grads.insert("model.embed_tokens.weight".into(), demb);
+            done(grads)?;
         }
-        Ok((loss, grads, stats))
+        Ok((loss, stats))
     }
 }

@@ -94,7 +94,8 @@ pub fn take(store: &mut ActivationStore, layer: &Layer, l: usize, stashed: &Stas
 /// A layer's saved tensors for its tiled backward ([`tiled::backward`]): the ones it reads whole
 /// taken at once, the others one tile's rows at a time in the backward's tile order, the next
 /// tile's rows on their way while a tile computes (MEMO's token-wise swapping inside a layer).
-/// A tensor read by rows stays in the store until [`TileReader::finish`].
+/// A tensor read by rows stays in the store until [`TileReader::finish`]. It reads one tile
+/// ahead: the planner counts [`planner::inventory::TILES_HELD`] tiles of each.
 pub struct TileReader<'s> {
     store: &'s mut ActivationStore,
     l: usize,
@@ -105,9 +106,11 @@ pub struct TileReader<'s> {
 }
 
 impl<'s> TileReader<'s> {
-    /// Takes layer `l`'s whole tensors and starts reading the first tile's rows; `order` is the
-    /// backward's ([`tiled::backward_order`]).
-    pub fn new(store: &'s mut ActivationStore, l: usize, stashed: &'s Stashed, order: Vec<Tile>) -> Result<TileReader<'s>> {
+    /// Takes layer `l`'s whole tensors and starts reading the first tile's rows, then the whole
+    /// tensors of the layers `ahead` (the store serves requests in order: the first tile must not
+    /// wait behind the next layer's K and V); `order` is the backward's
+    /// ([`tiled::backward_order`]).
+    pub fn new(store: &'s mut ActivationStore, l: usize, stashed: &'s Stashed, order: Vec<Tile>, ahead: &[(usize, Vec<String>)]) -> Result<TileReader<'s>> {
         let mut whole = Vec::new();
         for n in stashed.read_whole() {
             let t = store.take(l, &n)?;
@@ -116,6 +119,9 @@ impl<'s> TileReader<'s> {
         let mut r = TileReader { store, l, stashed, whole, order, next: 0 };
         if let Some(first) = r.order.first().copied() {
             r.prefetch(&first)?;
+        }
+        for (a, names) in ahead {
+            r.store.prefetch(*a, names)?;
         }
         Ok(r)
     }

@@ -1,10 +1,11 @@
 //! Token tiles inside a block (ALST's tiled MLP, extended to every op but the attention kernel
 //! itself): RMSNorm, the seven projections (with LoRA), RoPE and SwiGLU run over `tile` tokens
 //! at a time, forward and backward, and the attention backward runs by query tiles, so no
-//! `[T, intermediate]` tensor exists whole. A layer's backward holds whole only K, V, their
-//! gradients and the residual gradient; every other saved tensor comes from the activation store
-//! one tile's rows at a time, the next tile's on their way meanwhile ([`TileReader`]: MEMO's
-//! token-wise swapping inside a layer). Weight, norm and adapter gradients are summed over the
+//! `[T, intermediate]` tensor exists whole. An offloaded layer's backward holds whole only K, V,
+//! their gradients, the logsumexp and the residual gradient; every other saved tensor comes from
+//! the activation store one tile's rows at a time, the next tile's on their way meanwhile
+//! ([`TileReader`]: MEMO's token-wise swapping inside a layer; a kept layer's tensors stay whole
+//! where they are). Weight, norm and adapter gradients are summed over the
 //! tiles.
 //!
 //! Tiles never cross a document boundary ([`tiles`]): a tile's queries are one chunk of one

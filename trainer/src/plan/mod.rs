@@ -227,6 +227,26 @@ pub fn refusal(plan: &Plan, fit: &Fit) -> TrainerError {
     ))
 }
 
+/// What a data-parallel job of `ranks` processes per node holds, beside the one-process plan:
+/// every rank holds the plan's device peak on its own GPU and its own tiers (the budgets are per
+/// rank), so the node holds `ranks` times the host, NUMA and NVMe peaks; an optimizer step
+/// trains on `ranks × grad_accum` micro-batches.
+pub fn job_lines(recipe: &Recipe, plan: &Plan, ranks: usize) -> String {
+    if ranks <= 1 {
+        return String::new();
+    }
+    let n = ranks as u64;
+    let per_step = n * recipe.train.grad_accum as u64 * plan.tokens;
+    format!(
+        "job        {ranks} processes per node, data parallel: each holds the device peak above on its own GPU and its own tiers; this node holds host {}, numa {}, nvme {}; an optimizer step trains on {ranks} × {} × {} = {per_step} tokens per node\n",
+        human(n * plan.host_peak),
+        human(n * plan.numa_peak),
+        human(n * plan.nvme_peak),
+        recipe.train.grad_accum,
+        plan.tokens,
+    )
+}
+
 /// The placement the engine runs when no plan decides: `keep_last` and α from the recipe (or
 /// the bench's flags) over the store's tiers, by the planner's own rule
 /// ([`planner::placement::from_inventory`]) on an inventory probed from the block code, for the

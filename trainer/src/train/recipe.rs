@@ -43,8 +43,9 @@ pub struct Recipe {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DistSection {
-    /// "gloo" (CPU and CUDA tensors; CUDA ones go through host memory) or "auto" (Gloo: NCCL is
-    /// not built into strata yet).
+    /// "auto" (NCCL when the run computes on CUDA and strata was built with the CUDA wheel's
+    /// NCCL, else Gloo), "nccl" (GPU-to-GPU, CUDA runs only) or "gloo" (CPU; CUDA tensors go
+    /// through host memory).
     #[serde(default)]
     pub backend: Backend,
     /// Seconds the rendezvous and each collective may wait for the other ranks before the run
@@ -71,6 +72,7 @@ pub enum Backend {
     #[default]
     Auto,
     Gloo,
+    Nccl,
 }
 
 /// `train.mode`: which tensors train.

@@ -176,14 +176,12 @@ impl Session {
     /// ranks: they must run the same resolved recipe; a restarted job resumes.
     pub fn prepare(recipe_path: &Path, overrides: &[String], resume: bool, env: Option<&Env>) -> Result<Session> {
         let recipe = Recipe::load(recipe_path, overrides)?;
-        let mut dev = recipe.run.device.resolve()?;
+        // cuda:LOCAL_RANK in a job (crate::device).
+        let dev = recipe.run.device.resolve()?;
         let world = match env {
-            Some(e) => World::join(e, std::time::Duration::from_secs(recipe.dist.timeout_seconds))?,
+            Some(e) => World::join(e, recipe.dist.backend, std::time::Duration::from_secs(recipe.dist.timeout_seconds), dev)?,
             None => World::alone(),
         };
-        if let tch::Device::Cuda(_) = dev {
-            dev = tch::Device::Cuda(world.local_rank);
-        }
         // torchrun restarts every rank after a failure: each continues from the newest checkpoint.
         let resume = resume || env.is_some_and(|e| e.restart_count > 0);
         let (existing, recipe_toml) = claim_run_dir(&recipe, resume, world.is_main())?;
@@ -194,6 +192,11 @@ impl Session {
         // The process before any weight exists: what a plan after a failure counts as its own.
         crate::plan::baseline_rss();
         let (mut model, tokens, base_name, export_source) = load_model(&recipe, recipe_path, cfg, cfg_text, dev, &world)?;
+        if !world.is_main() && recipe.model.path.is_none() {
+            // The folder a rank other than 0 wrote its [model.init] config and tokenizer into:
+            // loaded now, and it never exports.
+            let _ = std::fs::remove_dir_all(&export_source);
+        }
         if let Some(l) = &lora {
             model.attach_lora(l, recipe.run.seed as i64 + 1)?;
         }

@@ -11,11 +11,9 @@ use crate::data::source::{count_targets, Source};
 use crate::error::{Result, TrainerError};
 use crate::guard::{self, Failure, Phase};
 use crate::model::Grads;
+use crate::world::PendingSums;
 use crate::train::optim::clip_grad_norm;
 use crate::train::session::Session;
-
-/// Gradients are all-reduced in buckets of about this many bytes (PyTorch DDP's default 25 MiB).
-const GRAD_BUCKET_BYTES: usize = 25 << 20;
 
 /// What one step did.
 #[derive(Debug, Clone, Copy)]
@@ -52,31 +50,41 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
     let total: i64 = all.iter().map(|(_, b)| count_targets(b)).sum();
     let tokens: i64 = all.iter().map(|(_, b)| b.ids.size()[0]).sum();
     let scale = 1.0 / total.max(1) as f64;
-    let mine = all.into_iter().skip(world.rank * accum as usize).take(accum as usize);
-    let mut grads = Grads::new();
+    let mine: Vec<_> = all.into_iter().skip(world.rank * accum as usize).take(accum as usize).collect();
+    let last = mine.len().saturating_sub(1);
+    // The earlier micro-batches' gradient sums; the last micro-batch adds its own layer by layer
+    // and starts each layer's sum across the ranks as soon as its backward is done.
+    let mut earlier = Grads::new();
+    let mut pending = PendingSums::default();
     let mut loss_sum = 0.0;
     let mut saved_peak = 0usize;
-    for (index, b) in mine {
+    let (model, loss_chunk) = (&s.model, recipe.train.loss_chunk);
+    for (i, (index, b)) in mine.into_iter().enumerate() {
         // Dropout masks (LoRA) come from libtorch's generator: seeded per micro-batch, so a
         // resumed run, or a rank computing this micro-batch, draws what one uninterrupted
         // process drew (with grad_accum 1 the index is the step, as before).
         tch::manual_seed((recipe.run.seed as i64).wrapping_mul(1_000_003).wrapping_add(index));
-        let (l, g, stats) = s.model.forward_backward_with(&b, Some(scale), recipe.train.loss_chunk, store, placement)?;
-        loss_sum += l.sum.to_device(Device::Cpu).to_kind(Kind::Double).double_value(&[]);
-        saved_peak = saved_peak.max(stats.saved_bytes);
-        for (n, gr) in g {
-            match grads.get_mut(&n) {
-                Some(acc) => *acc += gr,
-                None => {
-                    grads.insert(n, gr);
+        let (l, stats) = model.forward_backward_hooked(&b, Some(scale), loss_chunk, store, placement, &mut |g| {
+            let mut g = g;
+            for (n, t) in g.iter_mut() {
+                if let Some(prev) = earlier.remove(n) {
+                    *t += prev;
                 }
             }
-        }
+            if i < last {
+                earlier.extend(g);
+                Ok(())
+            } else {
+                world.start_sum(g, &mut pending)
+            }
+        })?;
+        loss_sum += l.sum.to_device(Device::Cpu).to_kind(Kind::Double).double_value(&[]);
+        saved_peak = saved_peak.max(stats.saved_bytes);
     }
-    // Data parallelism: the step's gradient and loss are the sums over the ranks.
+    world.start_sum(earlier, &mut pending)?;
     guard::enter(Phase::Optimizer, None);
-    s.world.sum_grads(&mut grads, GRAD_BUCKET_BYTES)?;
-    let loss_sum = s.world.sum_f64(loss_sum)?;
+    let mut grads = pending.finish(world)?;
+    let loss_sum = world.sum_f64(loss_sum)?;
     let clip = (recipe.train.grad_clip > 0.0).then_some(recipe.train.grad_clip);
     let grad_norm = clip_grad_norm(&mut grads, clip);
     let lr = s.schedule.lr_at(step);
