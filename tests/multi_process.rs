@@ -284,3 +284,39 @@ fn a_job_of_one_process_runs_its_group_and_equals_a_plain_run() {
     assert!(weights(&plain).iter().zip(weights(&job)).all(|((_, x), (_, y))| x.equal(&y)));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn ctrl_c_stops_every_rank() {
+    let dir = tmp_dir("multi-process-int");
+    let (model, data) = fixture(&dir);
+    let r = recipe(&dir, &model, &data, "");
+    let run = dir.join("run");
+    let mut job = Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(["launch", "--nproc-per-node", "2", "--", "run", "--recipe", r.to_str().unwrap(), &format!("run.dir={}", run.display()), "train.steps=100000"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(job.stderr.take().unwrap());
+    // Wait until both ranks were started and training runs (rank 0 prints its steps).
+    let mut pids = Vec::new();
+    let mut line = String::new();
+    while std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() > 0 {
+        if let Some(p) = line.trim().strip_prefix("[launch] rank ").and_then(|l| l.split("pid ").nth(1)) {
+            pids.push(p.to_string());
+        }
+        if line.contains("[rank 0] step 2/") {
+            break;
+        }
+        line.clear();
+    }
+    assert_eq!(pids.len(), 2);
+    assert!(Command::new("kill").args(["-INT", &job.id().to_string()]).status().unwrap().success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let status = job.wait().unwrap();
+    assert!(!status.success() && rest.contains("interrupted (Ctrl-C): every rank was stopped"), "{rest}");
+    for p in &pids {
+        assert!(!Path::new(&format!("/proc/{p}")).exists(), "rank pid {p} still runs");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
