@@ -13,40 +13,11 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
-struct strata_store {
-  c10::intrusive_ptr<c10d::Store> store;
-};
-struct strata_pg {
-  c10::intrusive_ptr<c10d::Backend> pg;
-};
-struct strata_work {
-  c10::intrusive_ptr<c10d::Work> work;
-};
+#include "shim.hpp"
 
 namespace {
 
-char* error(const std::string& msg) {
-  char* e = static_cast<char*>(std::malloc(msg.size() + 1));
-  if (e != nullptr) {
-    std::memcpy(e, msg.c_str(), msg.size() + 1);
-  }
-  return e;
-}
-
-// Runs f, turning any exception into an error message (c10::Error's without its C++ backtrace).
-template <class F>
-char* guarded(F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return error(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return error(e.what());
-  } catch (...) {
-    return error("unknown C++ exception");
-  }
-}
+using strata::guarded;
 
 c10d::ReduceOp reduce_op(int op) {
   switch (op) {
