@@ -8,17 +8,7 @@ use std::process::Command;
 
 use common::*;
 use serde_json::Value;
-use tch::{Kind, Tensor};
-
-fn fixture(dir: &Path) -> (PathBuf, PathBuf) {
-    let model = dir.join("base");
-    if !model.exists() {
-        write_checkpoint(&model, &llama_config(), Kind::Float, 1, 21);
-    }
-    let data = dir.join("train.jsonl");
-    write_texts(&data, 40, 24, 9);
-    (model, data)
-}
+use tch::Tensor;
 
 fn recipe(dir: &Path, model: &Path, data: &Path, extra: &str) -> PathBuf {
     let text = format!(
@@ -59,19 +49,9 @@ tensorboard = false
 }
 
 fn losses(run: &Path) -> Vec<f64> {
-    by_step(run).into_values().collect()
+    losses_by_step(run).into_values().collect()
 }
 
-/// step → train/loss, the last record of each step (a resumed run repeats some).
-fn by_step(run: &Path) -> std::collections::BTreeMap<i64, f64> {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let v = serde_json::from_str::<Value>(l).ok()?;
-            Some((v.get("step")?.as_i64()?, v.get("train/loss")?.as_f64()?))
-        })
-        .collect()
-}
 
 /// The trained tensors of the last checkpoint (the model, or LoRA's adapter).
 fn weights(run: &Path) -> Vec<(String, Tensor)> {
@@ -96,7 +76,7 @@ fn free_port() -> u16 {
 
 /// The same steps, once as one process with grad_accum 2, once as 2 ranks under torchrun.
 fn one_vs_two(dir: &Path, tag: &str, extra: &str, overrides: &[&str]) {
-    let (model, data) = fixture(dir);
+    let (model, data) = tiny_llama_and_texts(dir);
     let r = recipe(dir, &model, &data, extra);
     let (one, two) = (dir.join(format!("{tag}-one")), dir.join(format!("{tag}-two")));
     let mut args = vec!["run".to_string(), "--recipe".into(), r.display().to_string(), format!("run.dir={}", one.display()), "train.grad_accum=2".into()];
@@ -155,7 +135,7 @@ fn data_parallel_ranks_equal_one_process_with_their_micro_batches() {
 #[test]
 fn bad_job_environments_are_clear_errors() {
     let dir = tmp_dir("multi-process-env");
-    let (model, data) = fixture(&dir);
+    let (model, data) = tiny_llama_and_texts(&dir);
     let r = recipe(&dir, &model, &data, "");
     let run = |vars: &[(&str, &str)]| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_train"));
@@ -210,7 +190,7 @@ fn bad_job_environments_are_clear_errors() {
 #[test]
 fn a_killed_rank_stops_the_job_and_resume_continues_exactly() {
     let dir = tmp_dir("multi-process-kill");
-    let (model, data) = fixture(&dir);
+    let (model, data) = tiny_llama_and_texts(&dir);
     let r = recipe(&dir, &model, &data, "");
     let steps = "train.steps=40";
     let launch = |run: &Path, resume: bool| {
@@ -262,7 +242,7 @@ fn a_killed_rank_stops_the_job_and_resume_continues_exactly() {
     // Resumed: every step and the final weights equal the uninterrupted job's, bit for bit.
     let out = launch(&run, true).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (a, b) = (by_step(&full), by_step(&run));
+    let (a, b) = (losses_by_step(&full), losses_by_step(&run));
     assert_eq!(a.len(), 40);
     assert_eq!(a, b, "losses of the resumed job");
     assert!(weights_at(&full, 40).iter().zip(weights_at(&run, 40)).all(|((n, x), (m, y))| n == &m && x.equal(&y)), "final weights of the resumed job");
@@ -273,7 +253,7 @@ fn a_killed_rank_stops_the_job_and_resume_continues_exactly() {
 #[test]
 fn a_job_of_one_process_runs_its_group_and_equals_a_plain_run() {
     let dir = tmp_dir("multi-process-one");
-    let (model, data) = fixture(&dir);
+    let (model, data) = tiny_llama_and_texts(&dir);
     let r = recipe(&dir, &model, &data, "");
     let (plain, job) = (dir.join("plain"), dir.join("job"));
     let out = train(&["run", "--recipe", r.to_str().unwrap(), &format!("run.dir={}", plain.display())]);
@@ -288,7 +268,7 @@ fn a_job_of_one_process_runs_its_group_and_equals_a_plain_run() {
 #[test]
 fn ctrl_c_stops_every_rank() {
     let dir = tmp_dir("multi-process-int");
-    let (model, data) = fixture(&dir);
+    let (model, data) = tiny_llama_and_texts(&dir);
     let r = recipe(&dir, &model, &data, "");
     let run = dir.join("run");
     let mut job = Command::new(env!("CARGO_BIN_EXE_train"))

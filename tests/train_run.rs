@@ -8,18 +8,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-use tch::Kind;
-
-/// A tiny Llama folder and a text file; returns (model dir, data file).
-fn fixture(dir: &Path) -> (PathBuf, PathBuf) {
-    let model = dir.join("base");
-    if !model.exists() {
-        write_checkpoint(&model, &llama_config(), Kind::Float, 1, 21);
-    }
-    let data = dir.join("train.jsonl");
-    write_texts(&data, 40, 24, 9);
-    (model, data)
-}
 
 fn recipe(dir: &Path, name: &str, run: &Path, model: &Path, data: &Path, extra: &str) -> PathBuf {
     let text = format!(
@@ -62,19 +50,6 @@ every = 1
     p
 }
 
-/// step → train/loss, the last record of each step (a resumed run repeats some).
-fn losses(run: &Path) -> std::collections::BTreeMap<i64, f64> {
-    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
-    let mut out = std::collections::BTreeMap::new();
-    for line in text.lines() {
-        // The run may be writing the last line right now.
-        let Ok(v) = serde_json::from_str::<Value>(line) else { continue };
-        if let Some(l) = v.get("train/loss").and_then(|l| l.as_f64()) {
-            out.insert(v["step"].as_i64().unwrap(), l);
-        }
-    }
-    out
-}
 
 fn run_ok(args: &[&str]) -> (String, String) {
     let out = train(args);
@@ -86,12 +61,12 @@ fn run_ok(args: &[&str]) -> (String, String) {
 #[test]
 fn full_finetune_loss_falls_and_resume_after_sigkill_is_bit_identical() {
     let dir = tmp_dir("run-full");
-    let (model, data) = fixture(&dir);
+    let (model, data) = tiny_llama_and_texts(&dir);
     let a = dir.join("a");
     let ra = recipe(&dir, "a.toml", &a, &model, &data, "");
     let (stdout, _) = run_ok(&["run", "--recipe", ra.to_str().unwrap()]);
     assert!(stdout.contains("done: 40 steps"), "{stdout}");
-    let la = losses(&a);
+    let la = losses_by_step(&a);
     assert_eq!(la.len(), 40);
     let first: f64 = (1..=3).map(|s| la[&s]).sum::<f64>() / 3.0;
     let last: f64 = (38..=40).map(|s| la[&s]).sum::<f64>() / 3.0;
@@ -104,17 +79,17 @@ fn full_finetune_loss_falls_and_resume_after_sigkill_is_bit_identical() {
     let rb = recipe(&dir, "b.toml", &b, &model, &data, "");
     let mut child = Command::new(env!("CARGO_BIN_EXE_train")).args(["run", "--recipe", rb.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap();
     let t0 = Instant::now();
-    while losses(&b).keys().max().copied().unwrap_or(0) < 12 {
+    while losses_by_step(&b).keys().max().copied().unwrap_or(0) < 12 {
         assert!(t0.elapsed() < Duration::from_secs(120), "run b made no progress");
         std::thread::sleep(Duration::from_millis(2));
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let reached = losses(&b).keys().max().copied().unwrap();
+    let reached = losses_by_step(&b).keys().max().copied().unwrap();
     assert!(reached < 40, "the run finished before it could be killed (reached {reached})");
     let (_, stderr) = run_ok(&["run", "--recipe", rb.to_str().unwrap(), "--resume"]);
     assert!(stderr.contains("resuming from"), "{stderr}");
-    let lb = losses(&b);
+    let lb = losses_by_step(&b);
     assert_eq!(lb.len(), 40);
     for (s, l) in &la {
         assert_eq!(l.to_bits(), lb[s].to_bits(), "step {s}: uninterrupted {l} vs resumed {}", lb[s]);
@@ -170,7 +145,7 @@ print(json.dumps({t: [[e.step, e.value] for e in acc.Scalars(t)] for t in acc.Ta
 #[test]
 fn nvme_offload_run_matches_the_resident_run_bit_for_bit() {
     let dir = tmp_dir("run-offload");
-    let (model, data) = fixture(&dir);
+    let (model, data) = tiny_llama_and_texts(&dir);
     let base = recipe(&dir, "r.toml", &dir.join("unused"), &model, &data, "");
     let r = base.to_str().unwrap();
     let resident = dir.join("resident");
@@ -188,7 +163,7 @@ fn nvme_offload_run_matches_the_resident_run_bit_for_bit() {
         "offload.tiers=[\"host\",\"numa\",\"nvme\"]", "offload.host_bytes=60000", "offload.numa_bytes=60000",
         &format!("offload.nvme_dir={}", dir.display()), "offload.nvme_bytes=67108864", "offload.alpha=0.3",
     ]);
-    let (a, b, c) = (losses(&resident), losses(&nvme), losses(&split));
+    let (a, b, c) = (losses_by_step(&resident), losses_by_step(&nvme), losses_by_step(&split));
     assert_eq!(a.len(), 6);
     for (s, l) in &a {
         assert_eq!(l.to_bits(), b[s].to_bits(), "step {s}");
@@ -215,7 +190,7 @@ fn nvme_offload_run_matches_the_resident_run_bit_for_bit() {
 #[test]
 fn tiled_runs_match_the_whole_sequence_run() {
     let dir = tmp_dir("run-tiled");
-    let (model, data) = fixture(&dir);
+    let (model, data) = tiny_llama_and_texts(&dir);
     let extra = "\n[lora]\nrank = 4\nalpha = 8.0\ndropout = 0.1\ntargets = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]\n";
     let base = recipe(&dir, "r.toml", &dir.join("unused"), &model, &data, extra);
     let r = base.to_str().unwrap();
@@ -226,7 +201,7 @@ fn tiled_runs_match_the_whole_sequence_run() {
         a.push(&d);
         a.extend_from_slice(args);
         run_ok(&a);
-        losses(&out)
+        losses_by_step(&out)
     };
     for mode in ["full", "lora"] {
         let m = format!("train.mode={mode}");
@@ -259,7 +234,7 @@ fn tiled_runs_match_the_whole_sequence_run() {
 #[test]
 fn lora_run_exports_a_peft_adapter() {
     let dir = tmp_dir("run-lora");
-    let (model, data) = fixture(&dir);
+    let (model, data) = tiny_llama_and_texts(&dir);
     let run = dir.join("lora");
     let extra = "\n[lora]\nrank = 4\nalpha = 8.0\ndropout = 0.1\ntargets = [\"q_proj\", \"v_proj\", \"down_proj\"]\n";
     let r = recipe(&dir, "lora.toml", &run, &model, &data, extra);
@@ -269,7 +244,7 @@ fn lora_run_exports_a_peft_adapter() {
     let mut kept = kept;
     kept.sort();
     assert_eq!(kept, vec!["step_00000010", "step_00000012"], "keep_last = 2");
-    let l = losses(&run);
+    let l = losses_by_step(&run);
     assert!(l[&12] < l[&1], "LoRA loss did not fall: {} -> {}", l[&1], l[&12]);
     let ck = run.join("step_00000010");
     assert!(ck.join("adapter_model.safetensors").exists() && !ck.join("model.safetensors").exists(), "a LoRA checkpoint holds only adapters");
@@ -293,7 +268,7 @@ fn lora_run_exports_a_peft_adapter() {
 #[test]
 fn bad_recipes_and_existing_runs_give_clear_errors() {
     let dir = tmp_dir("run-bad");
-    let (model, data) = fixture(&dir);
+    let (model, data) = tiny_llama_and_texts(&dir);
     let run = dir.join("r");
     let good = recipe(&dir, "good.toml", &run, &model, &data, "");
     let err = |args: &[&str]| -> String {

@@ -179,3 +179,27 @@ pub fn train(args: &[&str]) -> std::process::Output {
 pub fn venv_python() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python3")
 }
+
+/// A tiny Llama folder (`dir/base`, written once) and a text file of 40 lines; returns (model
+/// dir, data file).
+pub fn tiny_llama_and_texts(dir: &Path) -> (PathBuf, PathBuf) {
+    let model = dir.join("base");
+    if !model.exists() {
+        write_checkpoint(&model, &llama_config(), Kind::Float, 1, 21);
+    }
+    let data = dir.join("train.jsonl");
+    write_texts(&data, 40, 24, 9);
+    (model, data)
+}
+
+/// A run's step → train/loss, the last record of each step (a resumed run repeats some; a line
+/// being written right now is skipped).
+pub fn losses_by_step(run: &Path) -> BTreeMap<i64, f64> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let v = serde_json::from_str::<Value>(l).ok()?;
+            Some((v.get("step")?.as_i64()?, v.get("train/loss")?.as_f64()?))
+        })
+        .collect()
+}

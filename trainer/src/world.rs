@@ -90,7 +90,6 @@ impl Env {
 pub struct World {
     pub rank: usize,
     pub size: usize,
-    pub local_rank: usize,
     pg: Option<ProcessGroup>,
     /// Where the group's own small tensors live (NCCL takes only CUDA tensors).
     on: Device,
@@ -99,7 +98,7 @@ pub struct World {
 impl World {
     /// A job of one process.
     pub fn alone() -> World {
-        World { rank: 0, size: 1, local_rank: 0, pg: None, on: Device::Cpu }
+        World { rank: 0, size: 1, pg: None, on: Device::Cpu }
     }
 
     /// Meets the other ranks: the store (torchrun's agent's, or hosted by rank 0), then the
@@ -128,7 +127,7 @@ impl World {
             Device::Cuda(i) if nccl => (ProcessGroup::nccl(store, env.rank, env.size, timeout, i).map_err(|e| fail("the NCCL process group", e))?, device),
             _ => (ProcessGroup::gloo(store, env.rank, env.size, timeout).map_err(|e| fail("the Gloo process group", e))?, Device::Cpu),
         };
-        Ok(World { rank: env.rank, size: env.size, local_rank: env.local_rank, pg: Some(pg), on })
+        Ok(World { rank: env.rank, size: env.size, pg: Some(pg), on })
     }
 
     /// Whether this process writes the run's files (metrics, checkpoints, exports): rank 0.
