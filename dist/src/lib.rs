@@ -187,9 +187,13 @@ pub struct ProcessGroup {
     _store: std::sync::Arc<Store>,
 }
 
-// SAFETY: c10d process groups are used from one thread at a time here (the training thread),
-// and their handles are freed once.
+// SAFETY: c10d process groups guard their own state (Gloo's work queue and NCCL's communicator
+// map are behind mutexes; torch's DDP issues collectives from its reducer thread while the main
+// thread issues others), and their handles are freed once. Ranks match collectives by the order
+// they are issued in, which a caller sharing a group between threads must keep; strata issues
+// them from the training thread only.
 unsafe impl Send for ProcessGroup {}
+unsafe impl Sync for ProcessGroup {}
 
 impl ProcessGroup {
     /// A Gloo group of `size` ranks meeting through `store`; collectives fail after `timeout`.

@@ -93,12 +93,23 @@ pub struct World {
     pg: Option<ProcessGroup>,
     /// Where the group's own small tensors live (NCCL takes only CUDA tensors).
     on: Device,
+    /// How this process met the others, to form subgroups the same way.
+    joined: Option<Joined>,
+}
+
+struct Joined {
+    env: Env,
+    /// The store's key prefix.
+    prefix: String,
+    nccl: bool,
+    timeout: Duration,
+    device: Device,
 }
 
 impl World {
     /// A job of one process.
     pub fn alone() -> World {
-        World { rank: 0, size: 1, pg: None, on: Device::Cpu }
+        World { rank: 0, size: 1, pg: None, on: Device::Cpu, joined: None }
     }
 
     /// Meets the other ranks: the store (torchrun's agent's, or hosted by rank 0), then the
@@ -116,18 +127,45 @@ impl World {
         // path as many, e.g. NCCL on a machine with one GPU.
         let at = format!("{}:{}", env.master_addr, env.master_port);
         let fail = |what: &str, e: dist::DistError| TrainerError::Dist(format!("rank {} of {}: {what} at {at}: {e}", env.rank, env.size));
-        let store = if env.agent_store {
-            Store::tcp(&env.master_addr, env.master_port, false, timeout, &format!("/worker/attempt_{}/", env.restart_count))
-        } else {
-            Store::tcp(&env.master_addr, env.master_port, env.rank == 0, timeout, "/strata/")
-        }
-        .map_err(|e| fail("the rendezvous store", e))?;
+        let prefix = if env.agent_store { format!("/worker/attempt_{}/", env.restart_count) } else { "/strata/".to_string() };
+        let store = Store::tcp(&env.master_addr, env.master_port, env.rank == 0 && !env.agent_store, timeout, &prefix).map_err(|e| fail("the rendezvous store", e))?;
         let store = Arc::new(store);
         let (pg, on) = match device {
             Device::Cuda(i) if nccl => (ProcessGroup::nccl(store, env.rank, env.size, timeout, i).map_err(|e| fail("the NCCL process group", e))?, device),
             _ => (ProcessGroup::gloo(store, env.rank, env.size, timeout).map_err(|e| fail("the Gloo process group", e))?, Device::Cpu),
         };
-        Ok(World { rank: env.rank, size: env.size, pg: Some(pg), on })
+        Ok(World { rank: env.rank, size: env.size, pg: Some(pg), on, joined: Some(Joined { env: env.clone(), prefix, nccl, timeout, device }) })
+    }
+
+    /// The sequence-parallel group of `sp` consecutive ranks this rank belongs to (ranks
+    /// `[g·sp, (g+1)·sp)` split one sequence; `g` is the data-parallel rank); None for `sp` 1.
+    pub fn sequence_group(&self, sp: usize) -> Result<Option<Arc<crate::model::seq::SeqParallel>>> {
+        if sp <= 1 {
+            return Ok(None);
+        }
+        if self.size % sp != 0 {
+            return Err(TrainerError::Dist(format!("dist.sequence_parallel = {sp} does not divide the job's {} processes (data parallel × sequence parallel = world size)", self.size)));
+        }
+        let Some(j) = &self.joined else {
+            return Err(TrainerError::Dist(format!("dist.sequence_parallel = {sp} needs a job of {sp} or more processes (torchrun or `train launch`); this is one")));
+        };
+        let g = self.rank / sp;
+        let at = format!("{}:{}", j.env.master_addr, j.env.master_port);
+        let fail = |what: &str, e: dist::DistError| TrainerError::Dist(format!("rank {} of {}: {what} at {at}: {e}", self.rank, self.size));
+        let store = Store::tcp(&j.env.master_addr, j.env.master_port, false, j.timeout, &format!("{}sp{g}/", j.prefix)).map_err(|e| fail("the rendezvous store", e))?;
+        let store = Arc::new(store);
+        let (pg, on) = match j.device {
+            Device::Cuda(i) if j.nccl => (ProcessGroup::nccl(store, self.rank % sp, sp, j.timeout, i), j.device),
+            _ => (ProcessGroup::gloo(store, self.rank % sp, sp, j.timeout), Device::Cpu),
+        };
+        let pg = pg.map_err(|e| fail("the sequence-parallel group", e))?;
+        Ok(Some(Arc::new(crate::model::seq::SeqParallel::new(Arc::new(pg), on))))
+    }
+
+    /// This rank's data-parallel rank and the number of them under sequence parallelism `sp`.
+    pub fn data_parallel(&self, sp: usize) -> (usize, usize) {
+        let sp = sp.max(1);
+        (self.rank / sp, (self.size / sp).max(1))
     }
 
     /// Whether this process writes the run's files (metrics, checkpoints, exports): rank 0.

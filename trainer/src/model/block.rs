@@ -7,12 +7,15 @@
 use kernels::attention::{self, AttnConfig};
 use kernels::rope::RopeConfig;
 use kernels::{linear, lora, rmsnorm, rope, swiglu};
+use std::sync::Arc;
+
 use tch::{Device, Kind, Tensor};
 
 use crate::model::config::ModelConfig;
 use crate::error::Result;
 use crate::model::proj::Proj;
 use crate::model::layer::Layer;
+use crate::model::seq::{self, SeqParallel};
 
 /// What every layer of one packed micro-batch shares: RoPE tables, document boundaries,
 /// attention shapes, and whether this is a training pass (LoRA dropout) and what is trained.
@@ -32,6 +35,17 @@ pub struct Context {
     pub heads: i64,
     pub kv_heads: i64,
     pub head_dim: i64,
+    /// Sequence parallelism: this rank holds tokens `shard.start..+shard.tokens` (`cos` and `sin`
+    /// are theirs); `cu_seqlens` and `attn` are the whole padded sequence's on this rank's heads.
+    pub seq: Option<SeqShard>,
+}
+
+/// A [`Context`]'s sequence-parallel part.
+pub struct SeqShard {
+    pub group: Arc<SeqParallel>,
+    pub shard: seq::Shard,
+    /// Copies of each KV head ([`seq::kv_copies`]).
+    pub kv_copies: i64,
 }
 
 impl Context {
@@ -71,7 +85,29 @@ impl Context {
             heads: cfg.num_heads,
             kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
+            seq: None,
         }
+    }
+
+    /// This context cut to rank `group.rank`'s shard: its rows of the RoPE tables, and attention
+    /// over the whole sequence with `heads / P` query heads and `kv_heads · copies / P` KV heads.
+    /// The documents must already include the padding ([`seq::Shard::padded`] tokens).
+    pub fn sharded(mut self, group: Arc<SeqParallel>) -> std::result::Result<Context, String> {
+        let padded = self.cu_seqlens.last().copied().unwrap_or(0);
+        let p = group.size as i64;
+        let shard = group.shard(padded);
+        if shard.padded != padded {
+            return Err(format!("internal: {padded} tokens do not divide over {p} ranks (pad them first)"));
+        }
+        let copies = seq::kv_copies(self.heads, self.kv_heads, p)?;
+        self.cos = self.cos.narrow(0, shard.start, shard.tokens);
+        self.sin = self.sin.narrow(0, shard.start, shard.tokens);
+        for a in &mut self.attn {
+            a.heads /= p;
+            a.kv_heads = a.kv_heads * copies / p;
+        }
+        self.seq = Some(SeqShard { group, shard, kv_copies: copies });
+        Ok(self)
     }
 }
 
@@ -235,12 +271,32 @@ pub(crate) fn proj(layer: &Layer, p: Proj, x: &Tensor, ctx: &Context, lora_saved
 /// output: the ones MEMO's split may drop for tokens [αT, T) and recompute in backward.
 pub const RECOMPUTABLE: [&str; 11] = [name::RSTD_ATTN, name::X_ATTN, name::Q, name::K, name::V, name::H, name::RSTD_MLP, name::X_MLP, name::GATE, name::UP, name::ACT];
 
+/// How a layer's forward ran, which decides what its saved tensors are and what MEMO's split
+/// may recompute ([`recomputable`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// The whole sequence at once.
+    Whole,
+    /// Over token tiles ([`crate::model::tiled`]).
+    Tiled,
+    /// One shard of a sequence split over ranks ([`seq`]): q, k and v are saved as attention
+    /// read them, every token of this rank's heads.
+    Sharded,
+}
+
 /// Whether MEMO's split may drop rows of saved tensor `name`: the [`RECOMPUTABLE`] ones, except
-/// K and V under token tiles. Every query tile's backward needs them whole, and rebuilding them
-/// would read the layer input twice (once for them, once for its tile); storing them costs
-/// `2 × kv_heads × head_dim` per token, at most the layer input's width under GQA.
-pub fn recomputable(name: &str, tiled: bool) -> bool {
-    RECOMPUTABLE.contains(&name) && !(tiled && (name == name::K || name == name::V))
+/// - K and V under token tiles: every query tile's backward needs them whole, and rebuilding them
+///   would read the layer input twice (once for them, once for its tile); storing them costs
+///   `2 × kv_heads × head_dim` per token, at most the layer input's width under GQA;
+/// - q, K and V of a sharded sequence: their rows are every token of this rank's heads, and
+///   rebuilding them would take the all-to-all again.
+pub fn recomputable(name: &str, layout: Layout) -> bool {
+    RECOMPUTABLE.contains(&name)
+        && match layout {
+            Layout::Whole => true,
+            Layout::Tiled => name != name::K && name != name::V,
+            Layout::Sharded => name != name::Q && name != name::K && name != name::V,
+        }
 }
 
 /// Token-local work before attention, on any rows of the layer input.
@@ -302,13 +358,13 @@ pub(crate) type LoraSaved = Vec<(&'static str, Tensor, Option<Tensor>)>;
 pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize) -> Result<(Tensor, BlockSaved)> {
     let t = x.size()[0];
     let mut ls = Vec::new();
-    let pre = pre_attn(layer, x, &ctx.cos, &ctx.sin, ctx, &mut ls, Masks::Draw);
-    let (o, attn_saved) = attention::forward_packed(&pre.q, &pre.k, &pre.v, &ctx.attn[layer_idx], &ctx.cu_seqlens)?;
+    let PreAttn { rstd_attn, x_attn, q, k, v } = pre_attn(layer, x, &ctx.cos, &ctx.sin, ctx, &mut ls, Masks::Draw);
+    let (o, attn_saved) = attend(q, k, v, ctx, layer_idx)?;
     let post = post_attn(layer, x, &o.view([t, ctx.heads * ctx.head_dim]), ctx, &mut ls, Masks::Draw);
     let saved = BlockSaved {
         x: x.shallow_clone(),
-        rstd_attn: pre.rstd_attn,
-        x_attn: pre.x_attn,
+        rstd_attn,
+        x_attn,
         attn: attn_saved,
         h: post.h,
         rstd_mlp: post.rstd_mlp,
@@ -319,6 +375,38 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize) -> Re
         lora: ls,
     };
     Ok((post.y, saved))
+}
+
+/// Attention over the packed documents of q, k, v (`[T, heads or kv_heads, head_dim]`): here,
+/// or for a sharded sequence over every token of this rank's heads between two all-to-alls
+/// (each tensor dropped once it has gone). The saved output is in the token layout o_proj reads;
+/// the saved q, k, v and logsumexp are as the kernel read them.
+fn attend(q: Tensor, k: Tensor, v: Tensor, ctx: &Context, l: usize) -> Result<(Tensor, attention::Saved)> {
+    let Some(sp) = &ctx.seq else {
+        return Ok(attention::forward_packed(&q, &k, &v, &ctx.attn[l], &ctx.cu_seqlens)?);
+    };
+    let g = &sp.group;
+    let (qh, kh) = (g.to_heads(&q)?, g.to_heads(&seq::repeat_kv(&k, sp.kv_copies))?);
+    drop((q, k));
+    let vh = g.to_heads(&seq::repeat_kv(&v, sp.kv_copies))?;
+    drop(v);
+    let (o, mut saved) = attention::forward_packed(&qh, &kh, &vh, &ctx.attn[l], &ctx.cu_seqlens)?;
+    let o = g.to_tokens(&o)?;
+    saved.out = o.shallow_clone();
+    Ok((o, saved))
+}
+
+/// The gradients of q, k, v (`[T, heads or kv_heads, head_dim]`) from the attention output's.
+fn attend_backward(grad_out: &Tensor, saved: attention::Saved, ctx: &Context, l: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let Some(sp) = &ctx.seq else {
+        return Ok(attention::backward_packed(grad_out, &saved, &ctx.attn[l], &ctx.cu_seqlens)?);
+    };
+    let g = &sp.group;
+    let grad_out = g.to_heads(grad_out)?;
+    let saved = attention::Saved { out: g.to_heads(&saved.out)?, ..saved };
+    let (dq, dk, dv) = attention::backward_packed(&grad_out, &saved, &ctx.attn[l], &ctx.cu_seqlens)?;
+    drop((grad_out, saved));
+    Ok((g.to_tokens(&dq)?, seq::sum_kv_copies(&g.to_tokens(&dk)?, sp.kv_copies), seq::sum_kv_copies(&g.to_tokens(&dv)?, sp.kv_copies)))
 }
 
 /// Recomputes the [`RECOMPUTABLE`] tensors for tokens `from..T` from the layer input and the
@@ -401,8 +489,8 @@ pub fn backward(layer: &Layer, dy: Tensor, s: BlockSaved, ctx: &Context, layer_i
     let dh = dy + dh_norm;
     // Attention
     let do_ = proj_backward(&dh, &attn.out.view([t, ctx.heads * ctx.head_dim]), layer, Proj::O, ctx, &mut ls, &mut grads)?;
-    let (dq, dk, dv) = attention::backward_packed(&do_.view([t, ctx.heads, ctx.head_dim]), &attn, &ctx.attn[layer_idx], &ctx.cu_seqlens)?;
-    drop((do_, attn));
+    let (dq, dk, dv) = attend_backward(&do_.view([t, ctx.heads, ctx.head_dim]), attn, ctx, layer_idx)?;
+    drop(do_);
     let dq = rope::backward(&dq, &ctx.cos, &ctx.sin).reshape([t, ctx.heads * ctx.head_dim]);
     let dk = rope::backward(&dk, &ctx.cos, &ctx.sin).reshape([t, ctx.kv_heads * ctx.head_dim]);
     let dv = dv.reshape([t, ctx.kv_heads * ctx.head_dim]);

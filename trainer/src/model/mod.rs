@@ -7,12 +7,14 @@ pub mod layer;
 pub mod lora;
 pub mod proj;
 pub mod reference;
+pub mod seq;
 pub mod stash;
 pub mod tiled;
 pub mod weights;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use kernels::{cross_entropy, embedding, rmsnorm};
 use tch::{Device, Kind, Tensor};
@@ -53,6 +55,9 @@ pub struct Model {
     pub lm_head: Option<Tensor>,
     /// Tokens per tile of a block's token-local ops ([`tiled`]); None: the whole sequence at once.
     pub tile_tokens: Option<i64>,
+    /// Sequence parallelism: every training sequence is split over this group's ranks
+    /// ([`seq`]); None: this process computes whole sequences. Evaluation is never split.
+    pub seq: Option<Arc<seq::SeqParallel>>,
 }
 
 /// Gradients keyed by HF parameter name.
@@ -119,7 +124,7 @@ impl Model {
         }
         let norm = take("model.norm.weight".into())?;
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(take("lm_head.weight".into())?) };
-        Ok(Model { cfg, full: true, embed_tokens, layers, norm, lm_head, tile_tokens: None })
+        Ok(Model { cfg, full: true, embed_tokens, layers, norm, lm_head, tile_tokens: None, seq: None })
     }
 
     /// Loads the weights of an HF folder, converting them to `kind` on `device`. Returns the
@@ -211,6 +216,41 @@ impl Model {
         Ok(())
     }
 
+    /// How the training forward runs a block.
+    pub fn layout(&self) -> block::Layout {
+        match (self.tile_tokens, &self.seq) {
+            (_, Some(_)) => block::Layout::Sharded,
+            (Some(_), None) => block::Layout::Tiled,
+            (None, None) => block::Layout::Whole,
+        }
+    }
+
+    /// The training pass's tokens, labels and context: the whole batch, or under sequence
+    /// parallelism this rank's shard of it padded to divide over the group (the padding a
+    /// document of its own whose labels are ignored).
+    fn training_inputs(&self, batch: &Batch, dev: Device) -> Result<(Tensor, Tensor, block::Context)> {
+        let Some(sp) = &self.seq else {
+            let ctx = block::Context::new(&self.cfg, &batch.doc_lens, self.kind(), dev);
+            return Ok((batch.ids.to_device(dev), batch.labels.to_device(dev), ctx));
+        };
+        let t = batch.ids.size()[0];
+        let shard = sp.shard(t);
+        let pad = shard.padded - t;
+        let mut doc_lens = batch.doc_lens.clone();
+        if pad > 0 {
+            doc_lens.push(pad);
+        }
+        let ctx = block::Context::new(&self.cfg, &doc_lens, self.kind(), dev).sharded(sp.clone()).map_err(TrainerError::Dist)?;
+        // Rows of the padded sequence: this rank's real tokens, then (the last ranks) padding.
+        let rows = |full: &Tensor, fill: i64| {
+            let real = (t - shard.start).clamp(0, shard.tokens);
+            let mine = full.narrow(0, shard.start.min(t), real);
+            let padding = Tensor::full([shard.tokens - real], fill, (Kind::Int64, full.device()));
+            Tensor::cat(&[mine, padding], 0).to_device(dev)
+        };
+        Ok((rows(&batch.ids, 0), rows(&batch.labels, cross_entropy::IGNORE_INDEX), ctx))
+    }
+
     /// One block's forward: over token tiles keeping `split` rows of the recomputable tensors
     /// ([`tiled::forward`]), or whole (every row saved; the store keeps its share).
     fn forward_block(&self, layer: &Layer, x: &Tensor, ctx: &block::Context, l: usize, split: i64) -> Result<(Tensor, block::BlockSaved)> {
@@ -298,8 +338,10 @@ impl Model {
         self.check_ids(&batch.ids, "token ids")?;
         let _guard = tch::no_grad_guard();
         let dev = self.device();
-        let (ids, labels) = (batch.ids.to_device(dev), batch.labels.to_device(dev));
-        let mut ctx = block::Context::new(&self.cfg, &batch.doc_lens, self.kind(), dev);
+        if self.seq.is_some() && self.tile_tokens.is_some() {
+            return Err(TrainerError::Dist("compute.tile_tokens with dist.sequence_parallel > 1: token tiles of a sharded sequence are not built yet; set one of them".into()));
+        }
+        let (ids, labels, mut ctx) = self.training_inputs(batch, dev)?;
         ctx.train = true;
         ctx.full = self.full;
         let (mut x, emb_saved) = embedding::forward(&self.embed_tokens, &ids);
@@ -324,7 +366,7 @@ impl Model {
             guard::enter(Phase::Forward, Some(l));
             let (y, s) = self.forward_block(layer, &x, &ctx, l, split(l))?;
             saved_bytes += s.bytes();
-            stashed.push(stash::put(store, placement, l, s, t_all, self.tile_tokens.is_some())?);
+            stashed.push(stash::put(store, placement, l, s, t_all, self.layout())?);
             x = y;
         }
         let stats = StepStats { saved_bytes };
@@ -332,7 +374,17 @@ impl Model {
         let (h, norm_saved) = rmsnorm::forward(&x, &self.norm, self.cfg.rms_norm_eps);
         let (loss, ce_saved) = cross_entropy::forward(&h, self.lm_head_weight(), &labels, ce_chunk);
 
-        let scale = grad_scale.unwrap_or(if loss.count > 0 { 1.0 / loss.count as f64 } else { 0.0 });
+        let scale = match (grad_scale, &self.seq) {
+            (Some(s), _) => s,
+            (None, seq) => {
+                // The mean over the whole sequence's counted tokens, whichever rank holds them.
+                let count = match seq {
+                    Some(sp) => sp.sum_i64(loss.count)?,
+                    None => loss.count,
+                };
+                if count > 0 { 1.0 / count as f64 } else { 0.0 }
+            }
+        };
         let (dh, dhead) = cross_entropy::backward(scale, &ce_saved, self.lm_head_weight(), self.full);
         drop(ce_saved);
         let (mut dx, dnorm) = rmsnorm::backward(&dh, &norm_saved, &self.norm, self.full);

@@ -24,8 +24,8 @@ pub struct Stashed {
     pub names: Vec<String>,
     /// Rows of the recomputable tensors stored (`T` when all of them).
     pub split: i64,
-    /// Whether the layer ran over token tiles (which changes what is recomputable).
-    pub tiled: bool,
+    /// How the layer ran (which changes what is recomputable).
+    pub layout: block::Layout,
 }
 
 impl Stashed {
@@ -33,24 +33,24 @@ impl Stashed {
     /// [`BlockSaved`] is rebuilt from.
     fn with_recomputable(&self) -> Vec<String> {
         let mut all = self.names.clone();
-        all.extend(block::RECOMPUTABLE.iter().filter(|n| block::recomputable(n, self.tiled) && !self.names.iter().any(|m| m == *n)).map(|n| n.to_string()));
+        all.extend(block::RECOMPUTABLE.iter().filter(|n| block::recomputable(n, self.layout) && !self.names.iter().any(|m| m == *n)).map(|n| n.to_string()));
         all
     }
 
     /// What the backward takes whole, to be read back ahead of it: every stored tensor, or under
     /// token tiles the ones not read tile by tile ([`tiled::read_whole`]).
     pub fn read_whole(&self) -> Vec<String> {
-        self.names.iter().filter(|n| !self.tiled || tiled::read_whole(n)).cloned().collect()
+        self.names.iter().filter(|n| self.layout != block::Layout::Tiled || tiled::read_whole(n)).cloned().collect()
     }
 }
 
-/// Hands layer `l`'s saved tensors to the store: the recomputable ones (`tiled`: of a layer run
-/// over token tiles) cut to the placement's `stored_rows(α, T)` rows, each tensor to its tier.
-pub fn put(store: &mut ActivationStore, placement: &Placement, l: usize, saved: BlockSaved, tokens: i64, tiled: bool) -> Result<Stashed> {
+/// Hands layer `l`'s saved tensors to the store: the recomputable ones (of a layer run as
+/// `layout` says) cut to the placement's `stored_rows(α, T)` rows, each tensor to its tier.
+pub fn put(store: &mut ActivationStore, placement: &Placement, l: usize, saved: BlockSaved, tokens: i64, layout: block::Layout) -> Result<Stashed> {
     let split = planner::inventory::stored_rows(placement.alpha(l), tokens);
     let mut names = Vec::new();
     for (name, t) in saved.into_named() {
-        let t = if split < tokens && block::recomputable(&name, tiled) {
+        let t = if split < tokens && block::recomputable(&name, layout) {
             if split == 0 {
                 continue; // recomputed whole
             }
@@ -67,7 +67,7 @@ pub fn put(store: &mut ActivationStore, placement: &Placement, l: usize, saved: 
         store.put(l, &name, t, tier)?;
         names.push(name);
     }
-    Ok(Stashed { names, split, tiled })
+    Ok(Stashed { names, split, layout })
 }
 
 /// Takes layer `l`'s saved tensors back for its backward, recomputing the rows it did not store
@@ -83,7 +83,7 @@ pub fn take(store: &mut ActivationStore, layer: &Layer, l: usize, stashed: &Stas
     BlockSaved::from_named(&stashed.with_recomputable(), |n| match n {
         block::name::X => Ok(x_in.shallow_clone()),
         block::name::ATTN_OUT => Ok(attn_out.shallow_clone()),
-        n if block::RECOMPUTABLE.contains(&n) => {
+        n if block::recomputable(n, stashed.layout) => {
             let rest = tail.remove(n).ok_or_else(|| TrainerError::Device(format!("recompute lost `{n}`")))?;
             Ok(if split > 0 { Tensor::cat(&[store.take(l, n)?, rest], 0) } else { rest })
         }

@@ -219,7 +219,7 @@ pub fn read_whole(name: &str) -> bool {
 /// the recomputable tensors stored): a recomputed tile reads only what is never recomputed (the
 /// layer input, the attention output, LoRA's activations and masks).
 pub fn tile_reads(name: &str, tl: &Tile, split: i64) -> bool {
-    !read_whole(name) && (tile_is_stored(tl, split) || !block::recomputable(name, true))
+    !read_whole(name) && (tile_is_stored(tl, split) || !block::recomputable(name, block::Layout::Tiled))
 }
 
 /// The order in which [`backward`] visits the tiles: last to first. When a tile's queries are

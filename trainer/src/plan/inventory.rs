@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::model::block::{self, name};
 use crate::model::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{Result, TrainerError};
 use crate::model::lora::LoraConfig;
 use crate::model::proj::Proj;
 use crate::model::{param_specs, Model};
@@ -42,9 +42,15 @@ fn shape_formula(a: &[i64], b: &[i64]) -> String {
 }
 
 /// One block's saved tensors at T = 64 and 128, measured on `device`.
-fn probe_saved(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, full: bool, device: Device, tiled: bool) -> Result<Vec<TensorClass>> {
+///
+/// A sharded layer (`kv_copies` > 0, [`block::Layout::Sharded`]) saves per local token what a
+/// whole-sequence layer with `kv_heads × kv_copies` KV heads saves (its q, k, v and logsumexp
+/// hold every token of 1/P of those heads): it is probed as that layer.
+fn probe_saved(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, full: bool, device: Device, layout: block::Layout, kv_copies: i64) -> Result<Vec<TensorClass>> {
+    let tiled = layout == block::Layout::Tiled;
     let mut one = cfg.clone();
     one.num_layers = 1;
+    one.num_kv_heads *= kv_copies;
     one.vocab_size = 8; // the block never touches the embedding
     let zero = Tensor::zeros([1], (kind, device));
     let one_t = Tensor::ones([1], (kind, device));
@@ -87,7 +93,7 @@ fn probe_saved(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, full: b
                 count: 1,
                 fixed_bytes: b0 - per_token * PROBE_T[0] as u64,
                 per_token_bytes: per_token,
-                recomputable: block::recomputable(name, tiled),
+                recomputable: block::recomputable(name, layout),
                 sliced: tiled && !crate::model::tiled::read_whole(name),
             }
         })
@@ -339,15 +345,33 @@ pub fn build(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: D
     build_tiled(cfg, kind, lora, device, ce_chunk, None)
 }
 
-/// The inventory of `model` as it runs (its dtype, device and token tiles), LoRA per `lora`.
+/// The inventory of `model` as it runs (its dtype, device, token tiles and sequence-parallel
+/// group: then per rank, per token of its shard), LoRA per `lora`.
 pub fn of_model(model: &Model, lora: Option<&LoraConfig>, ce_chunk: i64) -> Result<Inventory> {
-    build_tiled(&model.cfg, model.kind(), lora, model.device(), ce_chunk, model.tile_tokens.map(|t| t as u64))
+    match &model.seq {
+        Some(g) => build_sharded(&model.cfg, model.kind(), lora, model.device(), ce_chunk, g.size as i64),
+        None => build_tiled(&model.cfg, model.kind(), lora, model.device(), ce_chunk, model.tile_tokens.map(|t| t as u64)),
+    }
 }
 
 /// [`build`] for blocks run over token tiles of `tile` tokens (None: the whole sequence).
 pub fn build_tiled(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: Device, ce_chunk: i64, tile: Option<u64>) -> Result<Inventory> {
+    build_with(cfg, kind, lora, device, ce_chunk, tile, 1)
+}
+
+/// [`build`] for one rank of a sequence split over `sp` ranks: per token of its shard.
+pub fn build_sharded(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: Device, ce_chunk: i64, sp: i64) -> Result<Inventory> {
+    build_with(cfg, kind, lora, device, ce_chunk, None, sp)
+}
+
+fn build_with(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: Device, ce_chunk: i64, tile: Option<u64>, sp: i64) -> Result<Inventory> {
     let device = if matches!(device, Device::Cuda(_)) && !tch::Cuda::is_available() { Device::Cpu } else { device };
-    let saved = probe_saved(cfg, kind, lora, lora.is_none(), device, tile.is_some())?;
+    let (layout, kv_copies) = match (tile, sp) {
+        (_, p) if p > 1 => (block::Layout::Sharded, crate::model::seq::kv_copies(cfg.num_heads, cfg.num_kv_heads, p).map_err(|e| TrainerError::Dist(format!("sequence parallel over {p}: {e}")))?),
+        (Some(_), _) => (block::Layout::Tiled, 1),
+        (None, _) => (block::Layout::Whole, 1),
+    };
+    let saved = probe_saved(cfg, kind, lora, lora.is_none(), device, layout, kv_copies)?;
     let e = kind.elt_size_in_bytes() as u64;
     let (d, v) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
     let (qd, kvd, i) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64, cfg.intermediate_size as u64);
@@ -379,10 +403,18 @@ pub fn build_tiled(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, dev
             sliced: false,
         },
     ];
-    let (backward, forward) = match tile {
+    let (mut backward, mut forward) = match tile {
         None => (backward_buffers(cfg, kind, lora, &saved), forward_buffers(cfg, kind, lora)),
         Some(_) => (tiled_backward_buffers(cfg, kind, lora, &saved), tiled_forward_buffers(cfg, kind, lora)),
     };
+    if layout == block::Layout::Sharded {
+        // The all-to-alls around attention (block::attend): a tensor in one layout, its copy
+        // ordered for the exchange and what comes back, the widest being q's and the output's;
+        // backward also holds the output gradient and the output in the heads' layout.
+        forward.push(op_buf("all-to-all: tensor, send copy, received", format!("3 × [T, {qd}]"), 3 * qd * e, 3, 3));
+        backward.push(op_buf("output and its gradient in the heads' layout", format!("2 × [T, {qd}]"), 2 * qd * e, 7, 7));
+        backward.push(op_buf("all-to-all: send copy, received", format!("2 × [T, {qd}]"), 2 * qd * e, 7, 7));
+    }
     let proj_params = d * qd + 2 * d * kvd + qd * d + 3 * d * i;
     Ok(Inventory {
         model: format!("{:?}: {} layers, hidden {d}, {} heads ({} kv), intermediate {i}, vocab {v}", cfg.arch, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads),
@@ -395,7 +427,7 @@ pub fn build_tiled(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, dev
         tile_tokens: tile,
         forward,
         backward,
-        flops: LayerFlops { linear_per_token: 2.0 * proj_params as f64, attention_per_pair: 4.0 * qd as f64, linear_backward_ratio: if lora.is_some() { 1.0 } else { 2.0 } },
+        flops: LayerFlops { linear_per_token: 2.0 * proj_params as f64, attention_per_pair: 4.0 * qd as f64 * sp.max(1) as f64, linear_backward_ratio: if lora.is_some() { 1.0 } else { 2.0 } },
         head_flops_per_token: 2.0 * (d * v) as f64,
     })
 }

@@ -53,12 +53,23 @@ pub struct DistSection {
     /// at the next step's all-reduce, so it must cover those.
     #[serde(default = "default_dist_timeout")]
     pub timeout_seconds: u64,
+    /// Ranks one sequence is split over (DeepSpeed-Ulysses: each holds 1/P of every token-local
+    /// activation and attends with heads/P of the heads over the whole sequence). Consecutive
+    /// ranks form a group; data parallel × sequence parallel = world size. 1: each rank computes
+    /// whole sequences. Trade-off: per-rank activation memory falls as 1/P, for four all-to-alls
+    /// per layer forward and five backward.
+    #[serde(default = "default_sequence_parallel")]
+    pub sequence_parallel: usize,
 }
 
 impl Default for DistSection {
     fn default() -> Self {
-        DistSection { backend: Backend::Auto, timeout_seconds: default_dist_timeout() }
+        DistSection { backend: Backend::Auto, timeout_seconds: default_dist_timeout(), sequence_parallel: 1 }
     }
+}
+
+fn default_sequence_parallel() -> usize {
+    1
 }
 
 fn default_dist_timeout() -> u64 {
@@ -605,6 +616,12 @@ impl Recipe {
         }
         if self.dist.timeout_seconds == 0 {
             return err("dist.timeout_seconds", "must be at least 1 (seconds the ranks wait for each other)".into());
+        }
+        if self.dist.sequence_parallel == 0 {
+            return err("dist.sequence_parallel", "must be at least 1 (ranks one sequence is split over; 1: not split)".into());
+        }
+        if self.dist.sequence_parallel > 1 && matches!(self.compute.fixed_tile(), Some(Some(_))) {
+            return err("dist.sequence_parallel", format!("{} with compute.tile_tokens: token tiles of a sharded sequence are not built yet; remove one of them", self.dist.sequence_parallel));
         }
         let d = &self.data;
         match (&d.synth, d.train.is_empty()) {

@@ -36,11 +36,13 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
     let t0 = Instant::now();
     let step_peak = crate::memory::PhasePeak::start();
     let recipe = &s.recipe;
-    // The step's micro-batches are those one process with grad_accum × world size would take;
-    // every rank draws them all (file data advances its cursor through all of them) and
-    // computes its own run of `grad_accum`: rank r the r-th.
+    // The step's micro-batches are those one process with grad_accum × data-parallel size would
+    // take; every rank draws them all (file data advances its cursor through all of them) and
+    // computes its data-parallel rank's run of `grad_accum` (under sequence parallelism the
+    // ranks of one group take the same micro-batches, each its shard of every sequence).
     let (accum, world) = (recipe.train.grad_accum, &s.world);
-    let per_step = accum * world.size as i64;
+    let (dp_rank, dp_size) = world.data_parallel(recipe.dist.sequence_parallel);
+    let per_step = accum * dp_size as i64;
     let mut all = Vec::new();
     for micro in 0..per_step {
         let index = step * per_step + micro;
@@ -50,7 +52,7 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
     let total: i64 = all.iter().map(|(_, b)| count_targets(b)).sum();
     let tokens: i64 = all.iter().map(|(_, b)| b.ids.size()[0]).sum();
     let scale = 1.0 / total.max(1) as f64;
-    let mine: Vec<_> = all.into_iter().skip(world.rank * accum as usize).take(accum as usize).collect();
+    let mine: Vec<_> = all.into_iter().skip(dp_rank * accum as usize).take(accum as usize).collect();
     let last = mine.len().saturating_sub(1);
     // The earlier micro-batches' gradient sums; the last micro-batch adds its own layer by layer
     // and starts each layer's sum across the ranks as soon as its backward is done.
@@ -63,7 +65,9 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
         // Dropout masks (LoRA) come from libtorch's generator: seeded per micro-batch, so a
         // resumed run, or a rank computing this micro-batch, draws what one uninterrupted
         // process drew (with grad_accum 1 the index is the step, as before).
-        tch::manual_seed((recipe.run.seed as i64).wrapping_mul(1_000_003).wrapping_add(index));
+        // The ranks of a sequence-parallel group draw masks for their own shards: apart.
+        let shard = s.model.seq.as_ref().map_or(0, |g| g.rank as i64);
+        tch::manual_seed((recipe.run.seed as i64).wrapping_mul(1_000_003).wrapping_add(index).wrapping_add(shard.wrapping_mul(7_919_000_011)));
         let (l, stats) = model.forward_backward_hooked(&b, Some(scale), loss_chunk, store, placement, &mut |g| {
             let mut g = g;
             for (n, t) in g.iter_mut() {
