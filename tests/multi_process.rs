@@ -74,6 +74,37 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Two runs trained alike: their 5 steps' losses and their final weights within 1e-12 relative
+/// (float64: sums over ranks and over micro-batches differ in order only).
+fn assert_same_training(tag: &str, one: &Path, other: &Path) {
+    let (a, b) = (losses(one), losses(other));
+    assert_eq!(a.len(), 5, "{a:?}");
+    assert_eq!(a.len(), b.len());
+    for (s, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() <= 1e-12 * x.abs(), "{tag} step {}: loss {x} (one process) vs {y}", s + 1);
+    }
+    let (wa, wb) = (weights(one), weights(other));
+    assert_eq!(wa.len(), wb.len());
+    for ((n, x), (m, y)) in wa.iter().zip(&wb) {
+        assert_eq!(n, m);
+        let d = (x - y).abs().max().double_value(&[]);
+        let scale = x.abs().max().double_value(&[]).max(1e-30);
+        assert!(d <= 1e-12 * scale, "{tag} {n}: weights differ by {d:e} (max |w| {scale:e})");
+    }
+}
+
+/// `train run` of `recipe` into `run_dir` as `n` ranks under torchrun.
+fn torchrun_job(n: usize, recipe: &Path, run_dir: &Path, overrides: &[&str]) -> std::process::Output {
+    Command::new(torchrun())
+        .args(["--no-python", "--nnodes", "1", "--nproc-per-node", &n.to_string(), "--rdzv-backend", "c10d", "--rdzv-endpoint", &format!("127.0.0.1:{}", free_port()), env!("CARGO_BIN_EXE_train"), "run", "--recipe"])
+        .arg(recipe)
+        .arg(format!("run.dir={}", run_dir.display()))
+        .args(overrides)
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap()
+}
+
 /// The same steps, once as one process with grad_accum 2, once as 2 ranks under torchrun.
 fn one_vs_two(dir: &Path, tag: &str, extra: &str, overrides: &[&str]) {
     let (model, data) = tiny_llama_and_texts(dir);
@@ -83,15 +114,7 @@ fn one_vs_two(dir: &Path, tag: &str, extra: &str, overrides: &[&str]) {
     args.extend(overrides.iter().map(|s| s.to_string()));
     let out = train(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let bin = env!("CARGO_BIN_EXE_train");
-    let out = Command::new(torchrun())
-        .args(["--no-python", "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", &format!("127.0.0.1:{}", free_port()), bin, "run", "--recipe"])
-        .arg(&r)
-        .arg(format!("run.dir={}", two.display()))
-        .args(overrides)
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .unwrap();
+    let out = torchrun_job(2, &r, &two, overrides);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "torchrun: {stderr}");
     // The built-in launcher: the same job without Python.
@@ -104,23 +127,10 @@ fn one_vs_two(dir: &Path, tag: &str, extra: &str, overrides: &[&str]) {
     assert!(stderr.contains("[rank 0] step 5/5") && !stderr.contains("[rank 1] step"), "rank 0 alone reports steps: {stderr}");
     assert_eq!(losses(&three), losses(&two), "{tag}: train launch and torchrun run the same job");
     assert!(weights(&three).iter().zip(weights(&two)).all(|((_, x), (_, y))| x.equal(&y)), "{tag}: train launch and torchrun end with the same weights");
-    let (a, b) = (losses(&one), losses(&two));
-    assert_eq!(a.len(), 5, "{a:?}");
-    assert_eq!(a.len(), b.len());
-    for (s, (x, y)) in a.iter().zip(&b).enumerate() {
-        assert!((x - y).abs() <= 1e-12 * x.abs(), "{tag} step {}: loss {x} (one process) vs {y} (two ranks)", s + 1);
-    }
-    let (wa, wb) = (weights(&one), weights(&two));
-    assert_eq!(wa.len(), wb.len());
-    for ((n, x), (m, y)) in wa.iter().zip(&wb) {
-        assert_eq!(n, m);
-        let d = (x - y).abs().max().double_value(&[]);
-        let scale = x.abs().max().double_value(&[]).max(1e-30);
-        assert!(d <= 1e-12 * scale, "{tag} {n}: weights differ by {d:e} (max |w| {scale:e})");
-    }
+    assert_same_training(tag, &one, &two);
     // Rank 0 alone wrote the run's files: one metrics file, one line per step.
     assert_eq!(losses(&two).len(), 5);
-    println!("{tag}: 2 ranks × grad_accum 1 == 1 process × grad_accum 2 over 5 steps: losses {b:?}");
+    println!("{tag}: 2 ranks × grad_accum 1 == 1 process × grad_accum 2 over 5 steps: losses {:?}", losses(&two));
 }
 
 #[test]
@@ -129,6 +139,58 @@ fn data_parallel_ranks_equal_one_process_with_their_micro_batches() {
     one_vs_two(&dir, "full", "", &[]);
     let lora = "\n[lora]\nrank = 4\nalpha = 8.0\ndropout = 0.1\ntargets = [\"q_proj\", \"v_proj\", \"down_proj\"]\n";
     one_vs_two(&dir, "lora", lora, &["train.mode=lora"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// One sequence split over 2 ranks (torchrun, `dist.sequence_parallel = 2`) trains as one process
+/// on whole sequences; 4 ranks as 2 data-parallel × 2 sequence-parallel (`train launch`) as one
+/// process with grad_accum 2. Full fine-tuning and LoRA; the sharded runs offload to host and
+/// NVMe with α 0.5 (each rank its own store and NVMe file).
+#[test]
+fn sequence_parallel_ranks_equal_one_process() {
+    let dir = tmp_dir("multi-process-sp");
+    let (model, data) = tiny_llama_and_texts(&dir);
+    let lora = "\n[lora]\nrank = 4\nalpha = 8.0\ndropout = 0.0\ntargets = [\"q_proj\", \"k_proj\", \"o_proj\", \"down_proj\"]\n";
+    let nvme_dir = format!("offload.nvme_dir={}", dir.display());
+    let offload = ["offload.tiers=[\"host\",\"nvme\"]", "offload.host_bytes=40000", "offload.nvme_bytes=67108864", "offload.alpha=0.5", &nvme_dir];
+    for (tag, extra, mode) in [("full", "", None), ("lora", lora, Some("train.mode=lora"))] {
+        let r = recipe(&dir, &model, &data, extra);
+        let run = |name: &str| dir.join(format!("{tag}-{name}"));
+        let with = |more: &[&str]| -> Vec<String> { mode.iter().chain(more).map(|s| s.to_string()).collect() };
+        for (name, accum) in [("one", "train.grad_accum=1"), ("one-ga2", "train.grad_accum=2")] {
+            let mut args = vec!["run".to_string(), "--recipe".into(), r.display().to_string(), format!("run.dir={}", run(name).display())];
+            args.extend(with(&[accum]));
+            let out = train(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let mut sp2: Vec<&str> = vec!["dist.sequence_parallel=2"];
+        sp2.extend(offload);
+        let sp2 = with(&sp2);
+        let out = torchrun_job(2, &r, &run("sp2"), &sp2.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.status.success(), "torchrun: {}", String::from_utf8_lossy(&out.stderr));
+        assert_same_training(&format!("{tag}: sequence parallel 2"), &run("one"), &run("sp2"));
+        let mut args = vec!["launch".to_string(), "--nproc-per-node".into(), "4".into(), "--".into(), "run".into(), "--recipe".into(), r.display().to_string(), format!("run.dir={}", run("dp2sp2").display())];
+        args.extend(sp2.iter().cloned());
+        let out = train(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.status.success(), "train launch: {}", String::from_utf8_lossy(&out.stderr));
+        assert_same_training(&format!("{tag}: data parallel 2 × sequence parallel 2"), &run("one-ga2"), &run("dp2sp2"));
+    }
+    // What cannot be split is refused before anything trains.
+    let r = recipe(&dir, &model, &data, "");
+    for (n, overrides, says) in [
+        (3, vec!["dist.sequence_parallel=2"], "dist.sequence_parallel = 2 does not divide the job's 3 processes"),
+        (3, vec!["dist.sequence_parallel=3"], "dist.sequence_parallel = 3: 4 attention heads do not divide over 3 ranks"),
+        (1, vec!["dist.sequence_parallel=2"], "dist.sequence_parallel = 2 needs a job of 2 or more processes (torchrun or `train launch`); this one has 1"),
+        (2, vec!["dist.sequence_parallel=0"], "dist.sequence_parallel"),
+        (2, vec!["dist.sequence_parallel=2", "compute.tile_tokens=16"], "token tiles of a sharded sequence are not built yet"),
+    ] {
+        let out = torchrun_job(n, &r, &dir.join("refused"), &overrides);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(says), "{overrides:?}: {stderr}");
+    }
+    let out = train(&["run", "--recipe", r.to_str().unwrap(), &format!("run.dir={}", dir.join("alone").display()), "dist.sequence_parallel=2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("this one has 1"), "{stderr}");
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -143,11 +143,14 @@ impl World {
         if sp <= 1 {
             return Ok(None);
         }
+        if self.size < sp {
+            return Err(TrainerError::Dist(format!("dist.sequence_parallel = {sp} needs a job of {sp} or more processes (torchrun or `train launch`); this one has {}", self.size)));
+        }
         if self.size % sp != 0 {
             return Err(TrainerError::Dist(format!("dist.sequence_parallel = {sp} does not divide the job's {} processes (data parallel × sequence parallel = world size)", self.size)));
         }
         let Some(j) = &self.joined else {
-            return Err(TrainerError::Dist(format!("dist.sequence_parallel = {sp} needs a job of {sp} or more processes (torchrun or `train launch`); this is one")));
+            return Err(TrainerError::Dist("internal: a job of several processes without its rendezvous".into()));
         };
         let g = self.rank / sp;
         let at = format!("{}:{}", j.env.master_addr, j.env.master_port);

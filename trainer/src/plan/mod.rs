@@ -259,6 +259,8 @@ pub fn engine_placement(
     offload: &crate::train::recipe::OffloadSection,
     store: &offload::store::ActivationStore,
 ) -> Result<Placement> {
+    // A sequence-parallel rank places its shard.
+    let tokens = model.seq.as_ref().map_or(tokens, |g| g.shard(tokens as i64).tokens as u64);
     if !store.has_tiers() {
         return Ok(Placement::resident(model.cfg.num_layers as usize, tokens));
     }
