@@ -138,6 +138,17 @@ enum Cmd {
         /// --nproc-per-node): each holds what one process does; the node's totals are printed.
         #[arg(long, default_value_t = 1)]
         nproc_per_node: usize,
+        /// Ranks each sequence is split over (dist.sequence_parallel): the plan is one rank's,
+        /// with the all-to-alls' bytes and time and the job's MFU.
+        #[arg(long)]
+        sequence_parallel: Option<usize>,
+        /// One rank's all-to-all send rate in GB/s for the sequence-parallel exchanges (default:
+        /// 300 on CUDA, NVLink within a node; 1 on CPU, Gloo over loopback).
+        #[arg(long)]
+        all_to_all_gbps: Option<f64>,
+        /// Peak dense TFLOP/s of one device for MFU (default on CUDA: 989, an H100 SXM in bf16).
+        #[arg(long)]
+        peak_tflops: Option<f64>,
         /// key.path=value recipe overrides.
         overrides: Vec<String>,
     },
@@ -344,9 +355,16 @@ fn run_cmd(recipe: PathBuf, resume: bool, overrides: Vec<String>) -> Result<(), 
     Ok(())
 }
 
+/// `train plan`'s sequence-parallel flags.
+struct SeqFlags {
+    sequence_parallel: Option<usize>,
+    all_to_all_gbps: Option<f64>,
+    peak_tflops: Option<f64>,
+}
+
 /// `train plan`: the table, what would fit, and the plan files.
 #[allow(clippy::too_many_arguments)]
-fn plan_cmd(recipe: PathBuf, device_mem: Option<String>, host_mem: Option<String>, numa_mem: Option<String>, nvme: Option<String>, tokens: Option<u64>, calibrate: bool, mip_seconds: Option<f64>, out: Option<PathBuf>, model_config: Option<String>, tile_tokens: Option<u64>, nproc_per_node: usize, mut overrides: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
+fn plan_cmd(recipe: PathBuf, device_mem: Option<String>, host_mem: Option<String>, numa_mem: Option<String>, nvme: Option<String>, tokens: Option<u64>, calibrate: bool, mip_seconds: Option<f64>, out: Option<PathBuf>, model_config: Option<String>, tile_tokens: Option<u64>, nproc_per_node: usize, seq: SeqFlags, mut overrides: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
     let bytes = |flag: &str, v: Option<String>| -> Result<Option<u64>, String> {
         v.map(|s| planner::plan::parse_bytes(&s).ok_or(format!("{flag} {s}: not a byte count (e.g. 80GiB, 24GB)"))).transpose()
     };
@@ -365,6 +383,9 @@ fn plan_cmd(recipe: PathBuf, device_mem: Option<String>, host_mem: Option<String
     if let Some(t) = tile_tokens {
         overrides.push(format!("compute.tile_tokens={t}"));
     }
+    if let Some(p) = seq.sequence_parallel {
+        overrides.push(format!("dist.sequence_parallel={p}"));
+    }
     let r = trainer::train::recipe::Recipe::load(&recipe, &overrides)?;
     let cfg = match &model_config {
         Some(m) => trainer::plan::presets::model_config(m)?,
@@ -375,9 +396,22 @@ fn plan_cmd(recipe: PathBuf, device_mem: Option<String>, host_mem: Option<String
     print!("{}", planner::report::table(&inv, &plan));
     let fit = trainer::plan::what_would_fit(&r, &cfg, lora.as_ref(), &inv, &plan)?;
     print!("{}", fit.lines(plan.tokens));
-    print!("{}", trainer::plan::job_lines(&r, &plan, nproc_per_node));
+    let mut extra = String::new();
+    let sp = r.dist.sequence_parallel as u64;
+    if sp > 1 {
+        if seq.all_to_all_gbps.is_some_and(|g| !(g > 0.0)) || seq.peak_tflops.is_some_and(|p| !(p > 0.0)) {
+            return Err("--all-to-all-gbps and --peak-tflops must be positive".into());
+        }
+        let cuda = !r.run.device.is_cpu();
+        let gbps = seq.all_to_all_gbps.unwrap_or(if cuda { 300.0 } else { 1.0 });
+        let peak = seq.peak_tflops.or(cuda.then_some(989.0)).map(|t| t * 1e12);
+        let ex = trainer::plan::sequence::Exchange::new(&cfg, r.run.dtype.0.elt_size_in_bytes() as u64, plan.tokens, sp);
+        extra += &trainer::plan::sequence::lines(&inv, &plan, &ex, gbps * 1e9, peak);
+    }
+    extra += &trainer::plan::job_lines(&r, &plan, nproc_per_node);
+    print!("{extra}");
     let dir = out.unwrap_or(r.run.dir.clone());
-    trainer::plan::write(&dir, &inv, &plan, Some(&fit))?;
+    trainer::plan::write(&dir, &inv, &plan, Some(&fit), &extra)?;
     println!("wrote {}/plan.txt, plan.json, plan.svg", dir.display());
     Ok(())
 }
@@ -489,8 +523,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let job = trainer::launch::Job { nproc_per_node, nnodes, node_rank, master_addr, master_port };
             Ok(trainer::launch::launch(&exe, &job, &cmd)?)
         }
-        Cmd::Plan { recipe, device_mem, host_mem, numa_mem, nvme, tokens, calibrate, mip_seconds, out, model_config, tile_tokens, nproc_per_node, overrides } => {
-            plan_cmd(recipe, device_mem, host_mem, numa_mem, nvme, tokens, calibrate, mip_seconds, out, model_config, tile_tokens, nproc_per_node, overrides)
+        Cmd::Plan { recipe, device_mem, host_mem, numa_mem, nvme, tokens, calibrate, mip_seconds, out, model_config, tile_tokens, nproc_per_node, sequence_parallel, all_to_all_gbps, peak_tflops, overrides } => {
+            plan_cmd(recipe, device_mem, host_mem, numa_mem, nvme, tokens, calibrate, mip_seconds, out, model_config, tile_tokens, nproc_per_node, SeqFlags { sequence_parallel, all_to_all_gbps, peak_tflops }, overrides)
         }
         Cmd::Data(DataCmd::Synth { task, tokens, samples, depth, digits, seed, out }) => synth_cmd(task, tokens, samples, depth, digits, seed, out),
         Cmd::Data(DataCmd::Inspect { recipe, n, overrides }) => {

@@ -13,7 +13,9 @@
 //! padding is a document of its own (it attends only to itself) and its labels are ignored, so
 //! it never reaches the loss or a gradient. KV heads that do not divide by P are repeated
 //! ([`kv_copies`]) until they do.
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use tch::Tensor;
 
@@ -26,6 +28,9 @@ pub struct SeqParallel {
     group: Arc<dist::ProcessGroup>,
     /// Where the group's own small tensors live (NCCL takes only CUDA tensors).
     on: tch::Device,
+    /// Bytes this rank has sent by all-to-all, and nanoseconds spent in them (for metrics).
+    sent: AtomicU64,
+    nanos: AtomicU64,
 }
 
 /// How many times each KV head is repeated so that `P` ranks get whole groups of query heads
@@ -71,7 +76,7 @@ pub fn shard(tokens: i64, rank: usize, p: usize) -> Shard {
 impl SeqParallel {
     /// This rank's place in `group`, whose collectives take tensors on `on`.
     pub fn new(group: Arc<dist::ProcessGroup>, on: tch::Device) -> SeqParallel {
-        SeqParallel { rank: group.rank(), size: group.size(), group, on }
+        SeqParallel { rank: group.rank(), size: group.size(), group, on, sent: AtomicU64::new(0), nanos: AtomicU64::new(0) }
     }
 
     pub fn shard(&self, tokens: i64) -> Shard {
@@ -79,7 +84,19 @@ impl SeqParallel {
     }
 
     fn exchange(&self, x: &Tensor) -> Result<Tensor> {
-        self.group.all_to_all(x).map_err(|source| TrainerError::Collective { rank: self.rank, source })
+        let t0 = Instant::now();
+        let out = self.group.all_to_all(x).map_err(|source| TrainerError::Collective { rank: self.rank, source })?;
+        // A rank keeps its own part: (P-1)/P of the tensor leaves it.
+        let bytes = (x.numel() * x.kind().elt_size_in_bytes()) as u64;
+        self.sent.fetch_add(bytes / self.size as u64 * (self.size as u64 - 1), Ordering::Relaxed);
+        self.nanos.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Bytes this rank has sent by all-to-all so far and the seconds they took (on CUDA the
+    /// seconds include waiting for the kernels that made the tensors).
+    pub fn traffic(&self) -> (u64, f64) {
+        (self.sent.load(Ordering::Relaxed), self.nanos.load(Ordering::Relaxed) as f64 * 1e-9)
     }
 
     /// "My tokens, all heads" to "all tokens, my heads".

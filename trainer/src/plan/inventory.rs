@@ -417,7 +417,10 @@ fn build_with(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: 
     }
     let proj_params = d * qd + 2 * d * kvd + qd * d + 3 * d * i;
     Ok(Inventory {
-        model: format!("{:?}: {} layers, hidden {d}, {} heads ({} kv), intermediate {i}, vocab {v}", cfg.arch, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads),
+        model: format!("{:?}: {} layers, hidden {d}, {} heads ({} kv), intermediate {i}, vocab {v}{}", cfg.arch, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, match sp {
+            p if p > 1 => format!("; one of {p} ranks splitting each sequence: T is its shard, attention over all {p}·T tokens with {} of the heads{}", cfg.num_heads / p, if kv_copies > 1 { format!(" (KV heads repeated ×{kv_copies} to divide)") } else { String::new() }),
+            _ => String::new(),
+        }),
         layers: cfg.num_layers as usize,
         dtype: kind_name(kind),
         probed_on: format!("{device:?}"),

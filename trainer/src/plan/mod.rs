@@ -4,6 +4,7 @@
 pub mod calibrate;
 pub mod inventory;
 pub mod presets;
+pub mod sequence;
 
 use std::path::Path;
 
@@ -90,14 +91,19 @@ const REACH_TILE: u64 = 8192;
 pub fn plan_recipe(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lora: Option<&LoraConfig>, req: &Request) -> Result<(Inventory, Plan)> {
     let dev = recipe.run.device.target()?;
     let kind = recipe.run.dtype.0;
-    let probe = |tile: Option<u64>| crate::plan::inventory::build_tiled(cfg, kind, lora, dev, recipe.train.loss_chunk, tile);
+    let sp = recipe.dist.sequence_parallel.max(1);
+    let probe = |tile: Option<u64>| match sp {
+        1 => crate::plan::inventory::build_tiled(cfg, kind, lora, dev, recipe.train.loss_chunk, tile),
+        p => crate::plan::inventory::build_sharded(cfg, kind, lora, dev, recipe.train.loss_chunk, p as i64),
+    };
     let whole = probe(None)?;
     // After the probe (whose tensors are small and gone): it ran libtorch's kernels once, so the
     // thread pools and kernel buffers that every step will hold are in the figure; before the
     // calibration, whose large buffers are not held afterwards.
     baseline_rss();
     let cal = crate::plan::calibrate::load_or_measure(dev, kind, &recipe.offload.nvme_dir, req.calibrate)?;
-    let tokens = req.tokens.unwrap_or(recipe.data.tokens_per_batch as u64);
+    // A rank of a sequence-parallel group plans its shard.
+    let tokens = crate::model::seq::shard(req.tokens.unwrap_or(recipe.data.tokens_per_batch as u64) as i64, 0, sp).tokens as u64;
     let b = budgets(recipe, req)?;
     let opt = options(recipe, req, tokens);
     let plan_with = |inv: Inventory, mip_seconds: f64| -> Result<(Inventory, Plan)> {
@@ -107,6 +113,8 @@ pub fn plan_recipe(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lor
         Ok((inv, plan))
     };
     match recipe.compute.fixed_tile() {
+        // A sharded sequence runs whole blocks (the recipe refuses tiles with it).
+        _ if sp > 1 => plan_with(whole, opt.mip_seconds),
         Some(None) => plan_with(whole, opt.mip_seconds),
         Some(Some(tile)) => plan_with(probe(Some(tile))?, opt.mip_seconds),
         None => {
@@ -127,8 +135,8 @@ pub fn plan_recipe(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lor
     }
 }
 
-/// Writes plan.txt, plan.json and plan.svg into `dir`.
-pub fn write(dir: &Path, inv: &Inventory, plan: &Plan, fit: Option<&Fit>) -> Result<()> {
+/// Writes plan.txt (with `extra` lines at its end), plan.json and plan.svg into `dir`.
+pub fn write(dir: &Path, inv: &Inventory, plan: &Plan, fit: Option<&Fit>, extra: &str) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(TrainerError::io(dir))?;
     let put = |name: &str, text: String| {
         let p = dir.join(name);
@@ -138,6 +146,7 @@ pub fn write(dir: &Path, inv: &Inventory, plan: &Plan, fit: Option<&Fit>) -> Res
     if let Some(f) = fit {
         text += &f.lines(plan.tokens);
     }
+    text += extra;
     put("plan.txt", text)?;
     put("plan.json", serde_json::to_string_pretty(&serde_json::json!({ "inventory": inv, "plan": plan, "fit": fit })).unwrap_or_default())?;
     put("plan.svg", planner::report::svg(plan))?;
@@ -155,18 +164,23 @@ pub struct Fit {
     pub longest_tokens: Option<u64>,
     /// The tile that longest step runs with (None: the whole sequence at once).
     pub longest_tile: Option<u64>,
+    /// Ranks each sequence is split over (`longest_tokens` is the whole sequence's).
+    pub sequence_parallel: u64,
 }
 
 impl Fit {
-    /// The report's closing lines.
+    /// The report's closing lines (`tokens`: the plan's, per rank under sequence parallelism).
     pub fn lines(&self, tokens: u64) -> String {
+        let p = self.sequence_parallel;
         format!(
-            "least      device memory for {tokens} tokens with every layer offloaded{}: {}\nlongest    step that fits these budgets: {}\n",
+            "least      device memory for {tokens} tokens{} with every layer offloaded{}: {}\nlongest    step that fits these budgets: {}\n",
+            if p > 1 { " per rank" } else { "" },
             if self.needs_more_nvme { " (and an NVMe tier large enough)" } else { "" },
             human(self.least_device_bytes),
-            self.longest_tokens.map_or("none (not even 1024 tokens)".to_string(), |t| match self.longest_tile {
-                Some(tile) => format!("{t} tokens (compute.tile_tokens = {tile})"),
-                None => format!("{t} tokens"),
+            self.longest_tokens.map_or("none (not even 1024 tokens)".to_string(), |t| match (self.longest_tile, p) {
+                (_, p) if p > 1 => format!("{t} tokens ({} on each of {p} ranks, each with these budgets)", t / p),
+                (Some(tile), _) => format!("{t} tokens (compute.tile_tokens = {tile})"),
+                (None, _) => format!("{t} tokens"),
             })
         )
     }
@@ -193,8 +207,9 @@ pub fn what_would_fit(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, 
         let unbounded = if b.host + b.numa + b.nvme == 0 { Budgets { device: big, host: 0, numa: 0, nvme: big } } else { Budgets { device: big, nvme: big, ..b } };
         (at(unbounded)?.device_peak, true)
     };
+    let sp = recipe.dist.sequence_parallel.max(1) as u64;
     let reach = match (recipe.compute.fixed_tile(), inv.tile_tokens) {
-        (None, None) => Some(crate::plan::inventory::build_tiled(cfg, recipe.run.dtype.0, lora, recipe.run.device.target()?, recipe.train.loss_chunk, Some(REACH_TILE))?),
+        (None, None) if sp == 1 => Some(crate::plan::inventory::build_tiled(cfg, recipe.run.dtype.0, lora, recipe.run.device.target()?, recipe.train.loss_chunk, Some(REACH_TILE))?),
         _ => None,
     };
     let (reach_inv, reach_opt) = match &reach {
@@ -209,7 +224,9 @@ pub fn what_would_fit(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, 
         (None, w @ Some(_)) => (w, None),
         (t, _) => (t, reach_inv.tile_tokens),
     };
-    Ok(Fit { least_device_bytes, needs_more_nvme, longest_tokens, longest_tile })
+    // Per rank's shard, under sequence parallelism: the sequence is `sp` of them.
+    let longest_tokens = longest_tokens.map(|t| t * sp);
+    Ok(Fit { least_device_bytes, needs_more_nvme, longest_tokens, longest_tile, sequence_parallel: sp })
 }
 
 /// The error of a run whose plan does not fit, with what would.
@@ -219,9 +236,10 @@ pub fn refusal(plan: &Plan, fit: &Fit) -> TrainerError {
         None => "the longest step that fits these budgets: none (not even 1024 tokens)".into(),
     };
     TrainerError::Device(format!(
-        "the plan does not fit ({}): at {} tokens the device needs at least {} with every layer offloaded{} (a [plan] device_memory of that or more); {longest}. Nothing was loaded; plan.txt in the run directory has the table.",
+        "the plan does not fit ({}): at {} tokens{} the device needs at least {} with every layer offloaded{} (a [plan] device_memory of that or more); {longest}. Nothing was loaded; plan.txt in the run directory has the table.",
         plan.problems.join("; "),
         plan.tokens,
+        if fit.sequence_parallel > 1 { " per rank" } else { "" },
         human(fit.least_device_bytes),
         if fit.needs_more_nvme { " and a larger offload.nvme_bytes" } else { "" },
     ))
@@ -236,14 +254,17 @@ pub fn job_lines(recipe: &Recipe, plan: &Plan, ranks: usize) -> String {
         return String::new();
     }
     let n = ranks as u64;
-    let per_step = n * recipe.train.grad_accum as u64 * plan.tokens;
+    let sp = recipe.dist.sequence_parallel.max(1) as u64;
+    let per_step = n / sp * recipe.train.grad_accum as u64 * plan.tokens * sp;
+    let how = if sp > 1 { format!("{} data parallel × {sp} sequence parallel", n / sp) } else { "data parallel".to_string() };
     format!(
-        "job        {ranks} processes per node, data parallel: each holds the device peak above on its own GPU and its own tiers; this node holds host {}, numa {}, nvme {}; an optimizer step trains on {ranks} × {} × {} = {per_step} tokens per node\n",
+        "job        {ranks} processes per node, {how}: each holds the device peak above on its own GPU and its own tiers; this node holds host {}, numa {}, nvme {}; an optimizer step trains on {} × {} × {} = {per_step} tokens per node\n",
         human(n * plan.host_peak),
         human(n * plan.numa_peak),
         human(n * plan.nvme_peak),
+        n / sp,
         recipe.train.grad_accum,
-        plan.tokens,
+        plan.tokens * sp,
     )
 }
 
@@ -295,9 +316,13 @@ pub fn fit_after_failure(recipe: &Recipe, cfg: &crate::model::config::ModelConfi
         (None, _) => None,
     };
     let req = Request { device_memory, ..Request::default() };
-    let inv = crate::plan::inventory::build_tiled(cfg, kind, lora, dev, recipe.train.loss_chunk, tile)?;
+    let sp = recipe.dist.sequence_parallel.max(1);
+    let inv = match sp {
+        1 => crate::plan::inventory::build_tiled(cfg, kind, lora, dev, recipe.train.loss_chunk, tile)?,
+        p => crate::plan::inventory::build_sharded(cfg, kind, lora, dev, recipe.train.loss_chunk, p as i64)?,
+    };
     let cal = crate::plan::calibrate::cached_or_assumed(dev, kind);
-    let tokens = recipe.data.tokens_per_batch as u64;
+    let tokens = crate::model::seq::shard(recipe.data.tokens_per_batch as i64, 0, sp).tokens as u64;
     let o = options(recipe, &req, tokens);
     let opt = Options { mip_seconds: 0.0, allow_recompute: o.allow_recompute || tile.is_some(), ..o };
     let plan = planner::plan::plan(&inv, budgets(recipe, &req)?, &cal, &opt).map_err(|e| TrainerError::Device(format!("planner: {e}")))?;

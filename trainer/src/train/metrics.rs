@@ -64,6 +64,11 @@ pub fn step_record(step: i64, o: &StepOutcome, store: &offload::store::Activatio
     if let Some(rss) = crate::memory::peak_rss_bytes() {
         m["memory/host_peak_rss_bytes"] = json!(rss as f64);
     }
+    // Rank 0's exchanges (every rank of a sequence-parallel group sends as much).
+    if let Some((bytes, secs)) = o.all_to_all {
+        m["dist/all_to_all_bytes"] = json!(bytes as f64);
+        m["dist/all_to_all_seconds"] = json!(secs);
+    }
     if store.has_tiers() {
         let st = store.stats();
         for (tier, _) in store.capacities() {

@@ -100,14 +100,14 @@ fn plan_before_loading(recipe: &Recipe, cfg: &ModelConfig, lora: Option<&LoraCon
     if !plan.fits {
         let fit = crate::plan::what_would_fit(recipe, cfg, lora, &inv, &plan)?;
         if main {
-            crate::plan::write(&recipe.run.dir, &inv, &plan, Some(&fit))?;
+            crate::plan::write(&recipe.run.dir, &inv, &plan, Some(&fit), "")?;
         }
         return Err(crate::plan::refusal(&plan, &fit));
     }
     if !main {
         return Ok(ps.apply.then_some((plan.placement, inv.tile_tokens)));
     }
-    crate::plan::write(&recipe.run.dir, &inv, &plan, None)?;
+    crate::plan::write(&recipe.run.dir, &inv, &plan, None, "")?;
     eprintln!(
         "plan: keep_last {}, alpha {:.3}, {}, device peak {} of {}, predicted step {:.2}s (plan.txt in the run directory{})",
         plan.keep_last,

@@ -29,12 +29,15 @@ pub struct StepOutcome {
     pub saved_peak: usize,
     /// The process's peak resident set during the step.
     pub step_peak_rss: Option<u64>,
+    /// Under sequence parallelism: bytes this rank sent by all-to-all in the step, and seconds.
+    pub all_to_all: Option<(u64, f64)>,
 }
 
 /// Step `step` (0-based) of the run; on success the session's state says `step + 1` is done.
 pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::ActivationStore, placement: &Placement, step: i64) -> Result<StepOutcome> {
     let t0 = Instant::now();
     let step_peak = crate::memory::PhasePeak::start();
+    let traffic_before = s.model.seq.as_ref().map(|g| g.traffic());
     let recipe = &s.recipe;
     // The step's micro-batches are those one process with grad_accum × data-parallel size would
     // take; every rank draws them all (file data advances its cursor through all of them) and
@@ -102,7 +105,11 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
     s.state.step = step + 1;
     s.state.optimizer_t = s.opt.t;
     s.state.loss = loss;
-    Ok(StepOutcome { loss, lr, grad_norm, tokens, seconds: t0.elapsed().as_secs_f64(), saved_peak, step_peak_rss: step_peak.bytes() })
+    let all_to_all = s.model.seq.as_ref().zip(traffic_before).map(|(g, (b0, s0))| {
+        let (b, secs) = g.traffic();
+        (b - b0, secs - s0)
+    });
+    Ok(StepOutcome { loss, lr, grad_norm, tokens, seconds: t0.elapsed().as_secs_f64(), saved_peak, step_peak_rss: step_peak.bytes(), all_to_all })
 }
 
 /// [`train_step`] under the guard: a libtorch failure becomes [`TrainerError::Torch`] with where
