@@ -144,8 +144,8 @@ fn data_parallel_ranks_equal_one_process_with_their_micro_batches() {
 
 /// One sequence split over 2 ranks (torchrun, `dist.sequence_parallel = 2`) trains as one process
 /// on whole sequences; 4 ranks as 2 data-parallel × 2 sequence-parallel (`train launch`) as one
-/// process with grad_accum 2. Full fine-tuning and LoRA; the sharded runs offload to host and
-/// NVMe with α 0.5 (each rank its own store and NVMe file).
+/// process with grad_accum 2. Full fine-tuning and LoRA, whole blocks and token tiles; the sharded
+/// runs offload to host and NVMe with α 0.5 (each rank its own store and NVMe file).
 #[test]
 fn sequence_parallel_ranks_equal_one_process() {
     let dir = tmp_dir("multi-process-sp");
@@ -169,6 +169,12 @@ fn sequence_parallel_ranks_equal_one_process() {
         let out = torchrun_job(2, &r, &run("sp2"), &sp2.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(out.status.success(), "torchrun: {}", String::from_utf8_lossy(&out.stderr));
         assert_same_training(&format!("{tag}: sequence parallel 2"), &run("one"), &run("sp2"));
+        // Token tiles of each shard (two passes around the whole attention backward).
+        let mut tiles = sp2.clone();
+        tiles.push("compute.tile_tokens=16".into());
+        let out = torchrun_job(2, &r, &run("sp2-tiles"), &tiles.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.status.success(), "torchrun: {}", String::from_utf8_lossy(&out.stderr));
+        assert_same_training(&format!("{tag}: sequence parallel 2 over tiles of 16"), &run("one"), &run("sp2-tiles"));
         let mut args = vec!["launch".to_string(), "--nproc-per-node".into(), "4".into(), "--".into(), "run".into(), "--recipe".into(), r.display().to_string(), format!("run.dir={}", run("dp2sp2").display())];
         args.extend(sp2.iter().cloned());
         let out = train(&args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -182,7 +188,6 @@ fn sequence_parallel_ranks_equal_one_process() {
         (3, vec!["dist.sequence_parallel=3"], "dist.sequence_parallel = 3: 4 attention heads do not divide over 3 ranks"),
         (1, vec!["dist.sequence_parallel=2"], "dist.sequence_parallel = 2 needs a job of 2 or more processes (torchrun or `train launch`); this one has 1"),
         (2, vec!["dist.sequence_parallel=0"], "dist.sequence_parallel"),
-        (2, vec!["dist.sequence_parallel=2", "compute.tile_tokens=16"], "token tiles of a sharded sequence are not built yet"),
     ] {
         let out = torchrun_job(n, &r, &dir.join("refused"), &overrides);
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -3,8 +3,9 @@
 //! 1e-12 relative; the ranks' gradients summed as the all-reduce sums them), for P = 2 and 4,
 //! GQA whose KV heads are repeated to divide, MHA with biases, a sliding window, packed
 //! documents whose boundaries fall inside and across shards, lengths that do not divide by P,
-//! LoRA and full fine-tuning, and offloaded (host, NVMe; MEMO's α) as well as resident. Each
-//! rank's saved bytes and per-tier bytes equal what its plan predicts.
+//! LoRA and full fine-tuning, whole blocks and token tiles (two passes around a whole attention
+//! backward), and offloaded (host, NVMe; MEMO's α) as well as resident, offloaded bit-identical
+//! to resident. Each rank's saved bytes and per-tier bytes equal what its plan predicts.
 //!
 //! The ranks are threads of this process, each with its own Gloo process group over a TCPStore
 //! on 127.0.0.1 (the multi-process runs through torchrun are in tests/multi_process.rs).
@@ -89,8 +90,9 @@ fn nvme(rank: usize) -> NvmeConfig {
 }
 
 /// One rank's step on its shard of `b`; checks that the store held what the plan predicted.
-fn rank_step(mut m: Model, lora: Option<&LoraConfig>, b: &Batch, g: Arc<SeqParallel>, how: Offload) -> RankResult {
+fn rank_step(mut m: Model, lora: Option<&LoraConfig>, b: &Batch, g: Arc<SeqParallel>, how: Offload, tile: Option<i64>) -> RankResult {
     m.seq = Some(g.clone());
+    m.tile_tokens = tile;
     let shard = g.shard(b.ids.size()[0]);
     let inv = trainer::plan::inventory::of_model(&m, lora, 16).unwrap();
     let (mut store, placement) = match how {
@@ -109,15 +111,22 @@ fn rank_step(mut m: Model, lora: Option<&LoraConfig>, b: &Batch, g: Arc<SeqParal
             assert_eq!(store.placed_bytes(l), placement.tier_bytes(l), "rank {} alpha {alpha}: layer {l}'s tier bytes", g.rank);
         }
     }
-    // Every row of every saved tensor (the block saves them all before the store keeps its
-    // share): the plan's per-token bytes times the shard.
-    let predicted: u64 = inv.saved.iter().map(|c| c.fixed_bytes + c.per_token_bytes * shard.tokens as u64).sum::<u64>() * m.layers.len() as u64;
+    // Whole blocks save every row (the store keeps its share), tiles the stored rows only: the
+    // plan's per-token bytes times the shard's rows.
+    let t = shard.tokens as u64;
+    let predicted: u64 = (0..m.layers.len())
+        .map(|l| {
+            let rows = if tile.is_some() { planner::inventory::stored_rows(placement.alpha(l), t as i64) as u64 } else { t };
+            let (whole, rec) = inv.layer_saved(t, rows);
+            whole + rec
+        })
+        .sum();
     assert_eq!(stats.saved_bytes as u64, predicted, "rank {}: saved bytes", g.rank);
     RankResult { loss: loss.sum.double_value(&[]), count: loss.count, grads, saved_bytes: stats.saved_bytes }
 }
 
 /// The step over `p` rank threads.
-fn sharded(config: &str, lora: Option<&LoraConfig>, b: &Batch, p: usize, how: Offload) -> Vec<RankResult> {
+fn sharded(config: &str, lora: Option<&LoraConfig>, b: &Batch, p: usize, how: Offload, tile: Option<i64>) -> Vec<RankResult> {
     let port = free_port();
     let models: Vec<Model> = (0..p).map(|_| model(config, lora)).collect();
     std::thread::scope(|s| {
@@ -126,7 +135,7 @@ fn sharded(config: &str, lora: Option<&LoraConfig>, b: &Batch, p: usize, how: Of
             .enumerate()
             .map(|(r, m)| {
                 let (lora, b) = (lora.cloned(), Batch { ids: b.ids.shallow_clone(), labels: b.labels.shallow_clone(), doc_lens: b.doc_lens.clone() });
-                s.spawn(move || rank_step(m, lora.as_ref(), &b, group(r, p, port), how))
+                s.spawn(move || rank_step(m, lora.as_ref(), &b, group(r, p, port), how, tile))
             })
             .collect();
         ranks.into_iter().map(|h| h.join().unwrap()).collect()
@@ -166,22 +175,24 @@ fn one_sequence_over_ranks_equals_one_process() {
         let m = model(cfg, l.as_ref());
         let (loss, grads, _) = m.forward_backward(&b, None, 16).unwrap();
         let whole = (loss.sum.double_value(&[]), loss.count, grads);
-        let ranks = sharded(cfg, l.as_ref(), &b, p, Offload::Resident);
-        assert_matches(&format!("{tag} (P = {p})"), &whole, &ranks);
+        for tile in [None, Some(7), Some(1000)] {
+            let ranks = sharded(cfg, l.as_ref(), &b, p, Offload::Resident, tile);
+            assert_matches(&format!("{tag} (P = {p}, tiles {tile:?})"), &whole, &ranks);
+        }
     }
 }
 
 #[test]
 fn offloaded_shards_equal_one_process() {
-    for (with_lora, alpha) in [(false, 1.0), (false, 0.4), (true, 0.0)] {
+    for (with_lora, alpha, tile) in [(false, 1.0, None), (false, 0.4, None), (true, 0.0, None), (false, 1.0, Some(8)), (false, 0.3, Some(8)), (true, 0.0, Some(5))] {
         let l = with_lora.then(lora);
         let b = batch(&[40, 17, 44]);
         let m = model(GQA, l.as_ref());
         let (loss, grads, _) = m.forward_backward(&b, None, 16).unwrap();
         let whole = (loss.sum.double_value(&[]), loss.count, grads);
-        let resident = sharded(GQA, l.as_ref(), &b, 2, Offload::Resident);
-        let offloaded = sharded(GQA, l.as_ref(), &b, 2, Offload::HostNvme(alpha));
-        let tag = format!("lora {with_lora}, alpha {alpha}");
+        let resident = sharded(GQA, l.as_ref(), &b, 2, Offload::Resident, tile);
+        let offloaded = sharded(GQA, l.as_ref(), &b, 2, Offload::HostNvme(alpha), tile);
+        let tag = format!("lora {with_lora}, alpha {alpha}, tiles {tile:?}");
         assert_matches(&tag, &whole, &offloaded);
         for (r, o) in resident.iter().zip(&offloaded) {
             assert_eq!(r.loss.to_bits(), o.loss.to_bits(), "{tag}: offloaded loss of a rank");
@@ -199,7 +210,7 @@ fn each_rank_saves_its_share() {
     let b = batch(&[62]);
     let m = model(MHA_QWEN, None);
     let (_, _, whole) = m.forward_backward(&b, None, 16).unwrap();
-    let ranks = sharded(MHA_QWEN, None, &b, 2, Offload::Resident);
+    let ranks = sharded(MHA_QWEN, None, &b, 2, Offload::Resident, None);
     for r in &ranks {
         assert_eq!(2 * r.saved_bytes, whole.saved_bytes);
     }

@@ -109,6 +109,18 @@ impl Context {
         self.seq = Some(SeqShard { group, shard, kv_copies: copies });
         Ok(self)
     }
+
+    /// Document boundaries on this process's rows: `cu_seqlens`, or for a shard the boundaries
+    /// that fall inside it, from its first row (a document that began on an earlier rank starts
+    /// at row 0 here). Token tiles never cross them.
+    pub fn segments(&self) -> Vec<i64> {
+        let Some(sp) = &self.seq else { return self.cu_seqlens.clone() };
+        let (a, n) = (sp.shard.start, sp.shard.tokens);
+        let mut v = vec![0];
+        v.extend(self.cu_seqlens.iter().map(|&c| c - a).filter(|&c| c > 0 && c < n));
+        v.push(n);
+        v
+    }
 }
 
 /// The names of a layer's saved tensors: the keys under which the activation store, the
@@ -282,6 +294,21 @@ pub enum Layout {
     /// One shard of a sequence split over ranks ([`seq`]): q, k and v are saved as attention
     /// read them, every token of this rank's heads.
     Sharded,
+    /// A shard over token tiles: the token-local ops by tiles, attention whole in the heads'
+    /// layout between them ([`crate::model::tiled::backward_sharded`]).
+    ShardedTiled,
+}
+
+impl Layout {
+    /// Token-local ops run over tiles.
+    pub fn tiled(self) -> bool {
+        matches!(self, Layout::Tiled | Layout::ShardedTiled)
+    }
+
+    /// The sequence is split over ranks.
+    pub fn sharded(self) -> bool {
+        matches!(self, Layout::Sharded | Layout::ShardedTiled)
+    }
 }
 
 /// Whether MEMO's split may drop rows of saved tensor `name`: the [`RECOMPUTABLE`] ones, except
@@ -295,7 +322,7 @@ pub fn recomputable(name: &str, layout: Layout) -> bool {
         && match layout {
             Layout::Whole => true,
             Layout::Tiled => name != name::K && name != name::V,
-            Layout::Sharded => name != name::Q && name != name::K && name != name::V,
+            Layout::Sharded | Layout::ShardedTiled => name != name::Q && name != name::K && name != name::V,
         }
 }
 
@@ -381,7 +408,7 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize) -> Re
 /// or for a sharded sequence over every token of this rank's heads between two all-to-alls
 /// (each tensor dropped once it has gone). The saved output is in the token layout o_proj reads;
 /// the saved q, k, v and logsumexp are as the kernel read them.
-fn attend(q: Tensor, k: Tensor, v: Tensor, ctx: &Context, l: usize) -> Result<(Tensor, attention::Saved)> {
+pub(crate) fn attend(q: Tensor, k: Tensor, v: Tensor, ctx: &Context, l: usize) -> Result<(Tensor, attention::Saved)> {
     let Some(sp) = &ctx.seq else {
         return Ok(attention::forward_packed(&q, &k, &v, &ctx.attn[l], &ctx.cu_seqlens)?);
     };
@@ -397,7 +424,7 @@ fn attend(q: Tensor, k: Tensor, v: Tensor, ctx: &Context, l: usize) -> Result<(T
 }
 
 /// The gradients of q, k, v (`[T, heads or kv_heads, head_dim]`) from the attention output's.
-fn attend_backward(grad_out: &Tensor, saved: attention::Saved, ctx: &Context, l: usize) -> Result<(Tensor, Tensor, Tensor)> {
+pub(crate) fn attend_backward(grad_out: &Tensor, saved: attention::Saved, ctx: &Context, l: usize) -> Result<(Tensor, Tensor, Tensor)> {
     let Some(sp) = &ctx.seq else {
         return Ok(attention::backward_packed(grad_out, &saved, &ctx.attn[l], &ctx.cu_seqlens)?);
     };

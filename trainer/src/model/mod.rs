@@ -219,7 +219,8 @@ impl Model {
     /// How the training forward runs a block.
     pub fn layout(&self) -> block::Layout {
         match (self.tile_tokens, &self.seq) {
-            (_, Some(_)) => block::Layout::Sharded,
+            (Some(_), Some(_)) => block::Layout::ShardedTiled,
+            (None, Some(_)) => block::Layout::Sharded,
             (Some(_), None) => block::Layout::Tiled,
             (None, None) => block::Layout::Whole,
         }
@@ -338,9 +339,6 @@ impl Model {
         self.check_ids(&batch.ids, "token ids")?;
         let _guard = tch::no_grad_guard();
         let dev = self.device();
-        if self.seq.is_some() && self.tile_tokens.is_some() {
-            return Err(TrainerError::Dist("compute.tile_tokens with dist.sequence_parallel > 1: token tiles of a sharded sequence are not built yet; set one of them".into()));
-        }
         let (ids, labels, mut ctx) = self.training_inputs(batch, dev)?;
         ctx.train = true;
         ctx.full = self.full;
@@ -400,8 +398,9 @@ impl Model {
             let ahead: Vec<(usize, Vec<String>)> = (l.saturating_sub(placement.lookahead)..l).rev().map(|a| (a, stashed[a].read_whole())).collect();
             store.prefetch(l, &stashed[l].read_whole())?;
             let (d, g) = match self.tile_tokens {
+                Some(tile) if self.seq.is_some() => tiled::backward_sharded(layer, dx, store, l, &stashed[l], tile, &ahead, &ctx)?,
                 Some(tile) => {
-                    let reader = stash::TileReader::new(store, l, &stashed[l], tiled::backward_order(&ctx.cu_seqlens, tile), &ahead)?;
+                    let reader = stash::TileReader::new(store, l, &stashed[l], tiled::backward_order(&ctx.cu_seqlens, tile), &ahead, tiled::Pass::All)?;
                     tiled::backward(layer, dx, reader, &ctx, l)?
                 }
                 None => {

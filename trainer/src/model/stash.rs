@@ -40,7 +40,7 @@ impl Stashed {
     /// What the backward takes whole, to be read back ahead of it: every stored tensor, or under
     /// token tiles the ones not read tile by tile ([`tiled::read_whole`]).
     pub fn read_whole(&self) -> Vec<String> {
-        self.names.iter().filter(|n| self.layout != block::Layout::Tiled || tiled::read_whole(n)).cloned().collect()
+        self.names.iter().filter(|n| !self.layout.tiled() || tiled::read_whole(n, self.layout)).cloned().collect()
     }
 }
 
@@ -103,20 +103,24 @@ pub struct TileReader<'s> {
     whole: Vec<(String, Tensor)>,
     order: Vec<Tile>,
     next: usize,
+    /// Which of the backward's passes over the tiles this reader serves.
+    pass: tiled::Pass,
 }
 
 impl<'s> TileReader<'s> {
-    /// Takes layer `l`'s whole tensors and starts reading the first tile's rows, then the whole
-    /// tensors of the layers `ahead` (the store serves requests in order: the first tile must not
-    /// wait behind the next layer's K and V); `order` is the backward's
-    /// ([`tiled::backward_order`]).
-    pub fn new(store: &'s mut ActivationStore, l: usize, stashed: &'s Stashed, order: Vec<Tile>, ahead: &[(usize, Vec<String>)]) -> Result<TileReader<'s>> {
+    /// Takes layer `l`'s whole tensors (the first pass) and starts reading the first tile's rows
+    /// of what `pass` reads, then the whole tensors of the layers `ahead` (the store serves
+    /// requests in order: the first tile must not wait behind the next layer's K and V); `order`
+    /// is the backward's ([`tiled::backward_order`]).
+    pub fn new(store: &'s mut ActivationStore, l: usize, stashed: &'s Stashed, order: Vec<Tile>, ahead: &[(usize, Vec<String>)], pass: tiled::Pass) -> Result<TileReader<'s>> {
         let mut whole = Vec::new();
-        for n in stashed.read_whole() {
-            let t = store.take(l, &n)?;
-            whole.push((n, t));
+        if pass != tiled::Pass::Qkv {
+            for n in stashed.read_whole() {
+                let t = store.take(l, &n)?;
+                whole.push((n, t));
+            }
         }
-        let mut r = TileReader { store, l, stashed, whole, order, next: 0 };
+        let mut r = TileReader { store, l, stashed, whole, order, next: 0, pass };
         if let Some(first) = r.order.first().copied() {
             r.prefetch(&first)?;
         }
@@ -132,7 +136,7 @@ impl<'s> TileReader<'s> {
     }
 
     fn prefetch(&mut self, tl: &Tile) -> Result<()> {
-        for n in self.stashed.names.iter().filter(|n| tiled::tile_reads(n, tl, self.stashed.split)) {
+        for n in self.stashed.names.iter().filter(|n| tiled::tile_reads(n, tl, self.stashed.split, self.stashed.layout, self.pass)) {
             self.store.prefetch_rows(self.l, n, tl.start, tl.len)?;
         }
         Ok(())
@@ -146,18 +150,18 @@ impl<'s> TileReader<'s> {
         if let Some(after) = self.order.get(self.next).copied() {
             self.prefetch(&after)?;
         }
-        let (store, whole, l, split) = (&mut *self.store, &self.whole, self.l, self.stashed.split);
+        let (store, whole, l, split, layout, pass) = (&mut *self.store, &self.whole, self.l, self.stashed.split, self.stashed.layout, self.pass);
         let saved = BlockSaved::from_named(&self.stashed.with_recomputable(), |n| match whole.iter().find(|(m, _)| m == n) {
             Some((_, t)) => Ok(t.shallow_clone()),
-            None if self.stashed.names.iter().any(|m| m == n) && tiled::tile_reads(n, &tl, split) => Ok(store.take_rows(l, n, tl.start, tl.len)?),
+            None if self.stashed.names.iter().any(|m| m == n) && tiled::tile_reads(n, &tl, split, layout, pass) => Ok(store.take_rows(l, n, tl.start, tl.len)?),
             None => Ok(Tensor::empty([0], (tch::Kind::Float, tch::Device::Cpu))),
         })?;
         Ok(Some((tl, saved)))
     }
 
-    /// Frees the tensors read by rows (after the last tile).
+    /// Frees the tensors read by rows that no later pass reads (after the last tile).
     pub fn finish(self) -> Result<()> {
-        for n in self.stashed.names.iter().filter(|n| !tiled::read_whole(n)) {
+        for n in self.stashed.names.iter().filter(|n| tiled::released_after(n, self.stashed.layout, self.pass)) {
             self.store.release(self.l, n)?;
         }
         Ok(())

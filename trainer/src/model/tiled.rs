@@ -26,10 +26,11 @@ use kernels::{attention, lora, rmsnorm, rope, swiglu};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
-use crate::model::block::{self, name, BlockSaved, Context, LoraSaved, Masks};
+use crate::model::block::{self, name, BlockSaved, Context, Layout, LoraSaved, Masks};
 use crate::model::layer::Layer;
 use crate::model::proj::Proj;
-use crate::model::stash::TileReader;
+use crate::model::stash::{Stashed, TileReader};
+use offload::store::ActivationStore;
 
 /// A tile: rows `[start, start + len)` of the document that begins at row `doc`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,7 +159,7 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize, tile:
     let q = Tensor::empty([t, ctx.heads, ctx.head_dim], like);
     let k = Tensor::empty([t, ctx.kv_heads, ctx.head_dim], like);
     let v = Tensor::empty([t, ctx.kv_heads, ctx.head_dim], like);
-    let tiles = tiles(&ctx.cu_seqlens, tile);
+    let tiles = tiles(&ctx.segments(), tile);
     for &Tile { start: a, len: n, .. } in &tiles {
         let mut ls = Vec::new();
         let pre = block::pre_attn(layer, &x.narrow(0, a, n), &ctx.cos.narrow(0, a, n), &ctx.sin.narrow(0, a, n), ctx, &mut ls, Masks::Rows { masks: &masks, start: a });
@@ -169,11 +170,13 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize, tile:
         stored_rows.add(name::X_ATTN, a, &pre.x_attn);
         gather_lora(&mut xa, ls);
     }
-    let (o, attn) = attention::forward_packed(&q, &k, &v, &ctx.attn[layer_idx], &ctx.cu_seqlens)?;
+    let (o, attn) = block::attend(q, k, v, ctx, layer_idx)?;
     // q whole is done: keep its stored rows (a copy when rows are dropped) and let the rest go
-    // before the post-attention tiles. K and V are saved whole (`block::recomputable`).
-    let attention::Saved { out, lse, philox, .. } = attn;
-    let q = if split >= t { q } else { q.narrow(0, 0, split.max(0)).copy() };
+    // before the post-attention tiles. K and V are saved whole, and of a shard q too, in the
+    // heads' layout (`block::recomputable`).
+    let attention::Saved { q, k, v, out, lse, philox } = attn;
+    let layout = if ctx.seq.is_some() { Layout::ShardedTiled } else { Layout::Tiled };
+    let q = if split >= t || !block::recomputable(name::Q, layout) { q } else { q.narrow(0, 0, split.max(0)).copy() };
     let o_flat = o.view([t, ctx.heads * ctx.head_dim]);
     let y = x.empty_like();
     for &Tile { start: a, len: n, .. } in &tiles {
@@ -209,17 +212,58 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize, tile:
 }
 
 /// Saved tensors a tiled backward reads whole: K and V (every query tile attends to them), the
-/// logsumexp (`[heads, T]`, not token-major) and the attention RNG state. It reads every other
-/// one tile's rows at a time ([`crate::model::stash::TileReader`]).
-pub fn read_whole(name: &str) -> bool {
-    matches!(name, name::K | name::V | name::ATTN_LSE | name::PHILOX_SEED | name::PHILOX_OFFSET)
+/// logsumexp (`[heads, T]`, not token-major) and the attention RNG state; of a shard also q and
+/// the attention output (its attention backward runs whole, in the heads' layout). It reads every
+/// other one tile's rows at a time ([`crate::model::stash::TileReader`]).
+pub fn read_whole(name: &str, layout: Layout) -> bool {
+    matches!(name, name::K | name::V | name::ATTN_LSE | name::PHILOX_SEED | name::PHILOX_OFFSET) || (layout == Layout::ShardedTiled && matches!(name, name::Q | name::ATTN_OUT))
 }
 
-/// Whether the backward of tile `tl` reads its rows of saved tensor `name` (with `split` rows of
-/// the recomputable tensors stored): a recomputed tile reads only what is never recomputed (the
-/// layer input, the attention output, LoRA's activations and masks).
-pub fn tile_reads(name: &str, tl: &Tile, split: i64) -> bool {
-    !read_whole(name) && (tile_is_stored(tl, split) || !block::recomputable(name, block::Layout::Tiled))
+/// A pass of a tiled backward over the tiles: all of a tile's backward at once ([`backward`]), or
+/// for a shard ([`backward_sharded`]) the part after attention (MLP, post-attention norm,
+/// o_proj), then, after the whole attention backward, the part before it (q/k/v projections,
+/// input norm).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    All,
+    Mlp,
+    Qkv,
+}
+
+/// The projection a LoRA tensor (`lora_xa:{proj}`, `lora_keep:{proj}`) belongs to.
+fn lora_proj(name: &str) -> Option<Proj> {
+    let hf = name.strip_prefix("lora_")?.split_once(':')?.1;
+    Proj::ALL.into_iter().find(|p| p.hf_name() == hf)
+}
+
+/// Whether `pass` reads saved tensor `name` at all.
+fn in_pass(name: &str, pass: Pass) -> bool {
+    match pass {
+        Pass::All => true,
+        Pass::Mlp => matches!(name, name::X | name::H | name::RSTD_MLP | name::X_MLP | name::GATE | name::UP | name::ACT) || lora_proj(name).is_some_and(|p| matches!(p, Proj::O | Proj::Gate | Proj::Up | Proj::Down)),
+        Pass::Qkv => matches!(name, name::X | name::RSTD_ATTN | name::X_ATTN) || lora_proj(name).is_some_and(|p| matches!(p, Proj::Q | Proj::K | Proj::V)),
+    }
+}
+
+/// Whether `pass` of the backward of tile `tl` reads its rows of saved tensor `name` (with
+/// `split` rows of the recomputable tensors stored): a recomputed tile reads only what is never
+/// recomputed (the layer input, the attention output, LoRA's activations and masks); a shard's
+/// MLP pass reads the layer input only to recompute a tile.
+pub fn tile_reads(name: &str, tl: &Tile, split: i64, layout: Layout, pass: Pass) -> bool {
+    if read_whole(name, layout) || !in_pass(name, pass) {
+        return false;
+    }
+    let stored = tile_is_stored(tl, split);
+    match (pass, name) {
+        (Pass::Mlp, name::X) => !stored,
+        _ => stored || !block::recomputable(name, layout),
+    }
+}
+
+/// Whether the reader of `pass` frees `name` when it is done: what it reads by rows and no later
+/// pass reads (the layer input goes after the q/k/v pass).
+pub fn released_after(name: &str, layout: Layout, pass: Pass) -> bool {
+    !read_whole(name, layout) && in_pass(name, pass) && !(pass == Pass::Mlp && name == name::X)
 }
 
 /// The order in which [`backward`] visits the tiles: last to first. When a tile's queries are
@@ -263,6 +307,17 @@ struct Backward<'a> {
     split: i64,
 }
 
+/// A tile's post-attention tensors (stored rows, or recomputed from the layer input and the
+/// attention output).
+struct PostRows {
+    h: Tensor,
+    rstd_mlp: Tensor,
+    x_mlp: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    act: Tensor,
+}
+
 impl Backward<'_> {
     /// One tile, `s` holding its rows of the saved tensors it reads (K, V and the logsumexp
     /// whole): the MLP, post-attention norm and o_proj backward (dh into `dy`'s rows), the tile's
@@ -273,34 +328,16 @@ impl Backward<'_> {
         let (layer, ctx) = (self.layer, self.ctx);
         let (a, n) = (tl.start, tl.len);
         let BlockSaved { x, rstd_attn, x_attn, attn, h, rstd_mlp, x_mlp, gate, up, act, lora } = s;
-        let masks: Vec<(Proj, Tensor)> =
-            lora.iter().filter_map(|(nm, _, keep)| Some((Proj::ALL.into_iter().find(|p| p.hf_name() == *nm)?, keep.as_ref()?.shallow_clone()))).collect();
+        let masks = keep_masks(&lora);
         let m = Masks::Rows { masks: &masks, start: 0 };
         let kept = tile_is_stored(tl, self.split);
-        let rows = |z: &Tensor| z.narrow(0, a, n);
-        let (cos, sin) = (rows(&ctx.cos), rows(&ctx.sin));
+        let (cos, sin) = cos_sin_rows(ctx, tl);
         let o_flat = attn.out.reshape([n, ctx.heads * ctx.head_dim]);
-        let (h, rstd_mlp, x_mlp, gate, up, act) = if kept {
-            (h, rstd_mlp, x_mlp, gate, up, act)
-        } else {
-            let p = block::post_attn(layer, &x, &o_flat, ctx, &mut Vec::new(), m);
-            (p.h, p.rstd_mlp, p.x_mlp, p.gate, p.up, p.act)
-        };
         let mut ls = lora;
         let mut g = Vec::new();
-        let mut dy_t = rows(dy);
-        let dact = block::proj_backward(&dy_t, &act, layer, Proj::Down, ctx, &mut ls, &mut g)?;
-        drop(act);
-        let (dgate, dup) = swiglu::backward(&dact, &swiglu::Saved { gate, up });
-        drop(dact);
-        let dx_mlp = block::proj_backward(&dgate, &x_mlp, layer, Proj::Gate, ctx, &mut ls, &mut g)? + block::proj_backward(&dup, &x_mlp, layer, Proj::Up, ctx, &mut ls, &mut g)?;
-        drop((dgate, dup, x_mlp));
-        let (dh_norm, dw2) = rmsnorm::backward(&dx_mlp, &rmsnorm::Saved { x: h, rstd: rstd_mlp }, &layer.post_attention_layernorm, ctx.full);
-        if let Some(w) = dw2 {
-            g.push(("post_attention_layernorm.weight".into(), w));
-        }
-        dy_t += dh_norm; // dh = dy + dh_norm, in dy's storage
-        let d_out = block::proj_backward(&dy_t, &o_flat, layer, Proj::O, ctx, &mut ls, &mut g)?;
+        let mut dy_t = dy.narrow(0, a, n);
+        let post = kept.then_some(PostRows { h, rstd_mlp, x_mlp, gate, up, act });
+        let d_out = self.post_attention(&mut dy_t, &x, &o_flat, post, &mut ls, m, &mut g)?;
         drop(o_flat);
         // This tile's queries against the document's keys up to the tile's end.
         let (x_attn, rstd_attn, q) = if kept {
@@ -326,23 +363,124 @@ impl Backward<'_> {
             &key_rows(dv),
         )?;
         drop((d_out, q));
-        // The tile's share of the input gradient through q, K and V.
+        let rows = |z: &Tensor| z.narrow(0, a, n);
+        self.qkv_share(tl, &mut dy_t, x, x_attn, rstd_attn, &dq, &rows(dk), &rows(dv), &mut ls, &mut g)?;
+        Ok(g)
+    }
+
+    /// The MLP, post-attention norm and o_proj backward of one tile: dh added into `dy_t` (the
+    /// tile's rows of the residual gradient); returns the gradient of the attention output
+    /// (`[n, heads·head_dim]`). `post`: the stored rows, or None to recompute them from `x` and
+    /// `o_flat`.
+    #[allow(clippy::too_many_arguments)]
+    fn post_attention(&self, dy_t: &mut Tensor, x: &Tensor, o_flat: &Tensor, post: Option<PostRows>, ls: &mut LoraSaved, m: Masks, g: &mut Vec<(String, Tensor)>) -> Result<Tensor> {
+        let (layer, ctx) = (self.layer, self.ctx);
+        let PostRows { h, rstd_mlp, x_mlp, gate, up, act } = match post {
+            Some(p) => p,
+            None => {
+                let p = block::post_attn(layer, x, o_flat, ctx, &mut Vec::new(), m);
+                PostRows { h: p.h, rstd_mlp: p.rstd_mlp, x_mlp: p.x_mlp, gate: p.gate, up: p.up, act: p.act }
+            }
+        };
+        let dact = block::proj_backward(dy_t, &act, layer, Proj::Down, ctx, ls, g)?;
+        drop(act);
+        let (dgate, dup) = swiglu::backward(&dact, &swiglu::Saved { gate, up });
+        drop(dact);
+        let dx_mlp = block::proj_backward(&dgate, &x_mlp, layer, Proj::Gate, ctx, ls, g)? + block::proj_backward(&dup, &x_mlp, layer, Proj::Up, ctx, ls, g)?;
+        drop((dgate, dup, x_mlp));
+        let (dh_norm, dw2) = rmsnorm::backward(&dx_mlp, &rmsnorm::Saved { x: h, rstd: rstd_mlp }, &layer.post_attention_layernorm, ctx.full);
+        if let Some(w) = dw2 {
+            g.push(("post_attention_layernorm.weight".into(), w));
+        }
+        *dy_t += dh_norm; // dh = dy + dh_norm, in dy's storage
+        block::proj_backward(dy_t, o_flat, layer, Proj::O, ctx, ls, g)
+    }
+
+    /// The tile's share of the input gradient through q, K and V (`dq` `[n, heads, head_dim]`,
+    /// `dk`, `dv` `[n, kv_heads, head_dim]`, before RoPE's backward), added into `dy_t`.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_share(&self, tl: &Tile, dy_t: &mut Tensor, x: Tensor, x_attn: Tensor, rstd_attn: Tensor, dq: &Tensor, dk: &Tensor, dv: &Tensor, ls: &mut LoraSaved, g: &mut Vec<(String, Tensor)>) -> Result<()> {
+        let (layer, ctx) = (self.layer, self.ctx);
+        let n = tl.len;
+        let (cos, sin) = cos_sin_rows(ctx, tl);
         let kind = x.kind();
         let kvd = ctx.kv_heads * ctx.head_dim;
-        let dq = rope::backward(&dq, &cos, &sin).reshape([n, ctx.heads * ctx.head_dim]);
-        let dk_t = rope::backward(&rows(dk).to_kind(kind), &cos, &sin).reshape([n, kvd]);
-        let dv_t = rows(dv).to_kind(kind).reshape([n, kvd]);
-        let dx_attn = block::proj_backward(&dq, &x_attn, layer, Proj::Q, ctx, &mut ls, &mut g)?
-            + block::proj_backward(&dk_t, &x_attn, layer, Proj::K, ctx, &mut ls, &mut g)?
-            + block::proj_backward(&dv_t, &x_attn, layer, Proj::V, ctx, &mut ls, &mut g)?;
+        let dq = rope::backward(dq, &cos, &sin).reshape([n, ctx.heads * ctx.head_dim]);
+        let dk_t = rope::backward(&dk.to_kind(kind), &cos, &sin).reshape([n, kvd]);
+        let dv_t = dv.to_kind(kind).reshape([n, kvd]);
+        let dx_attn = block::proj_backward(&dq, &x_attn, layer, Proj::Q, ctx, ls, g)? + block::proj_backward(&dk_t, &x_attn, layer, Proj::K, ctx, ls, g)? + block::proj_backward(&dv_t, &x_attn, layer, Proj::V, ctx, ls, g)?;
         drop((dq, dk_t, dv_t, x_attn));
         let (dx_norm, dw1) = rmsnorm::backward(&dx_attn, &rmsnorm::Saved { x, rstd: rstd_attn }, &layer.input_layernorm, ctx.full);
         if let Some(w) = dw1 {
             g.push(("input_layernorm.weight".into(), w));
         }
-        dy_t += dx_norm;
-        Ok(g)
+        *dy_t += dx_norm;
+        Ok(())
     }
+}
+
+/// The tile's rows of the RoPE tables.
+fn cos_sin_rows(ctx: &Context, tl: &Tile) -> (Tensor, Tensor) {
+    (ctx.cos.narrow(0, tl.start, tl.len), ctx.sin.narrow(0, tl.start, tl.len))
+}
+
+/// The LoRA dropout keep-masks among a tile's saved LoRA tensors, by projection.
+fn keep_masks(lora: &LoraSaved) -> Vec<(Proj, Tensor)> {
+    lora.iter().filter_map(|(nm, _, keep)| Some((Proj::ALL.into_iter().find(|p| p.hf_name() == *nm)?, keep.as_ref()?.shallow_clone()))).collect()
+}
+
+/// [`backward`] for one shard of a sequence split over ranks ([`crate::model::seq`]): its
+/// attention runs over every token of the rank's heads, so no tile's queries can be done alone.
+/// Two passes over the tiles (last to first) around one whole attention backward:
+/// 1. per tile the MLP, post-attention norm and o_proj backward (dh into `dy`'s rows), the
+///    attention output's gradient written into a whole `[T, heads·head_dim]`;
+/// 2. the attention backward between all-to-alls ([`block::attend_backward`]): q, K, V's
+///    gradients for this shard's tokens, whole;
+/// 3. per tile the share of the input gradient through q, K and V, added into `dy`'s rows.
+///
+/// The saved tensors come from `store` through a [`TileReader`] per pass: q, K, V (the heads'
+/// layout), the attention output and the logsumexp whole, the others a tile's rows at a time.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_sharded(layer: &Layer, dy: Tensor, store: &mut ActivationStore, l: usize, stashed: &Stashed, tile: i64, ahead: &[(usize, Vec<String>)], ctx: &Context) -> Result<(Tensor, Vec<(String, Tensor)>)> {
+    let b = Backward { layer, ctx, layer_idx: l, split: stashed.split };
+    let order = backward_order(&ctx.segments(), tile);
+    let t = dy.size()[0];
+    let mut grads = GradSum::default();
+    let d_out = Tensor::empty([t, ctx.heads * ctx.head_dim], (dy.kind(), dy.device()));
+    let mut attn = None;
+    let mut reader = TileReader::new(store, l, stashed, order.clone(), ahead, Pass::Mlp)?;
+    while let Some((tl, s)) = reader.next_tile()? {
+        let (a, n) = (tl.start, tl.len);
+        let BlockSaved { x, attn: whole, h, rstd_mlp, x_mlp, gate, up, act, lora, .. } = s;
+        let masks = keep_masks(&lora);
+        let post = tile_is_stored(&tl, b.split).then_some(PostRows { h, rstd_mlp, x_mlp, gate, up, act });
+        let (mut ls, mut g) = (lora, Vec::new());
+        let o_flat = whole.out.narrow(0, a, n).reshape([n, ctx.heads * ctx.head_dim]);
+        let d = b.post_attention(&mut dy.narrow(0, a, n), &x, &o_flat, post, &mut ls, Masks::Rows { masks: &masks, start: 0 }, &mut g)?;
+        d_out.narrow(0, a, n).copy_(&d);
+        grads.add(g);
+        attn = Some(whole);
+    }
+    reader.finish()?;
+    let Some(attn) = attn else { return Ok((dy, grads.into_grads())) };
+    let (dq, dk, dv) = block::attend_backward(&d_out.view([t, ctx.heads, ctx.head_dim]), attn, ctx, l)?;
+    drop(d_out);
+    let mut reader = TileReader::new(store, l, stashed, order, &[], Pass::Qkv)?;
+    while let Some((tl, s)) = reader.next_tile()? {
+        let BlockSaved { x, rstd_attn, x_attn, lora, .. } = s;
+        let (x_attn, rstd_attn) = if tile_is_stored(&tl, b.split) {
+            (x_attn, rstd_attn)
+        } else {
+            let (x_attn, st) = rmsnorm::forward(&x, &layer.input_layernorm, ctx.eps);
+            (x_attn, st.rstd)
+        };
+        let rows = |z: &Tensor| z.narrow(0, tl.start, tl.len);
+        let (mut ls, mut g) = (lora, Vec::new());
+        b.qkv_share(&tl, &mut dy.narrow(0, tl.start, tl.len), x, x_attn, rstd_attn, &rows(&dq), &rows(&dk), &rows(&dv), &mut ls, &mut g)?;
+        grads.add(g);
+    }
+    reader.finish()?;
+    Ok((dy, grads.into_grads()))
 }
 
 #[cfg(test)]

@@ -47,7 +47,6 @@ fn shape_formula(a: &[i64], b: &[i64]) -> String {
 /// whole-sequence layer with `kv_heads × kv_copies` KV heads saves (its q, k, v and logsumexp
 /// hold every token of 1/P of those heads): it is probed as that layer.
 fn probe_saved(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, full: bool, device: Device, layout: block::Layout, kv_copies: i64) -> Result<Vec<TensorClass>> {
-    let tiled = layout == block::Layout::Tiled;
     let mut one = cfg.clone();
     one.num_layers = 1;
     one.num_kv_heads *= kv_copies;
@@ -94,7 +93,7 @@ fn probe_saved(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, full: b
                 fixed_bytes: b0 - per_token * PROBE_T[0] as u64,
                 per_token_bytes: per_token,
                 recomputable: block::recomputable(name, layout),
-                sliced: tiled && !crate::model::tiled::read_whole(name),
+                sliced: layout.tiled() && !crate::model::tiled::read_whole(name, layout),
             }
         })
         .collect())
@@ -349,7 +348,7 @@ pub fn build(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: D
 /// group: then per rank, per token of its shard), LoRA per `lora`.
 pub fn of_model(model: &Model, lora: Option<&LoraConfig>, ce_chunk: i64) -> Result<Inventory> {
     match &model.seq {
-        Some(g) => build_sharded(&model.cfg, model.kind(), lora, model.device(), ce_chunk, g.size as i64),
+        Some(g) => build_sharded(&model.cfg, model.kind(), lora, model.device(), ce_chunk, model.tile_tokens.map(|t| t as u64), g.size as i64),
         None => build_tiled(&model.cfg, model.kind(), lora, model.device(), ce_chunk, model.tile_tokens.map(|t| t as u64)),
     }
 }
@@ -359,17 +358,22 @@ pub fn build_tiled(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, dev
     build_with(cfg, kind, lora, device, ce_chunk, tile, 1)
 }
 
-/// [`build`] for one rank of a sequence split over `sp` ranks: per token of its shard.
-pub fn build_sharded(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: Device, ce_chunk: i64, sp: i64) -> Result<Inventory> {
-    build_with(cfg, kind, lora, device, ce_chunk, None, sp)
+/// [`build_tiled`] for one rank of a sequence split over `sp` ranks: per token of its shard.
+pub fn build_sharded(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: Device, ce_chunk: i64, tile: Option<u64>, sp: i64) -> Result<Inventory> {
+    build_with(cfg, kind, lora, device, ce_chunk, tile, sp)
 }
 
 fn build_with(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: Device, ce_chunk: i64, tile: Option<u64>, sp: i64) -> Result<Inventory> {
     let device = if matches!(device, Device::Cuda(_)) && !tch::Cuda::is_available() { Device::Cpu } else { device };
-    let (layout, kv_copies) = match (tile, sp) {
-        (_, p) if p > 1 => (block::Layout::Sharded, crate::model::seq::kv_copies(cfg.num_heads, cfg.num_kv_heads, p).map_err(|e| TrainerError::Dist(format!("sequence parallel over {p}: {e}")))?),
-        (Some(_), _) => (block::Layout::Tiled, 1),
-        (None, _) => (block::Layout::Whole, 1),
+    let kv_copies = match sp {
+        p if p > 1 => crate::model::seq::kv_copies(cfg.num_heads, cfg.num_kv_heads, p).map_err(|e| TrainerError::Dist(format!("sequence parallel over {p}: {e}")))?,
+        _ => 1,
+    };
+    let layout = match (tile, sp > 1) {
+        (Some(_), true) => block::Layout::ShardedTiled,
+        (None, true) => block::Layout::Sharded,
+        (Some(_), false) => block::Layout::Tiled,
+        (None, false) => block::Layout::Whole,
     };
     let saved = probe_saved(cfg, kind, lora, lora.is_none(), device, layout, kv_copies)?;
     let e = kind.elt_size_in_bytes() as u64;
@@ -407,13 +411,21 @@ fn build_with(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: 
         None => (backward_buffers(cfg, kind, lora, &saved), forward_buffers(cfg, kind, lora)),
         Some(_) => (tiled_backward_buffers(cfg, kind, lora, &saved), tiled_forward_buffers(cfg, kind, lora)),
     };
-    if layout == block::Layout::Sharded {
+    if layout.sharded() {
         // The all-to-alls around attention (block::attend): a tensor in one layout, its copy
         // ordered for the exchange and what comes back, the widest being q's and the output's;
-        // backward also holds the output gradient and the output in the heads' layout.
-        forward.push(op_buf("all-to-all: tensor, send copy, received", format!("3 × [T, {qd}]"), 3 * qd * e, 3, 3));
-        backward.push(op_buf("output and its gradient in the heads' layout", format!("2 × [T, {qd}]"), 2 * qd * e, 7, 7));
-        backward.push(op_buf("all-to-all: send copy, received", format!("2 × [T, {qd}]"), 2 * qd * e, 7, 7));
+        // backward also holds the output gradient and the output in the heads' layout. Slots:
+        // attention's in block::forward / backward and in the tiled forward; the tiled backward's
+        // one slot of tiles also holds the whole attention output gradient and, after the
+        // attention backward, q, K and V's gradients for the second pass (tiled::backward_sharded).
+        let (fwd_slot, bwd_slot) = if layout.tiled() { (2, 1) } else { (3, 7) };
+        forward.push(op_buf("all-to-all: tensor, send copy, received", format!("3 × [T, {qd}]"), 3 * qd * e, fwd_slot, fwd_slot));
+        backward.push(op_buf("output and its gradient in the heads' layout", format!("2 × [T, {qd}]"), 2 * qd * e, bwd_slot, bwd_slot));
+        backward.push(op_buf("all-to-all: send copy, received", format!("2 × [T, {qd}]"), 2 * qd * e, bwd_slot, bwd_slot));
+        if layout.tiled() {
+            let kvd_copies = kvd * kv_copies as u64;
+            backward.push(op_buf("d attention output, whole; then d q, d k, d v whole", format!("[T, {qd} + 2 × {kvd_copies}]"), (qd + 2 * kvd_copies) * e, 1, 1));
+        }
     }
     let proj_params = d * qd + 2 * d * kvd + qd * d + 3 * d * i;
     Ok(Inventory {

@@ -92,10 +92,7 @@ pub fn plan_recipe(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lor
     let dev = recipe.run.device.target()?;
     let kind = recipe.run.dtype.0;
     let sp = recipe.dist.sequence_parallel.max(1);
-    let probe = |tile: Option<u64>| match sp {
-        1 => crate::plan::inventory::build_tiled(cfg, kind, lora, dev, recipe.train.loss_chunk, tile),
-        p => crate::plan::inventory::build_sharded(cfg, kind, lora, dev, recipe.train.loss_chunk, p as i64),
-    };
+    let probe = |tile: Option<u64>| crate::plan::inventory::build_sharded(cfg, kind, lora, dev, recipe.train.loss_chunk, tile, sp as i64);
     let whole = probe(None)?;
     // After the probe (whose tensors are small and gone): it ran libtorch's kernels once, so the
     // thread pools and kernel buffers that every step will hold are in the figure; before the
@@ -113,8 +110,6 @@ pub fn plan_recipe(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lor
         Ok((inv, plan))
     };
     match recipe.compute.fixed_tile() {
-        // A sharded sequence runs whole blocks (the recipe refuses tiles with it).
-        _ if sp > 1 => plan_with(whole, opt.mip_seconds),
         Some(None) => plan_with(whole, opt.mip_seconds),
         Some(Some(tile)) => plan_with(probe(Some(tile))?, opt.mip_seconds),
         None => {
@@ -209,7 +204,7 @@ pub fn what_would_fit(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, 
     };
     let sp = recipe.dist.sequence_parallel.max(1) as u64;
     let reach = match (recipe.compute.fixed_tile(), inv.tile_tokens) {
-        (None, None) if sp == 1 => Some(crate::plan::inventory::build_tiled(cfg, recipe.run.dtype.0, lora, recipe.run.device.target()?, recipe.train.loss_chunk, Some(REACH_TILE))?),
+        (None, None) => Some(crate::plan::inventory::build_sharded(cfg, recipe.run.dtype.0, lora, recipe.run.device.target()?, recipe.train.loss_chunk, Some(REACH_TILE), sp as i64)?),
         _ => None,
     };
     let (reach_inv, reach_opt) = match &reach {
@@ -317,10 +312,7 @@ pub fn fit_after_failure(recipe: &Recipe, cfg: &crate::model::config::ModelConfi
     };
     let req = Request { device_memory, ..Request::default() };
     let sp = recipe.dist.sequence_parallel.max(1);
-    let inv = match sp {
-        1 => crate::plan::inventory::build_tiled(cfg, kind, lora, dev, recipe.train.loss_chunk, tile)?,
-        p => crate::plan::inventory::build_sharded(cfg, kind, lora, dev, recipe.train.loss_chunk, p as i64)?,
-    };
+    let inv = crate::plan::inventory::build_sharded(cfg, kind, lora, dev, recipe.train.loss_chunk, tile, sp as i64)?;
     let cal = crate::plan::calibrate::cached_or_assumed(dev, kind);
     let tokens = crate::model::seq::shard(recipe.data.tokens_per_batch as i64, 0, sp).tokens as u64;
     let o = options(recipe, &req, tokens);

@@ -620,9 +620,6 @@ impl Recipe {
         if self.dist.sequence_parallel == 0 {
             return err("dist.sequence_parallel", "must be at least 1 (ranks one sequence is split over; 1: not split)".into());
         }
-        if self.dist.sequence_parallel > 1 && matches!(self.compute.fixed_tile(), Some(Some(_))) {
-            return err("dist.sequence_parallel", format!("{} with compute.tile_tokens: token tiles of a sharded sequence are not built yet; remove one of them", self.dist.sequence_parallel));
-        }
         let d = &self.data;
         match (&d.synth, d.train.is_empty()) {
             (Some(_), false) => return err("data", "give `train` files or [data.synth], not both".into()),

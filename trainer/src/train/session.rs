@@ -209,9 +209,6 @@ impl Session {
         let sp = recipe.dist.sequence_parallel;
         if sp > 1 {
             crate::model::seq::kv_copies(model.cfg.num_heads, model.cfg.num_kv_heads, sp as i64).map_err(|e| TrainerError::config(recipe_path, format!("dist.sequence_parallel = {sp}: {e}")))?;
-            if model.tile_tokens.is_some() {
-                return Err(TrainerError::config(recipe_path, format!("dist.sequence_parallel = {sp}: the plan chose token tiles, which a sharded sequence does not run yet; set compute.tile_tokens = 0 (or give each rank more device memory)")));
-            }
         }
         model.seq = world.sequence_group(sp)?;
         let planned = planned.map(|(p, _)| p);
