@@ -148,6 +148,16 @@ fn an_8b_lora_step_plans_at_a_million_tokens_from_a_preset() {
     // A data-parallel job: each rank holds what one process does; the node holds them all.
     let (ok, text) = plan(&["--tokens", "131072", "--nproc-per-node", "8"]);
     assert!(ok && text.contains("job        8 processes per node, data parallel") && text.contains("an optimizer step trains on 8 × 2 × 131072 = 2097152 tokens per node"), "{text}");
+    // One sequence over 8 ranks: each plans its shard with token tiles; the exchanges, the step
+    // with them and MFU are printed; 4M tokens fit 8 × 80 GB.
+    let (ok, text) = plan(&["--tokens", "4194304", "--sequence-parallel", "8", "--nproc-per-node", "8"]);
+    assert!(ok && text.contains("verdict    fits") && text.contains("tokens     524288 per step") && text.contains("token tiles of"), "{text}");
+    assert!(text.contains("sequence   split over 8 ranks: 524288 tokens each, 4194304 in all; per layer each rank sends 8.75 GiB forward, 12.25 GiB backward"), "{text}");
+    assert!(text.contains("mfu        ") && text.contains("1 data parallel × 8 sequence parallel"), "{text}");
+    let longest: u64 = text.lines().find(|l| l.starts_with("longest")).and_then(|l| l.split("fits these budgets: ").nth(1)).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
+    assert!(longest >= 4 << 20, "longest {longest}: {text}");
+    let (ok, text) = plan(&["--sequence-parallel", "3"]);
+    assert!(!ok && text.contains("32 attention heads do not divide over 3 ranks") && !text.contains("panicked"), "{text}");
     let (ok, text) = plan_for("gpt-17", "80GB", &[]);
     assert!(!ok && text.contains("llama-3.1-8b") && !text.contains("panicked"), "{text}");
     let _ = std::fs::remove_dir_all(cache);

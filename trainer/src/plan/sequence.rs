@@ -51,7 +51,7 @@ pub fn lines(inv: &Inventory, plan: &Plan, ex: &Exchange, a2a_bytes_per_second: 
     let comm = ex.step_seconds(inv.layers as u64, a2a_bytes_per_second);
     let step = plan.step_seconds + comm;
     let mut s = format!(
-        "sequence   split over {} ranks: {} tokens each, {} in all; per layer each rank sends {} forward, {} backward by all-to-all; {} a step, {:.2} s at {}/s per rank\nstep       predicted {:.2} s: {:.2} s as planned above + {:.2} s of all-to-all\n",
+        "sequence   split over {} ranks: {} tokens each, {} in all; per layer each rank sends {} forward, {} backward by all-to-all; {} a step, {:.2} s at {:.0} GB/s per rank\nstep       predicted {:.2} s: {:.2} s as planned above + {:.2} s of all-to-all\n",
         ex.ranks,
         plan.tokens,
         plan.tokens * ex.ranks,
@@ -59,7 +59,7 @@ pub fn lines(inv: &Inventory, plan: &Plan, ex: &Exchange, a2a_bytes_per_second: 
         human(ex.backward_bytes),
         human(inv.layers as u64 * (ex.forward_bytes + ex.backward_bytes)),
         comm,
-        human(a2a_bytes_per_second as u64),
+        a2a_bytes_per_second / 1e9,
         step,
         plan.step_seconds,
         comm,
