@@ -93,6 +93,11 @@ fn assert_same_training(tag: &str, one: &Path, other: &Path) {
     }
 }
 
+/// A run's eval/loss records in order.
+fn eval_losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default().lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()?.get("eval/loss")?.as_f64()).collect()
+}
+
 /// `train run` of `recipe` into `run_dir` as `n` ranks under torchrun.
 fn torchrun_job(n: usize, recipe: &Path, run_dir: &Path, overrides: &[&str]) -> std::process::Output {
     Command::new(torchrun())
@@ -153,10 +158,13 @@ fn sequence_parallel_ranks_equal_one_process() {
     let lora = "\n[lora]\nrank = 4\nalpha = 8.0\ndropout = 0.0\ntargets = [\"q_proj\", \"k_proj\", \"o_proj\", \"down_proj\"]\n";
     let nvme_dir = format!("offload.nvme_dir={}", dir.display());
     let offload = ["offload.tiers=[\"host\",\"nvme\"]", "offload.host_bytes=40000", "offload.nvme_bytes=67108864", "offload.alpha=0.5", &nvme_dir];
+    // Held-out loss every 2 steps: under sequence parallelism the group evaluates, each rank its
+    // shard, rank 0 reports.
+    let eval = format!("eval.data={}", data.display());
     for (tag, extra, mode) in [("full", "", None), ("lora", lora, Some("train.mode=lora"))] {
         let r = recipe(&dir, &model, &data, extra);
         let run = |name: &str| dir.join(format!("{tag}-{name}"));
-        let with = |more: &[&str]| -> Vec<String> { mode.iter().chain(more).map(|s| s.to_string()).collect() };
+        let with = |more: &[&str]| -> Vec<String> { mode.iter().copied().chain(["eval.every=2", eval.as_str()]).chain(more.iter().copied()).map(|s| s.to_string()).collect() };
         for (name, accum) in [("one", "train.grad_accum=1"), ("one-ga2", "train.grad_accum=2")] {
             let mut args = vec!["run".to_string(), "--recipe".into(), r.display().to_string(), format!("run.dir={}", run(name).display())];
             args.extend(with(&[accum]));
@@ -169,6 +177,11 @@ fn sequence_parallel_ranks_equal_one_process() {
         let out = torchrun_job(2, &r, &run("sp2"), &sp2.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(out.status.success(), "torchrun: {}", String::from_utf8_lossy(&out.stderr));
         assert_same_training(&format!("{tag}: sequence parallel 2"), &run("one"), &run("sp2"));
+        let (e1, e2) = (eval_losses(&run("one")), eval_losses(&run("sp2")));
+        assert_eq!(e1.len(), 3, "{e1:?}");
+        for (x, y) in e1.iter().zip(&e2) {
+            assert!((x - y).abs() <= 1e-12 * x.abs(), "{tag}: eval loss {x} (one process) vs {y} (sequence parallel)");
+        }
         // Token tiles of each shard (two passes around the whole attention backward).
         let mut tiles = sp2.clone();
         tiles.push("compute.tile_tokens=16".into());

@@ -266,29 +266,44 @@ impl Model {
     /// # Shapes
     /// - `ids`, `labels`: `[T]` int64; labels already shifted (label[t] is the target of token t)
     pub fn loss(&self, batch: &Batch, ce_chunk: i64) -> Result<cross_entropy::LossSum> {
-        let h = self.final_hidden(batch)?;
-        Ok(cross_entropy::forward(&h, self.lm_head_weight(), &batch.labels.to_device(self.device()), ce_chunk).0)
+        let (h, labels) = self.final_hidden(batch)?;
+        self.whole_loss(cross_entropy::forward(&h, self.lm_head_weight(), &labels, ce_chunk).0)
     }
 
     /// The loss and the greedy next-token prediction at every position (`[T]` int64) from one
     /// forward (evaluation of answer-bearing tasks).
     pub fn loss_and_argmax(&self, batch: &Batch, ce_chunk: i64) -> Result<(cross_entropy::LossSum, Tensor)> {
-        let h = self.final_hidden(batch)?;
+        let (h, labels) = self.final_hidden(batch)?;
         let w = self.lm_head_weight();
-        let loss = cross_entropy::forward(&h, w, &batch.labels.to_device(self.device()), ce_chunk).0;
-        Ok((loss, cross_entropy::argmax(&h, w, ce_chunk)))
+        let loss = self.whole_loss(cross_entropy::forward(&h, w, &labels, ce_chunk).0)?;
+        let argmax = cross_entropy::argmax(&h, w, ce_chunk);
+        let argmax = match &self.seq {
+            // Every rank's predictions in token order, the padding cut.
+            Some(sp) => sp.gather_tokens(&argmax)?.narrow(0, 0, batch.ids.size()[0]),
+            None => argmax,
+        };
+        Ok((loss, argmax))
     }
 
-    /// Hidden states after the final norm, without keeping activations.
-    fn final_hidden(&self, batch: &Batch) -> Result<Tensor> {
+    /// Hidden states after the final norm and the labels, without keeping activations: of the
+    /// whole batch, or under sequence parallelism of this rank's shard (every rank of the group
+    /// evaluates the same batch in step).
+    fn final_hidden(&self, batch: &Batch) -> Result<(Tensor, Tensor)> {
         self.check_ids(&batch.ids, "token ids")?;
         let _guard = tch::no_grad_guard();
-        let ctx = block::Context::new(&self.cfg, &batch.doc_lens, self.kind(), self.device());
-        let mut x = embedding::forward(&self.embed_tokens, &batch.ids.to_device(self.device())).0;
+        let (ids, labels, ctx) = self.training_inputs(batch, self.device())?;
+        let mut x = embedding::forward(&self.embed_tokens, &ids).0;
         for (l, layer) in self.layers.iter().enumerate() {
             x = self.forward_block(layer, &x, &ctx, l, 0)?.0;
         }
-        Ok(rmsnorm::forward(&x, &self.norm, self.cfg.rms_norm_eps).0)
+        Ok((rmsnorm::forward(&x, &self.norm, self.cfg.rms_norm_eps).0, labels))
+    }
+
+    /// A loss over this rank's tokens made the whole sequence's (summed over the group).
+    fn whole_loss(&self, l: cross_entropy::LossSum) -> Result<cross_entropy::LossSum> {
+        let Some(sp) = &self.seq else { return Ok(l) };
+        let sum = sp.sum_f64(l.sum.to_device(Device::Cpu).to_kind(Kind::Double).double_value(&[]))?;
+        Ok(cross_entropy::LossSum { sum: Tensor::from(sum), count: sp.sum_i64(l.count)? })
     }
 
     /// One forward and explicit backward over a sequence; the objective is the mean loss over the

@@ -123,6 +123,20 @@ impl SeqParallel {
         Ok(back.permute([1, 0, 2, 3]).contiguous().view([t, p * n, d]))
     }
 
+    /// Sums a number over the group (an evaluation's loss).
+    pub fn sum_f64(&self, x: f64) -> Result<f64> {
+        let t = Tensor::from_slice(&[x]).to_device(self.on);
+        self.group.all_reduce(&t, dist::ReduceOp::Sum).map_err(|source| TrainerError::Collective { rank: self.rank, source })?;
+        Ok(t.double_value(&[0]))
+    }
+
+    /// Every rank's rows of `x` (`[T/P, ...]`) in token order: `[T, ...]` on every rank.
+    pub fn gather_tokens(&self, x: &Tensor) -> Result<Tensor> {
+        let device = x.device();
+        let all = self.group.all_gather(&x.to_device(self.on)).map_err(|source| TrainerError::Collective { rank: self.rank, source })?;
+        Ok(all.to_device(device))
+    }
+
     /// Sums a count over the group (a loss's token count when no gradient scale is given).
     pub fn sum_i64(&self, x: i64) -> Result<i64> {
         let t = Tensor::from_slice(&[x]).to_device(self.on);

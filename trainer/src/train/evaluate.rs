@@ -95,9 +95,9 @@ impl EvalSets {
         self.synth.is_none() && self.file.is_none()
     }
 
-    /// Scores the model, prints a line and records `eval/*` metrics; returns (loss, exact-match
-    /// accuracy) where there are such sets.
-    pub fn run(&self, model: &Model, step: i64, metrics: &mut Metrics, progress: &Progress) -> Result<(Option<f64>, Option<f64>)> {
+    /// Scores the model, prints a line and records `eval/*` metrics (the rank that writes them);
+    /// returns (loss, exact-match accuracy) where there are such sets.
+    pub fn run(&self, model: &Model, step: i64, metrics: Option<&mut Metrics>, progress: &Progress) -> Result<(Option<f64>, Option<f64>)> {
         let mut loss = None;
         let mut scores = None;
         if let Some(ex) = &self.synth {
@@ -114,6 +114,7 @@ impl EvalSets {
                 v["eval/accuracy"] = serde_json::json!(s.exact);
                 v["eval/token_accuracy"] = serde_json::json!(s.token);
             }
+            let Some(metrics) = metrics else { return Ok((loss, scores.map(|s| s.exact))) };
             progress.println(&format!(
                 "eval step {step}: loss {l:.4}{}",
                 scores.map(|s| format!(" exact-match accuracy {:.1}% (answer tokens {:.1}%)", 100.0 * s.exact, 100.0 * s.token)).unwrap_or_default()

@@ -49,7 +49,7 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool, env: Option<&
     let mut s = Session::prepare(recipe_path, overrides, resume, env)?;
     let main = s.world.is_main();
     let source = Source::from_recipe(&s.recipe, &s.tokens)?;
-    let evals = if main { EvalSets::from_recipe(&s.recipe, &s.tokens)? } else { EvalSets::none() };
+    let evals = if s.evaluates() { EvalSets::from_recipe(&s.recipe, &s.tokens)? } else { EvalSets::none() };
     let mut metrics = if main { Some(Metrics::open(&s.run_dir, s.recipe.log.tensorboard)?) } else { None };
     let (mut store, placement) = s.activation_store()?;
     let total = s.recipe.train.steps;
@@ -68,15 +68,12 @@ pub fn run(recipe_path: &Path, overrides: &[String], resume: bool, env: Option<&
         let short = format!("loss {:.4} {tps:.0} tok/s", o.loss);
         let line = format!("step {}/{total} loss {:.4} lr {:.2e} grad_norm {:.3} {tps:.0} tok/s eta {}", s.state.step, o.loss, o.lr, o.grad_norm, fmt_secs(eta));
         progress.step(s.state.step, &line, &short);
-        if let (true, Some(m)) = (s.eval_due(), &mut metrics) {
-            evals.run(&s.model, s.state.step, m, &progress)?;
+        if s.eval_due() {
+            evals.run(&s.model, s.state.step, metrics.as_mut(), &progress)?;
         }
         s.checkpoint_if_due()?;
     }
-    let last = match &mut metrics {
-        Some(m) if s.state.step > start_step || !evals.is_empty() => evals.run(&s.model, s.state.step, m, &progress)?,
-        _ => (None, None),
-    };
+    let last = if s.evaluates() && (s.state.step > start_step || !evals.is_empty()) { evals.run(&s.model, s.state.step, metrics.as_mut(), &progress)? } else { (None, None) };
     progress.finish();
     if main {
         export::final_export(&s.model, &s.run_dir, s.lora.as_ref(), &s.base_name, &s.export_source)?;

@@ -261,7 +261,13 @@ impl Session {
     /// the loop).
     pub fn eval_due(&self) -> bool {
         let (e, s) = (self.recipe.eval.every, self.state.step);
-        self.world.is_main() && e > 0 && s % e == 0 && s != self.recipe.train.steps
+        self.evaluates() && e > 0 && s % e == 0 && s != self.recipe.train.steps
+    }
+
+    /// Whether this rank evaluates: rank 0, and under sequence parallelism the rest of its group
+    /// (each evaluates its shard of every sequence; rank 0 reports).
+    pub fn evaluates(&self) -> bool {
+        self.world.rank < self.recipe.dist.sequence_parallel.max(1)
     }
 
     /// Saves a checkpoint when one is due after the step just done (and at the last step), then
