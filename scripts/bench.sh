@@ -40,3 +40,6 @@ TOKENS=4096 bash scripts/bench-memory.sh
 
 echo "== several processes: all-reduce GB/s (shim vs torch.distributed), tokens/s of 1 vs 2 processes (scripts/bench-dist.sh)"
 bash scripts/bench-dist.sh
+
+echo "== one sequence over 1, 2, 4 processes: memory per rank, step, all-to-all (scripts/bench-sequence.sh; the README's table is TOKENS=32768)"
+TOKENS=8192 STEPS=2 bash scripts/bench-sequence.sh

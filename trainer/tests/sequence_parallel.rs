@@ -14,18 +14,14 @@ use std::time::Duration;
 
 use offload::store::{ActivationStore, NvmeConfig, StoreConfig};
 use planner::placement::{from_inventory, Placement};
-use tch::{Device, Kind, Tensor};
+mod common;
+use common::{batch, GQA, MHA_QWEN, WINDOW};
+use tch::{Device, Kind};
 use trainer::model::config::ModelConfig;
 use trainer::model::lora::LoraConfig;
 use trainer::model::seq::SeqParallel;
 use trainer::model::{Batch, Grads, Model};
 
-const GQA: &str = r#"{"model_type": "llama", "vocab_size": 50, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0}"#;
-const MHA_QWEN: &str = r#"{"model_type": "qwen2", "vocab_size": 50, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 4, "rope_theta": 10000.0, "tie_word_embeddings": true}"#;
-const WINDOW: &str = r#"{"model_type": "mistral", "vocab_size": 50, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 1, "rope_theta": 10000.0, "sliding_window": 13}"#;
 
 /// libtorch's generator is global and the tests run on parallel threads: each builds its models
 /// (seeded draws) while holding this, before any rank thread starts.
@@ -46,12 +42,6 @@ fn model(config: &str, lora: Option<&LoraConfig>) -> Model {
     m
 }
 
-fn batch(lens: &[i64]) -> Batch {
-    let t: i64 = lens.iter().sum();
-    let ids = Tensor::from_slice(&(0..t).map(|i| (i * 7 + 1) % 50).collect::<Vec<_>>());
-    let labels = Tensor::from_slice(&(0..t).map(|i| if i % 9 == 0 { -100 } else { (i * 3 + 2) % 50 }).collect::<Vec<_>>());
-    Batch { ids, labels, doc_lens: lens.to_vec() }
-}
 
 fn lora() -> LoraConfig {
     LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec() }
