@@ -93,6 +93,16 @@ fn assert_same_training(tag: &str, one: &Path, other: &Path) {
     }
 }
 
+/// Two runs' held-out losses (every 2 of 5 steps and the last): within 1e-12.
+fn assert_same_eval(tag: &str, one: &Path, other: &Path) {
+    let (a, b) = (eval_losses(one), eval_losses(other));
+    assert_eq!(a.len(), 3, "{tag}: {a:?}");
+    assert_eq!(b.len(), a.len(), "{tag}: {b:?}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-12 * x.abs(), "{tag}: eval loss {x} (one process) vs {y}");
+    }
+}
+
 /// A run's eval/loss records in order.
 fn eval_losses(run: &Path) -> Vec<f64> {
     std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default().lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()?.get("eval/loss")?.as_f64()).collect()
@@ -177,11 +187,7 @@ fn sequence_parallel_ranks_equal_one_process() {
         let out = torchrun_job(2, &r, &run("sp2"), &sp2.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(out.status.success(), "torchrun: {}", String::from_utf8_lossy(&out.stderr));
         assert_same_training(&format!("{tag}: sequence parallel 2"), &run("one"), &run("sp2"));
-        let (e1, e2) = (eval_losses(&run("one")), eval_losses(&run("sp2")));
-        assert_eq!(e1.len(), 3, "{e1:?}");
-        for (x, y) in e1.iter().zip(&e2) {
-            assert!((x - y).abs() <= 1e-12 * x.abs(), "{tag}: eval loss {x} (one process) vs {y} (sequence parallel)");
-        }
+        assert_same_eval(&format!("{tag}: sequence parallel 2"), &run("one"), &run("sp2"));
         // Token tiles of each shard (two passes around the whole attention backward).
         let mut tiles = sp2.clone();
         tiles.push("compute.tile_tokens=16".into());
@@ -193,6 +199,14 @@ fn sequence_parallel_ranks_equal_one_process() {
         let out = train(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(out.status.success(), "train launch: {}", String::from_utf8_lossy(&out.stderr));
         assert_same_training(&format!("{tag}: data parallel 2 × sequence parallel 2"), &run("one-ga2"), &run("dp2sp2"));
+        assert_same_eval(&format!("{tag}: data parallel 2 × sequence parallel 2"), &run("one-ga2"), &run("dp2sp2"));
+        // One sequence over 4 processes (KV heads repeated: 2 over 4 ranks).
+        let mut args = vec!["launch".to_string(), "--nproc-per-node".into(), "4".into(), "--".into(), "run".into(), "--recipe".into(), r.display().to_string(), format!("run.dir={}", run("sp4").display())];
+        args.extend(with(&["dist.sequence_parallel=4"]));
+        let out = train(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.status.success(), "train launch: {}", String::from_utf8_lossy(&out.stderr));
+        assert_same_training(&format!("{tag}: sequence parallel 4"), &run("one"), &run("sp4"));
+        assert_same_eval(&format!("{tag}: sequence parallel 4"), &run("one"), &run("sp4"));
     }
     // What cannot be split is refused before anything trains.
     let r = recipe(&dir, &model, &data, "");

@@ -137,11 +137,11 @@ impl World {
         Ok(World { rank: env.rank, size: env.size, pg: Some(pg), on, joined: Some(Joined { env: env.clone(), prefix, nccl, timeout, device }) })
     }
 
-    /// The sequence-parallel group of `sp` consecutive ranks this rank belongs to (ranks
-    /// `[g·sp, (g+1)·sp)` split one sequence; `g` is the data-parallel rank); None for `sp` 1.
-    pub fn sequence_group(&self, sp: usize) -> Result<Option<Arc<crate::model::seq::SeqParallel>>> {
+    /// Whether this job can split sequences over `sp` ranks: at least `sp` processes, a multiple
+    /// of it (checked before anything loads).
+    pub fn check_sequence_parallel(&self, sp: usize) -> Result<()> {
         if sp <= 1 {
-            return Ok(None);
+            return Ok(());
         }
         if self.size < sp {
             return Err(TrainerError::Dist(format!("dist.sequence_parallel = {sp} needs a job of {sp} or more processes (torchrun or `train launch`); this one has {}", self.size)));
@@ -149,6 +149,16 @@ impl World {
         if self.size % sp != 0 {
             return Err(TrainerError::Dist(format!("dist.sequence_parallel = {sp} does not divide the job's {} processes (data parallel × sequence parallel = world size)", self.size)));
         }
+        Ok(())
+    }
+
+    /// The sequence-parallel group of `sp` consecutive ranks this rank belongs to (ranks
+    /// `[g·sp, (g+1)·sp)` split one sequence; `g` is the data-parallel rank); None for `sp` 1.
+    pub fn sequence_group(&self, sp: usize) -> Result<Option<Arc<crate::model::seq::SeqParallel>>> {
+        if sp <= 1 {
+            return Ok(None);
+        }
+        self.check_sequence_parallel(sp)?;
         let Some(j) = &self.joined else {
             return Err(TrainerError::Dist("internal: a job of several processes without its rendezvous".into()));
         };

@@ -116,18 +116,19 @@ fn rank_step(mut m: Model, lora: Option<&LoraConfig>, b: &Batch, g: Arc<SeqParal
 }
 
 /// The step over `p` rank threads.
-fn sharded(config: &str, lora: Option<&LoraConfig>, b: &Batch, p: usize, how: Offload, tile: Option<i64>) -> Vec<RankResult> {
+/// The step over `p` rank threads, of the documents of lengths `lens` ([`batch`]: tensors are not
+/// shared between threads, each rank builds the batch).
+fn sharded(config: &str, lora: Option<&LoraConfig>, lens: &[i64], p: usize, how: Offload, tile: Option<i64>) -> Vec<RankResult> {
+    on_ranks(config, lora, p, |m, g| rank_step(m, lora, &batch(lens), g, how, tile))
+}
+
+/// `f` on `p` rank threads, each with its model (built before any starts) and its group.
+fn on_ranks<R: Send>(config: &str, lora: Option<&LoraConfig>, p: usize, f: impl Fn(Model, Arc<SeqParallel>) -> R + Sync) -> Vec<R> {
     let port = free_port();
     let models: Vec<Model> = (0..p).map(|_| model(config, lora)).collect();
+    let f = &f;
     std::thread::scope(|s| {
-        let ranks: Vec<_> = models
-            .into_iter()
-            .enumerate()
-            .map(|(r, m)| {
-                let (lora, b) = (lora.cloned(), Batch { ids: b.ids.shallow_clone(), labels: b.labels.shallow_clone(), doc_lens: b.doc_lens.clone() });
-                s.spawn(move || rank_step(m, lora.as_ref(), &b, group(r, p, port), how, tile))
-            })
-            .collect();
+        let ranks: Vec<_> = models.into_iter().enumerate().map(|(r, m)| s.spawn(move || f(m, group(r, p, port)))).collect();
         ranks.into_iter().map(|h| h.join().unwrap()).collect()
     })
 }
@@ -166,7 +167,7 @@ fn one_sequence_over_ranks_equals_one_process() {
         let (loss, grads, _) = m.forward_backward(&b, None, 16).unwrap();
         let whole = (loss.sum.double_value(&[]), loss.count, grads);
         for tile in [None, Some(7), Some(1000)] {
-            let ranks = sharded(cfg, l.as_ref(), &b, p, Offload::Resident, tile);
+            let ranks = sharded(cfg, l.as_ref(), lens, p, Offload::Resident, tile);
             assert_matches(&format!("{tag} (P = {p}, tiles {tile:?})"), &whole, &ranks);
         }
     }
@@ -176,12 +177,13 @@ fn one_sequence_over_ranks_equals_one_process() {
 fn offloaded_shards_equal_one_process() {
     for (with_lora, alpha, tile) in [(false, 1.0, None), (false, 0.4, None), (true, 0.0, None), (false, 1.0, Some(8)), (false, 0.3, Some(8)), (true, 0.0, Some(5))] {
         let l = with_lora.then(lora);
-        let b = batch(&[40, 17, 44]);
+        let lens = [40, 17, 44];
+        let b = batch(&lens);
         let m = model(GQA, l.as_ref());
         let (loss, grads, _) = m.forward_backward(&b, None, 16).unwrap();
         let whole = (loss.sum.double_value(&[]), loss.count, grads);
-        let resident = sharded(GQA, l.as_ref(), &b, 2, Offload::Resident, tile);
-        let offloaded = sharded(GQA, l.as_ref(), &b, 2, Offload::HostNvme(alpha), tile);
+        let resident = sharded(GQA, l.as_ref(), &lens, 2, Offload::Resident, tile);
+        let offloaded = sharded(GQA, l.as_ref(), &lens, 2, Offload::HostNvme(alpha), tile);
         let tag = format!("lora {with_lora}, alpha {alpha}, tiles {tile:?}");
         assert_matches(&tag, &whole, &offloaded);
         for (r, o) in resident.iter().zip(&offloaded) {
@@ -194,13 +196,33 @@ fn offloaded_shards_equal_one_process() {
 }
 
 #[test]
+fn sharded_evaluation_equals_one_process() {
+    // Every rank of the group gets the whole sequence's loss and every position's prediction.
+    for (cfg, lens, p, tile) in [(GQA, &[3, 60, 38][..], 4, None), (WINDOW, &[45, 20][..], 2, Some(8))] {
+        let b = batch(lens);
+        let (loss, argmax) = model(cfg, None).loss_and_argmax(&b, 16).unwrap();
+        let ranks = on_ranks(cfg, None, p, |mut m, g| {
+            m.seq = Some(g);
+            m.tile_tokens = tile;
+            let (l, a) = m.loss_and_argmax(&batch(lens), 16).unwrap();
+            (l.sum.double_value(&[]), l.count, a)
+        });
+        let whole = loss.sum.double_value(&[]);
+        for (l, count, a) in ranks {
+            assert!((l - whole).abs() <= 1e-12 * whole.abs() && count == loss.count, "loss {l} ({count} tokens) vs {whole} ({})", loss.count);
+            assert!(a.equal(&argmax), "predictions differ from one process's");
+        }
+    }
+}
+
+#[test]
 fn each_rank_saves_its_share() {
     // MHA over 2 ranks: every saved tensor is per local token what it is per token whole, so a
     // rank saves half of what one process saves (the padding aside: 62 tokens, 31 each).
     let b = batch(&[62]);
     let m = model(MHA_QWEN, None);
     let (_, _, whole) = m.forward_backward(&b, None, 16).unwrap();
-    let ranks = sharded(MHA_QWEN, None, &b, 2, Offload::Resident, None);
+    let ranks = sharded(MHA_QWEN, None, &[62], 2, Offload::Resident, None);
     for r in &ranks {
         assert_eq!(2 * r.saved_bytes, whole.saved_bytes);
     }

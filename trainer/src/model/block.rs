@@ -2,7 +2,8 @@
 //! `y = h + down(silu(gate(n2(h))) * up(n2(h)))`, composed from the explicit ops in `kernels`.
 //!
 //! This is where a layer's activations are saved: [`BlockSaved`] is the complete list, every
-//! tensor token-major `[T, ...]`. Whoever holds a `BlockSaved` between forward and backward
+//! tensor token-major `[T, ...]` (but, of a sequence split over ranks, q, k, v and the logsumexp:
+//! every token of this rank's heads, as attention reads them). Whoever holds a `BlockSaved` between forward and backward
 //! decides where its tensors live.
 use kernels::attention::{self, AttnConfig};
 use kernels::rope::RopeConfig;
@@ -145,7 +146,8 @@ pub mod name {
     pub const PHILOX_OFFSET: &str = "attn_philox_offset";
 }
 
-/// Every activation one block keeps for its backward, token-major.
+/// Every activation one block keeps for its backward, token-major (of a shard, q, k, v and the
+/// logsumexp are in the heads' layout: see [`Layout::Sharded`]).
 pub struct BlockSaved {
     /// `[T, D]` the layer input (the residual stream entering the block).
     pub x: Tensor,
@@ -448,22 +450,25 @@ pub fn recompute_tail(layer: &Layer, x: &Tensor, attn_out: &Tensor, ctx: &Contex
     let n = t - from;
     let mut ls = Vec::new();
     let rows = |a: &Tensor| a.narrow(0, from, n);
-    let pre = pre_attn(layer, &rows(x), &rows(&ctx.cos), &rows(&ctx.sin), ctx, &mut ls, Masks::Draw);
+    let mut v = if ctx.seq.is_some() {
+        // A shard stores q, K and V whole (in the heads' layout): only the input norm's tensors.
+        let (x_attn, st) = rmsnorm::forward(&rows(x), &layer.input_layernorm, ctx.eps);
+        vec![(name::RSTD_ATTN, st.rstd), (name::X_ATTN, x_attn)]
+    } else {
+        let pre = pre_attn(layer, &rows(x), &rows(&ctx.cos), &rows(&ctx.sin), ctx, &mut ls, Masks::Draw);
+        vec![(name::RSTD_ATTN, pre.rstd_attn), (name::X_ATTN, pre.x_attn), (name::Q, pre.q), (name::K, pre.k), (name::V, pre.v)]
+    };
     let o_flat = rows(attn_out).reshape([n, ctx.heads * ctx.head_dim]);
     let post = post_attn(layer, &rows(x), &o_flat, ctx, &mut ls, Masks::Draw);
-    vec![
-        (name::RSTD_ATTN, pre.rstd_attn),
-        (name::X_ATTN, pre.x_attn),
-        (name::Q, pre.q),
-        (name::K, pre.k),
-        (name::V, pre.v),
+    v.extend([
         (name::H, post.h),
         (name::RSTD_MLP, post.rstd_mlp),
         (name::X_MLP, post.x_mlp),
         (name::GATE, post.gate),
         (name::UP, post.up),
         (name::ACT, post.act),
-    ]
+    ]);
+    v
 }
 
 /// Gradients of one projection, pushed under its HF / PEFT sub-names.

@@ -56,7 +56,7 @@ pub struct Model {
     /// Tokens per tile of a block's token-local ops ([`tiled`]); None: the whole sequence at once.
     pub tile_tokens: Option<i64>,
     /// Sequence parallelism: every training sequence is split over this group's ranks
-    /// ([`seq`]); None: this process computes whole sequences. Evaluation is never split.
+    /// ([`seq`]), evaluation's too; None: this process computes whole sequences.
     pub seq: Option<Arc<seq::SeqParallel>>,
 }
 

@@ -173,7 +173,7 @@ impl Fit {
             if self.needs_more_nvme { " (and an NVMe tier large enough)" } else { "" },
             human(self.least_device_bytes),
             self.longest_tokens.map_or("none (not even 1024 tokens)".to_string(), |t| match (self.longest_tile, p) {
-                (_, p) if p > 1 => format!("{t} tokens ({} on each of {p} ranks, each with these budgets)", t / p),
+                (tile, p) if p > 1 => format!("{t} tokens ({} on each of {p} ranks, each with these budgets{})", t / p, tile.map_or(String::new(), |t| format!("; compute.tile_tokens = {t}"))),
                 (Some(tile), _) => format!("{t} tokens (compute.tile_tokens = {tile})"),
                 (None, _) => format!("{t} tokens"),
             })
@@ -250,17 +250,28 @@ pub fn job_lines(recipe: &Recipe, plan: &Plan, ranks: usize) -> String {
     }
     let n = ranks as u64;
     let sp = recipe.dist.sequence_parallel.max(1) as u64;
-    let per_step = n / sp * recipe.train.grad_accum as u64 * plan.tokens * sp;
-    let how = if sp > 1 { format!("{} data parallel × {sp} sequence parallel", n / sp) } else { "data parallel".to_string() };
-    format!(
-        "job        {ranks} processes per node, {how}: each holds the device peak above on its own GPU and its own tiers; this node holds host {}, numa {}, nvme {}; an optimizer step trains on {} × {} × {} = {per_step} tokens per node\n",
+    let accum = recipe.train.grad_accum as u64;
+    let holds = format!(
+        "each holds the device peak above on its own GPU and its own tiers; this node holds host {}, numa {}, nvme {}",
         human(n * plan.host_peak),
         human(n * plan.numa_peak),
-        human(n * plan.nvme_peak),
-        n / sp,
-        recipe.train.grad_accum,
-        plan.tokens * sp,
-    )
+        human(n * plan.nvme_peak)
+    );
+    // A sequence split over `sp` ranks is at most `sp` shards of the plan's tokens.
+    let sequence = plan.tokens * sp;
+    match (sp, n % sp, sp % n) {
+        (1, _, _) => format!("job        {ranks} processes per node, data parallel: {holds}; an optimizer step trains on {n} × {accum} × {} = {} tokens per node\n", plan.tokens, n * accum * plan.tokens),
+        (_, 0, _) => format!(
+            "job        {ranks} processes per node, {} data parallel × {sp} sequence parallel: {holds}; an optimizer step trains on {} × {accum} sequences of up to {sequence} tokens per node\n",
+            n / sp,
+            n / sp
+        ),
+        (_, _, 0) => format!(
+            "job        {ranks} processes per node, each sequence split over {sp} ranks on {} nodes (all-to-alls cross nodes: slower than within one): {holds}; an optimizer step trains on {accum} sequences of up to {sequence} tokens per group\n",
+            sp / n
+        ),
+        _ => format!("job        {ranks} processes per node do not divide into groups of {sp} (dist.sequence_parallel) nor groups into nodes: `train run` refuses a job whose size is not a multiple of it\n"),
+    }
 }
 
 /// The placement the engine runs when no plan decides: `keep_last` and α from the recipe (or

@@ -182,11 +182,16 @@ impl Session {
             Some(e) => World::join(e, recipe.dist.backend, std::time::Duration::from_secs(recipe.dist.timeout_seconds), dev)?,
             None => World::alone(),
         };
+        let sp = recipe.dist.sequence_parallel;
+        world.check_sequence_parallel(sp)?;
         // torchrun restarts every rank after a failure: each continues from the newest checkpoint.
         let resume = resume || env.is_some_and(|e| e.restart_count > 0);
         let (existing, recipe_toml) = claim_run_dir(&recipe, resume, world.is_main())?;
         world.check_same("resolved recipe", crc32c::crc32c(recipe_toml.as_bytes()) as u64)?;
         let (cfg, cfg_text) = model_config(&recipe, recipe_path)?;
+        if sp > 1 {
+            crate::model::seq::kv_copies(cfg.num_heads, cfg.num_kv_heads, sp as i64).map_err(|e| TrainerError::config(recipe_path, format!("dist.sequence_parallel = {sp}: {e}")))?;
+        }
         let lora = lora_config(&recipe);
         let planned = plan_before_loading(&recipe, &cfg, lora.as_ref(), world.is_main())?;
         // The process before any weight exists: what a plan after a failure counts as its own.
@@ -206,10 +211,6 @@ impl Session {
             None => planned.as_ref().and_then(|(_, t)| *t),
         };
         model.tile_tokens = tile.map(|t| t as i64);
-        let sp = recipe.dist.sequence_parallel;
-        if sp > 1 {
-            crate::model::seq::kv_copies(model.cfg.num_heads, model.cfg.num_kv_heads, sp as i64).map_err(|e| TrainerError::config(recipe_path, format!("dist.sequence_parallel = {sp}: {e}")))?;
-        }
         model.seq = world.sequence_group(sp)?;
         let planned = planned.map(|(p, _)| p);
         let t = &recipe.train;
