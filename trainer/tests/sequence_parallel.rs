@@ -23,12 +23,12 @@ use trainer::model::seq::SeqParallel;
 use trainer::model::{Batch, Grads, Model};
 
 
-/// libtorch's generator is global and the tests run on parallel threads: each builds its models
-/// (seeded draws) while holding this, before any rank thread starts.
+/// libtorch's generator is global and the tests of a file run on parallel threads: each test
+/// holds this throughout (its models are seeded draws, and a step elsewhere may draw too); a
+/// test's ranks get their models before any of them starts.
 static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn model(config: &str, lora: Option<&LoraConfig>) -> Model {
-    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let cfg = ModelConfig::parse(config, std::path::Path::new("config.json")).unwrap().0;
     let mut m = Model::init_random(cfg, 0.2, Kind::Double, Device::Cpu, 11).unwrap();
     if let Some(l) = lora {
@@ -152,6 +152,7 @@ fn assert_matches(tag: &str, whole: &(f64, i64, Grads), ranks: &[RankResult]) {
 
 #[test]
 fn one_sequence_over_ranks_equals_one_process() {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let cases: [(&str, &str, &[i64], bool, usize); 6] = [
         ("gqa, boundaries inside and across shards, full", GQA, &[40, 17, 43], false, 2),
         ("gqa, kv heads repeated, not divisible by P, lora", GQA, &[3, 60, 38], true, 4),
@@ -175,6 +176,7 @@ fn one_sequence_over_ranks_equals_one_process() {
 
 #[test]
 fn offloaded_shards_equal_one_process() {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     for (with_lora, alpha, tile) in [(false, 1.0, None), (false, 0.4, None), (true, 0.0, None), (false, 1.0, Some(8)), (false, 0.3, Some(8)), (true, 0.0, Some(5))] {
         let l = with_lora.then(lora);
         let lens = [40, 17, 44];
@@ -197,6 +199,7 @@ fn offloaded_shards_equal_one_process() {
 
 #[test]
 fn sharded_evaluation_equals_one_process() {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     // Every rank of the group gets the whole sequence's loss and every position's prediction.
     for (cfg, lens, p, tile) in [(GQA, &[3, 60, 38][..], 4, None), (WINDOW, &[45, 20][..], 2, Some(8))] {
         let b = batch(lens);
@@ -217,6 +220,7 @@ fn sharded_evaluation_equals_one_process() {
 
 #[test]
 fn each_rank_saves_its_share() {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     // MHA over 2 ranks: every saved tensor is per local token what it is per token whole, so a
     // rank saves half of what one process saves (the padding aside: 62 tokens, 31 each).
     let b = batch(&[62]);
