@@ -12,6 +12,7 @@ pub mod attention;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod error;
+pub mod gather;
 pub mod linear;
 pub mod lora;
 pub mod rmsnorm;

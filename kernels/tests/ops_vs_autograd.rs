@@ -2,7 +2,7 @@
 //! Sizes are deliberately odd: T not a multiple of any block, kv_heads < heads, head_dim 64 and 128.
 mod common;
 use common::*;
-use kernels::{attention, cross_entropy, embedding, linear, lora, rmsnorm, rope, swiglu};
+use kernels::{attention, cross_entropy, embedding, gather, linear, lora, rmsnorm, rope, swiglu};
 use tch::{Kind, Tensor};
 
 const TOL: f64 = 1e-9;
@@ -23,6 +23,26 @@ fn rmsnorm_matches_autograd() {
         assert_close("rmsnorm dx", &dx, &grad(&x), TOL);
         assert_close("rmsnorm dw", &dw.unwrap(), &grad(&w), TOL);
     }
+}
+
+#[test]
+fn gathered_rows_and_their_sum_back_match_autograd() {
+    tch::manual_seed(11);
+    let (t, d) = (37, 6);
+    let idx = Tensor::from_slice(&[0i64, 3, 4, 17, 36]);
+    let x = leaf(&[t, d]);
+    let y = leaf(&[5, d]);
+    // z = x + scatter(y) + scatter(rows(x)): both ops and both gradient paths at once.
+    let z_ref = x.index_add(0, &idx, &y).index_add(0, &idx, &x.index_select(0, &idx));
+    let g = Tensor::randn([t, d], F64);
+    (&z_ref * &g).sum(Kind::Double).backward();
+    let (xd, yd) = (detached(&x), detached(&y));
+    let z = gather::add_rows(&gather::add_rows(&xd, &idx, &yd), &idx, &gather::rows(&xd, &idx));
+    assert_close("add_rows(rows)", &z, &z_ref, TOL);
+    // dz/dx = g + rows_backward(rows(g)); dz/dy = rows(g).
+    let dx = &g + gather::rows_backward(&gather::rows(&g, &idx), &idx, t);
+    assert_close("dx", &dx, &grad(&x), TOL);
+    assert_close("dy", &gather::rows(&g, &idx), &grad(&y), TOL);
 }
 
 #[test]

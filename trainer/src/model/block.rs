@@ -7,7 +7,7 @@
 //! decides where its tensors live.
 use kernels::attention::{self, AttnConfig};
 use kernels::rope::RopeConfig;
-use kernels::{linear, lora, rmsnorm, rope, swiglu};
+use kernels::{gather, linear, lora, rmsnorm, rope, swiglu};
 use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
@@ -17,6 +17,7 @@ use crate::error::Result;
 use crate::model::proj::Proj;
 use crate::model::layer::Layer;
 use crate::model::seq::{self, SeqParallel};
+use crate::model::sparse::{self, Sparsity};
 
 /// What every layer of one packed micro-batch shares: RoPE tables, document boundaries,
 /// attention shapes, and whether this is a training pass (LoRA dropout) and what is trained.
@@ -39,6 +40,8 @@ pub struct Context {
     /// Sequence parallelism: this rank holds tokens `shard.start..+shard.tokens` (`cos` and `sin`
     /// are theirs); `cu_seqlens` and `attn` are the whole padded sequence's on this rank's heads.
     pub seq: Option<SeqShard>,
+    /// Token sparsity: which layers attend over their informative blocks only ([`sparse`]).
+    pub sparsity: Option<Arc<Sparsity>>,
 }
 
 /// A [`Context`]'s sequence-parallel part.
@@ -87,6 +90,7 @@ impl Context {
             kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
             seq: None,
+            sparsity: None,
         }
     }
 
@@ -144,6 +148,7 @@ pub mod name {
     pub const ACT: &str = "act";
     pub const PHILOX_SEED: &str = "attn_philox_seed";
     pub const PHILOX_OFFSET: &str = "attn_philox_offset";
+    pub const SPARSE_KEPT: &str = "sparse_kept";
 }
 
 /// Every activation one block keeps for its backward, token-major (of a shard, q, k, v and the
@@ -172,6 +177,9 @@ pub struct BlockSaved {
     /// LoRA only, per adapted projection: `[T, rank]` low-rank activation and the dropout
     /// keep-mask (`[T, in]` bool) when dropout is on. The input x is one of the tensors above.
     pub lora: Vec<(&'static str, Tensor, Option<Tensor>)>,
+    /// A sparse layer's kept rows (`[K]` int64, ascending, [`sparse`]): then the input norm's
+    /// tensors, q, k, v, the attention output and logsumexp and q/k/v's LoRA tensors have K rows.
+    pub kept: Option<Tensor>,
 }
 
 impl BlockSaved {
@@ -206,6 +214,9 @@ impl BlockSaved {
             if let Some(k) = keep {
                 v.push((format!("lora_keep:{proj}"), k));
             }
+        }
+        if let Some(k) = &self.kept {
+            v.push((name::SPARSE_KEPT.into(), k));
         }
         v
     }
@@ -243,6 +254,7 @@ impl BlockSaved {
             up: get(name::UP)?,
             act: get(name::ACT)?,
             lora,
+            kept: if names.iter().any(|n| n == name::SPARSE_KEPT) { Some(get(name::SPARSE_KEPT)?) } else { None },
         })
     }
 
@@ -372,6 +384,11 @@ pub(crate) struct PostAttn {
 
 pub(crate) fn post_attn(layer: &Layer, x: &Tensor, o_flat: &Tensor, ctx: &Context, ls: &mut LoraSaved, m: Masks) -> PostAttn {
     let h = x + proj(layer, Proj::O, o_flat, ctx, ls, m);
+    mlp(layer, h, ctx, ls, m)
+}
+
+/// The MLP half of a block from the residual after attention `h`.
+pub(crate) fn mlp(layer: &Layer, h: Tensor, ctx: &Context, ls: &mut LoraSaved, m: Masks) -> PostAttn {
     let (x_mlp, s2) = rmsnorm::forward(&h, &layer.post_attention_layernorm, ctx.eps);
     let gate = proj(layer, Proj::Gate, &x_mlp, ctx, ls, m);
     let up = proj(layer, Proj::Up, &x_mlp, ctx, ls, m);
@@ -385,11 +402,35 @@ pub(crate) type LoraSaved = Vec<(&'static str, Tensor, Option<Tensor>)>;
 /// # Shapes
 /// - `x`: `[T, D]` → `[T, D]`
 pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize) -> Result<(Tensor, BlockSaved)> {
-    let t = x.size()[0];
     let mut ls = Vec::new();
-    let PreAttn { rstd_attn, x_attn, q, k, v } = pre_attn(layer, x, &ctx.cos, &ctx.sin, ctx, &mut ls, Masks::Draw);
-    let (o, attn_saved) = attend(q, k, v, ctx, layer_idx)?;
-    let post = post_attn(layer, x, &o.view([t, ctx.heads * ctx.head_dim]), ctx, &mut ls, Masks::Draw);
+    let pre = pre_attn(layer, x, &ctx.cos, &ctx.sin, ctx, &mut ls, Masks::Draw);
+    // A sparse layer keeps its informative blocks' rows of everything attention reads.
+    let sel = ctx.sparsity.as_ref().filter(|s| s.is_sparse(layer_idx)).map(|s| {
+        let rated = sparse::scores(s.scorer, &pre.q, &pre.k, &ctx.cu_seqlens, s.block, ctx.attn[layer_idx].scale);
+        sparse::select(&ctx.cu_seqlens, s.block, s.keep, &rated, x.device())
+    });
+    let PreAttn { rstd_attn, x_attn, q, k, v } = match &sel {
+        None => pre,
+        Some(s) => {
+            for (_, xa, keep) in ls.iter_mut() {
+                *xa = gather::rows(xa, &s.idx);
+                *keep = keep.as_ref().map(|m| gather::rows(m, &s.idx));
+            }
+            let r = |z: &Tensor| gather::rows(z, &s.idx);
+            PreAttn { rstd_attn: r(&pre.rstd_attn), x_attn: r(&pre.x_attn), q: r(&pre.q), k: r(&pre.k), v: r(&pre.v) }
+        }
+    };
+    let cu = sel.as_ref().map_or(&ctx.cu_seqlens, |s| &s.cu_seqlens);
+    let (o, attn_saved) = attend(q, k, v, ctx, layer_idx, cu)?;
+    let o_flat = o.view([o.size()[0], ctx.heads * ctx.head_dim]);
+    let post = match &sel {
+        None => post_attn(layer, x, &o_flat, ctx, &mut ls, Masks::Draw),
+        Some(s) => {
+            // Dropped tokens' attention output is zero: x passes unchanged into h.
+            let h = gather::add_rows(x, &s.idx, &proj(layer, Proj::O, &o_flat, ctx, &mut ls, Masks::Draw));
+            mlp(layer, h, ctx, &mut ls, Masks::Draw)
+        }
+    };
     let saved = BlockSaved {
         x: x.shallow_clone(),
         rstd_attn,
@@ -402,6 +443,7 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize) -> Re
         up: post.up,
         act: post.act,
         lora: ls,
+        kept: sel.map(|s| s.idx),
     };
     Ok((post.y, saved))
 }
@@ -410,9 +452,9 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize) -> Re
 /// or for a sharded sequence over every token of this rank's heads between two all-to-alls
 /// (each tensor dropped once it has gone). The saved output is in the token layout o_proj reads;
 /// the saved q, k, v and logsumexp are as the kernel read them.
-pub(crate) fn attend(q: Tensor, k: Tensor, v: Tensor, ctx: &Context, l: usize) -> Result<(Tensor, attention::Saved)> {
+pub(crate) fn attend(q: Tensor, k: Tensor, v: Tensor, ctx: &Context, l: usize, cu_seqlens: &[i64]) -> Result<(Tensor, attention::Saved)> {
     let Some(sp) = &ctx.seq else {
-        return Ok(attention::forward_packed(&q, &k, &v, &ctx.attn[l], &ctx.cu_seqlens)?);
+        return Ok(attention::forward_packed(&q, &k, &v, &ctx.attn[l], cu_seqlens)?);
     };
     let g = &sp.group;
     let (qh, kh) = (g.to_heads(&q)?, g.to_heads(&seq::repeat_kv(&k, sp.kv_copies))?);
@@ -426,9 +468,9 @@ pub(crate) fn attend(q: Tensor, k: Tensor, v: Tensor, ctx: &Context, l: usize) -
 }
 
 /// The gradients of q, k, v (`[T, heads or kv_heads, head_dim]`) from the attention output's.
-pub(crate) fn attend_backward(grad_out: &Tensor, saved: attention::Saved, ctx: &Context, l: usize) -> Result<(Tensor, Tensor, Tensor)> {
+pub(crate) fn attend_backward(grad_out: &Tensor, saved: attention::Saved, ctx: &Context, l: usize, cu_seqlens: &[i64]) -> Result<(Tensor, Tensor, Tensor)> {
     let Some(sp) = &ctx.seq else {
-        return Ok(attention::backward_packed(grad_out, &saved, &ctx.attn[l], &ctx.cu_seqlens)?);
+        return Ok(attention::backward_packed(grad_out, &saved, &ctx.attn[l], cu_seqlens)?);
     };
     let g = &sp.group;
     let grad_out = g.to_heads(grad_out)?;
@@ -499,11 +541,10 @@ pub(crate) fn proj_backward(dy: &Tensor, x: &Tensor, layer: &Layer, p: Proj, ctx
 /// Consumes the layer's saved activations; returns the gradient of the block input and the
 /// parameter gradients under their names relative to `model.layers.{i}`.
 pub fn backward(layer: &Layer, dy: Tensor, s: BlockSaved, ctx: &Context, layer_idx: usize) -> Result<(Tensor, Vec<(String, Tensor)>)> {
-    let t = dy.size()[0];
     let mut grads = Vec::new();
     // Each saved tensor is released right after the op that consumes it, which is what the
     // planner's level-1 layout of this backward assumes (`inventory::backward_buffers`).
-    let BlockSaved { x, rstd_attn, x_attn, attn, h, rstd_mlp, x_mlp, gate, up, act, lora } = s;
+    let BlockSaved { x, rstd_attn, x_attn, attn, h, rstd_mlp, x_mlp, gate, up, act, lora, kept } = s;
     let mut ls = lora;
     // MLP
     let dact = proj_backward(&dy, &act, layer, Proj::Down, ctx, &mut ls, &mut grads)?;
@@ -519,12 +560,18 @@ pub fn backward(layer: &Layer, dy: Tensor, s: BlockSaved, ctx: &Context, layer_i
         grads.push(("post_attention_layernorm.weight".into(), w));
     }
     let dh = dy + dh_norm;
-    // Attention
-    let do_ = proj_backward(&dh, &attn.out.view([t, ctx.heads * ctx.head_dim]), layer, Proj::O, ctx, &mut ls, &mut grads)?;
-    let (dq, dk, dv) = attend_backward(&do_.view([t, ctx.heads, ctx.head_dim]), attn, ctx, layer_idx)?;
+    // Attention: on every row, or a sparse layer's kept rows (`kept`).
+    let (dh_a, x, cos, sin, cu) = match &kept {
+        None => (dh.shallow_clone(), x, ctx.cos.shallow_clone(), ctx.sin.shallow_clone(), ctx.cu_seqlens.clone()),
+        Some(idx) => (gather::rows(&dh, idx), gather::rows(&x, idx), gather::rows(&ctx.cos, idx), gather::rows(&ctx.sin, idx), sparse::compacted(&ctx.cu_seqlens, idx)),
+    };
+    let t = dh_a.size()[0];
+    let do_ = proj_backward(&dh_a, &attn.out.view([t, ctx.heads * ctx.head_dim]), layer, Proj::O, ctx, &mut ls, &mut grads)?;
+    drop(dh_a);
+    let (dq, dk, dv) = attend_backward(&do_.view([t, ctx.heads, ctx.head_dim]), attn, ctx, layer_idx, &cu)?;
     drop(do_);
-    let dq = rope::backward(&dq, &ctx.cos, &ctx.sin).reshape([t, ctx.heads * ctx.head_dim]);
-    let dk = rope::backward(&dk, &ctx.cos, &ctx.sin).reshape([t, ctx.kv_heads * ctx.head_dim]);
+    let dq = rope::backward(&dq, &cos, &sin).reshape([t, ctx.heads * ctx.head_dim]);
+    let dk = rope::backward(&dk, &cos, &sin).reshape([t, ctx.kv_heads * ctx.head_dim]);
     let dv = dv.reshape([t, ctx.kv_heads * ctx.head_dim]);
     let dx_attn = proj_backward(&dq, &x_attn, layer, Proj::Q, ctx, &mut ls, &mut grads)?
         + proj_backward(&dk, &x_attn, layer, Proj::K, ctx, &mut ls, &mut grads)?
@@ -534,5 +581,11 @@ pub fn backward(layer: &Layer, dy: Tensor, s: BlockSaved, ctx: &Context, layer_i
     if let Some(w) = dw1 {
         grads.push(("input_layernorm.weight".into(), w));
     }
-    Ok((dh + dx_norm, grads))
+    Ok((
+        match &kept {
+            None => dh + dx_norm,
+            Some(idx) => gather::add_rows(&dh, idx, &dx_norm),
+        },
+        grads,
+    ))
 }

@@ -8,6 +8,7 @@ pub mod lora;
 pub mod proj;
 pub mod reference;
 pub mod seq;
+pub mod sparse;
 pub mod stash;
 pub mod tiled;
 pub mod weights;
@@ -58,18 +59,22 @@ pub struct Model {
     /// Sequence parallelism: every training sequence is split over this group's ranks
     /// ([`seq`]), evaluation's too; None: this process computes whole sequences.
     pub seq: Option<Arc<seq::SeqParallel>>,
+    /// Token sparsity ([`sparse`]): its layers attend over their informative token blocks only.
+    pub sparsity: Option<Arc<sparse::Sparsity>>,
 }
 
 /// Gradients keyed by HF parameter name.
 pub type Grads = BTreeMap<String, Tensor>;
 
 /// What one step held, measured on the tensors themselves.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Default)]
 pub struct StepStats {
     /// Bytes of every layer's [`block::BlockSaved`] together, at the end of forward (their peak):
     /// under token tiles the stored rows only (the others never exist whole), without tiles
     /// every row (the block saves them all before the store keeps its share).
     pub saved_bytes: usize,
+    /// Token sparsity: each sparse layer's kept rows (`[K]` int64) and the tokens it had.
+    pub kept: Vec<(usize, Tensor, i64)>,
 }
 
 /// Every parameter of the model with its HF name and shape, in checkpoint order. This one list
@@ -124,7 +129,7 @@ impl Model {
         }
         let norm = take("model.norm.weight".into())?;
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(take("lm_head.weight".into())?) };
-        Ok(Model { cfg, full: true, embed_tokens, layers, norm, lm_head, tile_tokens: None, seq: None })
+        Ok(Model { cfg, full: true, embed_tokens, layers, norm, lm_head, tile_tokens: None, seq: None, sparsity: None })
     }
 
     /// Loads the weights of an HF folder, converting them to `kind` on `device`. Returns the
@@ -231,7 +236,8 @@ impl Model {
     /// document of its own whose labels are ignored).
     fn training_inputs(&self, batch: &Batch, dev: Device) -> Result<(Tensor, Tensor, block::Context)> {
         let Some(sp) = &self.seq else {
-            let ctx = block::Context::new(&self.cfg, &batch.doc_lens, self.kind(), dev);
+            let mut ctx = block::Context::new(&self.cfg, &batch.doc_lens, self.kind(), dev);
+            ctx.sparsity = self.sparsity.clone();
             return Ok((batch.ids.to_device(dev), batch.labels.to_device(dev), ctx));
         };
         let t = batch.ids.size()[0];
@@ -375,14 +381,18 @@ impl Model {
         }
         let mut stashed = Vec::with_capacity(n_layers);
         let mut saved_bytes = 0;
+        let mut kept = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
             guard::enter(Phase::Forward, Some(l));
             let (y, s) = self.forward_block(layer, &x, &ctx, l, split(l))?;
             saved_bytes += s.bytes();
+            if let Some(k) = &s.kept {
+                kept.push((l, k.shallow_clone(), t_all));
+            }
             stashed.push(stash::put(store, placement, l, s, t_all, self.layout())?);
             x = y;
         }
-        let stats = StepStats { saved_bytes };
+        let stats = StepStats { saved_bytes, kept };
         guard::enter(Phase::Loss, None);
         let (h, norm_saved) = rmsnorm::forward(&x, &self.norm, self.cfg.rms_norm_eps);
         let (loss, ce_saved) = cross_entropy::forward(&h, self.lm_head_weight(), &labels, ce_chunk);

@@ -35,6 +35,13 @@ fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
 /// parameters, or the LoRA adapters; LoRA dropout is not modelled), by autograd. Packed
 /// documents get positions restarting at 0 and a block-diagonal causal mask.
 pub fn loss_and_grads(model: &Model, batch: &Batch) -> (f64, Grads) {
+    loss_and_grads_kept(model, batch, &[])
+}
+
+/// [`loss_and_grads`] with token sparsity: in each layer of `kept` (layer, `[K]` ascending rows),
+/// attention runs on those rows only (their original positions, documents apart, causal among
+/// them) and its output is added into those rows of the residual; every other row's is zero.
+pub fn loss_and_grads_kept(model: &Model, batch: &Batch, kept: &[(usize, Tensor)]) -> (f64, Grads) {
     let cfg = &model.cfg;
     let dev = model.device();
     let trainable: Vec<String> = model.trainable().into_iter().map(|(n, _)| n).collect();
@@ -65,7 +72,6 @@ pub fn loss_and_grads(model: &Model, batch: &Batch) -> (f64, Grads) {
     let doc = Tensor::from_slice(&doc).to_device(dev);
     let i = Tensor::arange(t, (Kind::Int64, dev)).unsqueeze(1);
     let j = Tensor::arange(t, (Kind::Int64, dev)).unsqueeze(0);
-    let same_doc = doc.unsqueeze(1).eq_tensor(&doc.unsqueeze(0));
 
     let mut x = p["model.embed_tokens.weight"].index_select(0, &ids);
     for l in 0..cfg.num_layers as usize {
@@ -76,14 +82,25 @@ pub fn loss_and_grads(model: &Model, batch: &Batch) -> (f64, Grads) {
         let v = lin(&format!("{pre}.self_attn.v_proj"), &n1).view([t, kv, hd]);
         let k = k.repeat_interleave_self_int(h / kv, 1, None);
         let v = v.repeat_interleave_self_int(h / kv, 1, None);
-        let scores = q.transpose(0, 1).matmul(&k.permute([1, 2, 0])) / (hd as f64).sqrt(); // [H, T, T]
-        let mut allowed = j.le_tensor(&i).logical_and(&same_doc);
+        // A sparse layer: the kept rows only (k is the whole sequence's row count otherwise).
+        let rows = kept.iter().find(|(m, _)| *m == l).map(|(_, r)| r.to_device(dev));
+        let pick = |z: &Tensor| rows.as_ref().map_or(z.shallow_clone(), |r| z.index_select(0, r));
+        let (q, k, v) = (pick(&q), pick(&k), pick(&v));
+        let (ik, jk, dk) = (pick(&i.squeeze_dim(1)).unsqueeze(1), pick(&j.squeeze_dim(0)).unsqueeze(0), pick(&doc));
+        let same = dk.unsqueeze(1).eq_tensor(&dk.unsqueeze(0));
+        let n = q.size()[0];
+        let scores = q.transpose(0, 1).matmul(&k.permute([1, 2, 0])) / (hd as f64).sqrt(); // [H, n, n]
+        let mut allowed = jk.le_tensor(&ik).logical_and(&same);
         if let Some(w) = cfg.sliding_window[l] {
-            allowed = allowed.logical_and(&(&i - &j).lt(w));
+            allowed = allowed.logical_and(&(&ik - &jk).lt(w));
         }
         let probs = scores.masked_fill(&allowed.logical_not(), f64::NEG_INFINITY).softmax(-1, scores.kind());
-        let o = probs.matmul(&v.transpose(0, 1)).transpose(0, 1).reshape([t, h * hd]);
-        let hres = &x + lin(&format!("{pre}.self_attn.o_proj"), &o);
+        let o = probs.matmul(&v.transpose(0, 1)).transpose(0, 1).reshape([n, h * hd]);
+        let out = lin(&format!("{pre}.self_attn.o_proj"), &o);
+        let hres = match &rows {
+            Some(r) => x.index_add(0, r, &out),
+            None => &x + out,
+        };
         let n2 = rms(&hres, &p[&format!("{pre}.post_attention_layernorm.weight")], cfg.rms_norm_eps);
         let act = lin(&format!("{pre}.mlp.gate_proj"), &n2).silu() * lin(&format!("{pre}.mlp.up_proj"), &n2);
         x = hres + lin(&format!("{pre}.mlp.down_proj"), &act);

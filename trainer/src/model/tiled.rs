@@ -170,7 +170,7 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize, tile:
         stored_rows.add(name::X_ATTN, a, &pre.x_attn);
         gather_lora(&mut xa, ls);
     }
-    let (o, attn) = block::attend(q, k, v, ctx, layer_idx)?;
+    let (o, attn) = block::attend(q, k, v, ctx, layer_idx, &ctx.cu_seqlens)?;
     // q whole is done: keep its stored rows (a copy when rows are dropped) and let the rest go
     // before the post-attention tiles. K and V are saved whole, and of a shard q too, in the
     // heads' layout (`block::recomputable`).
@@ -207,6 +207,7 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize, tile:
         up: stored_rows.take(name::UP, like),
         act: stored_rows.take(name::ACT, like),
         lora,
+        kept: None,
     };
     Ok((y, saved))
 }
@@ -327,7 +328,7 @@ impl Backward<'_> {
     fn tile(&self, tl: &Tile, dy: &Tensor, s: BlockSaved, dk: &Tensor, dv: &Tensor) -> Result<Vec<(String, Tensor)>> {
         let (layer, ctx) = (self.layer, self.ctx);
         let (a, n) = (tl.start, tl.len);
-        let BlockSaved { x, rstd_attn, x_attn, attn, h, rstd_mlp, x_mlp, gate, up, act, lora } = s;
+        let BlockSaved { x, rstd_attn, x_attn, attn, h, rstd_mlp, x_mlp, gate, up, act, lora, .. } = s;
         let masks = keep_masks(&lora);
         let m = Masks::Rows { masks: &masks, start: 0 };
         let kept = tile_is_stored(tl, self.split);
@@ -463,7 +464,7 @@ pub fn backward_sharded(layer: &Layer, dy: Tensor, store: &mut ActivationStore, 
     }
     reader.finish()?;
     let Some(attn) = attn else { return Ok((dy, grads.into_grads())) };
-    let (dq, dk, dv) = block::attend_backward(&d_out.view([t, ctx.heads, ctx.head_dim]), attn, ctx, l)?;
+    let (dq, dk, dv) = block::attend_backward(&d_out.view([t, ctx.heads, ctx.head_dim]), attn, ctx, l, &ctx.cu_seqlens)?;
     drop(d_out);
     let mut reader = TileReader::new(store, l, stashed, order, &[], Pass::Qkv)?;
     while let Some((tl, s)) = reader.next_tile()? {

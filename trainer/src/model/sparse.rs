@@ -1,0 +1,210 @@
+//! Contextual token sparsity (LeMo / JENGA): in a sparse layer only the informative token blocks
+//! take part in attention. Tokens are grouped in blocks of `block` (never crossing a document
+//! boundary); a scorer rates every block from the layer's q and k; each document keeps its first
+//! block (the attention sink) and its best-rated others up to `keep` of its blocks. The kept
+//! tokens' q, k, v run causal attention over the compacted sequence (RoPE at their original
+//! positions, documents still apart), and o_proj's output is added back into the kept tokens'
+//! residual stream; a dropped token's attention output is zero, and it still passes through the
+//! residual and the MLP. So the attention's saved tensors (the input norm's, q, k, v, the output
+//! and its logsumexp) exist for kept tokens only ([`crate::model::block::BlockSaved::kept`]).
+use tch::{Device, Kind, Tensor};
+
+use crate::model::tiled::{tiles, Tile};
+
+/// How a sparse layer rates its blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scorer {
+    /// The reference's block map: for every (query block, key block) pair of a document, the
+    /// largest over its causal token pairs of `Σ_heads ReLU(q·k / √d)`; made symmetric and summed
+    /// over query blocks. Computed one query block at a time (memory `O(block · T)`), at the cost
+    /// of a second attention-sized product.
+    Exact,
+    /// Training-free and cheap: the same map over block-mean q and k (`O((T/block)²)` pairs).
+    Pooled,
+}
+
+/// A model's sparsity settings (validated by the recipe).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sparsity {
+    /// Tokens per block.
+    pub block: i64,
+    /// Fraction of each document's blocks kept, in (0, 1].
+    pub keep: f64,
+    /// The sparse layers (the others are dense).
+    pub layers: Vec<usize>,
+    pub scorer: Scorer,
+}
+
+impl Sparsity {
+    /// The reference's layers for a model of `n` layers: dense in the first half and the last.
+    pub fn upper_layers(n: usize) -> Vec<usize> {
+        (n / 2..n.saturating_sub(1)).collect()
+    }
+
+    pub fn is_sparse(&self, layer: usize) -> bool {
+        self.layers.contains(&layer)
+    }
+}
+
+/// The tokens a sparse layer keeps.
+#[derive(Debug)]
+pub struct Selection {
+    /// `[K]` int64, ascending: the kept tokens' rows.
+    pub idx: Tensor,
+    /// Document offsets of the compacted sequence (each document's kept tokens).
+    pub cu_seqlens: Vec<i64>,
+}
+
+/// Block scores of `scorer` for one layer.
+///
+/// # Shapes
+/// - `q`: `[T, heads, d]`, `k`: `[T, kv_heads, d]` (after RoPE) → one score per block of
+///   [`tiles`]`(cu_seqlens, block)`
+pub fn scores(scorer: Scorer, q: &Tensor, k: &Tensor, cu_seqlens: &[i64], block: i64, scale: f64) -> Vec<f64> {
+    let _guard = tch::no_grad_guard();
+    let acc = kernels::accum_kind(q.kind());
+    let (q, k) = (q.to_kind(acc), k.to_kind(acc));
+    let mut out = Vec::new();
+    for w in cu_seqlens.windows(2) {
+        let (s, e) = (w[0], w[1]);
+        let doc: Vec<Tile> = tiles(&[s, e], block);
+        let m = match scorer {
+            Scorer::Exact => exact_map(&q.narrow(0, s, e - s), &k.narrow(0, s, e - s), block, scale),
+            Scorer::Pooled => pooled_map(&q.narrow(0, s, e - s), &k.narrow(0, s, e - s), &doc, s, scale),
+        };
+        // Symmetric, summed over query blocks: a block's row sum and column sum.
+        let sym = &m + m.tr();
+        out.extend(Vec::<f64>::try_from(sym.sum_dim_intlist(0, false, Kind::Double)).unwrap_or_else(|_| vec![0.0; doc.len()]));
+    }
+    out
+}
+
+/// `[nb, nb]` block map of one document: entry (qb, kb), kb ≤ qb, is the largest over the
+/// block pair's causal token pairs of `Σ_heads ReLU(q·k·scale)` (zero above the diagonal).
+fn exact_map(q: &Tensor, k: &Tensor, block: i64, scale: f64) -> Tensor {
+    let (t, heads, kv) = (q.size()[0], q.size()[1], k.size()[1]);
+    let nb = (t + block - 1) / block;
+    let rep = heads / kv.max(1);
+    let map = Tensor::zeros([nb, nb], (q.kind(), q.device()));
+    for qb in 0..nb {
+        let (a, n) = (qb * block, block.min(t - qb * block));
+        let keys = a + n; // causal: keys up to the block's end
+        let qs = q.narrow(0, a, n);
+        let mut pair = Tensor::zeros([n, keys], (q.kind(), q.device()));
+        for h in 0..heads {
+            // [n, d] · [d, keys]: one head at a time, so memory stays O(block · T).
+            let s = qs.select(1, h).matmul(&k.narrow(0, 0, keys).select(1, h / rep).tr()) * scale;
+            pair += s.relu();
+        }
+        // Causal within the diagonal block: key j ≤ query a + i.
+        let i = Tensor::arange_start(a, a + n, (Kind::Int64, q.device())).unsqueeze(1);
+        let j = Tensor::arange(keys, (Kind::Int64, q.device())).unsqueeze(0);
+        let pair = pair.masked_fill(&j.gt_tensor(&i), 0.0);
+        // The largest per key block: pad the keys to whole blocks.
+        let kb = (keys + block - 1) / block;
+        let padded = pair.constant_pad_nd([0, kb * block - keys]).view([n, kb, block]);
+        let best = padded.amax([0, 2], false);
+        map.get(qb).narrow(0, 0, kb).copy_(&best);
+    }
+    map
+}
+
+/// [`exact_map`] over block means: `Σ_heads ReLU(q̄_qb · k̄_kb · scale)` for kb ≤ qb.
+fn pooled_map(q: &Tensor, k: &Tensor, blocks: &[Tile], doc_start: i64, scale: f64) -> Tensor {
+    let mean = |x: &Tensor| Tensor::stack(&blocks.iter().map(|b| x.narrow(0, b.start - doc_start, b.len).mean_dim(0, false, x.kind())).collect::<Vec<_>>(), 0);
+    let (qm, km) = (mean(q), mean(k)); // [nb, heads, d], [nb, kv, d]
+    let rep = q.size()[1] / k.size()[1].max(1);
+    let km = km.repeat_interleave_self_int(rep, 1, None);
+    // [heads, nb, d] · [heads, d, nb] → [heads, nb, nb]
+    let s = qm.transpose(0, 1).matmul(&km.permute([1, 2, 0])) * scale;
+    let nb = blocks.len() as i64;
+    s.relu().sum_dim_intlist(0, false, q.kind()).tril(0).view([nb, nb])
+}
+
+/// Each document's first block and its best-rated others, `ceil(keep · blocks)` in all (ties to
+/// the earlier block); `scores` as [`scores`] gives them. Deterministic for given scores.
+pub fn select(cu_seqlens: &[i64], block: i64, keep: f64, scores: &[f64], device: Device) -> Selection {
+    let mut idx = Vec::new();
+    let mut cu = vec![0i64];
+    let mut at = 0usize;
+    for w in cu_seqlens.windows(2) {
+        let doc = tiles(&[w[0], w[1]], block);
+        let nb = doc.len();
+        let want = ((keep * nb as f64).ceil() as usize).clamp(1.min(nb), nb);
+        let mut order: Vec<usize> = (1..nb).collect();
+        order.sort_by(|&a, &b| scores[at + b].total_cmp(&scores[at + a]).then(a.cmp(&b)));
+        let mut kept: Vec<usize> = if nb > 0 { std::iter::once(0).chain(order.into_iter().take(want.saturating_sub(1))).collect() } else { Vec::new() };
+        kept.sort_unstable();
+        for b in kept {
+            idx.extend(doc[b].start..doc[b].start + doc[b].len);
+        }
+        cu.push(idx.len() as i64);
+        at += nb;
+    }
+    Selection { idx: Tensor::from_slice(&idx).to_device(device), cu_seqlens: cu }
+}
+
+/// The compacted documents of kept rows `idx` (ascending) of a sequence with `cu_seqlens`.
+pub fn compacted(cu_seqlens: &[i64], idx: &Tensor) -> Vec<i64> {
+    let rows = Vec::<i64>::try_from(idx.to_device(Device::Cpu)).unwrap_or_default();
+    let mut cu = vec![0i64];
+    let mut r = 0usize;
+    for &end in &cu_seqlens[1..] {
+        while r < rows.len() && rows[r] < end {
+            r += 1;
+        }
+        cu.push(r as i64);
+    }
+    cu
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_document_keeps_its_first_block_and_its_best() {
+        // Two documents: 10 tokens (blocks of 4: 3 blocks) and 5 (2 blocks).
+        let cu = [0, 10, 15];
+        let scores = [0.0, 1.0, 5.0, 0.0, 9.0];
+        let s = select(&cu, 4, 0.5, &scores, Device::Cpu);
+        // Doc 0: ceil(1.5) = 2 blocks: the first and block 2 (score 5); doc 1: 1 block, the first.
+        assert_eq!(Vec::<i64>::try_from(&s.idx).unwrap(), [0, 1, 2, 3, 8, 9, 10, 11, 12, 13]);
+        assert_eq!(s.cu_seqlens, [0, 6, 10]);
+        assert_eq!(compacted(&cu, &s.idx), s.cu_seqlens);
+        // Keep everything: every row, in order.
+        let all = select(&cu, 4, 1.0, &scores, Device::Cpu);
+        assert_eq!(Vec::<i64>::try_from(&all.idx).unwrap(), (0..15).collect::<Vec<i64>>());
+        // Ties go to the earlier block.
+        let t = select(&[0, 12], 4, 0.6, &[0.0, 3.0, 3.0], Device::Cpu);
+        assert_eq!(Vec::<i64>::try_from(&t.idx).unwrap(), [0, 1, 2, 3, 4, 5, 6, 7]);
+    }
+
+    #[test]
+    fn the_exact_map_is_the_blockwise_maximum_of_relu_scores() {
+        tch::manual_seed(3);
+        let (t, heads, kv, d, block) = (11, 4, 2, 8, 4);
+        let q = Tensor::randn([t, heads, d], (Kind::Double, Device::Cpu));
+        let k = Tensor::randn([t, kv, d], (Kind::Double, Device::Cpu));
+        let m = exact_map(&q, &k, block, 0.5);
+        // Naive: every pair, heads summed, causal, then the maximum per block pair.
+        let kr = k.repeat_interleave_self_int(heads / kv, 1, None);
+        let pair = (q.transpose(0, 1).matmul(&kr.permute([1, 2, 0])) * 0.5).relu().sum_dim_intlist(0, false, Kind::Double); // [T, T]
+        for qb in 0..3i64 {
+            for kb in 0..3i64 {
+                let mut best = 0.0f64;
+                for i in qb * block..((qb + 1) * block).min(t) {
+                    for j in kb * block..((kb + 1) * block).min(t) {
+                        if j <= i {
+                            best = best.max(pair.double_value(&[i, j]));
+                        }
+                    }
+                }
+                assert!((m.double_value(&[qb, kb]) - best).abs() < 1e-12, "({qb}, {kb})");
+            }
+        }
+        let s = scores(Scorer::Exact, &q, &k, &[0, t], block, 0.5);
+        let want: Vec<f64> = (0..3).map(|b| (0..3).map(|o| m.double_value(&[o, b]) + m.double_value(&[b, o])).sum()).collect();
+        assert_eq!(s, want);
+    }
+}
