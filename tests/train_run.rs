@@ -231,6 +231,58 @@ fn tiled_runs_match_the_whole_sequence_run() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `[sparsity]` from the CLI: a sparse run trains and reports each sparse layer's kept fraction;
+/// keeping every block is the dense run bit for bit; bad settings are errors naming the key.
+#[test]
+fn sparse_runs_report_what_they_keep_and_refuse_bad_settings() {
+    let dir = tmp_dir("run-sparse");
+    let (model, data) = tiny_llama_and_texts(&dir);
+    let sparse = "\n[sparsity]\nblock_size = 8\nkeep_ratio = 0.5\nlayers = [1]\nscorer = \"exact\"\n";
+    let r_dense = recipe(&dir, "dense.toml", &dir.join("unused"), &model, &data, "");
+    let r_sparse = recipe(&dir, "sparse.toml", &dir.join("unused"), &model, &data, sparse);
+    let run = |r: &Path, name: &str, args: &[&str]| {
+        let out = dir.join(name);
+        let mut a = vec!["run", "--recipe", r.to_str().unwrap(), "train.steps=6"];
+        let d = format!("run.dir={}", out.display());
+        a.push(&d);
+        a.extend_from_slice(args);
+        run_ok(&a);
+        out
+    };
+    let dense = losses_by_step(&run(&r_dense, "dense", &[]));
+    let out = run(&r_sparse, "sparse", &[]);
+    let sparse_losses = losses_by_step(&out);
+    assert_eq!(sparse_losses.len(), 6);
+    assert!(sparse_losses.values().all(|l| l.is_finite()) && sparse_losses != dense, "{sparse_losses:?} vs {dense:?}");
+    let last: Value = serde_json::from_str(std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().filter(|l| l.contains("train/loss")).last().unwrap()).unwrap();
+    let f = last["sparsity/kept_fraction_layer1"].as_f64().unwrap();
+    assert!(f > 0.3 && f < 0.8, "kept fraction {f}: {last}");
+    assert!(last.get("sparsity/kept_fraction_layer0").is_none(), "{last}");
+    let all = losses_by_step(&run(&r_sparse, "keep-all", &["sparsity.keep_ratio=1.0", "sparsity.scorer=\"pooled\""]));
+    for (s, l) in &dense {
+        assert_eq!(l.to_bits(), all[s].to_bits(), "step {s}: keeping every block vs dense");
+    }
+    for (args, says) in [
+        (vec!["sparsity.keep_ratio=0"], "`sparsity.keep_ratio`: 0 must lie in (0, 1]"),
+        (vec!["sparsity.keep_ratio=1.5"], "`sparsity.keep_ratio`: 1.5 must lie in (0, 1]"),
+        (vec!["sparsity.block_size=0"], "`sparsity.block_size`: 0 must be positive"),
+        (vec!["sparsity.layers=[5]"], "`sparsity.layers`: layer 5 is out of range: the model has 2 layers"),
+        (vec!["sparsity.layers=\"lower\""], "`sparsity.layers`: \"lower\": expected \"upper\""),
+        (vec!["sparsity.scorer=\"magic\""], "sparsity.scorer"),
+        (vec!["compute.tile_tokens=7"], "`sparsity`: with compute.tile_tokens"),
+        (vec!["offload.tiers=[\"nvme\"]"], "`sparsity`: with offload.tiers"),
+    ] {
+        let mut a = vec!["run", "--recipe", r_sparse.to_str().unwrap()];
+        let d = format!("run.dir={}", dir.join("bad").display());
+        a.push(&d);
+        a.extend(args.iter().copied());
+        let e = train(&a);
+        let se = String::from_utf8_lossy(&e.stderr);
+        assert!(e.status.code() == Some(1) && se.contains(says) && !se.contains("panicked"), "{args:?}: {se}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn lora_run_exports_a_peft_adapter() {
     let dir = tmp_dir("run-lora");

@@ -64,6 +64,13 @@ pub fn step_record(step: i64, o: &StepOutcome, store: &offload::store::Activatio
     if let Some(rss) = crate::memory::peak_rss_bytes() {
         m["memory/host_peak_rss_bytes"] = json!(rss as f64);
     }
+    // Token sparsity: the tokens each sparse layer kept (rank 0's micro-batches).
+    for (l, f) in &o.kept {
+        m[format!("sparsity/kept_fraction_layer{l}")] = json!(f);
+    }
+    if !o.kept.is_empty() {
+        m["sparsity/kept_fraction"] = json!(o.kept.iter().map(|(_, f)| f).sum::<f64>() / o.kept.len() as f64);
+    }
     // Rank 0's exchanges (every rank of a sequence-parallel group sends as much).
     if let Some((bytes, secs)) = o.all_to_all {
         m["dist/all_to_all_bytes"] = json!(bytes as f64);

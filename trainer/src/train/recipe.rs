@@ -36,6 +36,84 @@ pub struct Recipe {
     pub plan: Option<PlanSection>,
     #[serde(default)]
     pub dist: DistSection,
+    /// Contextual token sparsity; absent: every layer dense.
+    #[serde(default)]
+    pub sparsity: Option<SparsitySection>,
+}
+
+/// `[sparsity]`: contextual token sparsity (LeMo / JENGA). In a sparse layer only the most
+/// informative blocks of each document take part in attention: the attention's saved tensors
+/// (input norm, q, k, v, output, logsumexp) exist for their tokens only, and a dropped token's
+/// attention output is zero (it still passes through the residual and the MLP). Trade-off: less
+/// activation memory and attention work for an approximation of the dense model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SparsitySection {
+    /// Tokens per block; blocks start at each document's start and never cross its end.
+    #[serde(default = "default_sparse_block")]
+    pub block_size: i64,
+    /// Fraction of each document's blocks a sparse layer keeps (its first block, the attention
+    /// sink, always among them), in (0, 1]. The reference keeps 0.4.
+    pub keep_ratio: f64,
+    /// The sparse layers: "upper" (the reference: dense in the first half and in the last layer)
+    /// or a list of layer indices.
+    #[serde(default)]
+    pub layers: SparseLayers,
+    /// How blocks are rated: "exact" (the block map of `Σ_heads ReLU(q·k/√d)` maxima, made
+    /// symmetric and summed over query blocks: a second attention-sized product per sparse layer)
+    /// or "pooled" (the same over block-mean q and k: cheap, training-free).
+    #[serde(default)]
+    pub scorer: SparseScorer,
+}
+
+fn default_sparse_block() -> i64 {
+    64
+}
+
+/// `sparsity.layers`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum SparseLayers {
+    Named(String),
+    List(Vec<usize>),
+}
+
+impl Default for SparseLayers {
+    fn default() -> Self {
+        SparseLayers::Named("upper".into())
+    }
+}
+
+/// `sparsity.scorer`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SparseScorer {
+    #[default]
+    Exact,
+    Pooled,
+}
+
+impl SparsitySection {
+    /// The engine's settings for a model of `layers` layers whose layer l has sliding window
+    /// `windows[l]`; errors name the key.
+    pub fn resolve(&self, layers: usize, windows: &[Option<i64>]) -> std::result::Result<crate::model::sparse::Sparsity, String> {
+        let list = match &self.layers {
+            SparseLayers::Named(n) if n == "upper" => crate::model::sparse::Sparsity::upper_layers(layers),
+            SparseLayers::Named(n) => return Err(format!("`sparsity.layers`: \"{n}\": expected \"upper\" or a list of layer indices")),
+            SparseLayers::List(v) => v.clone(),
+        };
+        if let Some(l) = list.iter().find(|&&l| l >= layers) {
+            return Err(format!("`sparsity.layers`: layer {l} is out of range: the model has {layers} layers (0..{})", layers.saturating_sub(1)));
+        }
+        if let Some(l) = list.iter().find(|&&l| windows.get(l).copied().flatten().is_some()) {
+            return Err(format!("`sparsity.layers`: layer {l} attends through a sliding window, which a compacted sequence would widen; leave it dense"));
+        }
+        let scorer = match self.scorer {
+            SparseScorer::Exact => crate::model::sparse::Scorer::Exact,
+            SparseScorer::Pooled => crate::model::sparse::Scorer::Pooled,
+        };
+        Ok(crate::model::sparse::Sparsity { block: self.block_size, keep: self.keep_ratio, layers: list, scorer })
+    }
 }
 
 /// `[dist]`: the process group of a job of several processes (torchrun or `train launch`;
@@ -616,6 +694,24 @@ impl Recipe {
         }
         if self.dist.timeout_seconds == 0 {
             return err("dist.timeout_seconds", "must be at least 1 (seconds the ranks wait for each other)".into());
+        }
+        if let Some(s) = &self.sparsity {
+            if s.block_size <= 0 {
+                return err("sparsity.block_size", format!("{} must be positive (tokens per block; the reference uses 64)", s.block_size));
+            }
+            if !(s.keep_ratio > 0.0 && s.keep_ratio <= 1.0) {
+                return err("sparsity.keep_ratio", format!("{} must lie in (0, 1] (the fraction of each document's blocks kept)", s.keep_ratio));
+            }
+            // Built so far for whole-sequence, resident, single-sequence layers.
+            for (key, on) in [
+                ("compute.tile_tokens", matches!(self.compute.fixed_tile(), Some(Some(_)))),
+                ("dist.sequence_parallel", self.dist.sequence_parallel > 1),
+                ("offload.tiers", !self.offload.tiers.is_empty()),
+            ] {
+                if on {
+                    return err("sparsity", format!("with {key}: sparse layers do not run with it yet; remove one of them"));
+                }
+            }
         }
         if self.dist.sequence_parallel == 0 {
             return err("dist.sequence_parallel", "must be at least 1 (ranks one sequence is split over; 1: not split)".into());

@@ -212,6 +212,13 @@ impl Session {
         };
         model.tile_tokens = tile.map(|t| t as i64);
         model.seq = world.sequence_group(sp)?;
+        if let Some(s) = &recipe.sparsity {
+            if model.tile_tokens.is_some() {
+                return Err(TrainerError::config(recipe_path, "`sparsity`: the plan chose token tiles, which sparse layers do not run yet; set compute.tile_tokens = 0"));
+            }
+            let resolved = s.resolve(model.layers.len(), &model.cfg.sliding_window).map_err(|e| TrainerError::config(recipe_path, e))?;
+            model.sparsity = Some(std::sync::Arc::new(resolved));
+        }
         let planned = planned.map(|(p, _)| p);
         let t = &recipe.train;
         let mut opt = AdamW::new(AdamWConfig { lr: t.lr, beta1: t.betas[0], beta2: t.betas[1], eps: t.eps, weight_decay: t.weight_decay });

@@ -16,7 +16,7 @@ use crate::train::optim::clip_grad_norm;
 use crate::train::session::Session;
 
 /// What one step did.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StepOutcome {
     /// Mean loss over the step's target tokens.
     pub loss: f64,
@@ -31,6 +31,8 @@ pub struct StepOutcome {
     pub step_peak_rss: Option<u64>,
     /// Under sequence parallelism: bytes this rank sent by all-to-all in the step, and seconds.
     pub all_to_all: Option<(u64, f64)>,
+    /// Token sparsity: each sparse layer's kept fraction of tokens over this rank's micro-batches.
+    pub kept: Vec<(usize, f64)>,
 }
 
 /// Step `step` (0-based) of the run; on success the session's state says `step + 1` is done.
@@ -63,6 +65,7 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
     let mut pending = PendingSums::default();
     let mut loss_sum = 0.0;
     let mut saved_peak = 0usize;
+    let mut kept: Vec<(usize, i64, i64)> = Vec::new();
     let (model, loss_chunk) = (&s.model, recipe.train.loss_chunk);
     for (i, (index, b)) in mine.into_iter().enumerate() {
         // Dropout masks (LoRA) come from libtorch's generator: seeded per micro-batch, so a
@@ -87,6 +90,12 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
         })?;
         loss_sum += l.sum.to_device(Device::Cpu).to_kind(Kind::Double).double_value(&[]);
         saved_peak = saved_peak.max(stats.saved_bytes);
+        for (l, rows, of) in stats.kept {
+            match kept.iter_mut().find(|(m, _, _)| *m == l) {
+                Some((_, k, t)) => (*k, *t) = (*k + rows.size()[0], *t + of),
+                None => kept.push((l, rows.size()[0], of)),
+            }
+        }
     }
     world.start_sum(earlier, &mut pending)?;
     guard::enter(Phase::Optimizer, None);
@@ -109,7 +118,7 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
         let (b, secs) = g.traffic();
         (b - b0, secs - s0)
     });
-    Ok(StepOutcome { loss, lr, grad_norm, tokens, seconds: t0.elapsed().as_secs_f64(), saved_peak, step_peak_rss: step_peak.bytes(), all_to_all })
+    Ok(StepOutcome { loss, lr, grad_norm, tokens, seconds: t0.elapsed().as_secs_f64(), saved_peak, step_peak_rss: step_peak.bytes(), all_to_all, kept: kept.into_iter().map(|(l, k, t)| (l, k as f64 / t.max(1) as f64)).collect() })
 }
 
 /// [`train_step`] under the guard: a libtorch failure becomes [`TrainerError::Torch`] with where
