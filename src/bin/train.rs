@@ -267,6 +267,19 @@ enum BenchCmd {
         /// Token tiles of this many tokens inside each block (0: the whole sequence).
         #[arg(long, default_value_t = 0)]
         tile_tokens: i64,
+        /// Token sparsity: the fraction of blocks sparse layers keep (0: every layer dense).
+        #[arg(long, default_value_t = 0.0)]
+        sparse_keep: f64,
+        /// Token sparsity: tokens per block.
+        #[arg(long, default_value_t = 64)]
+        sparse_block: i64,
+        /// Token sparsity: the sparse layers, "upper" (dense in the first half and the last) or
+        /// comma-separated indices.
+        #[arg(long, default_value = "upper")]
+        sparse_layers: String,
+        /// Token sparsity: "exact" or "pooled".
+        #[arg(long, default_value = "exact")]
+        sparse_scorer: String,
     },
 }
 
@@ -490,7 +503,39 @@ fn bench_offload_cmd(tiers: String, nvme_dir: Option<PathBuf>, device: String, b
 
 /// `train bench step`: time and memory of one forward + backward.
 #[allow(clippy::too_many_arguments)]
-fn bench_step_cmd(layers: i64, hidden: i64, heads: i64, kv_heads: i64, intermediate: i64, vocab: i64, tokens: i64, iters: usize, device: String, dtype: String, tiers: String, nvme_dir: Option<PathBuf>, keep_last: usize, alpha: f64, tile_tokens: i64) -> Result<(), Box<dyn std::error::Error>> {
+/// `train bench step`'s token-sparsity flags.
+struct SparseFlags {
+    keep: f64,
+    block: i64,
+    layers: String,
+    scorer: String,
+}
+
+impl SparseFlags {
+    /// The engine's settings for a model of `layers` layers (None: dense); the recipe's rules.
+    fn resolve(&self, layers: usize) -> Result<Option<trainer::model::sparse::Sparsity>, String> {
+        if self.keep == 0.0 {
+            return Ok(None);
+        }
+        use trainer::train::recipe::{SparseLayers, SparseScorer, SparsitySection};
+        if !(self.keep > 0.0 && self.keep <= 1.0) || self.block <= 0 {
+            return Err(format!("bench step: --sparse-keep {} must lie in (0, 1] and --sparse-block {} be positive", self.keep, self.block));
+        }
+        let list = match self.layers.as_str() {
+            "upper" => SparseLayers::Named("upper".into()),
+            l => SparseLayers::List(l.split(',').map(|x| x.trim().parse::<usize>().map_err(|_| format!("bench step: --sparse-layers {l}: \"upper\" or comma-separated layer indices"))).collect::<Result<_, _>>()?),
+        };
+        let scorer = match self.scorer.as_str() {
+            "exact" => SparseScorer::Exact,
+            "pooled" => SparseScorer::Pooled,
+            s => return Err(format!("bench step: --sparse-scorer {s}: exact or pooled")),
+        };
+        SparsitySection { block_size: self.block, keep_ratio: self.keep, layers: list, scorer }.resolve(layers, &vec![None; layers]).map(Some)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_step_cmd(layers: i64, hidden: i64, heads: i64, kv_heads: i64, intermediate: i64, vocab: i64, tokens: i64, iters: usize, device: String, dtype: String, tiers: String, nvme_dir: Option<PathBuf>, keep_last: usize, alpha: f64, tile_tokens: i64, sparse: SparseFlags) -> Result<(), Box<dyn std::error::Error>> {
     let dev = device::parse_device(&device)?;
     let kind = device::parse_dtype(&dtype)?;
     if [layers, hidden, heads, kv_heads, intermediate, vocab, tokens].iter().any(|v| *v <= 0) || iters == 0 || !(0.0..=1.0).contains(&alpha) || tile_tokens < 0 {
@@ -500,7 +545,11 @@ fn bench_step_cmd(layers: i64, hidden: i64, heads: i64, kv_heads: i64, intermedi
     if tiers.is_empty() && nvme_dir.is_some() {
         tiers.push(offload::store::Tier::Nvme);
     }
-    let b = trainer::bench::StepBench { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, tiers, nvme_dir, keep_last, alpha, tile_tokens: (tile_tokens > 0).then_some(tile_tokens) };
+    let sparsity = sparse.resolve(layers as usize)?;
+    if sparsity.is_some() && (tile_tokens > 0 || !tiers.is_empty()) {
+        return Err("bench step: --sparse-keep runs whole-sequence resident layers so far (no --tile-tokens, --tiers or --nvme-dir)".into());
+    }
+    let b = trainer::bench::StepBench { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, tiers, nvme_dir, keep_last, alpha, tile_tokens: (tile_tokens > 0).then_some(tile_tokens), sparsity };
     println!("{}", trainer::bench::run_step_bench(&b, kind, dev)?);
     Ok(())
 }
@@ -543,8 +592,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
             Ok(())
         }
-        Cmd::Bench(BenchCmd::Step { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, tiers, nvme_dir, keep_last, alpha, tile_tokens }) => {
-            bench_step_cmd(layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, tiers, nvme_dir, keep_last, alpha, tile_tokens)
+        Cmd::Bench(BenchCmd::Step { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, tiers, nvme_dir, keep_last, alpha, tile_tokens, sparse_keep, sparse_block, sparse_layers, sparse_scorer }) => {
+            let sparse = SparseFlags { keep: sparse_keep, block: sparse_block, layers: sparse_layers, scorer: sparse_scorer };
+            bench_step_cmd(layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, tiers, nvme_dir, keep_last, alpha, tile_tokens, sparse)
         }
     }
 }

@@ -32,6 +32,8 @@ pub struct StepBench {
     pub alpha: f64,
     /// Token tiles inside each block (None: the whole sequence at once).
     pub tile_tokens: Option<i64>,
+    /// Token sparsity (None: every layer dense).
+    pub sparsity: Option<crate::model::sparse::Sparsity>,
 }
 
 fn sync(device: Device) {
@@ -64,6 +66,7 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
     let (cfg, _) = ModelConfig::parse(&text, std::path::Path::new("<bench config>"))?;
     let mut model = Model::init_random(cfg, 0.02, kind, device, 0)?;
     model.tile_tokens = b.tile_tokens;
+    model.sparsity = b.sparsity.clone().map(std::sync::Arc::new);
     let ids = Tensor::randint(b.vocab, [b.tokens], (Kind::Int64, Device::Cpu));
     let labels = ids.roll([-1], [0]);
     let batch = crate::model::Batch::single(ids, labels);
@@ -71,6 +74,7 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
     let mut peaks = Vec::new();
     let mut saved = 0;
     let mut loss = 0.0;
+    let mut kept = Vec::new();
     let budget = (saved_estimate(&model, b.tokens) as u64 * 5 / 4).max(1 << 20);
     use offload::store::Tier;
     let has = |t: Tier| b.tiers.contains(&t);
@@ -100,6 +104,7 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
             times.push(dt); // the first step warms up allocators and kernels
         }
         saved = stats.saved_bytes;
+        kept = stats.kept.iter().map(|(l, k, t)| json!({"layer": l, "kept_fraction": k.size()[0] as f64 / *t as f64})).collect();
         loss = l.sum.to_device(Device::Cpu).double_value(&[]) / l.count as f64;
     }
     times.sort_by(|a, c| a.total_cmp(c));
@@ -116,6 +121,7 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
         "keep_last": b.keep_last,
         "alpha": b.alpha,
         "tile_tokens": b.tile_tokens,
+        "sparsity": b.sparsity.as_ref().map(|s| json!({"block": s.block, "keep": s.keep, "layers": s.layers, "scorer": format!("{:?}", s.scorer), "kept": kept})),
         "offload_written_bytes_per_step": store.stats().written_bytes / (b.iters as u64 + 1),
         "offload_io_seconds_per_step": (store.stats().write_seconds + store.stats().read_seconds) / (b.iters as f64 + 1.0),
         "offload_stall_seconds_per_step": store.stats().stall_seconds / (b.iters as f64 + 1.0),
