@@ -31,7 +31,15 @@ fn model(config: &str, lora: bool) -> Model {
 }
 
 fn sparsity(scorer: Scorer, keep: f64, layers: Vec<usize>) -> Option<Arc<Sparsity>> {
-    Some(Arc::new(Sparsity { block: 8, keep, layers, scorer }))
+    Some(Arc::new(Sparsity { block: 8, keep, layers, scorer, target_queries: false }))
+}
+
+#[test]
+fn rating_by_target_blocks_matches_autograd_too() {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let mut m = model(GQA, true);
+    m.sparsity = Some(Arc::new(Sparsity { block: 8, keep: 0.4, layers: vec![1, 2], scorer: Scorer::Exact, target_queries: true }));
+    compare(&m, &batch(&[40, 17, 43]), "target-weighted exact");
 }
 
 fn rows(t: &Tensor) -> Vec<i64> {

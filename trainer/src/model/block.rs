@@ -42,6 +42,9 @@ pub struct Context {
     pub seq: Option<SeqShard>,
     /// Token sparsity: which layers attend over their informative blocks only ([`sparse`]).
     pub sparsity: Option<Arc<Sparsity>>,
+    /// Per block of the sequence, whether it holds training targets ([`sparse::target_weights`]),
+    /// when sparse layers rate by them.
+    pub target_blocks: Option<Vec<f64>>,
 }
 
 /// A [`Context`]'s sequence-parallel part.
@@ -91,6 +94,7 @@ impl Context {
             head_dim: cfg.head_dim,
             seq: None,
             sparsity: None,
+            target_blocks: None,
         }
     }
 
@@ -406,7 +410,7 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize) -> Re
     let pre = pre_attn(layer, x, &ctx.cos, &ctx.sin, ctx, &mut ls, Masks::Draw);
     // A sparse layer keeps its informative blocks' rows of everything attention reads.
     let sel = ctx.sparsity.as_ref().filter(|s| s.is_sparse(layer_idx)).map(|s| {
-        let rated = sparse::scores(s.scorer, &pre.q, &pre.k, &ctx.cu_seqlens, s.block, ctx.attn[layer_idx].scale);
+        let rated = sparse::scores(s.scorer, &pre.q, &pre.k, &ctx.cu_seqlens, s.block, ctx.attn[layer_idx].scale, ctx.target_blocks.as_deref());
         sparse::select(&ctx.cu_seqlens, s.block, s.keep, &rated, x.device())
     });
     let PreAttn { rstd_attn, x_attn, q, k, v } = match &sel {

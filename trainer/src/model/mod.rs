@@ -238,6 +238,7 @@ impl Model {
         let Some(sp) = &self.seq else {
             let mut ctx = block::Context::new(&self.cfg, &batch.doc_lens, self.kind(), dev);
             ctx.sparsity = self.sparsity.clone();
+            ctx.target_blocks = self.sparsity.as_ref().filter(|s| s.target_queries).map(|s| sparse::target_weights(&batch.labels, &ctx.cu_seqlens, s.block));
             return Ok((batch.ids.to_device(dev), batch.labels.to_device(dev), ctx));
         };
         let t = batch.ids.size()[0];

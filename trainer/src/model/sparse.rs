@@ -33,6 +33,10 @@ pub struct Sparsity {
     /// The sparse layers (the others are dense).
     pub layers: Vec<usize>,
     pub scorer: Scorer,
+    /// Rate key blocks by the query blocks that hold training targets only (where the loss comes
+    /// from; every block when a document has none) instead of by every query block (the
+    /// reference).
+    pub target_queries: bool,
 }
 
 impl Sparsity {
@@ -55,12 +59,13 @@ pub struct Selection {
     pub cu_seqlens: Vec<i64>,
 }
 
-/// Block scores of `scorer` for one layer.
+/// Block scores of `scorer` for one layer: the symmetric block map summed over the query
+/// blocks, each weighted by `query_weight` (1 for every block: the reference).
 ///
 /// # Shapes
 /// - `q`: `[T, heads, d]`, `k`: `[T, kv_heads, d]` (after RoPE) → one score per block of
 ///   [`tiles`]`(cu_seqlens, block)`
-pub fn scores(scorer: Scorer, q: &Tensor, k: &Tensor, cu_seqlens: &[i64], block: i64, scale: f64) -> Vec<f64> {
+pub fn scores(scorer: Scorer, q: &Tensor, k: &Tensor, cu_seqlens: &[i64], block: i64, scale: f64, query_weight: Option<&[f64]>) -> Vec<f64> {
     let _guard = tch::no_grad_guard();
     let acc = kernels::accum_kind(q.kind());
     let (q, k) = (q.to_kind(acc), k.to_kind(acc));
@@ -72,11 +77,28 @@ pub fn scores(scorer: Scorer, q: &Tensor, k: &Tensor, cu_seqlens: &[i64], block:
             Scorer::Exact => exact_map(&q.narrow(0, s, e - s), &k.narrow(0, s, e - s), block, scale),
             Scorer::Pooled => pooled_map(&q.narrow(0, s, e - s), &k.narrow(0, s, e - s), &doc, s, scale),
         };
-        // Symmetric, summed over query blocks: a block's row sum and column sum.
-        let sym = &m + m.tr();
-        out.extend(Vec::<f64>::try_from(sym.sum_dim_intlist(0, false, Kind::Double)).unwrap_or_else(|_| vec![0.0; doc.len()]));
+        // Symmetric, summed over (weighted) query blocks: a block's row sum and column sum.
+        let sym = (&m + m.tr()).to_kind(Kind::Double);
+        let w = match query_weight {
+            Some(w) => Tensor::from_slice(&w[out.len()..out.len() + doc.len()]).to_device(sym.device()).unsqueeze(1),
+            None => Tensor::ones([doc.len() as i64, 1], (Kind::Double, sym.device())),
+        };
+        out.extend(Vec::<f64>::try_from((sym * w).sum_dim_intlist(0, false, Kind::Double)).unwrap_or_else(|_| vec![0.0; doc.len()]));
     }
     out
+}
+
+/// Per block of [`tiles`]`(cu_seqlens, block)`: 1 when it holds a training target (`labels` not
+/// ignored), else 0; a document without targets weighs all its blocks 1.
+pub fn target_weights(labels: &Tensor, cu_seqlens: &[i64], block: i64) -> Vec<f64> {
+    let counted = Vec::<i64>::try_from(labels.to_device(Device::Cpu)).unwrap_or_default();
+    let mut w = Vec::new();
+    for d in cu_seqlens.windows(2) {
+        let doc: Vec<f64> = tiles(&[d[0], d[1]], block).iter().map(|b| (b.start..b.start + b.len).any(|t| counted.get(t as usize).is_some_and(|&l| l != kernels::cross_entropy::IGNORE_INDEX)) as u8 as f64).collect();
+        let any = doc.iter().any(|&x| x > 0.0);
+        w.extend(doc.into_iter().map(|x| if any { x } else { 1.0 }));
+    }
+    w
 }
 
 /// `[nb, nb]` block map of one document: entry (qb, kb), kb ≤ qb, is the largest over the
@@ -181,6 +203,26 @@ mod tests {
     }
 
     #[test]
+    fn target_blocks_are_those_holding_counted_labels() {
+        // Document 0 (10 tokens, blocks of 4) has a target in its last block only; document 1
+        // (5 tokens) has none, so all its blocks count.
+        let mut labels = vec![-100i64; 15];
+        labels[9] = 7;
+        let w = target_weights(&Tensor::from_slice(&labels), &[0, 10, 15], 4);
+        assert_eq!(w, [0.0, 0.0, 1.0, 1.0, 1.0]);
+        // Weighted scores: only the target block's row and column count.
+        tch::manual_seed(5);
+        let q = Tensor::randn([10, 2, 4], (Kind::Double, Device::Cpu));
+        let k = Tensor::randn([10, 2, 4], (Kind::Double, Device::Cpu));
+        let m = exact_map(&q, &k, 4, 0.5);
+        let s = scores(Scorer::Exact, &q, &k, &[0, 10], 4, 0.5, Some(&[0.0, 0.0, 1.0]));
+        for b in 0..3i64 {
+            let want = m.double_value(&[2, b]) + m.double_value(&[b, 2]);
+            assert!((s[b as usize] - want).abs() < 1e-12, "block {b}");
+        }
+    }
+
+    #[test]
     fn the_exact_map_is_the_blockwise_maximum_of_relu_scores() {
         tch::manual_seed(3);
         let (t, heads, kv, d, block) = (11, 4, 2, 8, 4);
@@ -203,7 +245,7 @@ mod tests {
                 assert!((m.double_value(&[qb, kb]) - best).abs() < 1e-12, "({qb}, {kb})");
             }
         }
-        let s = scores(Scorer::Exact, &q, &k, &[0, t], block, 0.5);
+        let s = scores(Scorer::Exact, &q, &k, &[0, t], block, 0.5, None);
         let want: Vec<f64> = (0..3).map(|b| (0..3).map(|o| m.double_value(&[o, b]) + m.double_value(&[b, o])).sum()).collect();
         assert_eq!(s, want);
     }

@@ -64,6 +64,20 @@ pub struct SparsitySection {
     /// or "pooled" (the same over block-mean q and k: cheap, training-free).
     #[serde(default)]
     pub scorer: SparseScorer,
+    /// Which query blocks rate the key blocks: "all" (the reference) or "targets" (only those
+    /// holding training targets, where the loss comes from: a prompt/completion sample's answer;
+    /// on plain text every block).
+    #[serde(default)]
+    pub score_queries: ScoreQueries,
+}
+
+/// `sparsity.score_queries`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoreQueries {
+    #[default]
+    All,
+    Targets,
 }
 
 fn default_sparse_block() -> i64 {
@@ -112,7 +126,7 @@ impl SparsitySection {
             SparseScorer::Exact => crate::model::sparse::Scorer::Exact,
             SparseScorer::Pooled => crate::model::sparse::Scorer::Pooled,
         };
-        Ok(crate::model::sparse::Sparsity { block: self.block_size, keep: self.keep_ratio, layers: list, scorer })
+        Ok(crate::model::sparse::Sparsity { block: self.block_size, keep: self.keep_ratio, layers: list, scorer, target_queries: self.score_queries == ScoreQueries::Targets })
     }
 }
 
