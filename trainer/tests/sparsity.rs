@@ -39,7 +39,20 @@ fn rating_by_target_blocks_matches_autograd_too() {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let mut m = model(GQA, true);
     m.sparsity = Some(Arc::new(Sparsity { block: 8, keep: 0.4, layers: vec![1, 2], scorer: Scorer::Exact, target_queries: true }));
-    compare(&m, &batch(&[40, 17, 43]), "target-weighted exact");
+    // Prompt/completion-like: only each document's last 5 tokens are targets.
+    let mut b = batch(&[40, 17, 43]);
+    let ends = [40i64, 57, 100];
+    let labels: Vec<i64> = (0..100).map(|i| if ends.iter().any(|&e| i < e && i >= e - 5) { (i * 3 + 2) % 50 } else { -100 }).collect();
+    b.labels = Tensor::from_slice(&labels);
+    let kept = compare(&m, &b, "target-weighted exact");
+    for (l, k, _) in &kept {
+        let r = rows(k);
+        // The target blocks are kept: tokens 35..40 (block 32..40), 52..57 (block 56..57 and 48..56), 95..100.
+        for t in [35, 39, 52, 56, 95, 99] {
+            assert!(r.contains(&t), "layer {l}: target token {t} dropped: {r:?}");
+        }
+        assert!(r.len() < 100, "layer {l}: nothing dropped");
+    }
 }
 
 fn rows(t: &Tensor) -> Vec<i64> {

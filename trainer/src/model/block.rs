@@ -411,7 +411,7 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize) -> Re
     // A sparse layer keeps its informative blocks' rows of everything attention reads.
     let sel = ctx.sparsity.as_ref().filter(|s| s.is_sparse(layer_idx)).map(|s| {
         let rated = sparse::scores(s.scorer, &pre.q, &pre.k, &ctx.cu_seqlens, s.block, ctx.attn[layer_idx].scale, ctx.target_blocks.as_deref());
-        sparse::select(&ctx.cu_seqlens, s.block, s.keep, &rated, x.device())
+        sparse::select(&ctx.cu_seqlens, s.block, s.keep, &rated, ctx.target_blocks.as_deref(), x.device())
     });
     let PreAttn { rstd_attn, x_attn, q, k, v } = match &sel {
         None => pre,

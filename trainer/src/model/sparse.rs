@@ -34,8 +34,8 @@ pub struct Sparsity {
     pub layers: Vec<usize>,
     pub scorer: Scorer,
     /// Rate key blocks by the query blocks that hold training targets only (where the loss comes
-    /// from; every block when a document has none) instead of by every query block (the
-    /// reference).
+    /// from; every block when a document has none), and always keep those, instead of rating by
+    /// every query block (the reference).
     pub target_queries: bool,
 }
 
@@ -143,9 +143,11 @@ fn pooled_map(q: &Tensor, k: &Tensor, blocks: &[Tile], doc_start: i64, scale: f6
     s.relu().sum_dim_intlist(0, false, q.kind()).tril(0).view([nb, nb])
 }
 
-/// Each document's first block and its best-rated others, `ceil(keep · blocks)` in all (ties to
-/// the earlier block); `scores` as [`scores`] gives them. Deterministic for given scores.
-pub fn select(cu_seqlens: &[i64], block: i64, keep: f64, scores: &[f64], device: Device) -> Selection {
+/// Each document's first block, the blocks `forced` marks (> 0: blocks holding training targets,
+/// whose tokens would otherwise lose their attention), and its best-rated others, at least
+/// `ceil(keep · blocks)` in all (ties to the earlier block); `scores` as [`scores`] gives them.
+/// Deterministic for given scores.
+pub fn select(cu_seqlens: &[i64], block: i64, keep: f64, scores: &[f64], forced: Option<&[f64]>, device: Device) -> Selection {
     let mut idx = Vec::new();
     let mut cu = vec![0i64];
     let mut at = 0usize;
@@ -153,9 +155,12 @@ pub fn select(cu_seqlens: &[i64], block: i64, keep: f64, scores: &[f64], device:
         let doc = tiles(&[w[0], w[1]], block);
         let nb = doc.len();
         let want = ((keep * nb as f64).ceil() as usize).clamp(1.min(nb), nb);
-        let mut order: Vec<usize> = (1..nb).collect();
+        let must = |b: usize| b == 0 || forced.is_some_and(|f| f[at + b] > 0.0);
+        let mut kept: Vec<usize> = (0..nb).filter(|&b| must(b)).collect();
+        let mut order: Vec<usize> = (0..nb).filter(|&b| !must(b)).collect();
         order.sort_by(|&a, &b| scores[at + b].total_cmp(&scores[at + a]).then(a.cmp(&b)));
-        let mut kept: Vec<usize> = if nb > 0 { std::iter::once(0).chain(order.into_iter().take(want.saturating_sub(1))).collect() } else { Vec::new() };
+        let more = want.saturating_sub(kept.len());
+        kept.extend(order.into_iter().take(more));
         kept.sort_unstable();
         for b in kept {
             idx.extend(doc[b].start..doc[b].start + doc[b].len);
@@ -189,17 +194,20 @@ mod tests {
         // Two documents: 10 tokens (blocks of 4: 3 blocks) and 5 (2 blocks).
         let cu = [0, 10, 15];
         let scores = [0.0, 1.0, 5.0, 0.0, 9.0];
-        let s = select(&cu, 4, 0.5, &scores, Device::Cpu);
+        let s = select(&cu, 4, 0.5, &scores, None, Device::Cpu);
         // Doc 0: ceil(1.5) = 2 blocks: the first and block 2 (score 5); doc 1: 1 block, the first.
         assert_eq!(Vec::<i64>::try_from(&s.idx).unwrap(), [0, 1, 2, 3, 8, 9, 10, 11, 12, 13]);
         assert_eq!(s.cu_seqlens, [0, 6, 10]);
         assert_eq!(compacted(&cu, &s.idx), s.cu_seqlens);
         // Keep everything: every row, in order.
-        let all = select(&cu, 4, 1.0, &scores, Device::Cpu);
+        let all = select(&cu, 4, 1.0, &scores, None, Device::Cpu);
         assert_eq!(Vec::<i64>::try_from(&all.idx).unwrap(), (0..15).collect::<Vec<i64>>());
         // Ties go to the earlier block.
-        let t = select(&[0, 12], 4, 0.6, &[0.0, 3.0, 3.0], Device::Cpu);
+        let t = select(&[0, 12], 4, 0.6, &[0.0, 3.0, 3.0], None, Device::Cpu);
         assert_eq!(Vec::<i64>::try_from(&t.idx).unwrap(), [0, 1, 2, 3, 4, 5, 6, 7]);
+        // A forced block (training targets) is kept whatever its score, within the count.
+        let f = select(&[0, 12], 4, 0.6, &[0.0, 3.0, 1.0], Some(&[0.0, 0.0, 1.0]), Device::Cpu);
+        assert_eq!(Vec::<i64>::try_from(&f.idx).unwrap(), [0, 1, 2, 3, 8, 9, 10, 11]);
     }
 
     #[test]

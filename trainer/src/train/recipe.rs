@@ -66,7 +66,8 @@ pub struct SparsitySection {
     pub scorer: SparseScorer,
     /// Which query blocks rate the key blocks: "all" (the reference) or "targets" (only those
     /// holding training targets, where the loss comes from: a prompt/completion sample's answer;
-    /// on plain text every block).
+    /// those blocks are also always kept, or their tokens would lose their attention. For
+    /// prompt/completion data: on plain text every block holds targets, and nothing is dropped).
     #[serde(default)]
     pub score_queries: ScoreQueries,
 }
