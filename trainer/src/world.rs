@@ -106,6 +106,25 @@ struct Joined {
     device: Device,
 }
 
+impl Joined {
+    fn backend(&self) -> &'static str {
+        match self.device {
+            Device::Cuda(_) if self.nccl => "NCCL",
+            _ => "Gloo",
+        }
+    }
+
+    /// A process group of `size` ranks over `store`, this process rank `rank`: NCCL on the run's
+    /// GPU when the job chose it, else Gloo; and where its own small tensors live.
+    fn group(&self, store: Store, rank: usize, size: usize) -> dist::Result<(ProcessGroup, Device)> {
+        let store = Arc::new(store);
+        match self.device {
+            Device::Cuda(i) if self.nccl => Ok((ProcessGroup::nccl(store, rank, size, self.timeout, i)?, self.device)),
+            _ => Ok((ProcessGroup::gloo(store, rank, size, self.timeout)?, Device::Cpu)),
+        }
+    }
+}
+
 impl World {
     /// A job of one process.
     pub fn alone() -> World {
@@ -129,12 +148,9 @@ impl World {
         let fail = |what: &str, e: dist::DistError| TrainerError::Dist(format!("rank {} of {}: {what} at {at}: {e}", env.rank, env.size));
         let prefix = if env.agent_store { format!("/worker/attempt_{}/", env.restart_count) } else { "/strata/".to_string() };
         let store = Store::tcp(&env.master_addr, env.master_port, env.rank == 0 && !env.agent_store, timeout, &prefix).map_err(|e| fail("the rendezvous store", e))?;
-        let store = Arc::new(store);
-        let (pg, on) = match device {
-            Device::Cuda(i) if nccl => (ProcessGroup::nccl(store, env.rank, env.size, timeout, i).map_err(|e| fail("the NCCL process group", e))?, device),
-            _ => (ProcessGroup::gloo(store, env.rank, env.size, timeout).map_err(|e| fail("the Gloo process group", e))?, Device::Cpu),
-        };
-        Ok(World { rank: env.rank, size: env.size, pg: Some(pg), on, joined: Some(Joined { env: env.clone(), prefix, nccl, timeout, device }) })
+        let joined = Joined { env: env.clone(), prefix, nccl, timeout, device };
+        let (pg, on) = joined.group(store, env.rank, env.size).map_err(|e| fail(&format!("the {} process group", joined.backend()), e))?;
+        Ok(World { rank: env.rank, size: env.size, pg: Some(pg), on, joined: Some(joined) })
     }
 
     /// Whether this job can split sequences over `sp` ranks: at least `sp` processes, a multiple
@@ -166,12 +182,7 @@ impl World {
         let at = format!("{}:{}", j.env.master_addr, j.env.master_port);
         let fail = |what: &str, e: dist::DistError| TrainerError::Dist(format!("rank {} of {}: {what} at {at}: {e}", self.rank, self.size));
         let store = Store::tcp(&j.env.master_addr, j.env.master_port, false, j.timeout, &format!("{}sp{g}/", j.prefix)).map_err(|e| fail("the rendezvous store", e))?;
-        let store = Arc::new(store);
-        let (pg, on) = match j.device {
-            Device::Cuda(i) if j.nccl => (ProcessGroup::nccl(store, self.rank % sp, sp, j.timeout, i), j.device),
-            _ => (ProcessGroup::gloo(store, self.rank % sp, sp, j.timeout), Device::Cpu),
-        };
-        let pg = pg.map_err(|e| fail("the sequence-parallel group", e))?;
+        let (pg, on) = j.group(store, self.rank % sp, sp).map_err(|e| fail(&format!("the sequence-parallel {} group", j.backend()), e))?;
         Ok(Some(Arc::new(crate::model::seq::SeqParallel::new(Arc::new(pg), on))))
     }
 

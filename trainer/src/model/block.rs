@@ -409,10 +409,13 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize) -> Re
     let mut ls = Vec::new();
     let pre = pre_attn(layer, x, &ctx.cos, &ctx.sin, ctx, &mut ls, Masks::Draw);
     // A sparse layer keeps its informative blocks' rows of everything attention reads.
-    let sel = ctx.sparsity.as_ref().filter(|s| s.is_sparse(layer_idx)).map(|s| {
-        let rated = sparse::scores(s.scorer, &pre.q, &pre.k, &ctx.cu_seqlens, s.block, ctx.attn[layer_idx].scale, ctx.target_blocks.as_deref());
-        sparse::select(&ctx.cu_seqlens, s.block, s.keep, &rated, ctx.target_blocks.as_deref(), x.device())
-    });
+    let sel = match ctx.sparsity.as_ref().filter(|s| s.is_sparse(layer_idx)) {
+        Some(s) => {
+            let rated = sparse::scores(s.scorer, &pre.q, &pre.k, &ctx.cu_seqlens, s.block, ctx.attn[layer_idx].scale, ctx.target_blocks.as_deref())?;
+            Some(sparse::select(&ctx.cu_seqlens, s.block, s.keep, &rated, ctx.target_blocks.as_deref(), x.device()))
+        }
+        None => None,
+    };
     let PreAttn { rstd_attn, x_attn, q, k, v } = match &sel {
         None => pre,
         Some(s) => {
@@ -567,7 +570,7 @@ pub fn backward(layer: &Layer, dy: Tensor, s: BlockSaved, ctx: &Context, layer_i
     // Attention: on every row, or a sparse layer's kept rows (`kept`).
     let (dh_a, x, cos, sin, cu) = match &kept {
         None => (dh.shallow_clone(), x, ctx.cos.shallow_clone(), ctx.sin.shallow_clone(), ctx.cu_seqlens.clone()),
-        Some(idx) => (gather::rows(&dh, idx), gather::rows(&x, idx), gather::rows(&ctx.cos, idx), gather::rows(&ctx.sin, idx), sparse::compacted(&ctx.cu_seqlens, idx)),
+        Some(idx) => (gather::rows(&dh, idx), gather::rows(&x, idx), gather::rows(&ctx.cos, idx), gather::rows(&ctx.sin, idx), sparse::compacted(&ctx.cu_seqlens, idx)?),
     };
     let t = dh_a.size()[0];
     let do_ = proj_backward(&dh_a, &attn.out.view([t, ctx.heads * ctx.head_dim]), layer, Proj::O, ctx, &mut ls, &mut grads)?;

@@ -125,9 +125,14 @@ impl SeqParallel {
 
     /// Sums a number over the group (an evaluation's loss).
     pub fn sum_f64(&self, x: f64) -> Result<f64> {
-        let t = Tensor::from_slice(&[x]).to_device(self.on);
+        Ok(self.summed(Tensor::from_slice(&[x]))?.double_value(&[0]))
+    }
+
+    /// A one-element tensor summed over the group.
+    fn summed(&self, t: Tensor) -> Result<Tensor> {
+        let t = t.to_device(self.on);
         self.group.all_reduce(&t, dist::ReduceOp::Sum).map_err(|source| TrainerError::Collective { rank: self.rank, source })?;
-        Ok(t.double_value(&[0]))
+        Ok(t)
     }
 
     /// Every rank's rows of `x` (`[T/P, ...]`) in token order: `[T, ...]` on every rank.
@@ -139,9 +144,7 @@ impl SeqParallel {
 
     /// Sums a count over the group (a loss's token count when no gradient scale is given).
     pub fn sum_i64(&self, x: i64) -> Result<i64> {
-        let t = Tensor::from_slice(&[x]).to_device(self.on);
-        self.group.all_reduce(&t, dist::ReduceOp::Sum).map_err(|source| TrainerError::Collective { rank: self.rank, source })?;
-        Ok(t.int64_value(&[0]))
+        Ok(self.summed(Tensor::from_slice(&[x]))?.int64_value(&[0]))
     }
 }
 

@@ -9,7 +9,16 @@
 //! and its logsumexp) exist for kept tokens only ([`crate::model::block::BlockSaved::kept`]).
 use tch::{Device, Kind, Tensor};
 
+use crate::error::{Result, TrainerError};
 use crate::model::tiled::{tiles, Tile};
+
+/// A tensor's values on the CPU (an error, never a silent default, when libtorch cannot give them).
+fn values<T>(t: &Tensor, what: &str) -> Result<Vec<T>>
+where
+    Vec<T>: TryFrom<Tensor, Error = tch::TchError>,
+{
+    Vec::<T>::try_from(t.to_device(Device::Cpu)).map_err(|e| TrainerError::Device(format!("token sparsity: reading {what}: {e}")))
+}
 
 /// How a sparse layer rates its blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +74,7 @@ pub struct Selection {
 /// # Shapes
 /// - `q`: `[T, heads, d]`, `k`: `[T, kv_heads, d]` (after RoPE) → one score per block of
 ///   [`tiles`]`(cu_seqlens, block)`
-pub fn scores(scorer: Scorer, q: &Tensor, k: &Tensor, cu_seqlens: &[i64], block: i64, scale: f64, query_weight: Option<&[f64]>) -> Vec<f64> {
+pub fn scores(scorer: Scorer, q: &Tensor, k: &Tensor, cu_seqlens: &[i64], block: i64, scale: f64, query_weight: Option<&[f64]>) -> Result<Vec<f64>> {
     let _guard = tch::no_grad_guard();
     let acc = kernels::accum_kind(q.kind());
     let (q, k) = (q.to_kind(acc), k.to_kind(acc));
@@ -83,22 +92,22 @@ pub fn scores(scorer: Scorer, q: &Tensor, k: &Tensor, cu_seqlens: &[i64], block:
             Some(w) => Tensor::from_slice(&w[out.len()..out.len() + doc.len()]).to_device(sym.device()).unsqueeze(1),
             None => Tensor::ones([doc.len() as i64, 1], (Kind::Double, sym.device())),
         };
-        out.extend(Vec::<f64>::try_from((sym * w).sum_dim_intlist(0, false, Kind::Double)).unwrap_or_else(|_| vec![0.0; doc.len()]));
+        out.extend(values::<f64>(&(sym * w).sum_dim_intlist(0, false, Kind::Double), "block scores")?);
     }
-    out
+    Ok(out)
 }
 
 /// Per block of [`tiles`]`(cu_seqlens, block)`: 1 when it holds a training target (`labels` not
 /// ignored), else 0; a document without targets weighs all its blocks 1.
-pub fn target_weights(labels: &Tensor, cu_seqlens: &[i64], block: i64) -> Vec<f64> {
-    let counted = Vec::<i64>::try_from(labels.to_device(Device::Cpu)).unwrap_or_default();
+pub fn target_weights(labels: &Tensor, cu_seqlens: &[i64], block: i64) -> Result<Vec<f64>> {
+    let counted = values::<i64>(labels, "the labels")?;
     let mut w = Vec::new();
     for d in cu_seqlens.windows(2) {
         let doc: Vec<f64> = tiles(&[d[0], d[1]], block).iter().map(|b| (b.start..b.start + b.len).any(|t| counted.get(t as usize).is_some_and(|&l| l != kernels::cross_entropy::IGNORE_INDEX)) as u8 as f64).collect();
         let any = doc.iter().any(|&x| x > 0.0);
         w.extend(doc.into_iter().map(|x| if any { x } else { 1.0 }));
     }
-    w
+    Ok(w)
 }
 
 /// `[nb, nb]` block map of one document: entry (qb, kb), kb ≤ qb, is the largest over the
@@ -172,8 +181,8 @@ pub fn select(cu_seqlens: &[i64], block: i64, keep: f64, scores: &[f64], forced:
 }
 
 /// The compacted documents of kept rows `idx` (ascending) of a sequence with `cu_seqlens`.
-pub fn compacted(cu_seqlens: &[i64], idx: &Tensor) -> Vec<i64> {
-    let rows = Vec::<i64>::try_from(idx.to_device(Device::Cpu)).unwrap_or_default();
+pub fn compacted(cu_seqlens: &[i64], idx: &Tensor) -> Result<Vec<i64>> {
+    let rows = values::<i64>(idx, "the kept rows")?;
     let mut cu = vec![0i64];
     let mut r = 0usize;
     for &end in &cu_seqlens[1..] {
@@ -182,7 +191,7 @@ pub fn compacted(cu_seqlens: &[i64], idx: &Tensor) -> Vec<i64> {
         }
         cu.push(r as i64);
     }
-    cu
+    Ok(cu)
 }
 
 #[cfg(test)]
@@ -198,7 +207,7 @@ mod tests {
         // Doc 0: ceil(1.5) = 2 blocks: the first and block 2 (score 5); doc 1: 1 block, the first.
         assert_eq!(Vec::<i64>::try_from(&s.idx).unwrap(), [0, 1, 2, 3, 8, 9, 10, 11, 12, 13]);
         assert_eq!(s.cu_seqlens, [0, 6, 10]);
-        assert_eq!(compacted(&cu, &s.idx), s.cu_seqlens);
+        assert_eq!(compacted(&cu, &s.idx).unwrap(), s.cu_seqlens);
         // Keep everything: every row, in order.
         let all = select(&cu, 4, 1.0, &scores, None, Device::Cpu);
         assert_eq!(Vec::<i64>::try_from(&all.idx).unwrap(), (0..15).collect::<Vec<i64>>());
@@ -216,14 +225,14 @@ mod tests {
         // (5 tokens) has none, so all its blocks count.
         let mut labels = vec![-100i64; 15];
         labels[9] = 7;
-        let w = target_weights(&Tensor::from_slice(&labels), &[0, 10, 15], 4);
+        let w = target_weights(&Tensor::from_slice(&labels), &[0, 10, 15], 4).unwrap();
         assert_eq!(w, [0.0, 0.0, 1.0, 1.0, 1.0]);
         // Weighted scores: only the target block's row and column count.
         tch::manual_seed(5);
         let q = Tensor::randn([10, 2, 4], (Kind::Double, Device::Cpu));
         let k = Tensor::randn([10, 2, 4], (Kind::Double, Device::Cpu));
         let m = exact_map(&q, &k, 4, 0.5);
-        let s = scores(Scorer::Exact, &q, &k, &[0, 10], 4, 0.5, Some(&[0.0, 0.0, 1.0]));
+        let s = scores(Scorer::Exact, &q, &k, &[0, 10], 4, 0.5, Some(&[0.0, 0.0, 1.0])).unwrap();
         for b in 0..3i64 {
             let want = m.double_value(&[2, b]) + m.double_value(&[b, 2]);
             assert!((s[b as usize] - want).abs() < 1e-12, "block {b}");
@@ -253,7 +262,7 @@ mod tests {
                 assert!((m.double_value(&[qb, kb]) - best).abs() < 1e-12, "({qb}, {kb})");
             }
         }
-        let s = scores(Scorer::Exact, &q, &k, &[0, t], block, 0.5, None);
+        let s = scores(Scorer::Exact, &q, &k, &[0, t], block, 0.5, None).unwrap();
         let want: Vec<f64> = (0..3).map(|b| (0..3).map(|o| m.double_value(&[o, b]) + m.double_value(&[b, o])).sum()).collect();
         assert_eq!(s, want);
     }
