@@ -47,6 +47,7 @@ void strata_c10d_free_error(char* e) {
 }
 
 char* strata_store_tcp(const char* host, uint16_t port, bool is_server, int64_t timeout_ms, const char* prefix, strata_store** out) {
+  strata::flight_recorder_off_unless_asked();
   return guarded([&] {
     c10d::TCPStoreOptions o;
     o.port = port;
@@ -88,6 +89,7 @@ char* strata_store_add(strata_store* s, const char* key, int64_t delta, int64_t*
 }
 
 char* strata_pg_gloo(strata_store* s, int rank, int size, int64_t timeout_ms, strata_pg** out) {
+  strata::flight_recorder_off_unless_asked();
   return guarded([&] {
     auto opts = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(timeout_ms));
     // As torch.distributed does: GLOO_SOCKET_IFNAME names the interface, else the address this

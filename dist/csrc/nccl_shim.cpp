@@ -12,6 +12,7 @@
 #include "shim.hpp"
 
 extern "C" char* strata_pg_nccl(strata_store* s, int rank, int size, int64_t timeout_ms, int device, strata_pg** out) {
+  strata::flight_recorder_off_unless_asked();
   return strata::guarded([&] {
     c10::cuda::set_device(static_cast<c10::DeviceIndex>(device));
     auto opts = c10d::ProcessGroupNCCL::Options::create();

@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 
 #include <c10/util/Exception.h>
@@ -45,6 +46,21 @@ char* guarded(F&& f) {
   } catch (...) {
     return error("unknown C++ exception");
   }
+}
+
+// libtorch 2.11's flight recorder (a ring of every collective, for torch.distributed's Python
+// debugging tools to dump) updates its map of groups outside its lock (FlightRecorderDetail.hpp,
+// `all_pg_status_`), so groups running collectives from several threads of one process corrupt it:
+// seen as a spin in recordWithResetEnabled and as segfaults. strata never dumps it, so it is off
+// unless the user sets TORCH_FR_BUFFER_SIZE (or TORCH_NCCL_TRACE_BUFFER_SIZE). The recorder reads
+// the variable once, when the first group is made: every store and group constructor calls this.
+inline void flight_recorder_off_unless_asked() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    if (std::getenv("TORCH_FR_BUFFER_SIZE") == nullptr && std::getenv("TORCH_NCCL_TRACE_BUFFER_SIZE") == nullptr) {
+      setenv("TORCH_FR_BUFFER_SIZE", "0", 0);
+    }
+  });
 }
 
 }  // namespace strata
