@@ -262,6 +262,15 @@ fn sparse_runs_report_what_they_keep_and_refuse_bad_settings() {
     for (s, l) in &dense {
         assert_eq!(l.to_bits(), all[s].to_bits(), "step {s}: keeping every block vs dense");
     }
+    // Sparse layers offloaded (every layer to host then NVMe) train as resident ones, bit for bit.
+    let nvme_dir = format!("offload.nvme_dir={}", dir.display());
+    let off_dir = run(&r_sparse, "sparse-offloaded", &["offload.tiers=[\"host\",\"nvme\"]", "offload.host_bytes=60000", &nvme_dir, "offload.nvme_bytes=67108864", "offload.keep_last=0"]);
+    let offloaded = losses_by_step(&off_dir);
+    for (s, l) in &sparse_losses {
+        assert_eq!(l.to_bits(), offloaded[s].to_bits(), "step {s}: offloaded sparse vs resident sparse");
+    }
+    let moved: Value = serde_json::from_str(std::fs::read_to_string(off_dir.join("metrics.jsonl")).unwrap().lines().filter(|l| l.contains("train/loss")).last().unwrap()).unwrap();
+    assert!(moved["offload/written_bytes"].as_f64().unwrap() > 0.0, "{moved}");
     for (args, says) in [
         (vec!["sparsity.keep_ratio=0"], "`sparsity.keep_ratio`: 0 must lie in (0, 1]"),
         (vec!["sparsity.keep_ratio=1.5"], "`sparsity.keep_ratio`: 1.5 must lie in (0, 1]"),
@@ -270,7 +279,7 @@ fn sparse_runs_report_what_they_keep_and_refuse_bad_settings() {
         (vec!["sparsity.layers=\"lower\""], "`sparsity.layers`: \"lower\": expected \"upper\""),
         (vec!["sparsity.scorer=\"magic\""], "sparsity.scorer"),
         (vec!["compute.tile_tokens=7"], "`sparsity`: with compute.tile_tokens"),
-        (vec!["offload.tiers=[\"nvme\"]"], "`sparsity`: with offload.tiers"),
+        (vec!["offload.alpha=0.5"], "`sparsity`: with offload.alpha below 1"),
     ] {
         let mut a = vec!["run", "--recipe", r_sparse.to_str().unwrap()];
         let d = format!("run.dir={}", dir.join("bad").display());

@@ -42,6 +42,46 @@ pub struct TensorClass {
     /// time (see [`OpBuffer::sliced`]); the others come back whole, ahead of the layer.
     #[serde(default)]
     pub sliced: bool,
+    /// Saved only: its rows in a layer with token sparsity ([`Sparse`]).
+    #[serde(default)]
+    pub in_sparse: SparseRows,
+}
+
+/// What a saved tensor holds in a sparse layer (measured by running a sparse block).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SparseRows {
+    /// Every token's row (the MLP's tensors: dropped tokens still pass through it).
+    #[default]
+    All,
+    /// The kept tokens' rows (what attention reads).
+    Kept,
+    /// The kept tokens' rows, and absent from dense layers (the kept row indices).
+    OnlySparse,
+}
+
+/// Token sparsity as the planner counts it: which layers keep which share of a document's blocks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Sparse {
+    /// The sparse layers.
+    pub layers: Vec<usize>,
+    /// Tokens per block.
+    pub block: u64,
+    /// Fraction of a document's blocks kept.
+    pub keep: f64,
+}
+
+impl Sparse {
+    /// Tokens a sparse layer keeps of a step of `tokens` tokens in one document: `⌈keep·blocks⌉`
+    /// whole blocks. Exact when the document's length is a multiple of the block; an upper bound
+    /// when its short last block is dropped. Packed documents each keep their first block and
+    /// round up, so a step of many short documents can keep more (the store spills what its
+    /// tier does not hold to the next).
+    pub fn kept_tokens(&self, tokens: u64) -> u64 {
+        let blocks = tokens.div_ceil(self.block.max(1));
+        let kept = ((self.keep * blocks as f64).ceil() as u64).clamp(blocks.min(1), blocks);
+        (kept * self.block).min(tokens)
+    }
 }
 
 impl TensorClass {
@@ -155,6 +195,9 @@ pub struct Inventory {
     pub flops: LayerFlops,
     /// Forward FLOPs per token of the LM head.
     pub head_flops_per_token: f64,
+    /// Token sparsity; None: every layer dense.
+    #[serde(default)]
+    pub sparse: Option<Sparse>,
 }
 
 impl Inventory {
@@ -181,47 +224,72 @@ impl Inventory {
         self.statics.iter().map(|c| c.total(0)).sum()
     }
 
-    /// One layer's saved bytes with the first `split` of `tokens` rows of the recomputable
+    /// Whether `layer` runs with token sparsity.
+    pub fn is_sparse(&self, layer: usize) -> bool {
+        self.sparse.as_ref().is_some_and(|s| s.layers.contains(&layer))
+    }
+
+    /// Layer `layer`'s saved tensors with the first `split` of `tokens` rows of the recomputable
+    /// ones stored, in the order the block saves them, with their bytes; in a sparse layer those
+    /// attention reads hold the kept tokens only (sparse layers store every row: α is 1).
+    pub fn layer_tensors(&self, layer: usize, tokens: u64, split: u64) -> impl Iterator<Item = (&TensorClass, u64)> {
+        let kept = self.sparse.as_ref().filter(|_| self.is_sparse(layer)).map(|s| s.kept_tokens(tokens));
+        self.saved.iter().filter_map(move |c| {
+            let rows = match (c.in_sparse, kept) {
+                (SparseRows::OnlySparse, None) => return None,
+                (SparseRows::Kept | SparseRows::OnlySparse, Some(k)) => k,
+                _ if c.recomputable => split,
+                _ => tokens,
+            };
+            Some((c, c.fixed_bytes + c.per_token_bytes * rows))
+        })
+    }
+
+    /// Layer `layer`'s saved bytes with the first `split` of `tokens` rows of the recomputable
     /// tensors stored: (always-stored bytes, recomputable bytes).
-    pub fn layer_saved(&self, tokens: u64, split: u64) -> (u64, u64) {
-        let whole = self.saved.iter().filter(|c| !c.recomputable).map(|c| c.bytes(tokens)).sum();
-        let rec = self.saved.iter().filter(|c| c.recomputable).map(|c| c.fixed_bytes + c.per_token_bytes * split).sum();
+    pub fn layer_saved(&self, layer: usize, tokens: u64, split: u64) -> (u64, u64) {
+        let (mut whole, mut rec) = (0, 0);
+        for (c, b) in self.layer_tensors(layer, tokens, split) {
+            *(if c.recomputable { &mut rec } else { &mut whole }) += b;
+        }
         (whole, rec)
+    }
+
+    /// Every layer's saved bytes, all rows stored.
+    pub fn saved_bytes(&self, tokens: u64) -> u64 {
+        (0..self.layers).map(|l| self.layer_saved(l, tokens, tokens)).map(|(w, r)| w + r).sum()
     }
 
     /// One offloaded layer's stored tensors with `split` rows of the recomputable ones, in the
     /// order the block saves them, with their classes (a recomputable one storing no rows is
     /// absent).
-    fn stored(&self, tokens: u64, split: u64) -> impl Iterator<Item = (&TensorClass, u64)> {
-        self.saved
-            .iter()
-            .filter(move |c| split > 0 || !c.recomputable)
-            .map(move |c| (c, if c.recomputable { c.fixed_bytes + c.per_token_bytes * split } else { c.bytes(tokens) }))
+    fn stored(&self, layer: usize, tokens: u64, split: u64) -> impl Iterator<Item = (&TensorClass, u64)> {
+        self.layer_tensors(layer, tokens, split).filter(move |(c, _)| split > 0 || !c.recomputable)
     }
 
     /// What an offloaded layer's backward reads back whole, ahead of it, with `split` rows of the
     /// recomputable tensors stored: every stored tensor, or under token tiles the ones not read
     /// tile by tile.
-    pub fn layer_read_whole(&self, tokens: u64, split: u64) -> u64 {
-        self.stored(tokens, split).filter(|(c, _)| !c.sliced).map(|(_, b)| b).sum()
+    pub fn layer_read_whole(&self, layer: usize, tokens: u64, split: u64) -> u64 {
+        self.stored(layer, tokens, split).filter(|(c, _)| !c.sliced).map(|(_, b)| b).sum()
     }
 
-    /// The largest single tensor of one layer stored with `split` rows (what the NVMe tier's
+    /// The largest single tensor any layer stores with `split` rows (what the NVMe tier's
     /// staging buffer grows to).
     pub fn largest_stored(&self, tokens: u64, split: u64) -> u64 {
-        self.stored(tokens, split).map(|(_, b)| b).max().unwrap_or(0)
+        (0..self.layers).flat_map(|l| self.stored(l, tokens, split).map(|(_, b)| b)).max().unwrap_or(0)
     }
 
-    /// One offloaded layer's stored tensors with `split` rows of the recomputable ones, in the
-    /// order the block saves them (what [`crate::placement::Placement::fill`] places).
-    pub fn stored_tensors(&self, tokens: u64, split: u64) -> Vec<crate::placement::StoredTensor> {
-        self.stored(tokens, split).map(|(c, bytes)| crate::placement::StoredTensor { name: c.name.clone(), bytes }).collect()
+    /// Layer `layer`'s stored tensors when offloaded with `split` rows of the recomputable ones,
+    /// in the order the block saves them (what [`crate::placement::Placement::fill`] places).
+    pub fn stored_tensors(&self, layer: usize, tokens: u64, split: u64) -> Vec<crate::placement::StoredTensor> {
+        self.stored(layer, tokens, split).map(|(c, bytes)| crate::placement::StoredTensor { name: c.name.clone(), bytes }).collect()
     }
 
-    /// Bytes a tier holds for one layer stored with `split` rows, each tensor rounded up to the
-    /// tier's granule (as its allocator does).
-    pub fn layer_tier_bytes(&self, tokens: u64, split: u64, granule: u64) -> u64 {
-        self.stored(tokens, split).map(|(_, b)| b.max(1).div_ceil(granule) * granule).sum()
+    /// Bytes a tier holds for layer `layer` stored with `split` rows, each tensor rounded up to
+    /// the tier's granule (as its allocator does).
+    pub fn layer_tier_bytes(&self, layer: usize, tokens: u64, split: u64, granule: u64) -> u64 {
+        self.stored(layer, tokens, split).map(|(_, b)| b.max(1).div_ceil(granule) * granule).sum()
     }
 }
 

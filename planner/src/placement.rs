@@ -100,7 +100,7 @@ pub struct StoredTensor {
 }
 
 /// What [`Placement::fill`] decides from.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct FillSpec<'a> {
     /// Layers of the model.
     pub layers: usize,
@@ -114,9 +114,9 @@ pub struct FillSpec<'a> {
     pub tokens: u64,
     /// The configured offload tiers with their budgets (any order; absent tiers omitted).
     pub capacities: &'a [(Tier, u64)],
-    /// One offloaded layer's stored tensors, in the order the block saves them (every layer
-    /// is alike).
-    pub stored: &'a [StoredTensor],
+    /// A layer's stored tensors when offloaded, in the order the block saves them (layers differ
+    /// only under token sparsity).
+    pub stored: &'a dyn Fn(usize) -> Vec<StoredTensor>,
 }
 
 impl Placement {
@@ -138,9 +138,10 @@ impl Placement {
         let mut layers = vec![LayerPlacement::Kept; spec.layers];
         let mut overflow_bytes = 0;
         for layer in (0..offloaded).rev() {
-            let mut tensors = Vec::with_capacity(spec.stored.len());
+            let stored = (spec.stored)(layer);
+            let mut tensors = Vec::with_capacity(stored.len());
             let mut tier_bytes = [0u64; 3];
-            for s in spec.stored {
+            for s in &stored {
                 let fit = caps.iter().position(|(t, left)| t.footprint(s.bytes) <= *left);
                 let i = fit.unwrap_or(caps.len() - 1);
                 let (tier, left) = &mut caps[i];
@@ -251,7 +252,7 @@ impl Placement {
 /// plan decides) both call this.
 pub fn from_inventory(inv: &crate::inventory::Inventory, tokens: u64, keep_last: usize, alpha: f64, lookahead: usize, capacities: &[(Tier, u64)]) -> Placement {
     let split = crate::inventory::stored_rows(alpha, tokens as i64) as u64;
-    let stored = inv.stored_tensors(tokens, split);
+    let stored = |layer| inv.stored_tensors(layer, tokens, split);
     Placement::fill(&FillSpec { layers: inv.layers, keep_last, alpha, lookahead, tokens, capacities, stored: &stored })
 }
 
@@ -268,7 +269,7 @@ mod tests {
     fn last_layers_get_the_fastest_tier_and_a_tensor_that_does_not_fit_spills_to_the_next() {
         let s = stored();
         let caps = [(Tier::Nvme, 1 << 20), (Tier::Host, 1024), (Tier::Numa, 512)];
-        let p = Placement::fill(&FillSpec { layers: 6, keep_last: 1, alpha: 1.0, lookahead: 1, tokens: 8, capacities: &caps, stored: &s });
+        let p = Placement::fill(&FillSpec { layers: 6, keep_last: 1, alpha: 1.0, lookahead: 1, tokens: 8, capacities: &caps, stored: &|_| s.clone() });
         assert_eq!(p.keep_last(), 1);
         assert_eq!(p.offloaded(), 5);
         // Layer 4 (first filled) and layer 3 take 896 of the host's 1024; layer 2's x (128) still
@@ -293,9 +294,9 @@ mod tests {
     #[test]
     fn no_tier_keeps_everything_and_too_small_tiers_overflow() {
         let s = stored();
-        let p = Placement::fill(&FillSpec { layers: 3, keep_last: 0, alpha: 1.0, lookahead: 1, tokens: 8, capacities: &[], stored: &s });
+        let p = Placement::fill(&FillSpec { layers: 3, keep_last: 0, alpha: 1.0, lookahead: 1, tokens: 8, capacities: &[], stored: &|_| s.clone() });
         assert_eq!(p, Placement { lookahead: 1, ..Placement::resident(3, 8) });
-        let p = Placement::fill(&FillSpec { layers: 3, keep_last: 0, alpha: 0.5, lookahead: 1, tokens: 8, capacities: &[(Tier::Nvme, 8192)], stored: &s });
+        let p = Placement::fill(&FillSpec { layers: 3, keep_last: 0, alpha: 0.5, lookahead: 1, tokens: 8, capacities: &[(Tier::Nvme, 8192)], stored: &|_| s.clone() });
         // Two 4 KiB blocks hold two tensors; the other ten overflow.
         assert_eq!(p.overflow_bytes, 10 * 4096);
         assert_eq!(p.alpha(0), 0.5);

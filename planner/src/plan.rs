@@ -188,7 +188,7 @@ fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usi
     let mut v = Vec::new();
     for layer in 0..l {
         let kept = layer + keep_last >= l;
-        let (w, r) = inv.layer_saved(tokens, if kept { tokens } else { splits[layer] });
+        let (w, r) = inv.layer_saved(layer, tokens, if kept { tokens } else { splits[layer] });
         if kept {
             v.push(Buf::new(format!("layer{layer}.saved"), w + r, layer as u32, bwd_slot(layer) - 1));
         } else {
@@ -199,7 +199,7 @@ fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usi
             if lookahead > 0 {
                 let from = bwd_slot((layer + lookahead).min(l - 1));
                 if from < bwd_slot(layer) {
-                    let ahead = inv.layer_read_whole(tokens, splits[layer]);
+                    let ahead = inv.layer_read_whole(layer, tokens, splits[layer]);
                     v.push(Buf::new(format!("layer{layer}.saved (prefetched)"), ahead, from, bwd_slot(layer) - 1));
                 }
             }
@@ -322,13 +322,18 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     // the splits it implies.
     let lp_for = |k: usize, max_split: u64| -> Result<(memo::MemoPlan, Vec<u64>), MemoError> {
         let off = l - k;
-        let (w, r) = inv.layer_saved(t, t);
-        let min_alpha = if opt.allow_recompute { 0.0 } else { 1.0 };
-        let spec = LayerSpec { whole_bytes: w, recomputable_bytes: r, forward_seconds: layer_fwd, recompute_seconds: recompute_all, min_alpha, max_alpha: (max_split as f64 / t.max(1) as f64).min(opt.max_alpha).max(min_alpha) };
+        // Sparse layers store every row (their attention tensors hold the kept tokens only).
+        let min_alpha = if opt.allow_recompute && inv.sparse.is_none() { 0.0 } else { 1.0 };
+        let specs: Vec<LayerSpec> = (0..off)
+            .map(|i| {
+                let (w, r) = inv.layer_saved(i, t, t);
+                LayerSpec { whole_bytes: w, recomputable_bytes: r, forward_seconds: layer_fwd, recompute_seconds: recompute_all, min_alpha, max_alpha: (max_split as f64 / t.max(1) as f64).min(opt.max_alpha).max(min_alpha) }
+            })
+            .collect();
         if tiers.is_empty() && off > 0 {
-            return Err(MemoError::TooSmall { capacity: 0, need: w * off as u64, layers: off });
+            return Err(MemoError::TooSmall { capacity: 0, need: specs.iter().map(|s| s.whole_bytes).sum(), layers: off });
         }
-        let m = memo::solve(&vec![spec; off], &tiers)?;
+        let m = memo::solve(&specs, &tiers)?;
         let splits: Vec<u64> = (0..l).map(|i| if i < off { (stored_rows(m.alpha[i], t as i64) as u64).min(max_split) } else { t }).collect();
         Ok((m, splits))
     };
@@ -374,10 +379,7 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     let on_nvme = (0..l).filter(|&i| placement.tier_bytes(i)[2] > 0).count();
     let staging_bytes = staging_for(on_nvme, split);
     let device_peak = static_bytes + staging_bytes + level2.mip.peak.min(level2.greedy_peak);
-    let saved_bytes_resident: u64 = {
-        let (w, r) = inv.layer_saved(t, t);
-        (l - off) as u64 * (w + r)
-    };
+    let saved_bytes_resident: u64 = (off..l).map(|i| inv.layer_saved(i, t, t)).map(|(w, r)| w + r).sum();
     let [host_peak, numa_peak, nvme_peak] = placement.tier_totals();
     if device_peak > budgets.device {
         problems.push(format!("device peak {} exceeds the device budget {}", human(device_peak), human(budgets.device)));

@@ -35,12 +35,22 @@ pub fn table(inv: &Inventory, p: &Plan) -> String {
     let w = group_total(&mut s, Group::Weights, "weights");
     let g = group_total(&mut s, Group::Grads, "grads");
     let o = group_total(&mut s, Group::Optimizer, "optimizer");
-    let mut per_layer = 0;
-    for c in &inv.saved {
-        let name = if c.recomputable { format!("{} (recomputable)", c.name) } else { c.name.clone() };
-        line(&mut s, "saved", &name, &c.shape, &c.dtype, inv.layers as u64, c.total(t) * inv.layers as u64);
-        per_layer += c.bytes(t);
+    // Dense layers, then (token sparsity) the sparse ones, whose attention tensors hold K rows:
+    // the kept tokens.
+    let sparse_layers: Vec<usize> = (0..inv.layers).filter(|&l| inv.is_sparse(l)).collect();
+    let groups = [(inv.layers - sparse_layers.len(), (0..inv.layers).find(|&l| !inv.is_sparse(l))), (sparse_layers.len(), sparse_layers.first().copied())];
+    for (count, first) in groups {
+        let Some(layer) = first else { continue };
+        let sparse = inv.is_sparse(layer);
+        for (c, bytes) in inv.layer_tensors(layer, t, t) {
+            let kept_rows = sparse && c.in_sparse != crate::inventory::SparseRows::All;
+            let name = format!("{}{}{}", c.name, if c.recomputable { " (recomputable)" } else { "" }, if sparse { " (sparse layers)" } else { "" });
+            let shape = if kept_rows { c.shape.replacen('T', "K", 1) } else { c.shape.clone() };
+            line(&mut s, "saved", &name, &shape, &c.dtype, count as u64, bytes * count as u64);
+        }
     }
+    let saved_all = inv.saved_bytes(t);
+    let per_layer = saved_all / inv.layers.max(1) as u64;
     // Transients of one layer's forward and backward (one layer at a time, hence count 1), with
     // the rows an offloaded layer stores.
     let stored = crate::inventory::stored_rows(p.placement.alpha(0), t as i64) as u64;
@@ -51,7 +61,10 @@ pub fn table(inv: &Inventory, p: &Plan) -> String {
         }
     }
     let h = group_total(&mut s, Group::Head, "head") + group_total(&mut s, Group::Context, "context");
-    let _ = writeln!(s, "totals     weights {}, grads {}, optimizer {}, saved {} per layer × {} = {}, head {}", human(w), human(g), human(o), human(per_layer), inv.layers, human(per_layer * inv.layers as u64), human(h));
+    let _ = writeln!(s, "totals     weights {}, grads {}, optimizer {}, saved {}{} per layer × {} = {}, head {}", human(w), human(g), human(o), if sparse_layers.is_empty() { "" } else { "~" }, human(per_layer), inv.layers, human(saved_all), human(h));
+    if let Some(sp) = &inv.sparse {
+        let _ = writeln!(s, "sparsity   layers {:?} keep {} of each document's {}-token blocks: K = {} of T = {t} tokens (one document)", sp.layers, sp.keep, sp.block, sp.kept_tokens(t));
+    }
     let _ = writeln!(s);
     let _ = writeln!(s, "plan       keep_last {} (layers kept on the device), lookahead {}", p.keep_last, p.lookahead);
     for line in p.placement.summary() {

@@ -55,13 +55,12 @@ fn predicted_saved_and_tier_bytes_equal_the_engines_accounting() {
             let b = batch(&lens);
             let t: i64 = lens.iter().sum();
             let (_, _, stats) = m.forward_backward(&b, None, 16).unwrap();
-            let (w, r) = inv.layer_saved(t as u64, t as u64);
-            assert_eq!(stats.saved_bytes as u64, inv.layers as u64 * (w + r), "{name} {lens:?}: saved bytes");
+            assert_eq!(stats.saved_bytes as u64, inv.saved_bytes(t as u64), "{name} {lens:?}: saved bytes");
             let alphas: &[f64] = if tile.is_none() && lora.is_some_and(|l| l.dropout > 0.0) { &[1.0] } else { &[0.0, 0.3, 1.0] };
             for &alpha in alphas {
                 for keep_last in [0usize, 2] {
                     let split = stored_rows(alpha, t) as u64;
-                    let off = (inv.layers - keep_last) as u64;
+                    let off = inv.layers - keep_last;
                     for (tier, granule) in [("host", 64u64), ("nvme", 4096)] {
                         let cfg = match tier {
                             "host" => StoreConfig { host_bytes: 64 << 20, ..Default::default() },
@@ -72,7 +71,7 @@ fn predicted_saved_and_tier_bytes_equal_the_engines_accounting() {
                         m.forward_backward_with(&b, None, 16, &mut store, &placement).unwrap();
                         let st = store.stats();
                         let got = if tier == "host" { st.host_peak_bytes } else { st.nvme_peak_bytes };
-                        let want = off * inv.layer_tier_bytes(t as u64, split, granule);
+                        let want: u64 = (0..off).map(|l| inv.layer_tier_bytes(l, t as u64, split, granule)).sum();
                         assert_eq!(got, want, "{name} {lens:?} α={alpha} keep_last={keep_last} {tier}: tier peak");
                     }
                 }
@@ -89,7 +88,7 @@ fn plans_respect_bounds_and_layouts_validate() {
     let inv = trainer::plan::inventory::build(&c, Kind::Float, None, Device::Cpu, 16).unwrap();
     let cal = Calibration { device: "test".into(), matmul_flops: 1e9, attention_flops: 1e9, host_bps: 2e9, numa_bps: 1e9, nvme_bps: 5e8, source: "test figures".into() };
     let per_layer = {
-        let (w, r) = inv.layer_saved(4096, 4096);
+        let (w, r) = inv.layer_saved(0, 4096, 4096);
         w + r
     };
     for (device, host, nvme) in [(u64::MAX / 4, 0, 0), (inv.static_bytes() + 3 * per_layer, per_layer, 2 * per_layer), (inv.static_bytes() + 2 * per_layer, 0, 10 * per_layer)] {
@@ -123,7 +122,7 @@ fn the_store_runs_the_plans_placement_tier_by_tier() {
     let m = Model::init_random(c, 0.1, Kind::Float, Device::Cpu, 3).unwrap();
     let cal = Calibration { device: "test".into(), matmul_flops: 1e9, attention_flops: 1e9, host_bps: 2e9, numa_bps: 1e9, nvme_bps: 5e8, source: "test figures".into() };
     let per_layer = {
-        let (w, r) = inv.layer_saved(t, t);
+        let (w, r) = inv.layer_saved(0, t, t);
         w + r
     };
     // One and a half layers of host memory, one of NUMA, the rest on NVMe.
@@ -154,4 +153,63 @@ fn the_store_runs_the_plans_placement_tier_by_tier() {
     assert_eq!(sums, [p.host_peak, p.numa_peak, p.nvme_peak]);
     assert_eq!(p.placement.tier_of(inv.layers - 1, "x"), Some(Tier::Host));
     println!("plan executed tier by tier: {}", p.placement.summary().join("; "));
+}
+
+/// Token sparsity: the plan counts a sparse layer's attention tensors at the kept tokens and the
+/// kept row indices, so its saved bytes and every tier's bytes (α 1, the only one sparse layers
+/// run) equal the engine's for one document whose length is a multiple of the block; packed
+/// documents keep at most what the plan counts when each keeps at most its share.
+#[test]
+fn sparse_layers_saved_and_tier_bytes_equal_the_engines_accounting() {
+    use trainer::model::sparse::{Scorer, Sparsity};
+    let lora = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()] };
+    for (name, text, lora, kind, layers) in [("llama full f32", LLAMA, None, Kind::Float, vec![1usize, 2]), ("llama lora f64", LLAMA, Some(&lora), Kind::Double, vec![2]), ("qwen2 full bf16", QWEN2, None, Kind::BFloat16, vec![0, 1, 2])] {
+        let c = cfg(text);
+        let mut m = Model::init_random(c.clone(), 0.1, kind, Device::Cpu, 3).unwrap();
+        if let Some(l) = lora {
+            m.attach_lora(l, 1).unwrap();
+        }
+        m.sparsity = Some(std::sync::Arc::new(Sparsity { block: 16, keep: 0.4, layers: layers.clone(), scorer: Scorer::Exact, target_queries: false }));
+        let inv = trainer::plan::inventory::of_model(&m, lora, 16).unwrap();
+        let dense = trainer::plan::inventory::build(&c, kind, lora, Device::Cpu, 16).unwrap();
+        // 160 tokens in blocks of 16: 10 blocks, 4 kept = 64 tokens.
+        let t = 160u64;
+        assert_eq!(inv.sparse.as_ref().unwrap().kept_tokens(t), 64);
+        assert!(inv.saved_bytes(t) < dense.saved_bytes(t), "{name}: sparse layers save less");
+        for l in 0..inv.layers {
+            let same = inv.layer_saved(l, t, t) == dense.layer_saved(l, t, t);
+            assert_eq!(same, !layers.contains(&l), "{name}: layer {l} counted as {}", if same { "dense" } else { "sparse" });
+        }
+        let (_, _, stats) = m.forward_backward(&batch(&[t as i64]), None, 16).unwrap();
+        assert_eq!(stats.saved_bytes as u64, inv.saved_bytes(t), "{name}: saved bytes");
+        // Packed documents of 48 + 112 tokens keep 2 + 3 blocks: 80 rows, over the plan's 64 (each
+        // document rounds up and keeps its first block); the store spills what its tier lacks.
+        let (_, _, packed) = m.forward_backward(&batch(&[48, 112]), None, 16).unwrap();
+        assert!(packed.saved_bytes > stats.saved_bytes);
+        for keep_last in [0usize, 1] {
+            for (tier, granule) in [("host", 64u64), ("nvme", 4096)] {
+                let cfg = match tier {
+                    "host" => StoreConfig { host_bytes: 64 << 20, ..Default::default() },
+                    _ => StoreConfig { nvme: Some(NvmeConfig { dir: nvme_dir(), bytes: 64 << 20, rank: 0, io_uring: true }), ..Default::default() },
+                };
+                let mut store = ActivationStore::new(&cfg).unwrap();
+                let placement = planner::placement::from_inventory(&inv, t, keep_last, 1.0, 1, &store.capacities());
+                let (loss, grads, _) = m.forward_backward_with(&batch(&[t as i64]), None, 16, &mut store, &placement).unwrap();
+                let st = store.stats();
+                let got = if tier == "host" { st.host_peak_bytes } else { st.nvme_peak_bytes };
+                let want: u64 = (0..inv.layers - keep_last).map(|l| inv.layer_tier_bytes(l, t, t, granule)).sum();
+                assert_eq!(got, want, "{name} keep_last={keep_last} {tier}: tier peak");
+                for l in 0..inv.layers {
+                    assert_eq!(store.placed_bytes(l), placement.tier_bytes(l), "{name} {tier}: layer {l}");
+                }
+                // Offloaded sparse layers train exactly as resident ones.
+                let (loss0, grads0, _) = m.forward_backward(&batch(&[t as i64]), None, 16).unwrap();
+                assert!(loss.sum.equal(&loss0.sum), "{name} {tier}: loss");
+                for ((n, g), (_, g0)) in grads.iter().zip(grads0.iter()) {
+                    assert!(g.equal(g0), "{name} {tier}: gradient of {n}");
+                }
+            }
+        }
+        println!("{name}: sparse layers' saved and tier bytes exact");
+    }
 }

@@ -107,7 +107,7 @@ fn rank_step(mut m: Model, lora: Option<&LoraConfig>, b: &Batch, g: Arc<SeqParal
     let predicted: u64 = (0..m.layers.len())
         .map(|l| {
             let rows = if tile.is_some() { planner::inventory::stored_rows(placement.alpha(l), t as i64) as u64 } else { t };
-            let (whole, rec) = inv.layer_saved(t, rows);
+            let (whole, rec) = inv.layer_saved(l, t, rows);
             whole + rec
         })
         .sum();

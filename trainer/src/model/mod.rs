@@ -298,10 +298,16 @@ impl Model {
     /// Hidden states after the final norm and the labels, without keeping activations: of the
     /// whole batch, or under sequence parallelism of this rank's shard (every rank of the group
     /// evaluates the same batch in step).
+    ///
+    /// Every layer attends densely here: token sparsity saves the training pass's memory, and the
+    /// model it trains is the one a user exports and runs dense (as with LeMo); scoring that model
+    /// sparse would also read the labels when blocks are rated by the targets' queries.
     fn final_hidden(&self, batch: &Batch) -> Result<(Tensor, Tensor)> {
         self.check_ids(&batch.ids, "token ids")?;
         let _guard = tch::no_grad_guard();
-        let (ids, labels, ctx) = self.training_inputs(batch, self.device())?;
+        let (ids, labels, mut ctx) = self.training_inputs(batch, self.device())?;
+        ctx.sparsity = None;
+        ctx.target_blocks = None;
         let mut x = embedding::forward(&self.embed_tokens, &ids).0;
         for (l, layer) in self.layers.iter().enumerate() {
             x = self.forward_block(layer, &x, &ctx, l, 0)?.0;

@@ -6,7 +6,7 @@
 //! The backward's working buffers (level-1 layout) follow [`block::backward`]'s op order.
 use std::collections::BTreeMap;
 
-use planner::inventory::{Group, Inventory, LayerFlops, OpBuffer, Rows, TensorClass};
+use planner::inventory::{Group, Inventory, LayerFlops, OpBuffer, Rows, Sparse, SparseRows, TensorClass};
 use tch::{Device, Kind, Tensor};
 
 use crate::model::block::{self, name};
@@ -14,6 +14,7 @@ use crate::model::config::ModelConfig;
 use crate::error::{Result, TrainerError};
 use crate::model::lora::LoraConfig;
 use crate::model::proj::Proj;
+use crate::model::sparse::Sparsity;
 use crate::model::{param_specs, Model};
 
 /// Token counts of the two probes (multiples of 64, so padded kernel outputs stay linear).
@@ -41,43 +42,64 @@ fn shape_formula(a: &[i64], b: &[i64]) -> String {
     format!("[{}]", dims.join(", "))
 }
 
-/// One block's saved tensors at T = 64 and 128, measured on `device`.
-///
-/// A sharded layer (`kv_copies` > 0, [`block::Layout::Sharded`]) saves per local token what a
-/// whole-sequence layer with `kv_heads × kv_copies` KV heads saves (its q, k, v and logsumexp
-/// hold every token of 1/P of those heads): it is probed as that layer.
-fn probe_saved(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, full: bool, device: Device, layout: block::Layout, kv_copies: i64) -> Result<Vec<TensorClass>> {
-    let mut one = cfg.clone();
-    one.num_layers = 1;
-    one.num_kv_heads *= kv_copies;
-    one.vocab_size = 8; // the block never touches the embedding
-    let zero = Tensor::zeros([1], (kind, device));
-    let one_t = Tensor::ones([1], (kind, device));
-    let named: BTreeMap<String, Tensor> = param_specs(&one)
-        .into_iter()
-        .map(|(n, shape)| {
-            // Norm weights 1, everything else 0; stride-0 views cost no memory.
-            let base = if n.ends_with("norm.weight") { &one_t } else { &zero };
-            let view = base.view(vec![1; shape.len()].as_slice()).expand(&shape, false);
-            (n, view)
-        })
-        .collect();
-    let mut m = Model::from_named(one.clone(), named)?;
-    if let Some(l) = lora {
-        m.attach_lora(l, 0)?;
+/// A saved tensor as a probe measured it: name, shape, dtype, bytes.
+type Measured = (String, Vec<i64>, Kind, u64);
+
+/// One block of `cfg` on zero-cost weights (stride-0 views of one scalar), whose forward
+/// [`Probe::saved`] measures.
+struct Probe {
+    one: ModelConfig,
+    model: Model,
+    kind: Kind,
+    device: Device,
+    full: bool,
+}
+
+impl Probe {
+    /// A sharded layer (`kv_copies` > 1, [`block::Layout::Sharded`]) saves per local token what a
+    /// whole-sequence layer with `kv_heads × kv_copies` KV heads saves (its q, k, v and logsumexp
+    /// hold every token of 1/P of those heads): it is probed as that layer.
+    fn new(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: Device, kv_copies: i64) -> Result<Probe> {
+        let mut one = cfg.clone();
+        one.num_layers = 1;
+        one.num_kv_heads *= kv_copies;
+        one.vocab_size = 8; // the block never touches the embedding
+        let zero = Tensor::zeros([1], (kind, device));
+        let one_t = Tensor::ones([1], (kind, device));
+        let named: BTreeMap<String, Tensor> = param_specs(&one)
+            .into_iter()
+            .map(|(n, shape)| {
+                // Norm weights 1, everything else 0; stride-0 views cost no memory.
+                let base = if n.ends_with("norm.weight") { &one_t } else { &zero };
+                let view = base.view(vec![1; shape.len()].as_slice()).expand(&shape, false);
+                (n, view)
+            })
+            .collect();
+        let mut model = Model::from_named(one.clone(), named)?;
+        if let Some(l) = lora {
+            model.attach_lora(l, 0)?;
+        }
+        Ok(Probe { one, model, kind, device, full: lora.is_none() })
     }
-    let mut at = Vec::new();
-    for t in PROBE_T {
+
+    /// The tensors the block saves over one document of `t` tokens (`sparsity`: as a sparse layer).
+    fn saved(&self, t: i64, sparsity: Option<&Sparsity>) -> Result<Vec<Measured>> {
         let _guard = tch::no_grad_guard();
-        let mut ctx = block::Context::new(&one, &[t], kind, device);
+        let mut ctx = block::Context::new(&self.one, &[t], self.kind, self.device);
         ctx.train = true;
-        ctx.full = full;
-        let x = Tensor::zeros([t, one.hidden_size], (kind, device));
-        let (_, saved) = block::forward(&m.layers[0], &x, &ctx, 0)?;
-        let v: Vec<(String, Vec<i64>, Kind, u64)> =
-            saved.named().into_iter().map(|(n, t)| (n, t.size(), t.kind(), (t.numel() * t.kind().elt_size_in_bytes()) as u64)).collect();
-        at.push(v);
+        ctx.full = self.full;
+        ctx.sparsity = sparsity.map(|s| std::sync::Arc::new(Sparsity { layers: vec![0], ..s.clone() }));
+        let x = Tensor::zeros([t, self.one.hidden_size], (self.kind, self.device));
+        let (_, saved) = block::forward(&self.model.layers[0], &x, &ctx, 0)?;
+        Ok(saved.named().into_iter().map(|(n, t)| (n, t.size(), t.kind(), (t.numel() * t.kind().elt_size_in_bytes()) as u64)).collect())
     }
+}
+
+/// One block's saved tensors at T = 64 and 128, measured on `device` (see [`Probe::new`] for
+/// `kv_copies`).
+fn probe_saved(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: Device, layout: block::Layout, kv_copies: i64) -> Result<Vec<TensorClass>> {
+    let probe = Probe::new(cfg, kind, lora, device, kv_copies)?;
+    let at = PROBE_T.iter().map(|&t| probe.saved(t, None)).collect::<Result<Vec<_>>>()?;
     let dt = (PROBE_T[1] - PROBE_T[0]) as u64;
     Ok(at[0]
         .iter()
@@ -94,9 +116,59 @@ fn probe_saved(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, full: b
                 per_token_bytes: per_token,
                 recomputable: block::recomputable(name, layout),
                 sliced: layout.tiled() && !crate::model::tiled::read_whole(name, layout),
+                in_sparse: SparseRows::All,
             }
         })
         .collect())
+}
+
+/// `inv` with token sparsity `s`: which saved tensors hold the kept tokens only in a sparse
+/// layer, measured by running the block as one (whole sequence: sparse layers run no tiles).
+///
+/// The probe's weights are zero, so every block rates alike and a document of 2·64 tokens in
+/// blocks of 64 keeping half keeps its first block: K = 64 of T = 128. A tensor as large as the
+/// dense block's at T = 64 holds the kept rows; one the dense block does not save (the kept row
+/// indices) is measured at K = 64 and 128.
+pub fn with_sparsity(mut inv: Inventory, cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: Device, s: &Sparsity) -> Result<Inventory> {
+    let device = if matches!(device, Device::Cuda(_)) && !tch::Cuda::is_available() { Device::Cpu } else { device };
+    let probe = Probe::new(cfg, kind, lora, device, 1)?;
+    let rule = Sparsity { block: PROBE_T[0], keep: 0.5, target_queries: false, ..s.clone() };
+    let dense: Vec<Vec<Measured>> = PROBE_T.iter().map(|&t| probe.saved(t, None)).collect::<Result<_>>()?;
+    let sparse: Vec<Vec<Measured>> = [2 * PROBE_T[0], 4 * PROBE_T[0]].iter().map(|&t| probe.saved(t, Some(&rule))).collect::<Result<_>>()?;
+    let bytes_in = |v: &[Measured], n: &str| v.iter().find(|m| m.0 == n).map(|m| m.3);
+    let internal = |n: &str| TrainerError::Device(format!("internal: the sparse block's `{n}` holds neither every token's rows nor the kept ones"));
+    let mut only_sparse = Vec::new();
+    for (n, shape, k, b) in &sparse[0] {
+        match inv.saved.iter_mut().find(|c| &c.name == n) {
+            Some(c) => {
+                c.in_sparse = match (bytes_in(&dense[1], n), bytes_in(&dense[0], n)) {
+                    (Some(all), _) if all == *b => SparseRows::All,
+                    (_, Some(kept)) if kept == *b => SparseRows::Kept,
+                    _ => return Err(internal(n)),
+                }
+            }
+            None => {
+                let b2 = bytes_in(&sparse[1], n).ok_or_else(|| internal(n))?;
+                let per_token = (b2 - b) / PROBE_T[0] as u64;
+                let shape = shape.iter().map(|&d| if d == PROBE_T[0] { "K".to_string() } else { d.to_string() }).collect::<Vec<_>>().join(", ");
+                only_sparse.push(TensorClass {
+                    group: Group::Saved,
+                    name: n.clone(),
+                    shape: format!("[{shape}]"),
+                    dtype: kind_name(*k),
+                    count: 1,
+                    fixed_bytes: b - per_token * PROBE_T[0] as u64,
+                    per_token_bytes: per_token,
+                    recomputable: false,
+                    sliced: false,
+                    in_sparse: SparseRows::OnlySparse,
+                });
+            }
+        }
+    }
+    inv.saved.extend(only_sparse);
+    inv.sparse = Some(Sparse { layers: s.layers.clone(), block: s.block as u64, keep: s.keep });
+    Ok(inv)
 }
 
 /// Classes of the weights, gradients and optimizer state (token-independent).
@@ -120,6 +192,7 @@ fn statics(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>) -> Vec<Tens
         per_token_bytes: 0,
         recomputable: false,
         sliced: false,
+        in_sparse: SparseRows::All,
     };
     let mut v = Vec::new();
     for (name, (shape, count)) in &classes {
@@ -347,9 +420,13 @@ pub fn build(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: D
 /// The inventory of `model` as it runs (its dtype, device, token tiles and sequence-parallel
 /// group: then per rank, per token of its shard), LoRA per `lora`.
 pub fn of_model(model: &Model, lora: Option<&LoraConfig>, ce_chunk: i64) -> Result<Inventory> {
-    match &model.seq {
-        Some(g) => build_sharded(&model.cfg, model.kind(), lora, model.device(), ce_chunk, model.tile_tokens.map(|t| t as u64), g.size as i64),
-        None => build_tiled(&model.cfg, model.kind(), lora, model.device(), ce_chunk, model.tile_tokens.map(|t| t as u64)),
+    let inv = match &model.seq {
+        Some(g) => build_sharded(&model.cfg, model.kind(), lora, model.device(), ce_chunk, model.tile_tokens.map(|t| t as u64), g.size as i64)?,
+        None => build_tiled(&model.cfg, model.kind(), lora, model.device(), ce_chunk, model.tile_tokens.map(|t| t as u64))?,
+    };
+    match &model.sparsity {
+        Some(s) => with_sparsity(inv, &model.cfg, model.kind(), lora, model.device(), s),
+        None => Ok(inv),
     }
 }
 
@@ -375,14 +452,14 @@ fn build_with(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: 
         (Some(_), false) => block::Layout::Tiled,
         (None, false) => block::Layout::Whole,
     };
-    let saved = probe_saved(cfg, kind, lora, lora.is_none(), device, layout, kv_copies)?;
+    let saved = probe_saved(cfg, kind, lora, device, layout, kv_copies)?;
     let e = kind.elt_size_in_bytes() as u64;
     let (d, v) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
     let (qd, kvd, i) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64, cfg.intermediate_size as u64);
     let head = vec![
         // The final hidden state and its norm, then the gradients of both (the loss's, then the
         // norm's, which the last layer's backward takes over).
-        TensorClass { group: Group::Head, name: "final norm: input, output and their gradients".into(), shape: format!("4 × [T, {d}]"), dtype: kind_name(kind), count: 1, fixed_bytes: 0, per_token_bytes: 4 * d * e, recomputable: false, sliced: false },
+        TensorClass { group: Group::Head, name: "final norm: input, output and their gradients".into(), shape: format!("4 × [T, {d}]"), dtype: kind_name(kind), count: 1, fixed_bytes: 0, per_token_bytes: 4 * d * e, recomputable: false, sliced: false, in_sparse: SparseRows::All },
         TensorClass {
             group: Group::Head,
             name: "loss: logits chunk and its gradient".into(),
@@ -393,8 +470,9 @@ fn build_with(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: 
             per_token_bytes: 0,
             recomputable: false,
             sliced: false,
+            in_sparse: SparseRows::All,
         },
-        TensorClass { group: Group::Head, name: "loss: logsumexp per token".into(), shape: "[T]".into(), dtype: "float32".into(), count: 1, fixed_bytes: 0, per_token_bytes: 4, recomputable: false, sliced: false },
+        TensorClass { group: Group::Head, name: "loss: logsumexp per token".into(), shape: "[T]".into(), dtype: "float32".into(), count: 1, fixed_bytes: 0, per_token_bytes: 4, recomputable: false, sliced: false, in_sparse: SparseRows::All },
         TensorClass {
             group: Group::Context,
             name: "RoPE tables cos, sin".into(),
@@ -405,6 +483,7 @@ fn build_with(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: 
             per_token_bytes: 2 * cfg.head_dim as u64 * e,
             recomputable: false,
             sliced: false,
+            in_sparse: SparseRows::All,
         },
     ];
     let (mut backward, mut forward) = match tile {
@@ -444,5 +523,6 @@ fn build_with(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: 
         backward,
         flops: LayerFlops { linear_per_token: 2.0 * proj_params as f64, attention_per_pair: 4.0 * qd as f64 * sp.max(1) as f64, linear_backward_ratio: if lora.is_some() { 1.0 } else { 2.0 } },
         head_flops_per_token: 2.0 * (d * v) as f64,
+        sparse: None,
     })
 }

@@ -92,7 +92,7 @@ pub fn plan_recipe(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lor
     let dev = recipe.run.device.target()?;
     let kind = recipe.run.dtype.0;
     let sp = recipe.dist.sequence_parallel.max(1);
-    let probe = |tile: Option<u64>| crate::plan::inventory::build_sharded(cfg, kind, lora, dev, recipe.train.loss_chunk, tile, sp as i64);
+    let probe = |tile: Option<u64>| recipe_inventory(recipe, cfg, lora, tile);
     let whole = probe(None)?;
     // After the probe (whose tensors are small and gone): it ran libtorch's kernels once, so the
     // thread pools and kernel buffers that every step will hold are in the figure; before the
@@ -109,7 +109,9 @@ pub fn plan_recipe(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lor
         let plan = planner::plan::plan(&inv, b, &cal, &o).map_err(|e| TrainerError::Device(format!("planner: {e}")))?;
         Ok((inv, plan))
     };
-    match recipe.compute.fixed_tile() {
+    // Sparse layers run whole sequences.
+    let fixed_tile = if recipe.sparsity.is_some() { Some(None) } else { recipe.compute.fixed_tile() };
+    match fixed_tile {
         Some(None) => plan_with(whole, opt.mip_seconds),
         Some(Some(tile)) => plan_with(probe(Some(tile))?, opt.mip_seconds),
         None => {
@@ -127,6 +129,21 @@ pub fn plan_recipe(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lor
             }
             plan_with(probe(tried.last().copied())?, opt.mip_seconds)
         }
+    }
+}
+
+/// The inventory of the recipe's step over token tiles of `tile` tokens (None: whole sequences):
+/// per rank of a sequence-parallel group, with the recipe's token sparsity.
+fn recipe_inventory(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lora: Option<&LoraConfig>, tile: Option<u64>) -> Result<Inventory> {
+    let (dev, kind) = (recipe.run.device.target()?, recipe.run.dtype.0);
+    let sp = recipe.dist.sequence_parallel.max(1) as i64;
+    let inv = crate::plan::inventory::build_sharded(cfg, kind, lora, dev, recipe.train.loss_chunk, tile, sp)?;
+    match &recipe.sparsity {
+        Some(s) => {
+            let s = s.resolve(cfg.num_layers as usize, &cfg.sliding_window).map_err(|e| TrainerError::Device(format!("recipe: {e}")))?;
+            crate::plan::inventory::with_sparsity(inv, cfg, kind, lora, dev, &s)
+        }
+        None => Ok(inv),
     }
 }
 
@@ -203,8 +220,8 @@ pub fn what_would_fit(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, 
         (at(unbounded)?.device_peak, true)
     };
     let sp = recipe.dist.sequence_parallel.max(1) as u64;
-    let reach = match (recipe.compute.fixed_tile(), inv.tile_tokens) {
-        (None, None) => Some(crate::plan::inventory::build_sharded(cfg, recipe.run.dtype.0, lora, recipe.run.device.target()?, recipe.train.loss_chunk, Some(REACH_TILE), sp as i64)?),
+    let reach = match (recipe.compute.fixed_tile(), inv.tile_tokens, &recipe.sparsity) {
+        (None, None, None) => Some(recipe_inventory(recipe, cfg, lora, Some(REACH_TILE))?),
         _ => None,
     };
     let (reach_inv, reach_opt) = match &reach {
@@ -323,7 +340,7 @@ pub fn fit_after_failure(recipe: &Recipe, cfg: &crate::model::config::ModelConfi
     };
     let req = Request { device_memory, ..Request::default() };
     let sp = recipe.dist.sequence_parallel.max(1);
-    let inv = crate::plan::inventory::build_sharded(cfg, kind, lora, dev, recipe.train.loss_chunk, tile, sp as i64)?;
+    let inv = recipe_inventory(recipe, cfg, lora, tile)?;
     let cal = crate::plan::calibrate::cached_or_assumed(dev, kind);
     let tokens = crate::model::seq::shard(recipe.data.tokens_per_batch as i64, 0, sp).tokens as u64;
     let o = options(recipe, &req, tokens);
