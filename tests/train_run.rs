@@ -262,9 +262,10 @@ fn sparse_runs_report_what_they_keep_and_refuse_bad_settings() {
     for (s, l) in &dense {
         assert_eq!(l.to_bits(), all[s].to_bits(), "step {s}: keeping every block vs dense");
     }
-    // Sparse layers offloaded (every layer to host then NVMe) train as resident ones, bit for bit.
+    // Sparse layers offloaded (every layer to host then NVMe, 30% of the recomputable rows stored:
+    // a sparse layer rebuilds its MLP's from the stored residual) train as resident ones, bit for bit.
     let nvme_dir = format!("offload.nvme_dir={}", dir.display());
-    let off_dir = run(&r_sparse, "sparse-offloaded", &["offload.tiers=[\"host\",\"nvme\"]", "offload.host_bytes=60000", &nvme_dir, "offload.nvme_bytes=67108864", "offload.keep_last=0"]);
+    let off_dir = run(&r_sparse, "sparse-offloaded", &["offload.tiers=[\"host\",\"nvme\"]", "offload.host_bytes=60000", &nvme_dir, "offload.nvme_bytes=67108864", "offload.keep_last=0", "offload.alpha=0.3"]);
     let offloaded = losses_by_step(&off_dir);
     for (s, l) in &sparse_losses {
         assert_eq!(l.to_bits(), offloaded[s].to_bits(), "step {s}: offloaded sparse vs resident sparse");
@@ -279,7 +280,6 @@ fn sparse_runs_report_what_they_keep_and_refuse_bad_settings() {
         (vec!["sparsity.layers=\"lower\""], "`sparsity.layers`: \"lower\": expected \"upper\""),
         (vec!["sparsity.scorer=\"magic\""], "sparsity.scorer"),
         (vec!["compute.tile_tokens=7"], "`sparsity`: with compute.tile_tokens"),
-        (vec!["offload.alpha=0.5"], "`sparsity`: with offload.alpha below 1"),
     ] {
         let mut a = vec!["run", "--recipe", r_sparse.to_str().unwrap()];
         let d = format!("run.dir={}", dir.join("bad").display());

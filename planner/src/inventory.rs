@@ -45,6 +45,10 @@ pub struct TensorClass {
     /// Saved only: its rows in a layer with token sparsity ([`Sparse`]).
     #[serde(default)]
     pub in_sparse: SparseRows,
+    /// Saved only: `recomputable` in a sparse layer (the MLP's tensors, rebuilt from the stored
+    /// residual; attention's hold the kept tokens, not the first rows).
+    #[serde(default)]
+    pub recomputable_in_sparse: bool,
 }
 
 /// What a saved tensor holds in a sparse layer (measured by running a sparse block).
@@ -230,18 +234,19 @@ impl Inventory {
     }
 
     /// Layer `layer`'s saved tensors with the first `split` of `tokens` rows of the recomputable
-    /// ones stored, in the order the block saves them, with their bytes; in a sparse layer those
-    /// attention reads hold the kept tokens only (sparse layers store every row: α is 1).
-    pub fn layer_tensors(&self, layer: usize, tokens: u64, split: u64) -> impl Iterator<Item = (&TensorClass, u64)> {
+    /// ones stored, in the order the block saves them, with their bytes and whether they are
+    /// recomputable there; in a sparse layer those attention reads hold the kept tokens only.
+    pub fn layer_tensors(&self, layer: usize, tokens: u64, split: u64) -> impl Iterator<Item = (&TensorClass, u64, bool)> {
         let kept = self.sparse.as_ref().filter(|_| self.is_sparse(layer)).map(|s| s.kept_tokens(tokens));
         self.saved.iter().filter_map(move |c| {
+            let recomputable = if kept.is_some() { c.recomputable_in_sparse } else { c.recomputable };
             let rows = match (c.in_sparse, kept) {
                 (SparseRows::OnlySparse, None) => return None,
                 (SparseRows::Kept | SparseRows::OnlySparse, Some(k)) => k,
-                _ if c.recomputable => split,
+                _ if recomputable => split,
                 _ => tokens,
             };
-            Some((c, c.fixed_bytes + c.per_token_bytes * rows))
+            Some((c, c.fixed_bytes + c.per_token_bytes * rows, recomputable))
         })
     }
 
@@ -249,8 +254,8 @@ impl Inventory {
     /// tensors stored: (always-stored bytes, recomputable bytes).
     pub fn layer_saved(&self, layer: usize, tokens: u64, split: u64) -> (u64, u64) {
         let (mut whole, mut rec) = (0, 0);
-        for (c, b) in self.layer_tensors(layer, tokens, split) {
-            *(if c.recomputable { &mut rec } else { &mut whole }) += b;
+        for (_, b, recomputable) in self.layer_tensors(layer, tokens, split) {
+            *(if recomputable { &mut rec } else { &mut whole }) += b;
         }
         (whole, rec)
     }
@@ -264,7 +269,7 @@ impl Inventory {
     /// order the block saves them, with their classes (a recomputable one storing no rows is
     /// absent).
     fn stored(&self, layer: usize, tokens: u64, split: u64) -> impl Iterator<Item = (&TensorClass, u64)> {
-        self.layer_tensors(layer, tokens, split).filter(move |(c, _)| split > 0 || !c.recomputable)
+        self.layer_tensors(layer, tokens, split).filter(move |(_, _, recomputable)| split > 0 || !recomputable).map(|(c, b, _)| (c, b))
     }
 
     /// What an offloaded layer's backward reads back whole, ahead of it, with `split` rows of the

@@ -322,8 +322,7 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     // the splits it implies.
     let lp_for = |k: usize, max_split: u64| -> Result<(memo::MemoPlan, Vec<u64>), MemoError> {
         let off = l - k;
-        // Sparse layers store every row (their attention tensors hold the kept tokens only).
-        let min_alpha = if opt.allow_recompute && inv.sparse.is_none() { 0.0 } else { 1.0 };
+        let min_alpha = if opt.allow_recompute { 0.0 } else { 1.0 };
         let specs: Vec<LayerSpec> = (0..off)
             .map(|i| {
                 let (w, r) = inv.layer_saved(i, t, t);

@@ -42,9 +42,9 @@ pub fn table(inv: &Inventory, p: &Plan) -> String {
     for (count, first) in groups {
         let Some(layer) = first else { continue };
         let sparse = inv.is_sparse(layer);
-        for (c, bytes) in inv.layer_tensors(layer, t, t) {
+        for (c, bytes, recomputable) in inv.layer_tensors(layer, t, t) {
             let kept_rows = sparse && c.in_sparse != crate::inventory::SparseRows::All;
-            let name = format!("{}{}{}", c.name, if c.recomputable { " (recomputable)" } else { "" }, if sparse { " (sparse layers)" } else { "" });
+            let name = format!("{}{}{}", c.name, if recomputable { " (recomputable)" } else { "" }, if sparse { " (sparse layers)" } else { "" });
             let shape = if kept_rows { c.shape.replacen('T', "K", 1) } else { c.shape.clone() };
             line(&mut s, "saved", &name, &shape, &c.dtype, count as u64, bytes * count as u64);
         }

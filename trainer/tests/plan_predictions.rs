@@ -156,9 +156,9 @@ fn the_store_runs_the_plans_placement_tier_by_tier() {
 }
 
 /// Token sparsity: the plan counts a sparse layer's attention tensors at the kept tokens and the
-/// kept row indices, so its saved bytes and every tier's bytes (α 1, the only one sparse layers
-/// run) equal the engine's for one document whose length is a multiple of the block; packed
-/// documents keep at most what the plan counts when each keeps at most its share.
+/// kept row indices, so its saved bytes and every tier's bytes (α 0, 0.3 and 1: a sparse layer
+/// recomputes its MLP's rows from the stored residual) equal the engine's for one document whose
+/// length is a multiple of the block, and offloaded sparse layers train as resident ones.
 #[test]
 fn sparse_layers_saved_and_tier_bytes_equal_the_engines_accounting() {
     use trainer::model::sparse::{Scorer, Sparsity};
@@ -186,27 +186,28 @@ fn sparse_layers_saved_and_tier_bytes_equal_the_engines_accounting() {
         // document rounds up and keeps its first block); the store spills what its tier lacks.
         let (_, _, packed) = m.forward_backward(&batch(&[48, 112]), None, 16).unwrap();
         assert!(packed.saved_bytes > stats.saved_bytes);
-        for keep_last in [0usize, 1] {
+        let (loss0, grads0, _) = m.forward_backward(&batch(&[t as i64]), None, 16).unwrap();
+        for (keep_last, alpha) in [(0usize, 1.0), (1, 1.0), (0, 0.3), (1, 0.0)] {
+            let split = stored_rows(alpha, t as i64) as u64;
             for (tier, granule) in [("host", 64u64), ("nvme", 4096)] {
                 let cfg = match tier {
                     "host" => StoreConfig { host_bytes: 64 << 20, ..Default::default() },
                     _ => StoreConfig { nvme: Some(NvmeConfig { dir: nvme_dir(), bytes: 64 << 20, rank: 0, io_uring: true }), ..Default::default() },
                 };
                 let mut store = ActivationStore::new(&cfg).unwrap();
-                let placement = planner::placement::from_inventory(&inv, t, keep_last, 1.0, 1, &store.capacities());
+                let placement = planner::placement::from_inventory(&inv, t, keep_last, alpha, 1, &store.capacities());
                 let (loss, grads, _) = m.forward_backward_with(&batch(&[t as i64]), None, 16, &mut store, &placement).unwrap();
                 let st = store.stats();
                 let got = if tier == "host" { st.host_peak_bytes } else { st.nvme_peak_bytes };
-                let want: u64 = (0..inv.layers - keep_last).map(|l| inv.layer_tier_bytes(l, t, t, granule)).sum();
-                assert_eq!(got, want, "{name} keep_last={keep_last} {tier}: tier peak");
+                let want: u64 = (0..inv.layers - keep_last).map(|l| inv.layer_tier_bytes(l, t, split, granule)).sum();
+                assert_eq!(got, want, "{name} keep_last={keep_last} α={alpha} {tier}: tier peak");
                 for l in 0..inv.layers {
                     assert_eq!(store.placed_bytes(l), placement.tier_bytes(l), "{name} {tier}: layer {l}");
                 }
                 // Offloaded sparse layers train exactly as resident ones.
-                let (loss0, grads0, _) = m.forward_backward(&batch(&[t as i64]), None, 16).unwrap();
-                assert!(loss.sum.equal(&loss0.sum), "{name} {tier}: loss");
+                assert!(loss.sum.equal(&loss0.sum), "{name} {tier} α={alpha}: loss");
                 for ((n, g), (_, g0)) in grads.iter().zip(grads0.iter()) {
-                    assert!(g.equal(g0), "{name} {tier}: gradient of {n}");
+                    assert!(g.equal(g0), "{name} {tier} α={alpha}: gradient of {n}");
                 }
             }
         }

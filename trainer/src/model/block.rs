@@ -315,6 +315,9 @@ pub enum Layout {
     /// A shard over token tiles: the token-local ops by tiles, attention whole in the heads'
     /// layout between them ([`crate::model::tiled::backward_sharded`]).
     ShardedTiled,
+    /// A layer with token sparsity ([`sparse`]), the whole sequence at once: attention's tensors
+    /// hold the kept tokens' rows.
+    Sparse,
 }
 
 impl Layout {
@@ -334,14 +337,29 @@ impl Layout {
 ///   would read the layer input twice (once for them, once for its tile); storing them costs
 ///   `2 × kv_heads × head_dim` per token, at most the layer input's width under GQA;
 /// - q, K and V of a sharded sequence: their rows are every token of this rank's heads, and
-///   rebuilding them would take the all-to-all again.
+///   rebuilding them would take the all-to-all again;
+/// - in a sparse layer all but the MLP's: attention's tensors hold the kept tokens' rows, not the
+///   first rows of the sequence, and the residual `h` is stored to rebuild the MLP's from
+///   ([`recompute_mlp`]).
 pub fn recomputable(name: &str, layout: Layout) -> bool {
     RECOMPUTABLE.contains(&name)
         && match layout {
             Layout::Whole => true,
             Layout::Tiled => name != name::K && name != name::V,
             Layout::Sharded | Layout::ShardedTiled => name != name::Q && name != name::K && name != name::V,
+            Layout::Sparse => MLP_SAVED.contains(&name),
         }
+}
+
+/// The MLP's saved tensors, in [`recompute_mlp`]'s order.
+const MLP_SAVED: [&str; 5] = [name::RSTD_MLP, name::X_MLP, name::GATE, name::UP, name::ACT];
+
+/// Rows `[from, T)` of the MLP's saved tensors ([`MLP_SAVED`]), rebuilt from the residual after
+/// attention `h` (`[T, D]`): a sparse layer's recompute.
+pub fn recompute_mlp(layer: &Layer, h: &Tensor, ctx: &Context, from: i64) -> Vec<(&'static str, Tensor)> {
+    let n = h.size()[0] - from;
+    let post = mlp(layer, h.narrow(0, from, n), ctx, &mut Vec::new(), Masks::Draw);
+    MLP_SAVED.into_iter().zip([post.rstd_mlp, post.x_mlp, post.gate, post.up, post.act]).collect()
 }
 
 /// Token-local work before attention, on any rows of the layer input.

@@ -231,6 +231,14 @@ impl Model {
         }
     }
 
+    /// How layer `l` runs: as [`Model::layout`] says, or as a sparse layer.
+    pub fn layer_layout(&self, l: usize) -> block::Layout {
+        match &self.sparsity {
+            Some(s) if s.is_sparse(l) => block::Layout::Sparse,
+            _ => self.layout(),
+        }
+    }
+
     /// The training pass's tokens, labels and context: the whole batch, or under sequence
     /// parallelism this rank's shard of it padded to divide over the group (the padding a
     /// document of its own whose labels are ignored).
@@ -389,9 +397,6 @@ impl Model {
         {
             return Err(TrainerError::Device("offload.alpha < 1 recomputes adapted projections: set lora.dropout = 0 or compute.tile_tokens".into()));
         }
-        if self.sparsity.is_some() && (0..n_layers).any(|l| split(l) < t_all) {
-            return Err(TrainerError::Device("token sparsity with offload.alpha < 1 is not built yet: a sparse layer's saved rows are not token rows".into()));
-        }
         let mut stashed = Vec::with_capacity(n_layers);
         let mut saved_bytes = 0;
         let mut kept = Vec::new();
@@ -402,7 +407,7 @@ impl Model {
             if let Some(k) = &s.kept {
                 kept.push((l, k.shallow_clone(), t_all));
             }
-            stashed.push(stash::put(store, placement, l, s, t_all, self.layout())?);
+            stashed.push(stash::put(store, placement, l, s, t_all, self.layer_layout(l))?);
             x = y;
         }
         let stats = StepStats { saved_bytes, kept };

@@ -77,17 +77,29 @@ pub fn take(store: &mut ActivationStore, layer: &Layer, l: usize, stashed: &Stas
     if split == tokens {
         return BlockSaved::from_named(names, |n| Ok(store.take(l, n)?));
     }
-    let x_in = store.take(l, block::name::X)?;
-    let attn_out = store.take(l, block::name::ATTN_OUT)?;
-    let mut tail: BTreeMap<&str, Tensor> = block::recompute_tail(layer, &x_in, &attn_out, ctx, split).into_iter().collect();
-    BlockSaved::from_named(&stashed.with_recomputable(), |n| match n {
-        block::name::X => Ok(x_in.shallow_clone()),
-        block::name::ATTN_OUT => Ok(attn_out.shallow_clone()),
-        n if block::recomputable(n, stashed.layout) => {
+    // What the rest is rebuilt from, always stored: the layer input and the attention output, or
+    // in a sparse layer (whose recompute is the MLP's) the residual after attention.
+    let (sources, tail) = match stashed.layout {
+        block::Layout::Sparse => {
+            let h = store.take(l, block::name::H)?;
+            let tail = block::recompute_mlp(layer, &h, ctx, split);
+            (vec![(block::name::H, h)], tail)
+        }
+        _ => {
+            let x_in = store.take(l, block::name::X)?;
+            let attn_out = store.take(l, block::name::ATTN_OUT)?;
+            let tail = block::recompute_tail(layer, &x_in, &attn_out, ctx, split);
+            (vec![(block::name::X, x_in), (block::name::ATTN_OUT, attn_out)], tail)
+        }
+    };
+    let mut tail: BTreeMap<&str, Tensor> = tail.into_iter().collect();
+    BlockSaved::from_named(&stashed.with_recomputable(), |n| match sources.iter().find(|(s, _)| *s == n) {
+        Some((_, t)) => Ok(t.shallow_clone()),
+        None if block::recomputable(n, stashed.layout) => {
             let rest = tail.remove(n).ok_or_else(|| TrainerError::Device(format!("recompute lost `{n}`")))?;
             Ok(if split > 0 { Tensor::cat(&[store.take(l, n)?, rest], 0) } else { rest })
         }
-        n => Ok(store.take(l, n)?),
+        None => Ok(store.take(l, n)?),
     })
 }
 

@@ -117,13 +117,15 @@ fn probe_saved(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device:
                 recomputable: block::recomputable(name, layout),
                 sliced: layout.tiled() && !crate::model::tiled::read_whole(name, layout),
                 in_sparse: SparseRows::All,
+                recomputable_in_sparse: block::recomputable(name, block::Layout::Sparse),
             }
         })
         .collect())
 }
 
 /// `inv` with token sparsity `s`: which saved tensors hold the kept tokens only in a sparse
-/// layer, measured by running the block as one (whole sequence: sparse layers run no tiles).
+/// layer, measured by running the block as one (whole sequence: sparse layers run no tiles);
+/// what MEMO's split may recompute there is [`block::recomputable`] of [`block::Layout::Sparse`].
 ///
 /// The probe's weights are zero, so every block rates alike and a document of 2·64 tokens in
 /// blocks of 64 keeping half keeps its first block: K = 64 of T = 128. A tensor as large as the
@@ -162,6 +164,7 @@ pub fn with_sparsity(mut inv: Inventory, cfg: &ModelConfig, kind: Kind, lora: Op
                     recomputable: false,
                     sliced: false,
                     in_sparse: SparseRows::OnlySparse,
+                    recomputable_in_sparse: false,
                 });
             }
         }
@@ -193,6 +196,7 @@ fn statics(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>) -> Vec<Tens
         recomputable: false,
         sliced: false,
         in_sparse: SparseRows::All,
+        recomputable_in_sparse: false,
     };
     let mut v = Vec::new();
     for (name, (shape, count)) in &classes {
@@ -459,7 +463,7 @@ fn build_with(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: 
     let head = vec![
         // The final hidden state and its norm, then the gradients of both (the loss's, then the
         // norm's, which the last layer's backward takes over).
-        TensorClass { group: Group::Head, name: "final norm: input, output and their gradients".into(), shape: format!("4 × [T, {d}]"), dtype: kind_name(kind), count: 1, fixed_bytes: 0, per_token_bytes: 4 * d * e, recomputable: false, sliced: false, in_sparse: SparseRows::All },
+        TensorClass { group: Group::Head, name: "final norm: input, output and their gradients".into(), shape: format!("4 × [T, {d}]"), dtype: kind_name(kind), count: 1, fixed_bytes: 0, per_token_bytes: 4 * d * e, recomputable: false, sliced: false, in_sparse: SparseRows::All, recomputable_in_sparse: false },
         TensorClass {
             group: Group::Head,
             name: "loss: logits chunk and its gradient".into(),
@@ -471,8 +475,9 @@ fn build_with(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: 
             recomputable: false,
             sliced: false,
             in_sparse: SparseRows::All,
+            recomputable_in_sparse: false,
         },
-        TensorClass { group: Group::Head, name: "loss: logsumexp per token".into(), shape: "[T]".into(), dtype: "float32".into(), count: 1, fixed_bytes: 0, per_token_bytes: 4, recomputable: false, sliced: false, in_sparse: SparseRows::All },
+        TensorClass { group: Group::Head, name: "loss: logsumexp per token".into(), shape: "[T]".into(), dtype: "float32".into(), count: 1, fixed_bytes: 0, per_token_bytes: 4, recomputable: false, sliced: false, in_sparse: SparseRows::All, recomputable_in_sparse: false },
         TensorClass {
             group: Group::Context,
             name: "RoPE tables cos, sin".into(),
@@ -484,6 +489,7 @@ fn build_with(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: 
             recomputable: false,
             sliced: false,
             in_sparse: SparseRows::All,
+            recomputable_in_sparse: false,
         },
     ];
     let (mut backward, mut forward) = match tile {

@@ -717,13 +717,8 @@ impl Recipe {
             if !(s.keep_ratio > 0.0 && s.keep_ratio <= 1.0) {
                 return err("sparsity.keep_ratio", format!("{} must lie in (0, 1] (the fraction of each document's blocks kept)", s.keep_ratio));
             }
-            // Built so far for whole-sequence, single-sequence layers that store every row
-            // (offloaded or not).
-            for (key, on) in [
-                ("compute.tile_tokens", matches!(self.compute.fixed_tile(), Some(Some(_)))),
-                ("dist.sequence_parallel", self.dist.sequence_parallel > 1),
-                ("offload.alpha below 1", self.offload.alpha < 1.0),
-            ] {
+            // Built so far for whole-sequence layers on one process.
+            for (key, on) in [("compute.tile_tokens", matches!(self.compute.fixed_tile(), Some(Some(_)))), ("dist.sequence_parallel", self.dist.sequence_parallel > 1)] {
                 if on {
                     return err("sparsity", format!("with {key}: sparse layers do not run with it yet; remove one of them"));
                 }
