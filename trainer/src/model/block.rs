@@ -338,28 +338,39 @@ impl Layout {
 ///   `2 × kv_heads × head_dim` per token, at most the layer input's width under GQA;
 /// - q, K and V of a sharded sequence: their rows are every token of this rank's heads, and
 ///   rebuilding them would take the all-to-all again;
-/// - in a sparse layer all but the MLP's: attention's tensors hold the kept tokens' rows, not the
-///   first rows of the sequence, and the residual `h` is stored to rebuild the MLP's from
-///   ([`recompute_mlp`]).
+/// - in a sparse layer all but the residual `h` and the MLP's: attention's tensors hold the kept
+///   tokens' rows, not the first rows of the sequence ([`recompute_sparse_tail`]).
 pub fn recomputable(name: &str, layout: Layout) -> bool {
     RECOMPUTABLE.contains(&name)
         && match layout {
             Layout::Whole => true,
             Layout::Tiled => name != name::K && name != name::V,
             Layout::Sharded | Layout::ShardedTiled => name != name::Q && name != name::K && name != name::V,
-            Layout::Sparse => MLP_SAVED.contains(&name),
+            Layout::Sparse => !PRE_ATTENTION.contains(&name),
         }
 }
 
-/// The MLP's saved tensors, in [`recompute_mlp`]'s order.
-const MLP_SAVED: [&str; 5] = [name::RSTD_MLP, name::X_MLP, name::GATE, name::UP, name::ACT];
+/// The recomputable tensors made before attention: a sparse layer stores them (their rows are
+/// the kept tokens').
+const PRE_ATTENTION: [&str; 5] = [name::RSTD_ATTN, name::X_ATTN, name::Q, name::K, name::V];
 
-/// Rows `[from, T)` of the MLP's saved tensors ([`MLP_SAVED`]), rebuilt from the residual after
-/// attention `h` (`[T, D]`): a sparse layer's recompute.
-pub fn recompute_mlp(layer: &Layer, h: &Tensor, ctx: &Context, from: i64) -> Vec<(&'static str, Tensor)> {
-    let n = h.size()[0] - from;
-    let post = mlp(layer, h.narrow(0, from, n), ctx, &mut Vec::new(), Masks::Draw);
-    MLP_SAVED.into_iter().zip([post.rstd_mlp, post.x_mlp, post.gate, post.up, post.act]).collect()
+/// Rows `[from, T)` of a sparse layer's recomputable tensors (the residual `h` and the MLP's) from
+/// the layer input `x` (`[T, D]`), the kept tokens' attention output `attn_out` (`[K, heads,
+/// head_dim]`) and their rows `kept` (`[K]`, ascending). o_proj runs over all K rows, as the
+/// forward did (the same GEMM, so the same bits), and the tail's are added into `x`'s rows.
+pub fn recompute_sparse_tail(layer: &Layer, x: &Tensor, attn_out: &Tensor, kept: &Tensor, ctx: &Context, from: i64) -> Vec<(&'static str, Tensor)> {
+    let (t, k) = (x.size()[0], kept.size()[0]);
+    let x_tail = x.narrow(0, from, t - from);
+    let in_tail = kept.ge(from).sum(Kind::Int64).int64_value(&[]);
+    let h = if in_tail == 0 {
+        x_tail.copy()
+    } else {
+        let mut ls = Vec::new();
+        let o = proj(layer, Proj::O, &attn_out.reshape([k, ctx.heads * ctx.head_dim]), ctx, &mut ls, Masks::Draw);
+        gather::add_rows(&x_tail, &(kept.narrow(0, k - in_tail, in_tail) - from), &o.narrow(0, k - in_tail, in_tail))
+    };
+    let post = mlp(layer, h, ctx, &mut Vec::new(), Masks::Draw);
+    vec![(name::H, post.h), (name::RSTD_MLP, post.rstd_mlp), (name::X_MLP, post.x_mlp), (name::GATE, post.gate), (name::UP, post.up), (name::ACT, post.act)]
 }
 
 /// Token-local work before attention, on any rows of the layer input.

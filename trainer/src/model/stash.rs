@@ -77,17 +77,17 @@ pub fn take(store: &mut ActivationStore, layer: &Layer, l: usize, stashed: &Stas
     if split == tokens {
         return BlockSaved::from_named(names, |n| Ok(store.take(l, n)?));
     }
-    // What the rest is rebuilt from, always stored: the layer input and the attention output, or
-    // in a sparse layer (whose recompute is the MLP's) the residual after attention.
+    // What the rest is rebuilt from, always stored: the layer input and the attention output (in
+    // a sparse layer, the kept tokens' and their rows).
+    let x_in = store.take(l, block::name::X)?;
+    let attn_out = store.take(l, block::name::ATTN_OUT)?;
     let (sources, tail) = match stashed.layout {
         block::Layout::Sparse => {
-            let h = store.take(l, block::name::H)?;
-            let tail = block::recompute_mlp(layer, &h, ctx, split);
-            (vec![(block::name::H, h)], tail)
+            let kept = store.take(l, block::name::SPARSE_KEPT)?;
+            let tail = block::recompute_sparse_tail(layer, &x_in, &attn_out, &kept, ctx, split);
+            (vec![(block::name::X, x_in), (block::name::ATTN_OUT, attn_out), (block::name::SPARSE_KEPT, kept)], tail)
         }
         _ => {
-            let x_in = store.take(l, block::name::X)?;
-            let attn_out = store.take(l, block::name::ATTN_OUT)?;
             let tail = block::recompute_tail(layer, &x_in, &attn_out, ctx, split);
             (vec![(block::name::X, x_in), (block::name::ATTN_OUT, attn_out)], tail)
         }
