@@ -156,16 +156,18 @@ fn an_8b_lora_step_plans_at_a_million_tokens_from_a_preset() {
     assert!(text.contains("mfu        ") && text.contains("1 data parallel × 8 sequence parallel"), "{text}");
     let longest: u64 = text.lines().find(|l| l.starts_with("longest")).and_then(|l| l.split("fits these budgets: ").nth(1)).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0);
     assert!(longest >= 4 << 20, "longest {longest}: {text}");
-    // Token sparsity: the sparse layers' attention tensors count the kept tokens only, so the
-    // resident saved bytes fall; sparse layers run whole sequences and store every row.
-    let saved_total = |text: &str| text.lines().find(|l| l.starts_with("totals")).and_then(|l| l.split(" = ").nth(1)).map(|r| r.split(',').next().unwrap_or("").to_string()).unwrap_or_default();
-    let (ok, dense) = plan(&["--tokens", "131072", "--tile-tokens", "0"]);
+    // Token sparsity: the sparse layers' attention tensors count the kept tokens only, so at α 1
+    // (LoRA dropout forbids recompute) the tiers hold less; sparse layers run whole sequences.
+    let nvme_gib = |text: &str| -> f64 {
+        let peaks = text.lines().find(|l| l.starts_with("peaks")).unwrap_or("");
+        peaks.split("nvme ").nth(1).and_then(|r| r.split(" GiB").next()).and_then(|n| n.parse().ok()).unwrap_or(f64::NAN)
+    };
+    let (ok, dense) = plan(&["--tokens", "131072", "--tile-tokens", "0", "lora.dropout=0.1"]);
     assert!(ok, "{dense}");
-    let (ok, sparse) = plan(&["--tokens", "131072", "sparsity.layers=\"upper\"", "sparsity.keep_ratio=0.4"]);
+    let (ok, sparse) = plan(&["--tokens", "131072", "lora.dropout=0.1", "sparsity.layers=\"upper\"", "sparsity.keep_ratio=0.4"]);
     assert!(ok && sparse.contains("sparsity   layers [16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30] keep 0.4 of each document's 64-token blocks: K = 52480 of T = 131072 tokens"), "{sparse}");
     assert!(sparse.contains("(sparse layers)") && sparse.contains("[K, 4096]") && sparse.contains("sparse_kept") && sparse.contains("whole-sequence blocks"), "{sparse}");
-    assert!(sparse.lines().filter(|l| l.trim_start().starts_with("layer")).all(|l| !l.contains("α") || l.contains("α 1.000")), "{sparse}");
-    assert_ne!(saved_total(&dense), saved_total(&sparse), "dense {dense}\nsparse {sparse}");
+    assert!(nvme_gib(&sparse) < nvme_gib(&dense) - 30.0, "nvme: dense {} GiB, sparse {} GiB\n{dense}\n{sparse}", nvme_gib(&dense), nvme_gib(&sparse));
     let (ok, text) = plan(&["--sequence-parallel", "3"]);
     assert!(!ok && text.contains("32 attention heads do not divide over 3 ranks") && !text.contains("panicked"), "{text}");
     let (ok, text) = plan_for("gpt-17", "80GB", &[]);
