@@ -45,8 +45,8 @@ pub struct TensorClass {
     /// Saved only: its rows in a layer with token sparsity ([`Sparse`]).
     #[serde(default)]
     pub in_sparse: SparseRows,
-    /// Saved only: `recomputable` in a sparse layer (the MLP's tensors, rebuilt from the stored
-    /// residual; attention's hold the kept tokens, not the first rows).
+    /// Saved only: `recomputable` in a sparse layer (the residual and the MLP's tensors; the
+    /// pre-attention ones hold the kept tokens, not the first rows, and are always stored).
     #[serde(default)]
     pub recomputable_in_sparse: bool,
 }
