@@ -530,7 +530,7 @@ impl SparseFlags {
             "pooled" => SparseScorer::Pooled,
             s => return Err(format!("bench step: --sparse-scorer {s}: exact or pooled")),
         };
-        SparsitySection { block_size: self.block, keep_ratio: self.keep, layers: list, scorer, score_queries: Default::default() }.resolve(layers, &vec![None; layers]).map(Some)
+        SparsitySection { block_size: self.block, keep_ratio: self.keep, layers: list, scorer, score_queries: Default::default(), start_step: 0 }.resolve(layers, &vec![None; layers]).map(Some)
     }
 }
 

@@ -169,7 +169,7 @@ fn sparse_layers_saved_and_tier_bytes_equal_the_engines_accounting() {
         if let Some(l) = lora {
             m.attach_lora(l, 1).unwrap();
         }
-        m.sparsity = Some(std::sync::Arc::new(Sparsity { block: 16, keep: 0.4, layers: layers.clone(), scorer: Scorer::Exact, target_queries: false }));
+        m.sparsity = Some(std::sync::Arc::new(Sparsity::attention_only(16, 0.4, layers.clone(), Scorer::Exact, false)));
         let inv = trainer::plan::inventory::of_model(&m, lora, 16).unwrap();
         let dense = trainer::plan::inventory::build(&c, kind, lora, Device::Cpu, 16).unwrap();
         // 160 tokens in blocks of 16: 10 blocks, 4 kept = 64 tokens.

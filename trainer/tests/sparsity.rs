@@ -17,10 +17,14 @@ use trainer::model::{Batch, Model};
 static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn model(config: &str, lora: bool) -> Model {
+    model_with(config, lora.then_some(&["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"][..]))
+}
+
+fn model_with(config: &str, lora: Option<&[&str]>) -> Model {
     let cfg = ModelConfig::parse(config, std::path::Path::new("config.json")).unwrap().0;
     let mut m = Model::init_random(cfg, 0.2, Kind::Double, Device::Cpu, 11).unwrap();
-    if lora {
-        let l = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from).to_vec() };
+    if let Some(targets) = lora {
+        let l = LoraConfig { rank: 4, alpha: 8.0, dropout: 0.0, targets: targets.iter().map(|t| t.to_string()).collect() };
         m.attach_lora(&l, 3).unwrap();
         tch::manual_seed(4);
         for (_, t) in m.named_adapters() {
@@ -31,14 +35,14 @@ fn model(config: &str, lora: bool) -> Model {
 }
 
 fn sparsity(scorer: Scorer, keep: f64, layers: Vec<usize>) -> Option<Arc<Sparsity>> {
-    Some(Arc::new(Sparsity { block: 8, keep, layers, scorer, target_queries: false }))
+    Some(Arc::new(Sparsity::attention_only(8, keep, layers, scorer, false)))
 }
 
 #[test]
 fn rating_by_target_blocks_matches_autograd_too() {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let mut m = model(GQA, true);
-    m.sparsity = Some(Arc::new(Sparsity { block: 8, keep: 0.4, layers: vec![1, 2], scorer: Scorer::Exact, target_queries: true }));
+    m.sparsity = Some(Arc::new(Sparsity::attention_only(8, 0.4, vec![1, 2], Scorer::Exact, true)));
     // Prompt/completion-like: only each document's last 5 tokens are targets.
     let mut b = batch(&[40, 17, 43]);
     let ends = [40i64, 57, 100];
@@ -59,11 +63,16 @@ fn rows(t: &Tensor) -> Vec<i64> {
     Vec::<i64>::try_from(t).unwrap()
 }
 
-/// The explicit step against autograd of the same computation on the kept rows.
+/// The explicit step against autograd of the same computation on the kept rows (and through the
+/// kept MLP channels).
 fn compare(m: &Model, b: &Batch, tag: &str) -> Vec<(usize, Tensor, i64)> {
+    compare_all(m, b, tag).kept
+}
+
+fn compare_all(m: &Model, b: &Batch, tag: &str) -> trainer::model::StepStats {
     let (loss, grads, stats) = m.forward_backward(b, None, 6).unwrap();
     let kept: Vec<(usize, Tensor)> = stats.kept.iter().map(|(l, k, _)| (*l, k.shallow_clone())).collect();
-    let (ref_loss, ref_grads) = trainer::model::reference::loss_and_grads_kept(m, b, &kept);
+    let (ref_loss, ref_grads) = trainer::model::reference::loss_and_grads_sparse(m, b, &kept, &stats.channels);
     let mean = loss.sum.double_value(&[]) / loss.count as f64;
     assert!((mean - ref_loss).abs() < 1e-12 * ref_loss.abs(), "{tag}: loss {mean} vs {ref_loss}");
     assert_eq!(grads.keys().collect::<Vec<_>>(), ref_grads.keys().collect::<Vec<_>>(), "{tag}");
@@ -71,7 +80,37 @@ fn compare(m: &Model, b: &Batch, tag: &str) -> Vec<(usize, Tensor, i64)> {
         let e = (&grads[n] - g).abs().max().double_value(&[]) / g.abs().max().double_value(&[]).max(1e-3);
         assert!(e < 1e-9, "{tag}: {n}: relative error {e:e}");
     }
-    stats.kept
+    stats
+}
+
+#[test]
+fn mlp_channel_sparsity_matches_autograd_of_the_straight_through_mlp() {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let attention = ["q_proj", "k_proj", "v_proj", "o_proj"];
+    for (tag, cfg, lora, attn_layers) in [("gqa full", GQA, None, vec![]), ("gqa full + attention sparsity", GQA, None, vec![1, 2]), ("gqa lora on attention", GQA, Some(&attention[..]), vec![2]), ("mha qwen2 biases", MHA_QWEN, None, vec![1])] {
+        let mut m = model_with(cfg, lora);
+        let n = m.layers.len();
+        let dense_bytes = m.forward_backward(&batch(&[40, 17, 43]), None, 6).unwrap().2.saved_bytes;
+        m.sparsity = Some(Arc::new(Sparsity { mlp_keep: 0.3, mlp_layers: (0..n).collect(), ..Sparsity::attention_only(8, 0.4, attn_layers.clone(), Scorer::Exact, false) }));
+        let stats = compare_all(&m, &batch(&[40, 17, 43]), tag);
+        let i = m.cfg.intermediate_size;
+        let c = (0.3 * i as f64).ceil() as i64;
+        assert_eq!(stats.channels.len(), n, "{tag}");
+        for (l, ch) in &stats.channels {
+            let v = rows(ch);
+            assert_eq!(v.len() as i64, c, "{tag}: layer {l}");
+            assert!(v.windows(2).all(|w| w[0] < w[1]) && v[v.len() - 1] < i, "{tag}: layer {l}: channels ascending and in range: {v:?}");
+        }
+        if attn_layers.is_empty() {
+            // gate, up and act shrink from I to c columns (float64), the channel list is saved.
+            assert_eq!(dense_bytes as i64 - stats.saved_bytes as i64, n as i64 * (3 * 100 * (i - c) * 8 - c * 8), "{tag}: saved bytes");
+        }
+    }
+    // LoRA on the MLP's projections is refused, naming the projection.
+    let mut m = model(GQA, true);
+    m.sparsity = Some(Arc::new(Sparsity { mlp_keep: 0.3, mlp_layers: vec![0], ..Sparsity::attention_only(8, 1.0, vec![], Scorer::Exact, false) }));
+    let e = m.forward_backward(&batch(&[40]), None, 6).err().expect("LoRA on the MLP with channel sparsity").to_string();
+    assert!(e.contains("gate_proj") && e.contains("lora.targets"), "{e}");
 }
 
 #[test]

@@ -153,7 +153,12 @@ pub mod name {
     pub const PHILOX_SEED: &str = "attn_philox_seed";
     pub const PHILOX_OFFSET: &str = "attn_philox_offset";
     pub const SPARSE_KEPT: &str = "sparse_kept";
+    pub const MLP_CHANNELS: &str = "mlp_channels";
 }
+
+/// The saved tensors whose columns are the MLP's intermediate channels: a layer with MLP channel
+/// sparsity saves its kept channels' columns only ([`sparse::top_channels`]).
+pub const CHANNELED: [&str; 3] = [name::GATE, name::UP, name::ACT];
 
 /// Every activation one block keeps for its backward, token-major (of a shard, q, k, v and the
 /// logsumexp are in the heads' layout: see [`Layout::Sharded`]).
@@ -184,6 +189,9 @@ pub struct BlockSaved {
     /// A sparse layer's kept rows (`[K]` int64, ascending, [`sparse`]): then the input norm's
     /// tensors, q, k, v, the attention output and logsumexp and q/k/v's LoRA tensors have K rows.
     pub kept: Option<Tensor>,
+    /// A layer with MLP channel sparsity: the kept intermediate channels (`[c]` int64, ascending);
+    /// then gate, up and act are `[T, c]`.
+    pub channels: Option<Tensor>,
 }
 
 impl BlockSaved {
@@ -222,6 +230,9 @@ impl BlockSaved {
         if let Some(k) = &self.kept {
             v.push((name::SPARSE_KEPT.into(), k));
         }
+        if let Some(c) = &self.channels {
+            v.push((name::MLP_CHANNELS.into(), c));
+        }
         v
     }
 
@@ -259,6 +270,7 @@ impl BlockSaved {
             act: get(name::ACT)?,
             lora,
             kept: if names.iter().any(|n| n == name::SPARSE_KEPT) { Some(get(name::SPARSE_KEPT)?) } else { None },
+            channels: if names.iter().any(|n| n == name::MLP_CHANNELS) { Some(get(name::MLP_CHANNELS)?) } else { None },
         })
     }
 
@@ -467,6 +479,18 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize) -> Re
             mlp(layer, h, ctx, &mut ls, Masks::Draw)
         }
     };
+    // MLP channel sparsity: the forward was exact; only the kept channels' columns are saved.
+    let channels = match ctx.sparsity.as_ref().and_then(|s| s.mlp_keep_in(layer_idx)) {
+        Some(keep) => {
+            mlp_not_adapted(layer)?;
+            Some(sparse::top_channels(&post.gate, &post.up, keep))
+        }
+        None => None,
+    };
+    let post = match &channels {
+        Some(c) => PostAttn { gate: post.gate.index_select(1, c), up: post.up.index_select(1, c), act: post.act.index_select(1, c), ..post },
+        None => post,
+    };
     let saved = BlockSaved {
         x: x.shallow_clone(),
         rstd_attn,
@@ -480,6 +504,7 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize) -> Re
         act: post.act,
         lora: ls,
         kept: sel.map(|s| s.idx),
+        channels,
     };
     Ok((post.y, saved))
 }
@@ -574,22 +599,62 @@ pub(crate) fn proj_backward(dy: &Tensor, x: &Tensor, layer: &Layer, p: Proj, ctx
     Ok(g.x)
 }
 
+/// MLP channel sparsity runs on projections without adapters (the reference trains LoRA on the
+/// attention's projections only).
+fn mlp_not_adapted(layer: &Layer) -> Result<()> {
+    match [Proj::Gate, Proj::Up, Proj::Down].into_iter().find(|&p| layer.proj(p).lora.is_some()) {
+        Some(p) => Err(crate::error::TrainerError::Device(format!("MLP channel sparsity with a LoRA adapter on `{}` is not built: leave the MLP's projections out of lora.targets or keep every channel", p.hf_name()))),
+        None => Ok(()),
+    }
+}
+
+/// [`proj_backward`] of an MLP projection through the kept intermediate channels `channels`
+/// only: down_proj's input columns, gate/up_proj's output rows. Under full fine-tuning the
+/// dropped channels' weight (and bias) entries get a zero gradient.
+#[allow(clippy::too_many_arguments)]
+fn proj_backward_channels(dy: &Tensor, x: &Tensor, layer: &Layer, p: Proj, channels: &Tensor, ctx: &Context, grads: &mut Vec<(String, Tensor)>) -> Result<Tensor> {
+    mlp_not_adapted(layer)?;
+    let (lin, name) = (layer.proj(p), p.hf_name());
+    // down_proj's weight is [D, I] (channels are its columns); gate/up_proj's [I, D] (rows).
+    let dim = if p == Proj::Down { 1 } else { 0 };
+    let w = lin.weight.index_select(dim, channels);
+    let bias_on_channels = dim == 0;
+    let g = linear::backward(dy, &linear::Saved { x: x.shallow_clone() }, &w, ctx.full, ctx.full && lin.bias.is_some());
+    if let Some(gw) = g.weight {
+        grads.push((format!("{name}.weight"), lin.weight.zeros_like().index_copy(dim, channels, &gw)));
+    }
+    if let (Some(gb), Some(b)) = (g.bias, &lin.bias) {
+        grads.push((format!("{name}.bias"), if bias_on_channels { b.zeros_like().index_copy(0, channels, &gb) } else { gb }));
+    }
+    Ok(g.x)
+}
+
 /// Consumes the layer's saved activations; returns the gradient of the block input and the
 /// parameter gradients under their names relative to `model.layers.{i}`.
 pub fn backward(layer: &Layer, dy: Tensor, s: BlockSaved, ctx: &Context, layer_idx: usize) -> Result<(Tensor, Vec<(String, Tensor)>)> {
     let mut grads = Vec::new();
     // Each saved tensor is released right after the op that consumes it, which is what the
     // planner's level-1 layout of this backward assumes (`inventory::backward_buffers`).
-    let BlockSaved { x, rstd_attn, x_attn, attn, h, rstd_mlp, x_mlp, gate, up, act, lora, kept } = s;
+    let BlockSaved { x, rstd_attn, x_attn, attn, h, rstd_mlp, x_mlp, gate, up, act, lora, kept, channels } = s;
     let mut ls = lora;
-    // MLP
-    let dact = proj_backward(&dy, &act, layer, Proj::Down, ctx, &mut ls, &mut grads)?;
-    drop(act);
-    let (dgate, dup) = swiglu::backward(&dact, &swiglu::Saved { gate, up });
-    drop(dact);
-    let dx_mlp = proj_backward(&dgate, &x_mlp, layer, Proj::Gate, ctx, &mut ls, &mut grads)?
-        + proj_backward(&dup, &x_mlp, layer, Proj::Up, ctx, &mut ls, &mut grads)?;
-    drop((dgate, dup, x_mlp));
+    // MLP (with channel sparsity, through the kept channels only)
+    let dx_mlp = match &channels {
+        None => {
+            let dact = proj_backward(&dy, &act, layer, Proj::Down, ctx, &mut ls, &mut grads)?;
+            drop(act);
+            let (dgate, dup) = swiglu::backward(&dact, &swiglu::Saved { gate, up });
+            drop(dact);
+            proj_backward(&dgate, &x_mlp, layer, Proj::Gate, ctx, &mut ls, &mut grads)? + proj_backward(&dup, &x_mlp, layer, Proj::Up, ctx, &mut ls, &mut grads)?
+        }
+        Some(c) => {
+            let dact = proj_backward_channels(&dy, &act, layer, Proj::Down, c, ctx, &mut grads)?;
+            drop(act);
+            let (dgate, dup) = swiglu::backward(&dact, &swiglu::Saved { gate, up });
+            drop(dact);
+            proj_backward_channels(&dgate, &x_mlp, layer, Proj::Gate, c, ctx, &mut grads)? + proj_backward_channels(&dup, &x_mlp, layer, Proj::Up, c, ctx, &mut grads)?
+        }
+    };
+    drop(x_mlp);
     let (dh_norm, dw2) = rmsnorm::backward(&dx_mlp, &rmsnorm::Saved { x: h, rstd: rstd_mlp }, &layer.post_attention_layernorm, ctx.full);
     drop(dx_mlp);
     if let Some(w) = dw2 {

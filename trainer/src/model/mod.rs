@@ -75,6 +75,8 @@ pub struct StepStats {
     pub saved_bytes: usize,
     /// Token sparsity: each sparse layer's kept rows (`[K]` int64) and the tokens it had.
     pub kept: Vec<(usize, Tensor, i64)>,
+    /// MLP channel sparsity: each such layer's kept channels (`[c]` int64).
+    pub channels: Vec<(usize, Tensor)>,
 }
 
 /// Every parameter of the model with its HF name and shape, in checkpoint order. This one list
@@ -399,7 +401,7 @@ impl Model {
         }
         let mut stashed = Vec::with_capacity(n_layers);
         let mut saved_bytes = 0;
-        let mut kept = Vec::new();
+        let (mut kept, mut channels) = (Vec::new(), Vec::new());
         for (l, layer) in self.layers.iter().enumerate() {
             guard::enter(Phase::Forward, Some(l));
             let (y, s) = self.forward_block(layer, &x, &ctx, l, split(l))?;
@@ -407,10 +409,13 @@ impl Model {
             if let Some(k) = &s.kept {
                 kept.push((l, k.shallow_clone(), t_all));
             }
+            if let Some(c) = &s.channels {
+                channels.push((l, c.shallow_clone()));
+            }
             stashed.push(stash::put(store, placement, l, s, t_all, self.layer_layout(l))?);
             x = y;
         }
-        let stats = StepStats { saved_bytes, kept };
+        let stats = StepStats { saved_bytes, kept, channels };
         guard::enter(Phase::Loss, None);
         let (h, norm_saved) = rmsnorm::forward(&x, &self.norm, self.cfg.rms_norm_eps);
         let (loss, ce_saved) = cross_entropy::forward(&h, self.lm_head_weight(), &labels, ce_chunk);

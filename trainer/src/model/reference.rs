@@ -42,6 +42,13 @@ pub fn loss_and_grads(model: &Model, batch: &Batch) -> (f64, Grads) {
 /// attention runs on those rows only (their original positions, documents apart, causal among
 /// them) and its output is added into those rows of the residual; every other row's is zero.
 pub fn loss_and_grads_kept(model: &Model, batch: &Batch, kept: &[(usize, Tensor)]) -> (f64, Grads) {
+    loss_and_grads_sparse(model, batch, kept, &[])
+}
+
+/// [`loss_and_grads_kept`] with MLP channel sparsity: in each layer of `channels` (layer, `[c]`
+/// channels) the MLP's value is the dense one, and its gradient flows through those channels only
+/// (`dense.detach() + part − part.detach()`, `part` the down projection of the kept channels).
+pub fn loss_and_grads_sparse(model: &Model, batch: &Batch, kept: &[(usize, Tensor)], channels: &[(usize, Tensor)]) -> (f64, Grads) {
     let cfg = &model.cfg;
     let dev = model.device();
     let trainable: Vec<String> = model.trainable().into_iter().map(|(n, _)| n).collect();
@@ -102,8 +109,20 @@ pub fn loss_and_grads_kept(model: &Model, batch: &Batch, kept: &[(usize, Tensor)
             None => &x + out,
         };
         let n2 = rms(&hres, &p[&format!("{pre}.post_attention_layernorm.weight")], cfg.rms_norm_eps);
-        let act = lin(&format!("{pre}.mlp.gate_proj"), &n2).silu() * lin(&format!("{pre}.mlp.up_proj"), &n2);
-        x = hres + lin(&format!("{pre}.mlp.down_proj"), &act);
+        let (gate, up) = (lin(&format!("{pre}.mlp.gate_proj"), &n2), lin(&format!("{pre}.mlp.up_proj"), &n2));
+        let dense = lin(&format!("{pre}.mlp.down_proj"), &(gate.silu() * &up));
+        x = match channels.iter().find(|(m, _)| *m == l) {
+            None => hres + dense,
+            Some((_, c)) => {
+                let c = c.to_device(dev);
+                let act_c = gate.index_select(1, &c).silu() * up.index_select(1, &c);
+                let mut part = act_c.matmul(&p[&format!("{pre}.mlp.down_proj.weight")].index_select(1, &c).tr());
+                if let Some(b) = p.get(&format!("{pre}.mlp.down_proj.bias")) {
+                    part = part + b;
+                }
+                hres + dense.detach() + &part - part.detach()
+            }
+        };
     }
     let hfin = rms(&x, &p["model.norm.weight"], cfg.rms_norm_eps);
     let head = p.get("lm_head.weight").unwrap_or(&p["model.embed_tokens.weight"]);

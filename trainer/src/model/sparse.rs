@@ -46,6 +46,11 @@ pub struct Sparsity {
     /// from; every block when a document has none), and always keep those, instead of rating by
     /// every query block (the reference).
     pub target_queries: bool,
+    /// MLP channel sparsity: the fraction of the intermediate channels whose gate/up/act columns
+    /// a layer of `mlp_layers` saves ([`top_channels`]); 1: every channel (off).
+    pub mlp_keep: f64,
+    /// The layers whose MLP keeps its top channels only (independent of `layers`).
+    pub mlp_layers: Vec<usize>,
 }
 
 impl Sparsity {
@@ -57,6 +62,42 @@ impl Sparsity {
     pub fn is_sparse(&self, layer: usize) -> bool {
         self.layers.contains(&layer)
     }
+
+    /// The fraction of MLP channels `layer` saves, when it keeps fewer than all.
+    pub fn mlp_keep_in(&self, layer: usize) -> Option<f64> {
+        (self.mlp_keep < 1.0 && self.mlp_layers.contains(&layer)).then_some(self.mlp_keep)
+    }
+
+    /// Attention sparsity in `layers` only, every MLP channel kept.
+    pub fn attention_only(block: i64, keep: f64, layers: Vec<usize>, scorer: Scorer, target_queries: bool) -> Sparsity {
+        Sparsity { block, keep, layers, scorer, target_queries, mlp_keep: 1.0, mlp_layers: Vec::new() }
+    }
+}
+
+/// MLP channel sparsity (the reference's): the `ceil(keep · I)` intermediate channels with the
+/// largest `‖silu(gate)[:, i]‖₂ + ‖up[:, i]‖₂` over all tokens, ascending. The forward stays exact
+/// (every channel); the layer saves these channels' gate, up and act columns only, and its
+/// backward passes the input gradient through them alone (an approximate gradient; the dropped
+/// channels' weight rows get none).
+///
+/// The norms are summed over row chunks, so no `[T, I]` temporary exists beside the inputs.
+///
+/// # Shapes
+/// - `gate`, `up`: `[T, I]` → `[c]` int64
+pub fn top_channels(gate: &Tensor, up: &Tensor, keep: f64) -> Tensor {
+    let _guard = tch::no_grad_guard();
+    let (t, i) = (gate.size()[0], gate.size()[1]);
+    let acc = kernels::accum_kind(gate.kind());
+    let (mut g2, mut u2) = (Tensor::zeros([i], (acc, gate.device())), Tensor::zeros([i], (acc, gate.device())));
+    const CHUNK: i64 = 1024;
+    for a in (0..t).step_by(CHUNK as usize) {
+        let n = CHUNK.min(t - a);
+        g2 += gate.narrow(0, a, n).silu().to_kind(acc).square().sum_dim_intlist(0, false, acc);
+        u2 += up.narrow(0, a, n).to_kind(acc).square().sum_dim_intlist(0, false, acc);
+    }
+    let c = ((keep * i as f64).ceil() as i64).clamp(1, i);
+    let (_, idx) = (g2.sqrt() + u2.sqrt()).topk(c, 0, true, true);
+    idx.sort(0, false).0
 }
 
 /// The tokens a sparse layer keeps.

@@ -92,7 +92,19 @@ pub fn take(store: &mut ActivationStore, layer: &Layer, l: usize, stashed: &Stas
             (vec![(block::name::X, x_in), (block::name::ATTN_OUT, attn_out)], tail)
         }
     };
-    let mut tail: BTreeMap<&str, Tensor> = tail.into_iter().collect();
+    // MLP channel sparsity: the recomputed MLP tensors keep the forward's channels (always stored).
+    let channels = if names.iter().any(|n| n == block::name::MLP_CHANNELS) { Some(store.take(l, block::name::MLP_CHANNELS)?) } else { None };
+    let mut tail: BTreeMap<&str, Tensor> = tail
+        .into_iter()
+        .map(|(n, t)| match &channels {
+            Some(c) if block::CHANNELED.contains(&n) => (n, t.index_select(1, c)),
+            _ => (n, t),
+        })
+        .collect();
+    let mut sources = sources;
+    if let Some(c) = channels {
+        sources.push((block::name::MLP_CHANNELS, c));
+    }
     BlockSaved::from_named(&stashed.with_recomputable(), |n| match sources.iter().find(|(s, _)| *s == n) {
         Some((_, t)) => Ok(t.shallow_clone()),
         None if block::recomputable(n, stashed.layout) => {

@@ -208,6 +208,7 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize, tile:
         act: stored_rows.take(name::ACT, like),
         lora,
         kept: None,
+        channels: None,
     };
     Ok((y, saved))
 }

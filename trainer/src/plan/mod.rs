@@ -138,7 +138,7 @@ fn recipe_inventory(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lo
     let (dev, kind) = (recipe.run.device.target()?, recipe.run.dtype.0);
     let sp = recipe.dist.sequence_parallel.max(1) as i64;
     let inv = crate::plan::inventory::build_sharded(cfg, kind, lora, dev, recipe.train.loss_chunk, tile, sp)?;
-    match &recipe.sparsity {
+    match recipe.sparsity.as_ref().filter(|s| s.from_the_start()) {
         Some(s) => {
             let s = s.resolve(cfg.num_layers as usize, &cfg.sliding_window).map_err(|e| TrainerError::Device(format!("recipe: {e}")))?;
             crate::plan::inventory::with_sparsity(inv, cfg, kind, lora, dev, &s)

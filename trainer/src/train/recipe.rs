@@ -70,6 +70,43 @@ pub struct SparsitySection {
     /// prompt/completion data: on plain text every block holds targets, and nothing is dropped).
     #[serde(default)]
     pub score_queries: ScoreQueries,
+    /// Optimizer steps run with every layer dense before the sparse layers start (a dense
+    /// warm-up: the model first learns where to attend on short contexts, then the scorer can
+    /// find those blocks). The plan is then the dense step's, the whole run's peak.
+    #[serde(default)]
+    pub start_step: u64,
+    /// MLP channel sparsity (the reference keeps 0.2): the fraction of the intermediate channels
+    /// whose gate/up/act columns a layer of `mlp_layers` saves — those with the largest norms over
+    /// the sequence. The forward stays exact; the backward passes the input gradient through the
+    /// kept channels only (an approximate gradient; under full fine-tuning the other channels'
+    /// MLP weights get none that step). 1 (the default): off. The MLP's projections must not
+    /// carry LoRA adapters. Trade-off: the MLP's saved tensors, most of a layer's, shrink to this
+    /// fraction, for a coarser gradient.
+    #[serde(default = "one")]
+    pub mlp_keep_ratio: f64,
+    /// The layers with MLP channel sparsity: "all" (the reference), "upper" or a list.
+    #[serde(default = "all_layers")]
+    pub mlp_layers: SparseLayers,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn all_layers() -> SparseLayers {
+    SparseLayers::Named("all".into())
+}
+
+impl SparsitySection {
+    /// Whether optimizer step `step` (counted from 0) runs the sparse layers sparse.
+    pub fn active_at(&self, step: i64) -> bool {
+        step >= self.start_step as i64
+    }
+
+    /// Whether every step of a run runs sparse (what the plan may count on).
+    pub fn from_the_start(&self) -> bool {
+        self.start_step == 0
+    }
 }
 
 /// `sparsity.score_queries`.
@@ -112,14 +149,8 @@ impl SparsitySection {
     /// The engine's settings for a model of `layers` layers whose layer l has sliding window
     /// `windows[l]`; errors name the key.
     pub fn resolve(&self, layers: usize, windows: &[Option<i64>]) -> std::result::Result<crate::model::sparse::Sparsity, String> {
-        let list = match &self.layers {
-            SparseLayers::Named(n) if n == "upper" => crate::model::sparse::Sparsity::upper_layers(layers),
-            SparseLayers::Named(n) => return Err(format!("`sparsity.layers`: \"{n}\": expected \"upper\" or a list of layer indices")),
-            SparseLayers::List(v) => v.clone(),
-        };
-        if let Some(l) = list.iter().find(|&&l| l >= layers) {
-            return Err(format!("`sparsity.layers`: layer {l} is out of range: the model has {layers} layers (0..{})", layers.saturating_sub(1)));
-        }
+        let list = self.layers.resolve("sparsity.layers", layers)?;
+        let mlp_layers = self.mlp_layers.resolve("sparsity.mlp_layers", layers)?;
         if let Some(l) = list.iter().find(|&&l| windows.get(l).copied().flatten().is_some()) {
             return Err(format!("`sparsity.layers`: layer {l} attends through a sliding window, which a compacted sequence would widen; leave it dense"));
         }
@@ -127,7 +158,31 @@ impl SparsitySection {
             SparseScorer::Exact => crate::model::sparse::Scorer::Exact,
             SparseScorer::Pooled => crate::model::sparse::Scorer::Pooled,
         };
-        Ok(crate::model::sparse::Sparsity { block: self.block_size, keep: self.keep_ratio, layers: list, scorer, target_queries: self.score_queries == ScoreQueries::Targets })
+        Ok(crate::model::sparse::Sparsity {
+            block: self.block_size,
+            keep: self.keep_ratio,
+            layers: list,
+            scorer,
+            target_queries: self.score_queries == ScoreQueries::Targets,
+            mlp_keep: self.mlp_keep_ratio,
+            mlp_layers,
+        })
+    }
+}
+
+impl SparseLayers {
+    /// The layer indices of a model of `layers` layers; errors name `key`.
+    fn resolve(&self, key: &str, layers: usize) -> std::result::Result<Vec<usize>, String> {
+        let list = match self {
+            SparseLayers::Named(n) if n == "upper" => crate::model::sparse::Sparsity::upper_layers(layers),
+            SparseLayers::Named(n) if n == "all" => (0..layers).collect(),
+            SparseLayers::Named(n) => return Err(format!("`{key}`: \"{n}\": expected \"upper\", \"all\" or a list of layer indices")),
+            SparseLayers::List(v) => v.clone(),
+        };
+        match list.iter().find(|&&l| l >= layers) {
+            Some(l) => Err(format!("`{key}`: layer {l} is out of range: the model has {layers} layers (0..{})", layers.saturating_sub(1))),
+            None => Ok(list),
+        }
     }
 }
 
@@ -716,6 +771,13 @@ impl Recipe {
             }
             if !(s.keep_ratio > 0.0 && s.keep_ratio <= 1.0) {
                 return err("sparsity.keep_ratio", format!("{} must lie in (0, 1] (the fraction of each document's blocks kept)", s.keep_ratio));
+            }
+            if !(s.mlp_keep_ratio > 0.0 && s.mlp_keep_ratio <= 1.0) {
+                return err("sparsity.mlp_keep_ratio", format!("{} must lie in (0, 1] (the fraction of the MLP's intermediate channels saved; 1: all)", s.mlp_keep_ratio));
+            }
+            let mlp_adapted = self.lora.as_ref().and_then(|l| l.targets.iter().find(|t| ["gate_proj", "up_proj", "down_proj"].contains(&t.as_str())));
+            if let (true, Some(t)) = (s.mlp_keep_ratio < 1.0, mlp_adapted) {
+                return err("sparsity.mlp_keep_ratio", format!("MLP channel sparsity with a LoRA adapter on `{t}` is not built: leave the MLP's projections out of lora.targets or set it to 1"));
             }
             // Built so far for whole-sequence layers on one process.
             for (key, on) in [("compute.tile_tokens", matches!(self.compute.fixed_tile(), Some(Some(_)))), ("dist.sequence_parallel", self.dist.sequence_parallel > 1)] {

@@ -35,6 +35,8 @@ pub struct Session {
     pub planned: Option<Placement>,
     /// The job's processes (one when alone); rank 0 alone writes the run's files.
     pub world: World,
+    /// The recipe's token sparsity, resolved; its layers run sparse from `sparsity.start_step`.
+    pub sparsity: Option<std::sync::Arc<crate::model::sparse::Sparsity>>,
 }
 
 /// The model's configuration without its weights: the folder's config.json, or `[model.init]`
@@ -212,12 +214,16 @@ impl Session {
         };
         model.tile_tokens = tile.map(|t| t as i64);
         model.seq = world.sequence_group(sp)?;
+        let mut sparsity = None;
         if let Some(s) = &recipe.sparsity {
             if model.tile_tokens.is_some() {
                 return Err(TrainerError::config(recipe_path, "`sparsity`: the plan chose token tiles, which sparse layers do not run yet; set compute.tile_tokens = 0"));
             }
             let resolved = s.resolve(model.layers.len(), &model.cfg.sliding_window).map_err(|e| TrainerError::config(recipe_path, e))?;
-            model.sparsity = Some(std::sync::Arc::new(resolved));
+            sparsity = Some(std::sync::Arc::new(resolved));
+            // After a dense warm-up, the store is placed for dense layers (its peak is theirs);
+            // each step decides whether its sparse layers run sparse (`train_step`).
+            model.sparsity = sparsity.clone().filter(|_| s.from_the_start());
         }
         let planned = planned.map(|(p, _)| p);
         let t = &recipe.train;
@@ -235,7 +241,7 @@ impl Session {
         }
         world.check_same("resumed step", state.step as u64)?;
         let run_dir = recipe.run.dir.clone();
-        Ok(Session { recipe, recipe_toml, run_dir, model, tokens, lora, base_name, export_source, opt, schedule, state, planned, world })
+        Ok(Session { recipe, recipe_toml, run_dir, model, tokens, lora, base_name, export_source, opt, schedule, state, planned, world, sparsity })
     }
 
     /// The activation store with the recipe's tiers, and the placement it runs: the plan's when

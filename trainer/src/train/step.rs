@@ -40,6 +40,8 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
     let t0 = Instant::now();
     let step_peak = crate::memory::PhasePeak::start();
     let traffic_before = s.model.seq.as_ref().map(|g| g.traffic());
+    // Sparse layers run sparse from `sparsity.start_step` on (dense before it: the warm-up).
+    s.model.sparsity = s.sparsity.clone().filter(|_| s.recipe.sparsity.as_ref().is_some_and(|r| r.active_at(step)));
     let recipe = &s.recipe;
     // The step's micro-batches are those one process with grad_accum × data-parallel size would
     // take; every rank draws them all (file data advances its cursor through all of them) and
