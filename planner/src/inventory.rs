@@ -49,6 +49,28 @@ pub struct TensorClass {
     /// pre-attention ones hold the kept tokens, not the first rows, and are always stored).
     #[serde(default)]
     pub recomputable_in_sparse: bool,
+    /// Saved only: what it holds in a layer with MLP channel sparsity ([`Sparse::mlp_layers`]).
+    #[serde(default)]
+    pub in_channel_layers: ChannelCols,
+}
+
+/// What a saved tensor holds in a layer whose MLP saves its kept channels only (measured by
+/// running such a block).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelCols {
+    /// The same as in any other layer.
+    #[default]
+    Same,
+    /// The kept channels' columns (the MLP's gate, up and act): this shape and per-token bytes.
+    Kept {
+        /// Shape formula, e.g. `[T, 2868]`.
+        shape: String,
+        /// Bytes per token there.
+        per_token_bytes: u64,
+    },
+    /// Present in such layers only (the kept channels' indices).
+    Only,
 }
 
 /// What a saved tensor holds in a sparse layer (measured by running a sparse block).
@@ -73,6 +95,16 @@ pub struct Sparse {
     pub block: u64,
     /// Fraction of a document's blocks kept.
     pub keep: f64,
+    /// The layers with MLP channel sparsity (may differ from `layers`).
+    #[serde(default)]
+    pub mlp_layers: Vec<usize>,
+    /// Fraction of the MLP's intermediate channels those layers save.
+    #[serde(default = "one")]
+    pub mlp_keep: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl Sparse {
@@ -233,12 +265,24 @@ impl Inventory {
         self.sparse.as_ref().is_some_and(|s| s.layers.contains(&layer))
     }
 
+    /// Whether `layer`'s MLP saves its kept channels only.
+    pub fn has_mlp_channels(&self, layer: usize) -> bool {
+        self.sparse.as_ref().is_some_and(|s| s.mlp_keep < 1.0 && s.mlp_layers.contains(&layer))
+    }
+
     /// Layer `layer`'s saved tensors with the first `split` of `tokens` rows of the recomputable
     /// ones stored, in the order the block saves them, with their bytes and whether they are
-    /// recomputable there; in a sparse layer those attention reads hold the kept tokens only.
+    /// recomputable there; in a sparse layer those attention reads hold the kept tokens only, in
+    /// a layer with MLP channel sparsity the MLP's hold the kept channels only.
     pub fn layer_tensors(&self, layer: usize, tokens: u64, split: u64) -> impl Iterator<Item = (&TensorClass, u64, bool)> {
         let kept = self.sparse.as_ref().filter(|_| self.is_sparse(layer)).map(|s| s.kept_tokens(tokens));
+        let channels = self.has_mlp_channels(layer);
         self.saved.iter().filter_map(move |c| {
+            let per_token = match (&c.in_channel_layers, channels) {
+                (ChannelCols::Only, false) => return None,
+                (ChannelCols::Kept { per_token_bytes, .. }, true) => *per_token_bytes,
+                _ => c.per_token_bytes,
+            };
             let recomputable = if kept.is_some() { c.recomputable_in_sparse } else { c.recomputable };
             let rows = match (c.in_sparse, kept) {
                 (SparseRows::OnlySparse, None) => return None,
@@ -246,7 +290,7 @@ impl Inventory {
                 _ if recomputable => split,
                 _ => tokens,
             };
-            Some((c, c.fixed_bytes + c.per_token_bytes * rows, recomputable))
+            Some((c, c.fixed_bytes + per_token * rows, recomputable))
         })
     }
 

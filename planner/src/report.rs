@@ -35,17 +35,33 @@ pub fn table(inv: &Inventory, p: &Plan) -> String {
     let w = group_total(&mut s, Group::Weights, "weights");
     let g = group_total(&mut s, Group::Grads, "grads");
     let o = group_total(&mut s, Group::Optimizer, "optimizer");
-    // Dense layers, then (token sparsity) the sparse ones, whose attention tensors hold K rows:
-    // the kept tokens.
+    // Layers by kind: dense, then (token sparsity) those whose attention tensors hold K rows (the
+    // kept tokens) and those whose MLP tensors hold the kept channels' columns.
+    let kind = |l: usize| (inv.is_sparse(l), inv.has_mlp_channels(l));
+    let mut kinds: Vec<((bool, bool), usize, usize)> = Vec::new();
+    for l in 0..inv.layers {
+        match kinds.iter_mut().find(|(k, _, _)| *k == kind(l)) {
+            Some(e) => e.2 += 1,
+            None => kinds.push((kind(l), l, 1)),
+        }
+    }
+    kinds.sort_by_key(|(k, _, _)| *k);
     let sparse_layers: Vec<usize> = (0..inv.layers).filter(|&l| inv.is_sparse(l)).collect();
-    let groups = [(inv.layers - sparse_layers.len(), (0..inv.layers).find(|&l| !inv.is_sparse(l))), (sparse_layers.len(), sparse_layers.first().copied())];
-    for (count, first) in groups {
-        let Some(layer) = first else { continue };
-        let sparse = inv.is_sparse(layer);
+    for ((sparse, channels), layer, count) in kinds {
+        let label = match (sparse, channels) {
+            (false, false) => "",
+            (true, false) => " (sparse layers)",
+            (false, true) => " (MLP-channel layers)",
+            (true, true) => " (sparse, MLP-channel layers)",
+        };
         for (c, bytes, recomputable) in inv.layer_tensors(layer, t, t) {
             let kept_rows = sparse && c.in_sparse != crate::inventory::SparseRows::All;
-            let name = format!("{}{}{}", c.name, if recomputable { " (recomputable)" } else { "" }, if sparse { " (sparse layers)" } else { "" });
-            let shape = if kept_rows { c.shape.replacen('T', "K", 1) } else { c.shape.clone() };
+            let name = format!("{}{}{label}", c.name, if recomputable { " (recomputable)" } else { "" });
+            let shape = match (&c.in_channel_layers, channels) {
+                (crate::inventory::ChannelCols::Kept { shape, .. }, true) => shape.clone(),
+                _ => c.shape.clone(),
+            };
+            let shape = if kept_rows { shape.replacen('T', "K", 1) } else { shape };
             line(&mut s, "saved", &name, &shape, &c.dtype, count as u64, bytes * count as u64);
         }
     }
@@ -61,9 +77,15 @@ pub fn table(inv: &Inventory, p: &Plan) -> String {
         }
     }
     let h = group_total(&mut s, Group::Head, "head") + group_total(&mut s, Group::Context, "context");
-    let _ = writeln!(s, "totals     weights {}, grads {}, optimizer {}, saved {}{} per layer × {} = {}, head {}", human(w), human(g), human(o), if sparse_layers.is_empty() { "" } else { "~" }, human(per_layer), inv.layers, human(saved_all), human(h));
+    let uneven = !sparse_layers.is_empty() || (0..inv.layers).any(|l| inv.has_mlp_channels(l));
+    let _ = writeln!(s, "totals     weights {}, grads {}, optimizer {}, saved {}{} per layer × {} = {}, head {}", human(w), human(g), human(o), if uneven { "~" } else { "" }, human(per_layer), inv.layers, human(saved_all), human(h));
     if let Some(sp) = &inv.sparse {
-        let _ = writeln!(s, "sparsity   layers {:?} keep {} of each document's {}-token blocks: K = {} of T = {t} tokens (one document)", sp.layers, sp.keep, sp.block, sp.kept_tokens(t));
+        if !sp.layers.is_empty() {
+            let _ = writeln!(s, "sparsity   layers {:?} keep {} of each document's {}-token blocks: K = {} of T = {t} tokens (one document)", sp.layers, sp.keep, sp.block, sp.kept_tokens(t));
+        }
+        if sp.mlp_keep < 1.0 && !sp.mlp_layers.is_empty() {
+            let _ = writeln!(s, "sparsity   MLP channels: layers {:?} save {} of the intermediate channels (exact forward, backward through those)", sp.mlp_layers, sp.mlp_keep);
+        }
     }
     let _ = writeln!(s);
     let _ = writeln!(s, "plan       keep_last {} (layers kept on the device), lookahead {}", p.keep_last, p.lookahead);

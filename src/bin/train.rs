@@ -280,6 +280,12 @@ enum BenchCmd {
         /// Token sparsity: "exact" or "pooled".
         #[arg(long, default_value = "exact")]
         sparse_scorer: String,
+        /// MLP channel sparsity: the fraction of intermediate channels saved (1: all).
+        #[arg(long, default_value_t = 1.0)]
+        sparse_mlp_keep: f64,
+        /// MLP channel sparsity: its layers, "all", "upper" or comma-separated indices.
+        #[arg(long, default_value = "all")]
+        sparse_mlp_layers: String,
     },
 }
 
@@ -501,39 +507,45 @@ fn bench_offload_cmd(tiers: String, nvme_dir: Option<PathBuf>, device: String, b
     Ok(())
 }
 
-/// `train bench step`: time and memory of one forward + backward.
-#[allow(clippy::too_many_arguments)]
 /// `train bench step`'s token-sparsity flags.
 struct SparseFlags {
     keep: f64,
     block: i64,
     layers: String,
     scorer: String,
+    mlp_keep: f64,
+    mlp_layers: String,
 }
 
 impl SparseFlags {
     /// The engine's settings for a model of `layers` layers (None: dense); the recipe's rules.
     fn resolve(&self, layers: usize) -> Result<Option<trainer::model::sparse::Sparsity>, String> {
-        if self.keep == 0.0 {
+        if self.keep == 0.0 && self.mlp_keep == 1.0 {
             return Ok(None);
         }
         use trainer::train::recipe::{SparseLayers, SparseScorer, SparsitySection};
-        if !(self.keep > 0.0 && self.keep <= 1.0) || self.block <= 0 {
-            return Err(format!("bench step: --sparse-keep {} must lie in (0, 1] and --sparse-block {} be positive", self.keep, self.block));
+        if !(0.0..=1.0).contains(&self.keep) || self.block <= 0 || !(self.mlp_keep > 0.0 && self.mlp_keep <= 1.0) {
+            return Err(format!("bench step: --sparse-keep {} must lie in (0, 1] (0: attention dense), --sparse-block {} be positive and --sparse-mlp-keep {} lie in (0, 1]", self.keep, self.block, self.mlp_keep));
         }
-        let list = match self.layers.as_str() {
-            "upper" => SparseLayers::Named("upper".into()),
-            l => SparseLayers::List(l.split(',').map(|x| x.trim().parse::<usize>().map_err(|_| format!("bench step: --sparse-layers {l}: \"upper\" or comma-separated layer indices"))).collect::<Result<_, _>>()?),
+        let list = |flag: &str, v: &str| -> Result<SparseLayers, String> {
+            Ok(match v {
+                "upper" | "all" => SparseLayers::Named(v.into()),
+                l => SparseLayers::List(l.split(',').map(|x| x.trim().parse::<usize>().map_err(|_| format!("bench step: {flag} {l}: \"upper\", \"all\" or comma-separated layer indices"))).collect::<Result<_, _>>()?),
+            })
         };
+        // --sparse-keep 0 with MLP channels: attention stays dense.
+        let (keep_ratio, layers_spec) = if self.keep == 0.0 { (1.0, SparseLayers::List(Vec::new())) } else { (self.keep, list("--sparse-layers", &self.layers)?) };
+        let mlp_layers = list("--sparse-mlp-layers", &self.mlp_layers)?;
         let scorer = match self.scorer.as_str() {
             "exact" => SparseScorer::Exact,
             "pooled" => SparseScorer::Pooled,
             s => return Err(format!("bench step: --sparse-scorer {s}: exact or pooled")),
         };
-        SparsitySection { block_size: self.block, keep_ratio: self.keep, layers: list, scorer, score_queries: Default::default(), start_step: 0 }.resolve(layers, &vec![None; layers]).map(Some)
+        SparsitySection { block_size: self.block, keep_ratio, layers: layers_spec, scorer, score_queries: Default::default(), start_step: 0, mlp_keep_ratio: self.mlp_keep, mlp_layers }.resolve(layers, &vec![None; layers]).map(Some)
     }
 }
 
+/// `train bench step`: time and memory of forward + backward steps.
 #[allow(clippy::too_many_arguments)]
 fn bench_step_cmd(layers: i64, hidden: i64, heads: i64, kv_heads: i64, intermediate: i64, vocab: i64, tokens: i64, iters: usize, device: String, dtype: String, tiers: String, nvme_dir: Option<PathBuf>, keep_last: usize, alpha: f64, tile_tokens: i64, sparse: SparseFlags) -> Result<(), Box<dyn std::error::Error>> {
     let dev = device::parse_device(&device)?;
@@ -547,7 +559,7 @@ fn bench_step_cmd(layers: i64, hidden: i64, heads: i64, kv_heads: i64, intermedi
     }
     let sparsity = sparse.resolve(layers as usize)?;
     if sparsity.is_some() && (tile_tokens > 0 || !tiers.is_empty()) {
-        return Err("bench step: --sparse-keep runs whole-sequence resident layers so far (no --tile-tokens, --tiers or --nvme-dir)".into());
+        return Err("bench step: --sparse-keep / --sparse-mlp-keep run whole-sequence resident layers here (no --tile-tokens, --tiers or --nvme-dir)".into());
     }
     let b = trainer::bench::StepBench { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, tiers, nvme_dir, keep_last, alpha, tile_tokens: (tile_tokens > 0).then_some(tile_tokens), sparsity };
     println!("{}", trainer::bench::run_step_bench(&b, kind, dev)?);
@@ -592,8 +604,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             }
             Ok(())
         }
-        Cmd::Bench(BenchCmd::Step { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, tiers, nvme_dir, keep_last, alpha, tile_tokens, sparse_keep, sparse_block, sparse_layers, sparse_scorer }) => {
-            let sparse = SparseFlags { keep: sparse_keep, block: sparse_block, layers: sparse_layers, scorer: sparse_scorer };
+        Cmd::Bench(BenchCmd::Step { layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, tiers, nvme_dir, keep_last, alpha, tile_tokens, sparse_keep, sparse_block, sparse_layers, sparse_scorer, sparse_mlp_keep, sparse_mlp_layers }) => {
+            let sparse = SparseFlags { keep: sparse_keep, block: sparse_block, layers: sparse_layers, scorer: sparse_scorer, mlp_keep: sparse_mlp_keep, mlp_layers: sparse_mlp_layers };
             bench_step_cmd(layers, hidden, heads, kv_heads, intermediate, vocab, tokens, iters, device, dtype, tiers, nvme_dir, keep_last, alpha, tile_tokens, sparse)
         }
     }

@@ -6,7 +6,7 @@
 //! The backward's working buffers (level-1 layout) follow [`block::backward`]'s op order.
 use std::collections::BTreeMap;
 
-use planner::inventory::{Group, Inventory, LayerFlops, OpBuffer, Rows, Sparse, SparseRows, TensorClass};
+use planner::inventory::{ChannelCols, Group, Inventory, LayerFlops, OpBuffer, Rows, Sparse, SparseRows, TensorClass};
 use tch::{Device, Kind, Tensor};
 
 use crate::model::block::{self, name};
@@ -14,7 +14,7 @@ use crate::model::config::ModelConfig;
 use crate::error::{Result, TrainerError};
 use crate::model::lora::LoraConfig;
 use crate::model::proj::Proj;
-use crate::model::sparse::Sparsity;
+use crate::model::sparse::{Scorer, Sparsity};
 use crate::model::{param_specs, Model};
 
 /// Token counts of the two probes (multiples of 64, so padded kernel outputs stay linear).
@@ -82,13 +82,13 @@ impl Probe {
         Ok(Probe { one, model, kind, device, full: lora.is_none() })
     }
 
-    /// The tensors the block saves over one document of `t` tokens (`sparsity`: as a sparse layer).
+    /// The tensors the block saves over one document of `t` tokens (`sparsity`: as its layer 0).
     fn saved(&self, t: i64, sparsity: Option<&Sparsity>) -> Result<Vec<Measured>> {
         let _guard = tch::no_grad_guard();
         let mut ctx = block::Context::new(&self.one, &[t], self.kind, self.device);
         ctx.train = true;
         ctx.full = self.full;
-        ctx.sparsity = sparsity.map(|s| std::sync::Arc::new(Sparsity { layers: vec![0], ..s.clone() }));
+        ctx.sparsity = sparsity.map(|s| std::sync::Arc::new(s.clone()));
         let x = Tensor::zeros([t, self.one.hidden_size], (self.kind, self.device));
         let (_, saved) = block::forward(&self.model.layers[0], &x, &ctx, 0)?;
         Ok(saved.named().into_iter().map(|(n, t)| (n, t.size(), t.kind(), (t.numel() * t.kind().elt_size_in_bytes()) as u64)).collect())
@@ -118,6 +118,7 @@ fn probe_saved(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device:
                 sliced: layout.tiled() && !crate::model::tiled::read_whole(name, layout),
                 in_sparse: SparseRows::All,
                 recomputable_in_sparse: block::recomputable(name, block::Layout::Sparse),
+                in_channel_layers: ChannelCols::Same,
             }
         })
         .collect())
@@ -137,7 +138,7 @@ pub fn with_sparsity(mut inv: Inventory, cfg: &ModelConfig, kind: Kind, lora: Op
     }
     let device = if matches!(device, Device::Cuda(_)) && !tch::Cuda::is_available() { Device::Cpu } else { device };
     let probe = Probe::new(cfg, kind, lora, device, 1)?;
-    let rule = Sparsity { block: PROBE_T[0], keep: 0.5, target_queries: false, ..s.clone() };
+    let rule = Sparsity::attention_only(PROBE_T[0], 0.5, vec![0], s.scorer, false);
     let sparse: Vec<Vec<Measured>> = [2 * PROBE_T[0], 4 * PROBE_T[0]].iter().map(|&t| probe.saved(t, Some(&rule))).collect::<Result<_>>()?;
     let bytes_in = |v: &[Measured], n: &str| v.iter().find(|m| m.0 == n).map(|m| m.3);
     let internal = |n: &str| TrainerError::Device(format!("internal: the sparse block's `{n}` holds neither every token's rows nor the kept ones"));
@@ -167,13 +168,54 @@ pub fn with_sparsity(mut inv: Inventory, cfg: &ModelConfig, kind: Kind, lora: Op
                     sliced: false,
                     in_sparse: SparseRows::OnlySparse,
                     recomputable_in_sparse: false,
+                    in_channel_layers: ChannelCols::Same,
                 });
             }
         }
     }
     inv.saved.extend(only_sparse);
-    inv.sparse = Some(Sparse { layers: s.layers.clone(), block: s.block as u64, keep: s.keep });
+    if s.mlp_keep < 1.0 && !s.mlp_layers.is_empty() {
+        with_mlp_channels(&mut inv, &probe, s.mlp_keep)?;
+    }
+    inv.sparse = Some(Sparse { layers: s.layers.clone(), block: s.block as u64, keep: s.keep, mlp_layers: s.mlp_layers.clone(), mlp_keep: s.mlp_keep });
     Ok(inv)
+}
+
+/// Marks the saved tensors a layer with MLP channel sparsity (keeping `keep` of the channels)
+/// changes, measured by running `probe`'s block as one at two lengths: those whose bytes differ
+/// from `inv`'s hold the kept channels' columns, one the dense block does not save (the channel
+/// indices) exists in such layers only.
+fn with_mlp_channels(inv: &mut Inventory, probe: &Probe, keep: f64) -> Result<()> {
+    let rule = Sparsity { mlp_keep: keep, mlp_layers: vec![0], ..Sparsity::attention_only(PROBE_T[0], 1.0, vec![], Scorer::Exact, false) };
+    let at: Vec<Vec<Measured>> = PROBE_T.iter().map(|&t| probe.saved(t, Some(&rule))).collect::<Result<_>>()?;
+    let dt = (PROBE_T[1] - PROBE_T[0]) as u64;
+    let internal = |n: &str| TrainerError::Device(format!("internal: the channel-sparse block's `{n}` does not scale with the tokens"));
+    let mut only = Vec::new();
+    for ((n, s0, k, b0), (_, s1, _, b1)) in at[0].iter().zip(&at[1]) {
+        let per_token = b1.checked_sub(*b0).ok_or_else(|| internal(n))? / dt;
+        match inv.saved.iter_mut().find(|c| &c.name == n) {
+            Some(c) if c.bytes(PROBE_T[0] as u64) == *b0 && c.bytes(PROBE_T[1] as u64) == *b1 => {}
+            Some(c) if c.fixed_bytes + per_token * PROBE_T[0] as u64 == *b0 => c.in_channel_layers = ChannelCols::Kept { shape: shape_formula(s0, s1), per_token_bytes: per_token },
+            Some(_) => return Err(internal(n)),
+            None if per_token == 0 => only.push(TensorClass {
+                group: Group::Saved,
+                name: n.clone(),
+                shape: format!("{s0:?}"),
+                dtype: kind_name(*k),
+                count: 1,
+                fixed_bytes: *b0,
+                per_token_bytes: 0,
+                recomputable: false,
+                sliced: false,
+                in_sparse: SparseRows::All,
+                recomputable_in_sparse: false,
+                in_channel_layers: ChannelCols::Only,
+            }),
+            None => return Err(internal(n)),
+        }
+    }
+    inv.saved.extend(only);
+    Ok(())
 }
 
 /// Classes of the weights, gradients and optimizer state (token-independent).
@@ -199,6 +241,7 @@ fn statics(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>) -> Vec<Tens
         sliced: false,
         in_sparse: SparseRows::All,
         recomputable_in_sparse: false,
+        in_channel_layers: ChannelCols::Same,
     };
     let mut v = Vec::new();
     for (name, (shape, count)) in &classes {
@@ -465,7 +508,7 @@ fn build_with(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: 
     let head = vec![
         // The final hidden state and its norm, then the gradients of both (the loss's, then the
         // norm's, which the last layer's backward takes over).
-        TensorClass { group: Group::Head, name: "final norm: input, output and their gradients".into(), shape: format!("4 × [T, {d}]"), dtype: kind_name(kind), count: 1, fixed_bytes: 0, per_token_bytes: 4 * d * e, recomputable: false, sliced: false, in_sparse: SparseRows::All, recomputable_in_sparse: false },
+        TensorClass { group: Group::Head, name: "final norm: input, output and their gradients".into(), shape: format!("4 × [T, {d}]"), dtype: kind_name(kind), count: 1, fixed_bytes: 0, per_token_bytes: 4 * d * e, recomputable: false, sliced: false, in_sparse: SparseRows::All, recomputable_in_sparse: false, in_channel_layers: ChannelCols::Same },
         TensorClass {
             group: Group::Head,
             name: "loss: logits chunk and its gradient".into(),
@@ -478,8 +521,9 @@ fn build_with(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: 
             sliced: false,
             in_sparse: SparseRows::All,
             recomputable_in_sparse: false,
+            in_channel_layers: ChannelCols::Same,
         },
-        TensorClass { group: Group::Head, name: "loss: logsumexp per token".into(), shape: "[T]".into(), dtype: "float32".into(), count: 1, fixed_bytes: 0, per_token_bytes: 4, recomputable: false, sliced: false, in_sparse: SparseRows::All, recomputable_in_sparse: false },
+        TensorClass { group: Group::Head, name: "loss: logsumexp per token".into(), shape: "[T]".into(), dtype: "float32".into(), count: 1, fixed_bytes: 0, per_token_bytes: 4, recomputable: false, sliced: false, in_sparse: SparseRows::All, recomputable_in_sparse: false, in_channel_layers: ChannelCols::Same },
         TensorClass {
             group: Group::Context,
             name: "RoPE tables cos, sin".into(),
@@ -492,6 +536,7 @@ fn build_with(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: 
             sliced: false,
             in_sparse: SparseRows::All,
             recomputable_in_sparse: false,
+            in_channel_layers: ChannelCols::Same,
         },
     ];
     let (mut backward, mut forward) = match tile {
