@@ -168,6 +168,16 @@ fn an_8b_lora_step_plans_at_a_million_tokens_from_a_preset() {
     assert!(ok && sparse.contains("sparsity   layers [16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30] keep 0.4 of each document's 64-token blocks: K = 52480 of T = 131072 tokens"), "{sparse}");
     assert!(sparse.contains("(sparse layers)") && sparse.contains("[K, 4096]") && sparse.contains("sparse_kept") && sparse.contains("whole-sequence blocks"), "{sparse}");
     assert!(nvme_gib(&sparse) < nvme_gib(&dense) - 30.0, "nvme: dense {} GiB, sparse {} GiB\n{dense}\n{sparse}", nvme_gib(&dense), nvme_gib(&sparse));
+    // MLP channel sparsity (the reference's: 0.2 of the channels in every layer): the MLP's saved
+    // tensors and backward gradients span 2868 of 14336 channels (its forward still holds every
+    // channel until the kept columns are taken), so a whole-sequence step reaches further.
+    let longest_of = |text: &str| -> u64 { text.lines().find(|l| l.starts_with("longest")).and_then(|l| l.split("fits these budgets: ").nth(1)).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or(0) };
+    let (ok, whole) = plan(&["--tokens", "131072", "--tile-tokens", "0"]);
+    assert!(ok, "{whole}");
+    let (ok, ch) = plan(&["--tokens", "131072", "--tile-tokens", "0", "sparsity.keep_ratio=1.0", "sparsity.layers=[]", "sparsity.mlp_keep_ratio=0.2"]);
+    assert!(ok && ch.contains("MLP channels: layers [0, 1, 2,") && ch.contains("save 0.2 of the intermediate channels"), "{ch}");
+    assert!(ch.contains("gate (recomputable) (MLP-channel layers)") && ch.contains("[T, 2868]") && ch.contains("mlp_channels") && ch.contains("gate, up, act over every channel"), "{ch}");
+    assert!(longest_of(&ch) as f64 >= 1.5 * longest_of(&whole) as f64, "longest whole-sequence step: dense {}, MLP channels {}\n{whole}\n{ch}", longest_of(&whole), longest_of(&ch));
     let (ok, text) = plan(&["--sequence-parallel", "3"]);
     assert!(!ok && text.contains("32 attention heads do not divide over 3 ranks") && !text.contains("panicked"), "{text}");
     let (ok, text) = plan_for("gpt-17", "80GB", &[]);

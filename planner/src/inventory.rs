@@ -175,6 +175,11 @@ pub struct OpBuffer {
     /// at a time: [`TILES_HELD`] tiles' rows at once, at most `rows`. A kept layer's stays whole.
     #[serde(default)]
     pub sliced: bool,
+    /// What it is in a layer with MLP channel sparsity: the MLP's gradients span the kept
+    /// channels only, the saved tensors are as there, and the forward holds the MLP's tensors
+    /// over every channel until the kept columns are taken (a buffer of such layers only).
+    #[serde(default)]
+    pub in_channel_layers: ChannelCols,
 }
 
 impl OpBuffer {
@@ -242,17 +247,52 @@ impl Inventory {
         self.tile_tokens.map_or(tokens, |t| t.clamp(1, tokens.max(1)))
     }
 
-    /// One layer's forward working set beyond its saved tensors (the best-fit peak of
-    /// `forward`) at `tokens` tokens with `stored` rows of the recomputable tensors kept.
-    pub fn forward_work(&self, tokens: u64, stored: u64) -> u64 {
+    /// Layer `layer`'s forward working set beyond its saved tensors (the best-fit peak of its
+    /// [`Inventory::forward_in`]) at `tokens` tokens with `stored` rows of the recomputable
+    /// tensors kept.
+    pub fn forward_work(&self, layer: usize, tokens: u64, stored: u64) -> u64 {
         let tile = self.tile(tokens);
-        if self.forward.iter().all(|b| b.rows == Rows::Tokens && b.fixed_bytes == 0) {
+        let forward = self.forward_in(layer);
+        if forward.iter().all(|b| b.rows == Rows::Tokens && b.fixed_bytes == 0) {
             // Whole-sequence buffers all scale with T: the peak at one token, scaled.
-            let one: Vec<crate::layout::Buf> = self.forward.iter().map(|b| crate::layout::Buf::new(b.name.clone(), b.per_token_bytes, b.start, b.end)).collect();
+            let one: Vec<crate::layout::Buf> = forward.iter().map(|b| crate::layout::Buf::new(b.name.clone(), b.per_token_bytes, b.start, b.end)).collect();
             return crate::layout::greedy(&one).peak * tokens;
         }
-        let bufs: Vec<crate::layout::Buf> = self.forward.iter().map(|b| crate::layout::Buf::new(b.name.clone(), b.bytes(tokens, stored, tile, false), b.start, b.end)).collect();
+        let bufs: Vec<crate::layout::Buf> = forward.iter().map(|b| crate::layout::Buf::new(b.name.clone(), b.bytes(tokens, stored, tile, false), b.start, b.end)).collect();
         crate::layout::greedy(&bufs).peak
+    }
+
+    /// Layer `layer`'s forward transients (`forward` as that layer has them).
+    pub fn forward_in(&self, layer: usize) -> Vec<OpBuffer> {
+        self.buffers_in(&self.forward, layer)
+    }
+
+    /// Layer `layer`'s backward buffers (`backward` as that layer has them).
+    pub fn backward_in(&self, layer: usize) -> Vec<OpBuffer> {
+        self.buffers_in(&self.backward, layer)
+    }
+
+    fn buffers_in(&self, list: &[OpBuffer], layer: usize) -> Vec<OpBuffer> {
+        let channels = self.has_mlp_channels(layer);
+        list.iter()
+            .filter_map(|b| match (&b.in_channel_layers, channels) {
+                (ChannelCols::Only, false) => None,
+                (ChannelCols::Kept { shape, per_token_bytes }, true) => Some(OpBuffer { shape: shape.clone(), per_token_bytes: *per_token_bytes, ..b.clone() }),
+                _ => Some(b.clone()),
+            })
+            .collect()
+    }
+
+    /// Layers whose buffers differ, one of each kind: (a layer, whether it has MLP channel
+    /// sparsity).
+    pub fn buffer_kinds(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = Vec::new();
+        for l in 0..self.layers {
+            if !v.iter().any(|&m| self.has_mlp_channels(m) == self.has_mlp_channels(l)) {
+                v.push(l);
+            }
+        }
+        v
     }
 
     /// Bytes of all statics (at T = 0: they do not depend on the token count).

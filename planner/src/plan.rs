@@ -166,9 +166,9 @@ fn forward_seconds(inv: &Inventory, cal: &Calibration, tokens: u64) -> (f64, f64
 /// tensors kept (token tiles recompute the others tile by tile; whole-sequence backward restores
 /// them whole first, so its buffers do not depend on it), for an `offloaded` layer (under tiles
 /// it reads its saved tensors tile by tile) or a kept one.
-pub fn level1_buffers(inv: &Inventory, tokens: u64, stored: u64, offloaded: bool) -> Vec<Buf> {
+pub fn level1_buffers(inv: &Inventory, layer: usize, tokens: u64, stored: u64, offloaded: bool) -> Vec<Buf> {
     let tile = inv.tile(tokens);
-    inv.backward.iter().map(|b| Buf::new(b.name.clone(), b.bytes(tokens, stored, tile, offloaded), b.start, b.end)).collect()
+    inv.backward_in(layer).iter().map(|b| Buf::new(b.name.clone(), b.bytes(tokens, stored, tile, offloaded), b.start, b.end)).collect()
 }
 
 /// The level-2 buffers over the step's schedule: slots 0..L are the layers' forwards, L the loss,
@@ -178,11 +178,11 @@ pub fn level1_buffers(inv: &Inventory, tokens: u64, stored: u64, offloaded: bool
 /// set is the level-1 peak, which includes the layer's own saved tensors (so those end one slot
 /// before); a forward slot's is the forward's transients.
 ///
-/// `backward_kept` / `backward_offloaded`: the level-1 peak of a kept layer's backward and of an
-/// offloaded one's (equal without token tiles). `in_flight(bytes)`: what of a layer's swap-out
-/// of `bytes` still waits in memory when the next layer's forward ends.
+/// `backward(layer, kept)`: the level-1 peak of that layer's backward, kept or offloaded (equal
+/// without token tiles). `in_flight(bytes)`: what of a layer's swap-out of `bytes` still waits
+/// in memory when the next layer's forward ends.
 #[allow(clippy::too_many_arguments)]
-fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usize, in_flight: &dyn Fn(u64) -> u64, splits: &[u64], backward_kept: u64, backward_offloaded: u64) -> Vec<Buf> {
+fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usize, in_flight: &dyn Fn(u64) -> u64, splits: &[u64], backward: &dyn Fn(usize, bool) -> u64) -> Vec<Buf> {
     let l = inv.layers;
     let bwd_slot = |layer: usize| (l + 1 + (l - 1 - layer)) as u32;
     let mut v = Vec::new();
@@ -204,8 +204,8 @@ fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usi
                 }
             }
         }
-        v.push(Buf::new(format!("layer{layer}.forward work"), inv.forward_work(tokens, if kept { tokens } else { splits[layer] }), layer as u32, layer as u32));
-        v.push(Buf::new(format!("layer{layer}.backward work"), if kept { backward_kept } else { backward_offloaded }, bwd_slot(layer), bwd_slot(layer)));
+        v.push(Buf::new(format!("layer{layer}.forward work"), inv.forward_work(layer, tokens, if kept { tokens } else { splits[layer] }), layer as u32, layer as u32));
+        v.push(Buf::new(format!("layer{layer}.backward work"), backward(layer, kept), bwd_slot(layer), bwd_slot(layer)));
     }
     for h in &inv.head {
         // The head's tensors live in the loss slot (the engine drops them before the first
@@ -315,8 +315,14 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     // One layer's backward holds its stored rows whole only under token tiles (the whole-sequence
     // backward restores every row first): there the device bounds α too.
     let tiled = inv.tile_tokens.is_some();
-    let level1_greedy = |split: u64| layout::greedy(&level1_buffers(inv, t, split, true)).peak;
-    let level1_at_t = layout_report(level1_buffers(inv, t, t, false), if tiled { 0.0 } else { opt.mip_seconds });
+    let level1_greedy = |layer: usize, split: u64| layout::greedy(&level1_buffers(inv, layer, t, split, true)).peak;
+    // One report per kind of layer (MLP channel sparsity changes a layer's buffers); the table
+    // shows the largest.
+    let level1_kinds: Vec<(usize, LayoutReport)> = inv.buffer_kinds().into_iter().map(|k| (k, layout_report(level1_buffers(inv, k, t, t, false), if tiled { 0.0 } else { opt.mip_seconds }))).collect();
+    let kind_of = |layer: usize| level1_kinds.iter().position(|(k, _)| inv.has_mlp_channels(*k) == inv.has_mlp_channels(layer)).unwrap_or(0);
+    let level1_peak_at_t = |layer: usize| level1_kinds.get(kind_of(layer)).map_or(0, |(_, r)| r.mip.peak);
+    let widest = level1_kinds.iter().max_by_key(|(_, r)| r.mip.peak).map(|(k, _)| *k).unwrap_or(0);
+    let level1_at_t = level1_kinds.iter().find(|(k, _)| *k == widest).map(|(_, r)| r.clone()).unwrap_or_else(|| layout_report(Vec::new(), 0.0));
 
     // The LP for the layers that keep_last = k leaves to the tiers, α at most `max_split / t`;
     // the splits it implies.
@@ -341,7 +347,8 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     // the device use, independent of the LP), then let the LP choose α for it.
     let device_fits = |k: usize, split: u64| {
         let splits: Vec<u64> = (0..l).map(|i| if i + k >= l { t } else { split }).collect();
-        let l2 = level2_buffers(inv, t, k, opt.lookahead, &in_flight, &splits, level1_at_t.mip.peak, if tiled { level1_greedy(split) } else { level1_at_t.mip.peak });
+        let backward = |layer: usize, kept: bool| if tiled && !kept { level1_greedy(layer, split) } else { level1_peak_at_t(layer) };
+        let l2 = level2_buffers(inv, t, k, opt.lookahead, &in_flight, &splits, &backward);
         static_bytes + staging_for(l - k, split) + layout::greedy(&l2).peak <= budgets.device
     };
     let k = match opt.keep_last {
@@ -366,8 +373,13 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     let k = l - off;
     let (m, splits) = if off > 0 { packed(inv, t, k, opt.lookahead, &capacities, m, splits, recompute_all, |s| device_fits(k, s)) } else { (m, splits) };
     let split = splits.first().copied().unwrap_or(t);
-    let level1 = if tiled && off > 0 { layout_report(level1_buffers(inv, t, split, true), opt.mip_seconds) } else { level1_at_t.clone() };
-    let level2 = layout_report(level2_buffers(inv, t, k, opt.lookahead, &in_flight, &splits, level1_at_t.mip.peak, level1.mip.peak), opt.mip_seconds);
+    let level1 = if tiled && off > 0 { layout_report(level1_buffers(inv, widest, t, split, true), opt.mip_seconds) } else { level1_at_t.clone() };
+    let offloaded_peak = |layer: usize| match (tiled && off > 0, kind_of(layer) == kind_of(widest)) {
+        (true, true) => level1.mip.peak,
+        (true, false) => level1_greedy(layer, split),
+        (false, _) => level1_peak_at_t(layer),
+    };
+    let level2 = layout_report(level2_buffers(inv, t, k, opt.lookahead, &in_flight, &splits, &|layer, kept| if kept { level1_peak_at_t(layer) } else { offloaded_peak(layer) }), opt.mip_seconds);
     // The LP chose α and how much each tier should take; which tensor goes where is the fill
     // rule's, which the engine runs too (so the tier peaks below are what the store will hold).
     let alpha = if off > 0 { split as f64 / t as f64 } else { 1.0 };

@@ -70,9 +70,12 @@ pub fn table(inv: &Inventory, p: &Plan) -> String {
     // Transients of one layer's forward and backward (one layer at a time, hence count 1), with
     // the rows an offloaded layer stores.
     let stored = crate::inventory::stored_rows(p.placement.alpha(0), t as i64) as u64;
-    for (label, list) in [("fwd temp", &inv.forward), ("bwd temp", &inv.backward)] {
+    // As a layer with MLP channel sparsity has them, when there is one.
+    let shown = (0..inv.layers).find(|&l| inv.has_mlp_channels(l));
+    let suffix = if shown.is_some() { " (MLP-channel layers)" } else { "" };
+    for (label, list) in [("fwd temp", inv.forward_in(shown.unwrap_or(0))), ("bwd temp", inv.backward_in(shown.unwrap_or(0)))] {
         for b in list.iter().filter(|b| !b.name.starts_with("saved ")) {
-            let name = format!("{} (ops {}..{})", b.name, b.start, b.end);
+            let name = format!("{} (ops {}..{}){suffix}", b.name, b.start, b.end);
             line(&mut s, label, &name, &b.shape, &inv.dtype, 1, b.bytes(t, stored, inv.tile(t), p.keep_last < inv.layers));
         }
     }

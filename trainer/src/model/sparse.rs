@@ -74,6 +74,11 @@ impl Sparsity {
     }
 }
 
+/// Channels [`top_channels`] keeps of `intermediate`: `ceil(keep · intermediate)`, at least one.
+pub fn kept_channels(intermediate: i64, keep: f64) -> i64 {
+    ((keep * intermediate as f64).ceil() as i64).clamp(1, intermediate.max(1))
+}
+
 /// MLP channel sparsity (the reference's): the `ceil(keep · I)` intermediate channels with the
 /// largest `‖silu(gate)[:, i]‖₂ + ‖up[:, i]‖₂` over all tokens, ascending. The forward stays exact
 /// (every channel); the layer saves these channels' gate, up and act columns only, and its
@@ -95,7 +100,7 @@ pub fn top_channels(gate: &Tensor, up: &Tensor, keep: f64) -> Tensor {
         g2 += gate.narrow(0, a, n).silu().to_kind(acc).square().sum_dim_intlist(0, false, acc);
         u2 += up.narrow(0, a, n).to_kind(acc).square().sum_dim_intlist(0, false, acc);
     }
-    let c = ((keep * i as f64).ceil() as i64).clamp(1, i);
+    let c = kept_channels(i, keep);
     let (_, idx) = (g2.sqrt() + u2.sqrt()).topk(c, 0, true, true);
     idx.sort(0, false).0
 }

@@ -176,6 +176,10 @@ pub fn with_sparsity(mut inv: Inventory, cfg: &ModelConfig, kind: Kind, lora: Op
     inv.saved.extend(only_sparse);
     if s.mlp_keep < 1.0 && !s.mlp_layers.is_empty() {
         with_mlp_channels(&mut inv, &probe, s.mlp_keep)?;
+        // Sparse inventories are whole-sequence ones: their buffers again, with the channels.
+        let c = Some(crate::model::sparse::kept_channels(cfg.intermediate_size, s.mlp_keep) as u64);
+        inv.backward = backward_buffers(cfg, kind, lora, &inv.saved, c);
+        inv.forward = forward_buffers(cfg, kind, lora, c);
     }
     inv.sparse = Some(Sparse { layers: s.layers.clone(), block: s.block as u64, keep: s.keep, mlp_layers: s.mlp_layers.clone(), mlp_keep: s.mlp_keep });
     Ok(inv)
@@ -273,7 +277,7 @@ fn statics(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>) -> Vec<Tens
 
 /// A per-token buffer of one layer's op sequence, live over ops `start..=end`.
 fn op_buf(name: &str, shape: String, per_token: u64, start: u32, end: u32) -> OpBuffer {
-    OpBuffer { name: name.into(), shape, fixed_bytes: 0, per_token_bytes: per_token, start, end, rows: Rows::Tokens, sliced: false }
+    OpBuffer { name: name.into(), shape, fixed_bytes: 0, per_token_bytes: per_token, start, end, rows: Rows::Tokens, sliced: false, in_channel_layers: ChannelCols::Same }
 }
 
 /// A buffer of `rows` rows (see [`Rows`]) live over ops `start..=end`.
@@ -327,7 +331,7 @@ fn tiled_backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfi
     ];
     for c in saved {
         let rows = if c.recomputable { Rows::Stored } else { Rows::Tokens };
-        v.push(OpBuffer { name: format!("saved {}", c.name), shape: c.shape.clone(), fixed_bytes: c.fixed_bytes, per_token_bytes: c.per_token_bytes, start: 0, end: 1, rows, sliced: c.sliced });
+        v.push(OpBuffer { name: format!("saved {}", c.name), shape: c.shape.clone(), fixed_bytes: c.fixed_bytes, per_token_bytes: c.per_token_bytes, start: 0, end: 1, rows, sliced: c.sliced, in_channel_layers: ChannelCols::Same });
     }
     v
 }
@@ -376,19 +380,27 @@ fn lora_terms(kind: Kind, lora: Option<&LoraConfig>, what: &str, ops: &[(&[Proj]
 /// One layer's backward buffers in [`block::backward`]'s op order (slots 1..=11: down, swiglu,
 /// gate/up, post-norm, residual, o_proj, attention, RoPE, q/k/v, input norm, residual), and each
 /// saved tensor until the op that consumes it.
-fn backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, saved: &[TensorClass]) -> Vec<OpBuffer> {
+///
+/// `channels`: with MLP channel sparsity, the channels its layers keep (their MLP gradients span
+/// those only, and their saved tensors are as `saved` has them there).
+fn backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, saved: &[TensorClass], channels: Option<u64>) -> Vec<OpBuffer> {
     let e = kind.elt_size_in_bytes() as u64;
     let (d, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
     let (qd, kvd) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64);
     let buf = op_buf;
+    // An MLP gradient `[T, I]`: `[T, c]` in a layer with MLP channel sparsity.
+    let mlp = |name: &str, start: u32, end: u32| OpBuffer {
+        in_channel_layers: channels.map_or(ChannelCols::Same, |c| ChannelCols::Kept { shape: format!("[T, {c}]"), per_token_bytes: c * e }),
+        ..op_buf(name, format!("[T, {i}]"), i * e, start, end)
+    };
     let mut v = vec![
         buf("dy", format!("[T, {d}]"), d * e, 0, 5),
-        buf("d act", format!("[T, {i}]"), i * e, 1, 2),
-        buf("d gate", format!("[T, {i}]"), i * e, 2, 3),
+        mlp("d act", 1, 2),
+        mlp("d gate", 2, 3),
         // σ(gate) and silu'(gate) while the SwiGLU gradients are formed: σ is gone before d gate
         // exists, so one tensor beyond the two results at any moment.
-        buf("SwiGLU backward temporaries", format!("[T, {i}]"), i * e, 2, 2),
-        buf("d up", format!("[T, {i}]"), i * e, 2, 3),
+        mlp("SwiGLU backward temporaries", 2, 2),
+        mlp("d up", 2, 3),
         buf("d x_mlp", format!("[T, {d}]"), d * e, 3, 4),
         buf("d h (norm)", format!("[T, {d}]"), d * e, 4, 5),
         buf("d h", format!("[T, {d}]"), d * e, 5, 11),
@@ -427,7 +439,7 @@ fn backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, sa
             (_, Some(Proj::Q | Proj::K | Proj::V)) => 9,
             _ => 7, // q, k, v, attention output, logsumexp, RNG state
         };
-        v.push(OpBuffer { name: format!("saved {}", c.name), shape: c.shape.clone(), fixed_bytes: c.fixed_bytes, per_token_bytes: c.per_token_bytes, start: 0, end, rows: Rows::Tokens, sliced: false });
+        v.push(OpBuffer { name: format!("saved {}", c.name), shape: c.shape.clone(), fixed_bytes: c.fixed_bytes, per_token_bytes: c.per_token_bytes, start: 0, end, rows: Rows::Tokens, sliced: false, in_channel_layers: c.in_channel_layers.clone() });
     }
     v
 }
@@ -436,7 +448,10 @@ fn backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, sa
 /// before RoPE, one kv group's attention output, the o_proj output, the down_proj
 /// output and the block output (the next layer's input). Their best-fit peak per token is the
 /// forward's working set in the level-2 layout.
-fn forward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>) -> Vec<OpBuffer> {
+///
+/// `channels`: with MLP channel sparsity, whose layers hold gate, up and act over every channel
+/// (saved whole elsewhere) until the kept channels' columns are taken.
+fn forward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, channels: Option<u64>) -> Vec<OpBuffer> {
     let e = kind.elt_size_in_bytes() as u64;
     let d = cfg.hidden_size as u64;
     let (qd, kvd) = ((cfg.num_heads * cfg.head_dim) as u64, (cfg.num_kv_heads * cfg.head_dim) as u64);
@@ -457,6 +472,9 @@ fn forward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>) -> 
     // place.
     let i = cfg.intermediate_size as u64;
     v.extend(lora_terms(kind, lora, "output", &[(&[Proj::Q, Proj::K, Proj::V], qd, 1), (&[Proj::O], d, 4), (&[Proj::Gate, Proj::Up], i, 5), (&[Proj::Down], d, 6)]));
+    if channels.is_some() {
+        v.push(OpBuffer { in_channel_layers: ChannelCols::Only, ..op_buf("gate, up, act over every channel (before the kept columns are taken)", format!("3 × [T, {i}]"), 3 * i * e, 5, 7) });
+    }
     v
 }
 
@@ -540,7 +558,7 @@ fn build_with(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: 
         },
     ];
     let (mut backward, mut forward) = match tile {
-        None => (backward_buffers(cfg, kind, lora, &saved), forward_buffers(cfg, kind, lora)),
+        None => (backward_buffers(cfg, kind, lora, &saved, None), forward_buffers(cfg, kind, lora, None)),
         Some(_) => (tiled_backward_buffers(cfg, kind, lora, &saved), tiled_forward_buffers(cfg, kind, lora)),
     };
     if layout.sharded() {
