@@ -611,20 +611,18 @@ fn mlp_not_adapted(layer: &Layer) -> Result<()> {
 /// [`proj_backward`] of an MLP projection through the kept intermediate channels `channels`
 /// only: down_proj's input columns, gate/up_proj's output rows. Under full fine-tuning the
 /// dropped channels' weight (and bias) entries get a zero gradient.
-#[allow(clippy::too_many_arguments)]
 fn proj_backward_channels(dy: &Tensor, x: &Tensor, layer: &Layer, p: Proj, channels: &Tensor, ctx: &Context, grads: &mut Vec<(String, Tensor)>) -> Result<Tensor> {
     mlp_not_adapted(layer)?;
     let (lin, name) = (layer.proj(p), p.hf_name());
     // down_proj's weight is [D, I] (channels are its columns); gate/up_proj's [I, D] (rows).
     let dim = if p == Proj::Down { 1 } else { 0 };
     let w = lin.weight.index_select(dim, channels);
-    let bias_on_channels = dim == 0;
     let g = linear::backward(dy, &linear::Saved { x: x.shallow_clone() }, &w, ctx.full, ctx.full && lin.bias.is_some());
     if let Some(gw) = g.weight {
         grads.push((format!("{name}.weight"), lin.weight.zeros_like().index_copy(dim, channels, &gw)));
     }
     if let (Some(gb), Some(b)) = (g.bias, &lin.bias) {
-        grads.push((format!("{name}.bias"), if bias_on_channels { b.zeros_like().index_copy(0, channels, &gb) } else { gb }));
+        grads.push((format!("{name}.bias"), if dim == 0 { b.zeros_like().index_copy(0, channels, &gb) } else { gb }));
     }
     Ok(g.x)
 }
@@ -638,23 +636,16 @@ pub fn backward(layer: &Layer, dy: Tensor, s: BlockSaved, ctx: &Context, layer_i
     let BlockSaved { x, rstd_attn, x_attn, attn, h, rstd_mlp, x_mlp, gate, up, act, lora, kept, channels } = s;
     let mut ls = lora;
     // MLP (with channel sparsity, through the kept channels only)
-    let dx_mlp = match &channels {
-        None => {
-            let dact = proj_backward(&dy, &act, layer, Proj::Down, ctx, &mut ls, &mut grads)?;
-            drop(act);
-            let (dgate, dup) = swiglu::backward(&dact, &swiglu::Saved { gate, up });
-            drop(dact);
-            proj_backward(&dgate, &x_mlp, layer, Proj::Gate, ctx, &mut ls, &mut grads)? + proj_backward(&dup, &x_mlp, layer, Proj::Up, ctx, &mut ls, &mut grads)?
-        }
-        Some(c) => {
-            let dact = proj_backward_channels(&dy, &act, layer, Proj::Down, c, ctx, &mut grads)?;
-            drop(act);
-            let (dgate, dup) = swiglu::backward(&dact, &swiglu::Saved { gate, up });
-            drop(dact);
-            proj_backward_channels(&dgate, &x_mlp, layer, Proj::Gate, c, ctx, &mut grads)? + proj_backward_channels(&dup, &x_mlp, layer, Proj::Up, c, ctx, &mut grads)?
-        }
+    let mut mlp_back = |dy: &Tensor, x: &Tensor, p: Proj, grads: &mut Vec<(String, Tensor)>| match &channels {
+        None => proj_backward(dy, x, layer, p, ctx, &mut ls, grads),
+        Some(c) => proj_backward_channels(dy, x, layer, p, c, ctx, grads),
     };
-    drop(x_mlp);
+    let dact = mlp_back(&dy, &act, Proj::Down, &mut grads)?;
+    drop(act);
+    let (dgate, dup) = swiglu::backward(&dact, &swiglu::Saved { gate, up });
+    drop(dact);
+    let dx_mlp = mlp_back(&dgate, &x_mlp, Proj::Gate, &mut grads)? + mlp_back(&dup, &x_mlp, Proj::Up, &mut grads)?;
+    drop((dgate, dup, x_mlp));
     let (dh_norm, dw2) = rmsnorm::backward(&dx_mlp, &rmsnorm::Saved { x: h, rstd: rstd_mlp }, &layer.post_attention_layernorm, ctx.full);
     drop(dx_mlp);
     if let Some(w) = dw2 {
