@@ -272,7 +272,25 @@ fn sparse_runs_report_what_they_keep_and_refuse_bad_settings() {
     }
     let moved: Value = serde_json::from_str(std::fs::read_to_string(off_dir.join("metrics.jsonl")).unwrap().lines().filter(|l| l.contains("train/loss")).last().unwrap()).unwrap();
     assert!(moved["offload/written_bytes"].as_f64().unwrap() > 0.0, "{moved}");
+    // MLP channel sparsity from the recipe: an approximate gradient (other losses from step 2 on),
+    // and offloaded at α 0.3 (the recompute keeps the forward's channels) bit-identical to resident.
+    let channels = losses_by_step(&run(&r_sparse, "channels", &["sparsity.mlp_keep_ratio=0.5"]));
+    assert!(channels.len() == 6 && channels.values().all(|l| l.is_finite()) && channels != sparse_losses, "{channels:?}");
+    let channels_off = losses_by_step(&run(&r_sparse, "channels-offloaded", &["sparsity.mlp_keep_ratio=0.5", "offload.tiers=[\"host\",\"nvme\"]", "offload.host_bytes=60000", &nvme_dir, "offload.nvme_bytes=67108864", "offload.keep_last=0", "offload.alpha=0.3"]));
+    for (s, l) in &channels {
+        assert_eq!(l.to_bits(), channels_off[s].to_bits(), "step {s}: offloaded MLP channels vs resident");
+    }
+    // A dense warm-up: the first 3 steps are the dense run's, bit for bit, then sparse layers start.
+    let warm = losses_by_step(&run(&r_sparse, "warm-up", &["sparsity.start_step=3"]));
+    let steps: Vec<_> = dense.keys().copied().collect();
+    for s in &steps[..3] {
+        assert_eq!(dense[s].to_bits(), warm[s].to_bits(), "step {s}: dense warm-up");
+    }
+    assert_ne!(dense[&steps[3]].to_bits(), warm[&steps[3]].to_bits(), "step {}: sparse after the warm-up", steps[3]);
     for (args, says) in [
+        (vec!["sparsity.mlp_keep_ratio=0"], "`sparsity.mlp_keep_ratio`: 0 must lie in (0, 1]"),
+        (vec!["sparsity.mlp_layers=[7]"], "`sparsity.mlp_layers`: layer 7 is out of range"),
+        (vec!["sparsity.mlp_keep_ratio=0.5", "train.mode=\"lora\"", "lora.rank=4", "lora.alpha=8.0", "lora.targets=[\"q_proj\", \"down_proj\"]"], "`sparsity.mlp_keep_ratio`: MLP channel sparsity with a LoRA adapter on `down_proj`"),
         (vec!["sparsity.keep_ratio=0"], "`sparsity.keep_ratio`: 0 must lie in (0, 1]"),
         (vec!["sparsity.keep_ratio=1.5"], "`sparsity.keep_ratio`: 1.5 must lie in (0, 1]"),
         (vec!["sparsity.block_size=0"], "`sparsity.block_size`: 0 must be positive"),
