@@ -45,9 +45,6 @@ pub struct Context {
     /// Per block of the sequence, whether it holds training targets ([`sparse::target_weights`]),
     /// when sparse layers rate by them.
     pub target_blocks: Option<Vec<f64>>,
-    /// With `target_blocks`: `[T]` bool, the tokens whose labels are training targets (the exact
-    /// scorer rates by their queries).
-    pub target_rows: Option<Tensor>,
 }
 
 /// A [`Context`]'s sequence-parallel part.
@@ -98,7 +95,6 @@ impl Context {
             seq: None,
             sparsity: None,
             target_blocks: None,
-            target_rows: None,
         }
     }
 
@@ -456,7 +452,7 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize) -> Re
     // A sparse layer keeps its informative blocks' rows of everything attention reads.
     let sel = match ctx.sparsity.as_ref().filter(|s| s.is_sparse(layer_idx)) {
         Some(s) => {
-            let rated = sparse::scores(s.scorer, &pre.q, &pre.k, &ctx.cu_seqlens, s.block, ctx.attn[layer_idx].scale, ctx.target_blocks.as_deref(), ctx.target_rows.as_ref())?;
+            let rated = sparse::scores(s.scorer, &pre.q, &pre.k, &ctx.cu_seqlens, s.block, ctx.attn[layer_idx].scale, ctx.target_blocks.as_deref())?;
             Some(sparse::select(&ctx.cu_seqlens, s.block, s.keep, &rated, ctx.target_blocks.as_deref(), x.device()))
         }
         None => None,

@@ -252,7 +252,6 @@ impl Model {
             let mut ctx = block::Context::new(&self.cfg, &batch.doc_lens, self.kind(), dev);
             ctx.sparsity = self.sparsity.clone();
             ctx.target_blocks = self.sparsity.as_ref().filter(|s| s.target_queries).map(|s| sparse::target_weights(&batch.labels, &ctx.cu_seqlens, s.block)).transpose()?;
-            ctx.target_rows = ctx.target_blocks.as_ref().map(|_| batch.labels.ne(kernels::cross_entropy::IGNORE_INDEX).to_device(dev));
             return Ok((batch.ids.to_device(dev), batch.labels.to_device(dev), ctx));
         };
         let t = batch.ids.size()[0];
@@ -319,7 +318,6 @@ impl Model {
         let (ids, labels, mut ctx) = self.training_inputs(batch, self.device())?;
         ctx.sparsity = None;
         ctx.target_blocks = None;
-        ctx.target_rows = None;
         let mut x = embedding::forward(&self.embed_tokens, &ids).0;
         for (l, layer) in self.layers.iter().enumerate() {
             x = self.forward_block(layer, &x, &ctx, l, 0)?.0;

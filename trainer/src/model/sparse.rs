@@ -115,16 +115,12 @@ pub struct Selection {
 }
 
 /// Block scores of `scorer` for one layer: the symmetric block map summed over the query
-/// blocks, each weighted by `query_weight` (1 for every block: the reference). With
-/// `query_rows` (`[T]` bool: the tokens whose labels are training targets) the exact map of a
-/// document that has such tokens takes its maxima over their queries only — the rows the loss
-/// comes from, not the prompt text sharing their block.
+/// blocks, each weighted by `query_weight` (1 for every block: the reference).
 ///
 /// # Shapes
 /// - `q`: `[T, heads, d]`, `k`: `[T, kv_heads, d]` (after RoPE) → one score per block of
 ///   [`tiles`]`(cu_seqlens, block)`
-#[allow(clippy::too_many_arguments)]
-pub fn scores(scorer: Scorer, q: &Tensor, k: &Tensor, cu_seqlens: &[i64], block: i64, scale: f64, query_weight: Option<&[f64]>, query_rows: Option<&Tensor>) -> Result<Vec<f64>> {
+pub fn scores(scorer: Scorer, q: &Tensor, k: &Tensor, cu_seqlens: &[i64], block: i64, scale: f64, query_weight: Option<&[f64]>) -> Result<Vec<f64>> {
     let _guard = tch::no_grad_guard();
     let acc = kernels::accum_kind(q.kind());
     let (q, k) = (q.to_kind(acc), k.to_kind(acc));
@@ -132,9 +128,8 @@ pub fn scores(scorer: Scorer, q: &Tensor, k: &Tensor, cu_seqlens: &[i64], block:
     for w in cu_seqlens.windows(2) {
         let (s, e) = (w[0], w[1]);
         let doc: Vec<Tile> = tiles(&[s, e], block);
-        let rows = query_rows.map(|r| r.narrow(0, s, e - s)).filter(|r| r.any().int64_value(&[]) != 0);
         let m = match scorer {
-            Scorer::Exact => exact_map(&q.narrow(0, s, e - s), &k.narrow(0, s, e - s), block, scale, rows.as_ref()),
+            Scorer::Exact => exact_map(&q.narrow(0, s, e - s), &k.narrow(0, s, e - s), block, scale),
             Scorer::Pooled => pooled_map(&q.narrow(0, s, e - s), &k.narrow(0, s, e - s), &doc, s, scale),
         };
         // Symmetric, summed over (weighted) query blocks: a block's row sum and column sum.
@@ -162,9 +157,8 @@ pub fn target_weights(labels: &Tensor, cu_seqlens: &[i64], block: i64) -> Result
 }
 
 /// `[nb, nb]` block map of one document: entry (qb, kb), kb ≤ qb, is the largest over the
-/// block pair's causal token pairs of `Σ_heads ReLU(q·k·scale)` (zero above the diagonal); with
-/// `rows` (`[T]` bool) over the pairs whose query is one of those rows.
-fn exact_map(q: &Tensor, k: &Tensor, block: i64, scale: f64, rows: Option<&Tensor>) -> Tensor {
+/// block pair's causal token pairs of `Σ_heads ReLU(q·k·scale)` (zero above the diagonal).
+fn exact_map(q: &Tensor, k: &Tensor, block: i64, scale: f64) -> Tensor {
     let (t, heads, kv) = (q.size()[0], q.size()[1], k.size()[1]);
     let nb = (t + block - 1) / block;
     let rep = heads / kv.max(1);
@@ -182,10 +176,7 @@ fn exact_map(q: &Tensor, k: &Tensor, block: i64, scale: f64, rows: Option<&Tenso
         // Causal within the diagonal block: key j ≤ query a + i.
         let i = Tensor::arange_start(a, a + n, (Kind::Int64, q.device())).unsqueeze(1);
         let j = Tensor::arange(keys, (Kind::Int64, q.device())).unsqueeze(0);
-        let mut pair = pair.masked_fill(&j.gt_tensor(&i), 0.0);
-        if let Some(r) = rows {
-            pair = pair.masked_fill(&r.narrow(0, a, n).logical_not().unsqueeze(1), 0.0);
-        }
+        let pair = pair.masked_fill(&j.gt_tensor(&i), 0.0);
         // The largest per key block: pad the keys to whole blocks.
         let kb = (keys + block - 1) / block;
         let padded = pair.constant_pad_nd([0, kb * block - keys]).view([n, kb, block]);
@@ -286,20 +277,11 @@ mod tests {
         tch::manual_seed(5);
         let q = Tensor::randn([10, 2, 4], (Kind::Double, Device::Cpu));
         let k = Tensor::randn([10, 2, 4], (Kind::Double, Device::Cpu));
-        let m = exact_map(&q, &k, 4, 0.5, None);
-        let s = scores(Scorer::Exact, &q, &k, &[0, 10], 4, 0.5, Some(&[0.0, 0.0, 1.0]), None).unwrap();
+        let m = exact_map(&q, &k, 4, 0.5);
+        let s = scores(Scorer::Exact, &q, &k, &[0, 10], 4, 0.5, Some(&[0.0, 0.0, 1.0])).unwrap();
         for b in 0..3i64 {
             let want = m.double_value(&[2, b]) + m.double_value(&[b, 2]);
             assert!((s[b as usize] - want).abs() < 1e-12, "block {b}");
-        }
-        // By the target tokens' queries only: block 2's row is query 9's largest score per block.
-        let rows = Tensor::from_slice(&labels[..10]).ne(-100);
-        let s = scores(Scorer::Exact, &q, &k, &[0, 10], 4, 0.5, Some(&[0.0, 0.0, 1.0]), Some(&rows)).unwrap();
-        let pair = (q.get(9).unsqueeze(1).matmul(&k.permute([1, 2, 0])).squeeze_dim(1) * 0.5).relu().sum_dim_intlist(0, false, Kind::Double); // [10]
-        for b in 0..3i64 {
-            // (The diagonal block counts twice: the map made symmetric.)
-            let want = (b * 4..(b * 4 + 4).min(10)).map(|j| pair.double_value(&[j])).fold(0.0, f64::max) * if b == 2 { 2.0 } else { 1.0 };
-            assert!((s[b as usize] - want).abs() < 1e-12, "block {b}: {} vs {want}", s[b as usize]);
         }
     }
 
@@ -309,7 +291,7 @@ mod tests {
         let (t, heads, kv, d, block) = (11, 4, 2, 8, 4);
         let q = Tensor::randn([t, heads, d], (Kind::Double, Device::Cpu));
         let k = Tensor::randn([t, kv, d], (Kind::Double, Device::Cpu));
-        let m = exact_map(&q, &k, block, 0.5, None);
+        let m = exact_map(&q, &k, block, 0.5);
         // Naive: every pair, heads summed, causal, then the maximum per block pair.
         let kr = k.repeat_interleave_self_int(heads / kv, 1, None);
         let pair = (q.transpose(0, 1).matmul(&kr.permute([1, 2, 0])) * 0.5).relu().sum_dim_intlist(0, false, Kind::Double); // [T, T]
@@ -326,7 +308,7 @@ mod tests {
                 assert!((m.double_value(&[qb, kb]) - best).abs() < 1e-12, "({qb}, {kb})");
             }
         }
-        let s = scores(Scorer::Exact, &q, &k, &[0, t], block, 0.5, None, None).unwrap();
+        let s = scores(Scorer::Exact, &q, &k, &[0, t], block, 0.5, None).unwrap();
         let want: Vec<f64> = (0..3).map(|b| (0..3).map(|o| m.double_value(&[o, b]) + m.double_value(&[b, o])).sum()).collect();
         assert_eq!(s, want);
     }

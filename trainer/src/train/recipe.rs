@@ -64,10 +64,9 @@ pub struct SparsitySection {
     /// or "pooled" (the same over block-mean q and k: cheap, training-free).
     #[serde(default)]
     pub scorer: SparseScorer,
-    /// Which queries rate the key blocks: "all" (the reference) or "targets" (the blocks holding
-    /// training targets, where the loss comes from: a prompt/completion sample's answer, and with
-    /// the exact scorer only the target tokens' own queries in them; those blocks are also always
-    /// kept, or their tokens would lose their attention. For
+    /// Which query blocks rate the key blocks: "all" (the reference) or "targets" (only those
+    /// holding training targets, where the loss comes from: a prompt/completion sample's answer;
+    /// those blocks are also always kept, or their tokens would lose their attention. For
     /// prompt/completion data: on plain text every block holds targets, and nothing is dropped).
     #[serde(default)]
     pub score_queries: ScoreQueries,
