@@ -283,18 +283,6 @@ impl Inventory {
             .collect()
     }
 
-    /// Layers whose buffers differ, one of each kind: (a layer, whether it has MLP channel
-    /// sparsity).
-    pub fn buffer_kinds(&self) -> Vec<usize> {
-        let mut v: Vec<usize> = Vec::new();
-        for l in 0..self.layers {
-            if !v.iter().any(|&m| self.has_mlp_channels(m) == self.has_mlp_channels(l)) {
-                v.push(l);
-            }
-        }
-        v
-    }
-
     /// Bytes of all statics (at T = 0: they do not depend on the token count).
     pub fn static_bytes(&self) -> u64 {
         self.statics.iter().map(|c| c.total(0)).sum()

@@ -316,13 +316,14 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     // backward restores every row first): there the device bounds α too.
     let tiled = inv.tile_tokens.is_some();
     let level1_greedy = |layer: usize, split: u64| layout::greedy(&level1_buffers(inv, layer, t, split, true)).peak;
-    // One report per kind of layer (MLP channel sparsity changes a layer's buffers); the table
-    // shows the largest.
-    let level1_kinds: Vec<(usize, LayoutReport)> = inv.buffer_kinds().into_iter().map(|k| (k, layout_report(level1_buffers(inv, k, t, t, false), if tiled { 0.0 } else { opt.mip_seconds }))).collect();
-    let kind_of = |layer: usize| level1_kinds.iter().position(|(k, _)| inv.has_mlp_channels(*k) == inv.has_mlp_channels(layer)).unwrap_or(0);
-    let level1_peak_at_t = |layer: usize| level1_kinds.get(kind_of(layer)).map_or(0, |(_, r)| r.mip.peak);
-    let widest = level1_kinds.iter().max_by_key(|(_, r)| r.mip.peak).map(|(k, _)| *k).unwrap_or(0);
-    let level1_at_t = level1_kinds.iter().find(|(k, _)| *k == widest).map(|(_, r)| r.clone()).unwrap_or_else(|| layout_report(Vec::new(), 0.0));
+    // A layer's buffers depend on whether its MLP keeps only some channels: one report for each
+    // kind present (indexed by that), the table shows the larger.
+    let level1_kinds: Vec<(bool, usize, LayoutReport)> = [false, true]
+        .into_iter()
+        .filter_map(|ch| (0..l).find(|&i| inv.has_mlp_channels(i) == ch).map(|i| (ch, i, layout_report(level1_buffers(inv, i, t, t, false), if tiled { 0.0 } else { opt.mip_seconds }))))
+        .collect();
+    let level1_peak_at_t = |layer: usize| level1_kinds.iter().find(|(ch, _, _)| *ch == inv.has_mlp_channels(layer)).map_or(0, |(_, _, r)| r.mip.peak);
+    let (widest, level1_at_t) = level1_kinds.iter().max_by_key(|(_, _, r)| r.mip.peak).map_or_else(|| (0, layout_report(Vec::new(), 0.0)), |(_, i, r)| (*i, r.clone()));
 
     // The LP for the layers that keep_last = k leaves to the tiers, α at most `max_split / t`;
     // the splits it implies.
@@ -374,7 +375,7 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     let (m, splits) = if off > 0 { packed(inv, t, k, opt.lookahead, &capacities, m, splits, recompute_all, |s| device_fits(k, s)) } else { (m, splits) };
     let split = splits.first().copied().unwrap_or(t);
     let level1 = if tiled && off > 0 { layout_report(level1_buffers(inv, widest, t, split, true), opt.mip_seconds) } else { level1_at_t.clone() };
-    let offloaded_peak = |layer: usize| match (tiled && off > 0, kind_of(layer) == kind_of(widest)) {
+    let offloaded_peak = |layer: usize| match (tiled && off > 0, inv.has_mlp_channels(layer) == inv.has_mlp_channels(widest)) {
         (true, true) => level1.mip.peak,
         (true, false) => level1_greedy(layer, split),
         (false, _) => level1_peak_at_t(layer),

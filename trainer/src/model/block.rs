@@ -602,7 +602,7 @@ pub(crate) fn proj_backward(dy: &Tensor, x: &Tensor, layer: &Layer, p: Proj, ctx
 /// MLP channel sparsity runs on projections without adapters (the reference trains LoRA on the
 /// attention's projections only).
 fn mlp_not_adapted(layer: &Layer) -> Result<()> {
-    match [Proj::Gate, Proj::Up, Proj::Down].into_iter().find(|&p| layer.proj(p).lora.is_some()) {
+    match Proj::MLP.into_iter().find(|&p| layer.proj(p).lora.is_some()) {
         Some(p) => Err(crate::error::TrainerError::Device(format!("MLP channel sparsity with a LoRA adapter on `{}` is not built: leave the MLP's projections out of lora.targets or keep every channel", p.hf_name()))),
         None => Ok(()),
     }
@@ -610,9 +610,9 @@ fn mlp_not_adapted(layer: &Layer) -> Result<()> {
 
 /// [`proj_backward`] of an MLP projection through the kept intermediate channels `channels`
 /// only: down_proj's input columns, gate/up_proj's output rows. Under full fine-tuning the
-/// dropped channels' weight (and bias) entries get a zero gradient.
+/// dropped channels' weight (and bias) entries get a zero gradient. The projection carries no
+/// adapter: the forward that chose the channels refused one ([`mlp_not_adapted`]).
 fn proj_backward_channels(dy: &Tensor, x: &Tensor, layer: &Layer, p: Proj, channels: &Tensor, ctx: &Context, grads: &mut Vec<(String, Tensor)>) -> Result<Tensor> {
-    mlp_not_adapted(layer)?;
     let (lin, name) = (layer.proj(p), p.hf_name());
     // down_proj's weight is [D, I] (channels are its columns); gate/up_proj's [I, D] (rows).
     let dim = if p == Proj::Down { 1 } else { 0 };

@@ -16,6 +16,8 @@ pub enum Proj {
 impl Proj {
     /// In checkpoint order.
     pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+    /// The MLP's projections (MLP channel sparsity runs them without adapters).
+    pub const MLP: [Proj; 3] = [Proj::Gate, Proj::Up, Proj::Down];
 
     /// The name inside a layer, as in `model.layers.{i}.self_attn.q_proj.weight`.
     pub fn hf_name(self) -> &'static str {

@@ -775,7 +775,7 @@ impl Recipe {
             if !(s.mlp_keep_ratio > 0.0 && s.mlp_keep_ratio <= 1.0) {
                 return err("sparsity.mlp_keep_ratio", format!("{} must lie in (0, 1] (the fraction of the MLP's intermediate channels saved; 1: all)", s.mlp_keep_ratio));
             }
-            let mlp_adapted = self.lora.as_ref().and_then(|l| l.targets.iter().find(|t| ["gate_proj", "up_proj", "down_proj"].contains(&t.as_str())));
+            let mlp_adapted = self.lora.as_ref().and_then(|l| l.targets.iter().find(|t| Proj::from_short(t).is_some_and(|p| Proj::MLP.contains(&p))));
             if let (true, Some(t)) = (s.mlp_keep_ratio < 1.0, mlp_adapted) {
                 return err("sparsity.mlp_keep_ratio", format!("MLP channel sparsity with a LoRA adapter on `{t}` is not built: leave the MLP's projections out of lora.targets or set it to 1"));
             }
