@@ -1,5 +1,5 @@
 //! `train`: the strata command line.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -67,6 +67,37 @@ enum Cmd {
         /// Continue from the newest complete checkpoint in run.dir.
         #[arg(long)]
         resume: bool,
+        /// key.path=value overrides.
+        overrides: Vec<String>,
+    },
+    /// Fit the learned block scorer of the recipe's sparse layers (`[sparsity]`, scorer
+    /// "predictor") against the exact scorer, the model frozen, on the recipe's training data;
+    /// print its recall of the exact choice on held-out batches and write it to
+    /// `sparsity.predictor` (default: run.dir/predictor.safetensors).
+    Predictor {
+        #[arg(long)]
+        recipe: PathBuf,
+        /// The weights to fit for: a checkpoint directory, or a run directory (its newest
+        /// complete checkpoint). Default: the recipe's base model as a run starts.
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// AdamW updates, one batch each.
+        #[arg(long, default_value_t = 400)]
+        steps: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// Hidden width of each path (query and key MLP).
+        #[arg(long, default_value_t = 128)]
+        width: i64,
+        /// Output width of each path per head-wide slice of the hidden state.
+        #[arg(long, default_value_t = 128)]
+        rank: i64,
+        /// Batches after the fitted ones on which recall is measured.
+        #[arg(long, default_value_t = 8)]
+        held_out: usize,
+        /// Write here instead of `sparsity.predictor`.
+        #[arg(long)]
+        out: Option<PathBuf>,
         /// key.path=value overrides.
         overrides: Vec<String>,
     },
@@ -338,6 +369,18 @@ fn eval_cmd(model: PathBuf, adapter: Option<PathBuf>, data: Vec<PathBuf>, max_to
 }
 
 /// `train run`: trains a recipe and prints the summary.
+/// `train predictor`: fits, then prints the loss and each layer's recall beside the baselines.
+fn predictor_cmd(recipe: &Path, overrides: &[String], opts: &trainer::train::predictor_fit::FitOptions) -> Result<(), Box<dyn std::error::Error>> {
+    let r = trainer::train::predictor_fit::fit_recipe(recipe, overrides, opts)?;
+    println!("predictor: {} updates in {:.1} s, loss {:.5} -> {:.5}", opts.steps, r.seconds, r.first_loss, r.last_loss);
+    println!("recall of the exact scorer's choice on {} held-out batches:", opts.held_out);
+    for l in &r.recall {
+        println!("  layer {}: predictor {:.3} (pooled {:.3}, unfitted {:.3})", l.layer, l.fitted, l.pooled, l.unfitted);
+    }
+    println!("wrote {} (sparsity.scorer = \"predictor\" reads it)", r.path.display());
+    Ok(())
+}
+
 fn run_cmd(recipe: PathBuf, resume: bool, overrides: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
     // One rank of a job when torchrun or `train launch` says so (WORLD_SIZE and the rest).
     let env = trainer::world::Env::from_process()?;
@@ -536,12 +579,15 @@ impl SparseFlags {
         // --sparse-keep 0 with MLP channels: attention stays dense.
         let (keep_ratio, layers_spec) = if self.keep == 0.0 { (1.0, SparseLayers::List(Vec::new())) } else { (self.keep, list("--sparse-layers", &self.layers)?) };
         let mlp_layers = list("--sparse-mlp-layers", &self.mlp_layers)?;
+        // A predictor is fitted to a model's weights; this bench's are random.
         let scorer = match self.scorer.as_str() {
             "exact" => SparseScorer::Exact,
             "pooled" => SparseScorer::Pooled,
-            s => return Err(format!("bench step: --sparse-scorer {s}: exact or pooled")),
+            s => return Err(format!("bench step: --sparse-scorer {s}: exact or pooled (a predictor is fitted to a model's weights, and this bench's are random)")),
         };
-        SparsitySection { block_size: self.block, keep_ratio, layers: layers_spec, scorer, score_queries: Default::default(), start_step: 0, mlp_keep_ratio: self.mlp_keep, mlp_layers }.resolve(layers, &vec![None; layers]).map(Some)
+        let section = SparsitySection { block_size: self.block, keep_ratio, layers: layers_spec, scorer, score_queries: Default::default(), start_step: 0, mlp_keep_ratio: self.mlp_keep, mlp_layers, predictor: None, recall_every: 0 };
+        let engine = scorer.training_free().ok_or("bench step: the scorer needs a fitted predictor")?;
+        section.resolve_with(layers, &vec![None; layers], engine).map(Some)
     }
 }
 
@@ -579,6 +625,10 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.cmd {
         Cmd::Eval { model, adapter, data, max_tokens, device, dtype, loss_chunk, json } => eval_cmd(model, adapter, data, max_tokens, device, dtype, loss_chunk, json),
         Cmd::Run { recipe, resume, overrides } => run_cmd(recipe, resume, overrides),
+        Cmd::Predictor { recipe, from, steps, lr, width, rank, held_out, out, overrides } => {
+            let opts = trainer::train::predictor_fit::FitOptions { steps, lr, width, rank, held_out, from, out, log_every: 50 };
+            predictor_cmd(&recipe, &overrides, &opts)
+        }
         Cmd::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, cmd } => {
             let exe = std::env::current_exe()?;
             let job = trainer::launch::Job { nproc_per_node, nnodes, node_rank, master_addr, master_port };

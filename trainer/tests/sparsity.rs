@@ -10,6 +10,7 @@ use common::{batch, GQA, MHA_QWEN};
 use tch::{Device, Kind, Tensor};
 use trainer::model::config::ModelConfig;
 use trainer::model::lora::LoraConfig;
+use trainer::model::predictor::{self, Predictor};
 use trainer::model::sparse::{Scorer, Sparsity};
 use trainer::model::{Batch, Model};
 
@@ -32,6 +33,12 @@ fn model_with(config: &str, lora: Option<&[&str]>) -> Model {
         }
     }
     m
+}
+
+/// An unfitted predictor (random paths) of `layers` for blocks of 8.
+fn predictor(m: &Model, layers: &[usize]) -> Predictor {
+    tch::manual_seed(9);
+    Predictor::new(std::path::Path::new("unused.safetensors"), layers, 8, m.cfg.head_dim, 16, 4, (Kind::Double, Device::Cpu))
 }
 
 fn sparsity(scorer: Scorer, keep: f64, layers: Vec<usize>) -> Option<Arc<Sparsity>> {
@@ -118,10 +125,15 @@ fn sparse_layers_match_autograd_of_the_gathered_computation() {
     let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
     let lens = [40, 17, 43];
     for (tag, cfg, lora) in [("gqa full", GQA, false), ("gqa lora", GQA, true), ("mha qwen2 biases", MHA_QWEN, false)] {
-        for scorer in [Scorer::Exact, Scorer::Pooled] {
+        for which in 0..3 {
             let mut m = model(cfg, lora);
             let n = m.layers.len();
-            m.sparsity = sparsity(scorer, 0.4, (1..n).collect());
+            let scorer = match which {
+                0 => Scorer::Exact,
+                1 => Scorer::Pooled,
+                _ => Scorer::predictor(predictor(&m, &(1..n).collect::<Vec<_>>())),
+            };
+            m.sparsity = sparsity(scorer.clone(), 0.4, (1..n).collect());
             let kept = compare(&m, &batch(&lens), &format!("{tag} {scorer:?}"));
             assert_eq!(kept.len(), n - 1);
             for (l, k, t) in &kept {
@@ -177,4 +189,89 @@ fn the_kept_set_is_deterministic_and_saves_less() {
     // and v (kv_heads × head_dim each), the logsumexp (heads).
     let per_token = 8 * (1 + cfg.hidden_size + 2 * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim + cfg.num_heads);
     assert_eq!(dense.saved_bytes as i64 - a.saved_bytes as i64, (120 - 32) * per_token - 32 * 8, "saved bytes");
+}
+
+#[test]
+fn the_predictor_map_is_the_sum_over_slices_of_its_paths_products() {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let m = model(GQA, false);
+    let p = predictor(&m, &[1]);
+    let (d, hidden) = (m.cfg.head_dim, m.cfg.hidden_size);
+    let x = Tensor::randn([19, hidden], (Kind::Double, Device::Cpu));
+    let map = p.map(1, &x).unwrap();
+    let nb = 3; // ceil(19 / 8)
+    assert_eq!(map.size(), [nb, nb]);
+    // Naive: block b's slice s is tokens 8b..8b+8 (zeros past the end) × columns s·d..(s+1)·d,
+    // flattened token-major; each path is w2 · relu(w1 · f).
+    let path = &p.layers[&1];
+    let feat = |b: i64, s: i64| {
+        let rows: Vec<Tensor> = (8 * b..8 * b + 8).map(|t| if t < 19 { x.get(t).narrow(0, s * d, d) } else { Tensor::zeros([d], (Kind::Double, Device::Cpu)) }).collect();
+        Tensor::cat(&rows, 0)
+    };
+    let run = |mlp: &predictor::Mlp, f: &Tensor| mlp.w2.matmul(&mlp.w1.matmul(f).relu());
+    for qb in 0..nb {
+        for kb in 0..nb {
+            let want = if kb > qb { 0.0 } else { (0..hidden / d).map(|s| run(&path.q, &feat(qb, s)).dot(&run(&path.k, &feat(kb, s))).double_value(&[])).sum::<f64>() };
+            assert!((map.double_value(&[qb, kb]) - want).abs() < 1e-10 * want.abs().max(1.0), "({qb}, {kb}): {} vs {want}", map.double_value(&[qb, kb]));
+        }
+    }
+    // Saved and read back: the same map; a file that lacks a layer, or other blocks, is refused.
+    let dir = std::env::temp_dir().join(format!("strata-predictor-{}", std::process::id()));
+    let path = dir.join("p.safetensors");
+    let saved = Predictor { path: path.clone(), ..predictor(&m, &[1, 2]) };
+    saved.save().unwrap();
+    let read = Predictor::load(&path, d, Kind::Double, Device::Cpu).unwrap();
+    assert_eq!(read.block, 8);
+    assert_eq!(read.layers.keys().copied().collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(read.map(1, &x).unwrap().double_value(&[2, 1]), saved.map(1, &x).unwrap().double_value(&[2, 1]));
+    read.check(&[1, 2], 8).unwrap();
+    let e = read.check(&[1, 3], 8).unwrap_err();
+    assert!(e.contains("layer 3") && e.contains("sparsity.layers"), "{e}");
+    let e = read.check(&[1], 16).unwrap_err();
+    assert!(e.contains("blocks of 8") && e.contains("sparsity.block_size = 16"), "{e}");
+    let e = Predictor::load(&dir.join("missing.safetensors"), d, Kind::Double, Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("missing.safetensors") && e.contains("train predictor"), "{e}");
+    // A slice width that does not divide the inputs (another model's head_dim).
+    let e = Predictor::load(&path, 7, Kind::Double, Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("head_dim"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_predictor_scored_step_measures_its_recall_of_the_exact_choice() {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let mut m = model(GQA, false);
+    let n = m.layers.len();
+    let layers: Vec<usize> = (1..n).collect();
+    let b = batch(&[40, 17, 43]);
+    m.measure_recall = true;
+    // The exact scorer measures nothing (there is no predictor to check).
+    m.sparsity = sparsity(Scorer::Exact, 0.4, layers.clone());
+    let exact = m.forward_backward(&b, None, 6).unwrap().2;
+    assert!(exact.recall.is_empty());
+    m.sparsity = sparsity(Scorer::predictor(predictor(&m, &layers)), 0.4, layers.clone());
+    let stats = m.forward_backward(&b, None, 6).unwrap().2;
+    // Blocks chosen by score: ceil(0.4 · blocks) − 1 (the first is kept anyway) per document:
+    // 2 − 1, 2 − 1 and 3 − 1.
+    assert_eq!(stats.recall.iter().map(|r| r.0).collect::<Vec<_>>(), layers);
+    for (l, hits, of) in &stats.recall {
+        assert_eq!(*of, 4, "layer {l}");
+        assert!(*hits <= *of, "layer {l}");
+    }
+    // Layer 1 reads the dense layer 0's output in both runs, so its exact choice is the exact
+    // run's: the hits are the blocks both runs kept beyond the documents' first.
+    let starts = |st: &trainer::model::StepStats| -> Vec<i64> {
+        let r = rows(&st.kept.iter().find(|k| k.0 == 1).unwrap().1);
+        r.into_iter().filter(|&t| [(0, 40), (40, 57), (57, 100)].iter().any(|&(d, end)| t > d && t < end && (t - d) % 8 == 0)).collect()
+    };
+    let (e, p) = (starts(&exact), starts(&stats));
+    let both = e.iter().filter(|t| p.contains(t)).count() as u64;
+    assert_eq!((e.len(), p.len()), (4, 4));
+    assert_eq!(stats.recall[0].1, both, "exact {e:?}, predictor {p:?}");
+    // Recall of the exact choice by itself is every block.
+    use trainer::model::sparse::recall;
+    assert_eq!(recall(&[0, 40, 57, 100], 8, 0.4, &[1.0; 14], &[1.0; 14], None), (4, 4));
+    let mut other = vec![1.0; 14];
+    other[1] = 0.0; // document 0's second block, the exact choice there, now rates lowest
+    assert_eq!(recall(&[0, 40, 57, 100], 8, 0.4, &[1.0; 14], &other, None), (3, 4));
 }

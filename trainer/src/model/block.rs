@@ -45,6 +45,10 @@ pub struct Context {
     /// Per block of the sequence, whether it holds training targets ([`sparse::target_weights`]),
     /// when sparse layers rate by them.
     pub target_blocks: Option<Vec<f64>>,
+    /// When set, sparse layers rated by a predictor also rate their blocks exactly and record
+    /// here, per layer, how many of the exact choice the predictor chose and of how many
+    /// ([`sparse::recall`]).
+    pub recall: Option<std::sync::Mutex<Vec<(usize, u64, u64)>>>,
 }
 
 /// A [`Context`]'s sequence-parallel part.
@@ -95,6 +99,7 @@ impl Context {
             seq: None,
             sparsity: None,
             target_blocks: None,
+            recall: None,
         }
     }
 
@@ -452,7 +457,13 @@ pub fn forward(layer: &Layer, x: &Tensor, ctx: &Context, layer_idx: usize) -> Re
     // A sparse layer keeps its informative blocks' rows of everything attention reads.
     let sel = match ctx.sparsity.as_ref().filter(|s| s.is_sparse(layer_idx)) {
         Some(s) => {
-            let rated = sparse::scores(s.scorer, &pre.q, &pre.k, &ctx.cu_seqlens, s.block, ctx.attn[layer_idx].scale, ctx.target_blocks.as_deref())?;
+            let at = sparse::LayerInputs { layer: layer_idx, x_norm: &pre.x_attn, q: &pre.q, k: &pre.k, scale: ctx.attn[layer_idx].scale };
+            let rated = sparse::scores(&s.scorer, &at, &ctx.cu_seqlens, s.block, ctx.target_blocks.as_deref())?;
+            if let (sparse::Scorer::Predictor(_), Some(sink)) = (&s.scorer, &ctx.recall) {
+                let exact = sparse::scores(&sparse::Scorer::Exact, &at, &ctx.cu_seqlens, s.block, ctx.target_blocks.as_deref())?;
+                let (hits, of) = sparse::recall(&ctx.cu_seqlens, s.block, s.keep, &exact, &rated, ctx.target_blocks.as_deref());
+                sink.lock().map_err(|_| crate::error::TrainerError::Device("internal: the recall record was poisoned".into()))?.push((layer_idx, hits, of));
+            }
             Some(sparse::select(&ctx.cu_seqlens, s.block, s.keep, &rated, ctx.target_blocks.as_deref(), x.device()))
         }
         None => None,

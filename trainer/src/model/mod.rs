@@ -5,6 +5,7 @@ pub mod config;
 pub mod init;
 pub mod layer;
 pub mod lora;
+pub mod predictor;
 pub mod proj;
 pub mod reference;
 pub mod seq;
@@ -61,6 +62,9 @@ pub struct Model {
     pub seq: Option<Arc<seq::SeqParallel>>,
     /// Token sparsity ([`sparse`]): its layers attend over their informative token blocks only.
     pub sparsity: Option<Arc<sparse::Sparsity>>,
+    /// Sparse layers rated by a predictor also rate exactly and report the predictor's recall
+    /// ([`StepStats::recall`]): a second attention-sized product per sparse layer.
+    pub measure_recall: bool,
 }
 
 /// Gradients keyed by HF parameter name.
@@ -77,6 +81,9 @@ pub struct StepStats {
     pub kept: Vec<(usize, Tensor, i64)>,
     /// MLP channel sparsity: each such layer's kept channels (`[c]` int64).
     pub channels: Vec<(usize, Tensor)>,
+    /// With [`Model::measure_recall`]: per sparse layer, the blocks of the exact scorer's
+    /// choice its predictor chose too, and how many the exact scorer chose.
+    pub recall: Vec<(usize, u64, u64)>,
 }
 
 /// Every parameter of the model with its HF name and shape, in checkpoint order. This one list
@@ -131,7 +138,7 @@ impl Model {
         }
         let norm = take("model.norm.weight".into())?;
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(take("lm_head.weight".into())?) };
-        Ok(Model { cfg, full: true, embed_tokens, layers, norm, lm_head, tile_tokens: None, seq: None, sparsity: None })
+        Ok(Model { cfg, full: true, embed_tokens, layers, norm, lm_head, tile_tokens: None, seq: None, sparsity: None, measure_recall: false })
     }
 
     /// Loads the weights of an HF folder, converting them to `kind` on `device`. Returns the
@@ -325,6 +332,22 @@ impl Model {
         Ok((rmsnorm::forward(&x, &self.norm, self.cfg.rms_norm_eps).0, labels))
     }
 
+    /// A dense forward without gradients over one batch (every layer whole, nothing placed) that
+    /// shows each layer's saved tensors to `visit` as it goes: what the predictor is fitted on.
+    pub fn visit_layers(&self, batch: &Batch, visit: &mut dyn FnMut(usize, &block::BlockSaved, &block::Context) -> Result<()>) -> Result<()> {
+        self.check_ids(&batch.ids, "token ids")?;
+        let _guard = tch::no_grad_guard();
+        let dev = self.device();
+        let ctx = block::Context::new(&self.cfg, &batch.doc_lens, self.kind(), dev);
+        let mut x = embedding::forward(&self.embed_tokens, &batch.ids.to_device(dev)).0;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let (y, saved) = block::forward(layer, &x, &ctx, l)?;
+            visit(l, &saved, &ctx)?;
+            x = y;
+        }
+        Ok(())
+    }
+
     /// A loss over this rank's tokens made the whole sequence's (summed over the group).
     fn whole_loss(&self, l: cross_entropy::LossSum) -> Result<cross_entropy::LossSum> {
         let Some(sp) = &self.seq else { return Ok(l) };
@@ -383,6 +406,7 @@ impl Model {
         let (ids, labels, mut ctx) = self.training_inputs(batch, dev)?;
         ctx.train = true;
         ctx.full = self.full;
+        ctx.recall = self.measure_recall.then(Default::default);
         let (mut x, emb_saved) = embedding::forward(&self.embed_tokens, &ids);
         let n_layers = self.layers.len();
         let t_all = ids.size()[0];
@@ -415,7 +439,12 @@ impl Model {
             stashed.push(stash::put(store, placement, l, s, t_all, self.layer_layout(l))?);
             x = y;
         }
-        let stats = StepStats { saved_bytes, kept, channels };
+        let recall = match ctx.recall.take().map(|m| m.into_inner()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => return Err(TrainerError::Device("internal: the recall record was poisoned".into())),
+            None => Vec::new(),
+        };
+        let stats = StepStats { saved_bytes, kept, channels, recall };
         guard::enter(Phase::Loss, None);
         let (h, norm_saved) = rmsnorm::forward(&x, &self.norm, self.cfg.rms_norm_eps);
         let (loss, ce_saved) = cross_entropy::forward(&h, self.lm_head_weight(), &labels, ce_chunk);

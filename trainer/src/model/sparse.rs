@@ -7,9 +7,12 @@
 //! residual stream; a dropped token's attention output is zero, and it still passes through the
 //! residual and the MLP. So the attention's saved tensors (the input norm's, q, k, v, the output
 //! and its logsumexp) exist for kept tokens only ([`crate::model::block::BlockSaved::kept`]).
+use std::sync::{Arc, Mutex};
+
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, TrainerError};
+use crate::model::predictor::Predictor;
 use crate::model::tiled::{tiles, Tile};
 
 /// A tensor's values on the CPU (an error, never a silent default, when libtorch cannot give them).
@@ -21,7 +24,7 @@ where
 }
 
 /// How a sparse layer rates its blocks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Scorer {
     /// The reference's block map: for every (query block, key block) pair of a document, the
     /// largest over its causal token pairs of `Σ_heads ReLU(q·k / √d)`; made symmetric and summed
@@ -30,6 +33,40 @@ pub enum Scorer {
     Exact,
     /// Training-free and cheap: the same map over block-mean q and k (`O((T/block)²)` pairs).
     Pooled,
+    /// The learned predictor of the exact map from the layer's normed input
+    /// ([`crate::model::predictor`]): two small MLPs per layer, fitted by `train predictor`.
+    /// Behind a lock: a model (and its sparsity) moves between threads, and the predictor's
+    /// tensors are not to be read by two at once.
+    Predictor(Arc<Mutex<Predictor>>),
+}
+
+impl Scorer {
+    pub fn predictor(p: Predictor) -> Scorer {
+        Scorer::Predictor(Arc::new(Mutex::new(p)))
+    }
+}
+
+/// Two predictor scorers are equal when they share one predictor.
+impl PartialEq for Scorer {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Scorer::Predictor(a), Scorer::Predictor(b)) => Arc::ptr_eq(a, b),
+            (a, b) => std::mem::discriminant(a) == std::mem::discriminant(b),
+        }
+    }
+}
+
+/// What a scorer reads of one layer: its normed input and its roped q and k.
+pub struct LayerInputs<'a> {
+    pub layer: usize,
+    /// `[T, hidden]`
+    pub x_norm: &'a Tensor,
+    /// `[T, heads, d]`
+    pub q: &'a Tensor,
+    /// `[T, kv_heads, d]`
+    pub k: &'a Tensor,
+    /// The attention's `1/√d`.
+    pub scale: f64,
 }
 
 /// A model's sparsity settings (validated by the recipe).
@@ -118,19 +155,20 @@ pub struct Selection {
 /// blocks, each weighted by `query_weight` (1 for every block: the reference).
 ///
 /// # Shapes
-/// - `q`: `[T, heads, d]`, `k`: `[T, kv_heads, d]` (after RoPE) → one score per block of
-///   [`tiles`]`(cu_seqlens, block)`
-pub fn scores(scorer: Scorer, q: &Tensor, k: &Tensor, cu_seqlens: &[i64], block: i64, scale: f64, query_weight: Option<&[f64]>) -> Result<Vec<f64>> {
+/// - `at.q`: `[T, heads, d]`, `at.k`: `[T, kv_heads, d]` (after RoPE), `at.x_norm`: `[T, hidden]`
+///   → one score per block of [`tiles`]`(cu_seqlens, block)`
+pub fn scores(scorer: &Scorer, at: &LayerInputs, cu_seqlens: &[i64], block: i64, query_weight: Option<&[f64]>) -> Result<Vec<f64>> {
     let _guard = tch::no_grad_guard();
-    let acc = kernels::accum_kind(q.kind());
-    let (q, k) = (q.to_kind(acc), k.to_kind(acc));
+    let acc = kernels::accum_kind(at.q.kind());
+    let (q, k) = (at.q.to_kind(acc), at.k.to_kind(acc));
     let mut out = Vec::new();
     for w in cu_seqlens.windows(2) {
         let (s, e) = (w[0], w[1]);
         let doc: Vec<Tile> = tiles(&[s, e], block);
         let m = match scorer {
-            Scorer::Exact => exact_map(&q.narrow(0, s, e - s), &k.narrow(0, s, e - s), block, scale),
-            Scorer::Pooled => pooled_map(&q.narrow(0, s, e - s), &k.narrow(0, s, e - s), &doc, s, scale),
+            Scorer::Exact => exact_map(&q.narrow(0, s, e - s), &k.narrow(0, s, e - s), block, at.scale),
+            Scorer::Pooled => pooled_map(&q.narrow(0, s, e - s), &k.narrow(0, s, e - s), &doc, s, at.scale),
+            Scorer::Predictor(p) => p.lock().map_err(|_| TrainerError::Device("internal: a predictor's lock was poisoned".into()))?.map(at.layer, &at.x_norm.narrow(0, s, e - s))?,
         };
         // Symmetric, summed over (weighted) query blocks: a block's row sum and column sum.
         let sym = (&m + m.tr()).to_kind(Kind::Double);
@@ -158,7 +196,7 @@ pub fn target_weights(labels: &Tensor, cu_seqlens: &[i64], block: i64) -> Result
 
 /// `[nb, nb]` block map of one document: entry (qb, kb), kb ≤ qb, is the largest over the
 /// block pair's causal token pairs of `Σ_heads ReLU(q·k·scale)` (zero above the diagonal).
-fn exact_map(q: &Tensor, k: &Tensor, block: i64, scale: f64) -> Tensor {
+pub fn exact_map(q: &Tensor, k: &Tensor, block: i64, scale: f64) -> Tensor {
     let (t, heads, kv) = (q.size()[0], q.size()[1], k.size()[1]);
     let nb = (t + block - 1) / block;
     let rep = heads / kv.max(1);
@@ -205,6 +243,25 @@ fn pooled_map(q: &Tensor, k: &Tensor, blocks: &[Tile], doc_start: i64, scale: f6
 pub fn select(cu_seqlens: &[i64], block: i64, keep: f64, scores: &[f64], forced: Option<&[f64]>, device: Device) -> Selection {
     let mut idx = Vec::new();
     let mut cu = vec![0i64];
+    for (doc, choice) in choose(cu_seqlens, block, keep, scores, forced) {
+        for b in choice.kept {
+            idx.extend(doc[b].start..doc[b].start + doc[b].len);
+        }
+        cu.push(idx.len() as i64);
+    }
+    Selection { idx: Tensor::from_slice(&idx).to_device(device), cu_seqlens: cu }
+}
+
+/// One document's kept blocks (ascending) and how many of them were chosen by score.
+struct Choice {
+    kept: Vec<usize>,
+    /// The blocks chosen by their scores, not kept whatever their scores (first, forced).
+    rated: Vec<usize>,
+}
+
+/// [`select`]'s decision per document: its blocks and its choice.
+fn choose(cu_seqlens: &[i64], block: i64, keep: f64, scores: &[f64], forced: Option<&[f64]>) -> Vec<(Vec<Tile>, Choice)> {
+    let mut out = Vec::new();
     let mut at = 0usize;
     for w in cu_seqlens.windows(2) {
         let doc = tiles(&[w[0], w[1]], block);
@@ -214,16 +271,27 @@ pub fn select(cu_seqlens: &[i64], block: i64, keep: f64, scores: &[f64], forced:
         let mut kept: Vec<usize> = (0..nb).filter(|&b| must(b)).collect();
         let mut order: Vec<usize> = (0..nb).filter(|&b| !must(b)).collect();
         order.sort_by(|&a, &b| scores[at + b].total_cmp(&scores[at + a]).then(a.cmp(&b)));
-        let more = want.saturating_sub(kept.len());
-        kept.extend(order.into_iter().take(more));
+        let rated: Vec<usize> = order.into_iter().take(want.saturating_sub(kept.len())).collect();
+        kept.extend(&rated);
         kept.sort_unstable();
-        for b in kept {
-            idx.extend(doc[b].start..doc[b].start + doc[b].len);
-        }
-        cu.push(idx.len() as i64);
+        out.push((doc, Choice { kept, rated }));
         at += nb;
     }
-    Selection { idx: Tensor::from_slice(&idx).to_device(device), cu_seqlens: cu }
+    out
+}
+
+/// How many of the blocks `exact` scores choose by score (not kept whatever their score: each
+/// document's first and the forced ones) `predicted` scores choose too, and of how many: a
+/// predictor's recall of the exact top-k.
+pub fn recall(cu_seqlens: &[i64], block: i64, keep: f64, exact: &[f64], predicted: &[f64], forced: Option<&[f64]>) -> (u64, u64) {
+    let (want, got) = (choose(cu_seqlens, block, keep, exact, forced), choose(cu_seqlens, block, keep, predicted, forced));
+    let mut hits = 0u64;
+    let mut total = 0u64;
+    for ((_, w), (_, g)) in want.iter().zip(&got) {
+        total += w.rated.len() as u64;
+        hits += w.rated.iter().filter(|b| g.rated.contains(b)).count() as u64;
+    }
+    (hits, total)
 }
 
 /// The compacted documents of kept rows `idx` (ascending) of a sequence with `cu_seqlens`.
@@ -278,7 +346,9 @@ mod tests {
         let q = Tensor::randn([10, 2, 4], (Kind::Double, Device::Cpu));
         let k = Tensor::randn([10, 2, 4], (Kind::Double, Device::Cpu));
         let m = exact_map(&q, &k, 4, 0.5);
-        let s = scores(Scorer::Exact, &q, &k, &[0, 10], 4, 0.5, Some(&[0.0, 0.0, 1.0])).unwrap();
+        let x = Tensor::zeros([10, 8], (Kind::Double, Device::Cpu));
+        let at = LayerInputs { layer: 0, x_norm: &x, q: &q, k: &k, scale: 0.5 };
+        let s = scores(&Scorer::Exact, &at, &[0, 10], 4, Some(&[0.0, 0.0, 1.0])).unwrap();
         for b in 0..3i64 {
             let want = m.double_value(&[2, b]) + m.double_value(&[b, 2]);
             assert!((s[b as usize] - want).abs() < 1e-12, "block {b}");
@@ -308,7 +378,8 @@ mod tests {
                 assert!((m.double_value(&[qb, kb]) - best).abs() < 1e-12, "({qb}, {kb})");
             }
         }
-        let s = scores(Scorer::Exact, &q, &k, &[0, t], block, 0.5, None).unwrap();
+        let x = Tensor::zeros([t, heads * d], (Kind::Double, Device::Cpu));
+        let s = scores(&Scorer::Exact, &LayerInputs { layer: 0, x_norm: &x, q: &q, k: &k, scale: 0.5 }, &[0, t], block, None).unwrap();
         let want: Vec<f64> = (0..3).map(|b| (0..3).map(|o| m.double_value(&[o, b]) + m.double_value(&[b, o])).sum()).collect();
         assert_eq!(s, want);
     }

@@ -138,7 +138,9 @@ pub fn with_sparsity(mut inv: Inventory, cfg: &ModelConfig, kind: Kind, lora: Op
     }
     let device = if matches!(device, Device::Cuda(_)) && !tch::Cuda::is_available() { Device::Cpu } else { device };
     let probe = Probe::new(cfg, kind, lora, device, 1)?;
-    let rule = Sparsity::attention_only(PROBE_T[0], 0.5, vec![0], s.scorer, false);
+    // Which scorer rated the blocks does not change what is saved (and a predictor is fitted for
+    // the model's own layers and blocks, not the probe's).
+    let rule = Sparsity::attention_only(PROBE_T[0], 0.5, vec![0], Scorer::Exact, false);
     let sparse: Vec<Vec<Measured>> = [2 * PROBE_T[0], 4 * PROBE_T[0]].iter().map(|&t| probe.saved(t, Some(&rule))).collect::<Result<_>>()?;
     let bytes_in = |v: &[Measured], n: &str| v.iter().find(|m| m.0 == n).map(|m| m.3);
     let internal = |n: &str| TrainerError::Device(format!("internal: the sparse block's `{n}` holds neither every token's rows nor the kept ones"));

@@ -140,7 +140,7 @@ fn recipe_inventory(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lo
     let inv = crate::plan::inventory::build_sharded(cfg, kind, lora, dev, recipe.train.loss_chunk, tile, sp)?;
     match recipe.sparsity.as_ref().filter(|s| s.from_the_start()) {
         Some(s) => {
-            let s = s.resolve(cfg.num_layers as usize, &cfg.sliding_window).map_err(|e| TrainerError::Device(format!("recipe: {e}")))?;
+            let s = s.resolve_with(cfg.num_layers as usize, &cfg.sliding_window, crate::model::sparse::Scorer::Exact).map_err(|e| TrainerError::Device(format!("recipe: {e}")))?;
             crate::plan::inventory::with_sparsity(inv, cfg, kind, lora, dev, &s)
         }
         None => Ok(inv),

@@ -71,6 +71,13 @@ pub fn step_record(step: i64, o: &StepOutcome, store: &offload::store::Activatio
     if !o.kept.is_empty() {
         m["sparsity/kept_fraction"] = json!(o.kept.iter().map(|(_, f)| f).sum::<f64>() / o.kept.len() as f64);
     }
+    // The predictor's recall of the exact scorer's choice, on the steps that measure it.
+    for (l, r) in &o.recall {
+        m[format!("sparsity/predictor_recall_layer{l}")] = json!(r);
+    }
+    if !o.recall.is_empty() {
+        m["sparsity/predictor_recall"] = json!(o.recall.iter().map(|(_, r)| r).sum::<f64>() / o.recall.len() as f64);
+    }
     // Rank 0's exchanges (every rank of a sequence-parallel group sends as much).
     if let Some((bytes, secs)) = o.all_to_all {
         m["dist/all_to_all_bytes"] = json!(bytes as f64);

@@ -13,6 +13,7 @@ pub mod evaluate;
 pub mod export;
 pub mod metrics;
 pub mod optim;
+pub mod predictor_fit;
 pub mod progress;
 pub mod recipe;
 pub mod session;

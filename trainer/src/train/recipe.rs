@@ -60,10 +60,22 @@ pub struct SparsitySection {
     #[serde(default)]
     pub layers: SparseLayers,
     /// How blocks are rated: "exact" (the block map of `Σ_heads ReLU(q·k/√d)` maxima, made
-    /// symmetric and summed over query blocks: a second attention-sized product per sparse layer)
-    /// or "pooled" (the same over block-mean q and k: cheap, training-free).
+    /// symmetric and summed over query blocks: a second attention-sized product per sparse layer),
+    /// "pooled" (the same over block-mean q and k: cheap, training-free) or "predictor" (a learned
+    /// predictor of the exact map from the layer's normed input, read from `predictor`; fit it
+    /// first with `train predictor --recipe R`).
     #[serde(default)]
     pub scorer: SparseScorer,
+    /// The predictor's file: `train predictor` writes it, the "predictor" scorer reads it.
+    /// Default: `predictor.safetensors` in `run.dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predictor: Option<PathBuf>,
+    /// With the "predictor" scorer: every this many steps (from step 0) the sparse layers also
+    /// rate exactly, and the predictor's recall of the exact choice goes to the metrics
+    /// (`sparsity/predictor_recall_layer{l}`). Trade-off: such a step pays the exact scorer's
+    /// product too. 0: never.
+    #[serde(default = "ten")]
+    pub recall_every: u64,
     /// Which query blocks rate the key blocks: "all" (the reference) or "targets" (only those
     /// holding training targets, where the loss comes from: a prompt/completion sample's answer;
     /// those blocks are also always kept, or their tokens would lose their attention. For
@@ -91,6 +103,10 @@ pub struct SparsitySection {
 
 fn one() -> f64 {
     1.0
+}
+
+fn ten() -> u64 {
+    10
 }
 
 fn all_layers() -> SparseLayers {
@@ -143,21 +159,50 @@ pub enum SparseScorer {
     #[default]
     Exact,
     Pooled,
+    Predictor,
+}
+
+impl SparseScorer {
+    /// The engine's scorer when it needs no fitted file.
+    pub fn training_free(self) -> Option<crate::model::sparse::Scorer> {
+        match self {
+            SparseScorer::Exact => Some(crate::model::sparse::Scorer::Exact),
+            SparseScorer::Pooled => Some(crate::model::sparse::Scorer::Pooled),
+            SparseScorer::Predictor => None,
+        }
+    }
 }
 
 impl SparsitySection {
-    /// The engine's settings for a model of `layers` layers whose layer l has sliding window
-    /// `windows[l]`; errors name the key.
-    pub fn resolve(&self, layers: usize, windows: &[Option<i64>]) -> std::result::Result<crate::model::sparse::Sparsity, String> {
+    /// Where the predictor of a run in `run_dir` lives.
+    pub fn predictor_path(&self, run_dir: &Path) -> PathBuf {
+        self.predictor.clone().unwrap_or_else(|| run_dir.join("predictor.safetensors"))
+    }
+
+    /// The engine's settings for `cfg`'s model in `kind` on `device`, its predictor read from
+    /// [`Self::predictor_path`] when the scorer is one; errors name the key.
+    pub fn resolve_for(&self, cfg: &crate::model::config::ModelConfig, kind: tch::Kind, device: tch::Device, run_dir: &Path) -> std::result::Result<crate::model::sparse::Sparsity, String> {
+        let scorer = match self.scorer.training_free() {
+            Some(s) => s,
+            None => {
+                let path = self.predictor_path(run_dir);
+                let p = crate::model::predictor::Predictor::load(&path, cfg.head_dim, kind, device).map_err(|e| format!("`sparsity.predictor`: {e}"))?;
+                p.check(&self.layers.resolve("sparsity.layers", cfg.num_layers as usize)?, self.block_size).map_err(|e| format!("`sparsity.predictor`: {e}"))?;
+                crate::model::sparse::Scorer::predictor(p)
+            }
+        };
+        self.resolve_with(cfg.num_layers as usize, &cfg.sliding_window, scorer)
+    }
+
+    /// The settings for a model of `layers` layers whose layer l has sliding window
+    /// `windows[l]`, rated by `scorer` (the planner gives any: every scorer saves the same
+    /// tensors); errors name the key.
+    pub fn resolve_with(&self, layers: usize, windows: &[Option<i64>], scorer: crate::model::sparse::Scorer) -> std::result::Result<crate::model::sparse::Sparsity, String> {
         let list = self.layers.resolve("sparsity.layers", layers)?;
         let mlp_layers = self.mlp_layers.resolve("sparsity.mlp_layers", layers)?;
         if let Some(l) = list.iter().find(|&&l| windows.get(l).copied().flatten().is_some()) {
             return Err(format!("`sparsity.layers`: layer {l} attends through a sliding window, which a compacted sequence would widen; leave it dense"));
         }
-        let scorer = match self.scorer {
-            SparseScorer::Exact => crate::model::sparse::Scorer::Exact,
-            SparseScorer::Pooled => crate::model::sparse::Scorer::Pooled,
-        };
         Ok(crate::model::sparse::Sparsity {
             block: self.block_size,
             keep: self.keep_ratio,

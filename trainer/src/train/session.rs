@@ -155,6 +155,30 @@ fn load_model(recipe: &Recipe, recipe_path: &Path, cfg: ModelConfig, cfg_text: O
     Ok((model, Tokens { tok, tok_path, eos, chat }, base_name, source))
 }
 
+/// The model a recipe trains, for work that reads it without training it (`train predictor`):
+/// its base weights as a run starts (an HF folder, or `[model.init]`'s with the run's seed,
+/// written into `run.dir/model`), then, with `from`, a checkpoint's weights (a `step_…`
+/// directory, or a run directory's newest complete one; its adapters under LoRA).
+pub fn frozen_model(recipe: &Recipe, recipe_path: &Path, from: Option<&Path>) -> Result<(Model, Tokens)> {
+    let dev = recipe.run.device.resolve()?;
+    let (cfg, cfg_text) = model_config(recipe, recipe_path)?;
+    let (mut model, tokens, _, _) = load_model(recipe, recipe_path, cfg, cfg_text, dev, &World::alone())?;
+    let Some(from) = from else { return Ok((model, tokens)) };
+    if let Some(l) = lora_config(recipe) {
+        model.attach_lora(&l, recipe.run.seed as i64 + 1)?;
+    }
+    let complete = |d: &Path| d.join(checkpoints::DONE).exists();
+    let dir = match checkpoints::list(from).into_iter().find(|(_, d)| complete(d)) {
+        _ if complete(from) => from.to_path_buf(),
+        Some((_, newest)) => newest,
+        None => return Err(TrainerError::Checkpoint { path: from.to_path_buf(), msg: "neither a complete checkpoint (no DONE marker) nor a run directory holding one".into() }),
+    };
+    let mut opt = AdamW::new(AdamWConfig { lr: 0.0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 });
+    let state = checkpoints::load(&dir, &mut model, &mut opt)?;
+    eprintln!("weights of {} (step {})", dir.display(), state.step);
+    Ok((model, tokens))
+}
+
 /// The state of the newest checkpoint that loads (its weights and optimizer moments restored);
 /// step 0 when there is none.
 fn resume_from(existing: &[(i64, PathBuf)], recipe: &Recipe, model: &mut Model, opt: &mut AdamW) -> TrainerState {
@@ -219,7 +243,7 @@ impl Session {
             if model.tile_tokens.is_some() {
                 return Err(TrainerError::config(recipe_path, "`sparsity`: the plan chose token tiles, which sparse layers do not run yet; set compute.tile_tokens = 0"));
             }
-            let resolved = s.resolve(model.layers.len(), &model.cfg.sliding_window).map_err(|e| TrainerError::config(recipe_path, e))?;
+            let resolved = s.resolve_for(&model.cfg, model.kind(), model.device(), &recipe.run.dir).map_err(|e| TrainerError::config(recipe_path, e))?;
             sparsity = Some(std::sync::Arc::new(resolved));
             // After a dense warm-up, the store is placed for dense layers (its peak is theirs);
             // each step decides whether its sparse layers run sparse (`train_step`).

@@ -33,6 +33,9 @@ pub struct StepOutcome {
     pub all_to_all: Option<(u64, f64)>,
     /// Token sparsity: each sparse layer's kept fraction of tokens over this rank's micro-batches.
     pub kept: Vec<(usize, f64)>,
+    /// A learned scorer's recall of the exact scorer's choice per sparse layer, on the steps
+    /// `sparsity.recall_every` measures (empty on the others).
+    pub recall: Vec<(usize, f64)>,
 }
 
 /// Step `step` (0-based) of the run; on success the session's state says `step + 1` is done.
@@ -42,6 +45,7 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
     let traffic_before = s.model.seq.as_ref().map(|g| g.traffic());
     // Sparse layers run sparse from `sparsity.start_step` on (dense before it: the warm-up).
     s.model.sparsity = s.sparsity.clone().filter(|_| s.recipe.sparsity.as_ref().is_some_and(|r| r.active_at(step)));
+    s.model.measure_recall = s.recipe.sparsity.as_ref().is_some_and(|r| r.recall_every > 0 && step % r.recall_every as i64 == 0);
     let recipe = &s.recipe;
     // The step's micro-batches are those one process with grad_accum × data-parallel size would
     // take; every rank draws them all (file data advances its cursor through all of them) and
@@ -68,6 +72,7 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
     let mut loss_sum = 0.0;
     let mut saved_peak = 0usize;
     let mut kept: Vec<(usize, i64, i64)> = Vec::new();
+    let mut recall: Vec<(usize, u64, u64)> = Vec::new();
     let (model, loss_chunk) = (&s.model, recipe.train.loss_chunk);
     for (i, (index, b)) in mine.into_iter().enumerate() {
         // Dropout masks (LoRA) come from libtorch's generator: seeded per micro-batch, so a
@@ -98,6 +103,12 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
                 None => kept.push((l, rows.size()[0], of)),
             }
         }
+        for (l, hits, of) in stats.recall {
+            match recall.iter_mut().find(|(m, _, _)| *m == l) {
+                Some((_, h, t)) => (*h, *t) = (*h + hits, *t + of),
+                None => recall.push((l, hits, of)),
+            }
+        }
     }
     world.start_sum(earlier, &mut pending)?;
     guard::enter(Phase::Optimizer, None);
@@ -120,7 +131,11 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
         let (b, secs) = g.traffic();
         (b - b0, secs - s0)
     });
-    Ok(StepOutcome { loss, lr, grad_norm, tokens, seconds: t0.elapsed().as_secs_f64(), saved_peak, step_peak_rss: step_peak.bytes(), all_to_all, kept: kept.into_iter().map(|(l, k, t)| (l, k as f64 / t.max(1) as f64)).collect() })
+    Ok(StepOutcome { loss, lr, grad_norm, tokens, seconds: t0.elapsed().as_secs_f64(), saved_peak, step_peak_rss: step_peak.bytes(), all_to_all,
+        kept: kept.into_iter().map(|(l, k, t)| (l, k as f64 / t.max(1) as f64)).collect(),
+        // A layer whose documents had no block to choose by score (every block kept) recalls all.
+        recall: recall.into_iter().map(|(l, h, t)| (l, if t == 0 { 1.0 } else { h as f64 / t as f64 })).collect(),
+    })
 }
 
 /// [`train_step`] under the guard: a libtorch failure becomes [`TrainerError::Torch`] with where

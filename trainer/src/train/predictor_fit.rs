@@ -1,0 +1,234 @@
+//! `train predictor`: fits the learned block scorer ([`crate::model::predictor`]) of a recipe's
+//! sparse layers against the exact scorer, the model frozen, on the recipe's training data;
+//! measures its recall of the exact choice on batches it was not fitted on (beside the pooled
+//! scorer's, and a fresh unfitted predictor's) and writes it where `sparsity.predictor` says.
+//!
+//! The target is the map the exact scorer ranks blocks by (per document, causal, from the roped
+//! q and k), divided per layer by its mean on the first batch so SmoothL1 sees values near 1;
+//! the loss counts the causal entries only. Rankings do not depend on that scale.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use tch::{Kind, Tensor};
+
+use crate::data::source::Source;
+use crate::error::{Result, TrainerError};
+use crate::model::block::{BlockSaved, Context};
+use crate::model::predictor::Predictor;
+use crate::model::sparse::{self, LayerInputs, Scorer, Sparsity};
+use crate::model::{Batch, Model};
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::recipe::Recipe;
+
+/// `train predictor`'s settings.
+#[derive(Debug, Clone)]
+pub struct FitOptions {
+    /// AdamW updates.
+    pub steps: usize,
+    pub lr: f64,
+    /// Each path's hidden width.
+    pub width: i64,
+    /// Each path's output width per slice.
+    pub rank: i64,
+    /// Batches after the fitted ones on which recall is measured.
+    pub held_out: usize,
+    /// A checkpoint (or a run directory's newest) whose weights the predictor is fitted for.
+    pub from: Option<PathBuf>,
+    /// Where the predictor goes instead of the recipe's `sparsity.predictor`.
+    pub out: Option<PathBuf>,
+    /// Print the loss every this many updates (0: never).
+    pub log_every: usize,
+}
+
+/// What a fit did.
+#[derive(Debug, Clone)]
+pub struct FitReport {
+    pub path: PathBuf,
+    /// Mean loss of the first and the last tenth of the updates.
+    pub first_loss: f64,
+    pub last_loss: f64,
+    /// Per sparse layer on the held-out batches: the fitted predictor's recall of the exact
+    /// choice, the pooled scorer's, and an unfitted predictor's (the same initial weights).
+    pub recall: Vec<LayerRecall>,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LayerRecall {
+    pub layer: usize,
+    pub fitted: f64,
+    pub pooled: f64,
+    pub unfitted: f64,
+}
+
+/// One document of one sparse layer: its normed input and its exact block map.
+struct Example {
+    layer: usize,
+    /// `[n, hidden]`
+    x_norm: Tensor,
+    /// `[nb, nb]` causal (zero above the diagonal)
+    target: Tensor,
+}
+
+/// Fits the predictor of the recipe at `recipe_path` (with `overrides`) and writes it.
+pub fn fit_recipe(recipe_path: &Path, overrides: &[String], opts: &FitOptions) -> Result<FitReport> {
+    let recipe = Recipe::load(recipe_path, overrides)?;
+    let section = recipe.sparsity.as_ref().ok_or_else(|| TrainerError::config(recipe_path, "`train predictor` fits the scorer of `[sparsity]`'s layers: the recipe has no [sparsity] section"))?;
+    if opts.steps == 0 || opts.width <= 0 || opts.rank <= 0 || opts.held_out == 0 || !(opts.lr > 0.0) {
+        return Err(TrainerError::config(recipe_path, format!("train predictor: --steps, --width, --rank and --held-out must be positive and --lr above 0 (got {opts:?})")));
+    }
+    let (model, tokens) = crate::train::session::frozen_model(&recipe, recipe_path, opts.from.as_deref())?;
+    let cfg = &model.cfg;
+    let rule = section.resolve_with(cfg.num_layers as usize, &cfg.sliding_window, Scorer::Exact).map_err(|e| TrainerError::config(recipe_path, e))?;
+    if rule.layers.is_empty() {
+        return Err(TrainerError::config(recipe_path, "`sparsity.layers` names no layer: nothing to fit a predictor for"));
+    }
+    if cfg.hidden_size % cfg.head_dim != 0 {
+        return Err(TrainerError::config(recipe_path, format!("the predictor reads the hidden state in head_dim-wide slices: hidden_size {} is not a multiple of head_dim {}", cfg.hidden_size, cfg.head_dim)));
+    }
+    let path = opts.out.clone().unwrap_or_else(|| section.predictor_path(&recipe.run.dir));
+    let source = Source::from_recipe(&recipe, &tokens)?;
+    // The data the sparse layers see first: the stage of `sparsity.start_step`.
+    let step = section.start_step as i64;
+    let mut cursor = 0u64;
+    let mut batch = |index: u64| source.batch(&recipe.data, recipe.run.seed, &tokens, step, index, &mut cursor);
+    let t0 = Instant::now();
+    // The same seed draws the same initial paths again for the unfitted baseline.
+    let fresh = || {
+        tch::manual_seed(recipe.run.seed as i64);
+        Predictor::new(&path, &rule.layers, rule.block, cfg.head_dim, opts.width, opts.rank, (model.kind(), model.device()))
+    };
+    let p = fresh();
+    let mut opt = AdamW::new(AdamWConfig { lr: opts.lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 });
+    let mut scale: Vec<(usize, f64)> = Vec::new();
+    let mut losses = Vec::with_capacity(opts.steps);
+    for i in 0..opts.steps {
+        let examples = examples(&model, &rule, &batch(i as u64)?)?;
+        if scale.is_empty() {
+            scale = rule.layers.iter().map(|&l| (l, mean_causal(examples.iter().filter(|e| e.layer == l).map(|e| &e.target)))).collect();
+        }
+        let loss = fit_loss(&p, &examples, &scale)?;
+        let Some(loss) = loss else { continue };
+        loss.backward();
+        losses.push(loss.double_value(&[]));
+        let params = p.parameters();
+        let grads = params.iter().map(|(n, t)| (n.clone(), t.grad())).filter(|(_, g)| g.defined()).collect();
+        opt.step(&params, &grads, opts.lr);
+        for (_, t) in &params {
+            let mut g = t.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        if opts.log_every > 0 && (i + 1) % opts.log_every == 0 {
+            eprintln!("predictor step {}/{} loss {:.5}", i + 1, opts.steps, losses.last().copied().unwrap_or(f64::NAN));
+        }
+    }
+    if losses.is_empty() {
+        return Err(TrainerError::config(recipe_path, format!("train predictor: no document of the recipe's data spans two blocks of {} tokens: nothing to rank", rule.block)));
+    }
+    let tenth = (losses.len() / 10).max(1);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (first_loss, last_loss) = (mean(&losses[..tenth]), mean(&losses[losses.len() - tenth..]));
+    let held: Vec<Batch> = (0..opts.held_out).map(|j| batch((opts.steps + j) as u64)).collect::<Result<_>>()?;
+    p.save()?;
+    let (fitted, unfitted) = (Scorer::predictor(p), Scorer::predictor(fresh()));
+    let mut counts = vec![[(0u64, 0u64); 3]; rule.layers.len()];
+    for b in &held {
+        let forced = rule.target_queries.then(|| sparse::target_weights(&b.labels, &doc_offsets(&b.doc_lens), rule.block)).transpose()?;
+        model.visit_layers(b, &mut |l, saved, ctx| {
+            let Some(at) = rule.layers.iter().position(|&m| m == l) else { return Ok(()) };
+            let inputs = layer_inputs(l, saved, ctx);
+            let exact = sparse::scores(&Scorer::Exact, &inputs, &ctx.cu_seqlens, rule.block, forced.as_deref())?;
+            for (k, scorer) in [&fitted, &Scorer::Pooled, &unfitted].into_iter().enumerate() {
+                let got = sparse::scores(scorer, &inputs, &ctx.cu_seqlens, rule.block, forced.as_deref())?;
+                let (h, t) = sparse::recall(&ctx.cu_seqlens, rule.block, rule.keep, &exact, &got, forced.as_deref());
+                counts[at][k].0 += h;
+                counts[at][k].1 += t;
+            }
+            Ok(())
+        })?;
+    }
+    let ratio = |(h, t): (u64, u64)| if t == 0 { 1.0 } else { h as f64 / t as f64 };
+    let recall = rule.layers.iter().zip(&counts).map(|(&layer, c)| LayerRecall { layer, fitted: ratio(c[0]), pooled: ratio(c[1]), unfitted: ratio(c[2]) }).collect();
+    Ok(FitReport { path, first_loss, last_loss, recall, seconds: t0.elapsed().as_secs_f64() })
+}
+
+/// Offsets of documents of these lengths packed one after another.
+fn doc_offsets(lens: &[i64]) -> Vec<i64> {
+    std::iter::once(0).chain(lens.iter().scan(0, |a, &n| {
+        *a += n;
+        Some(*a)
+    })).collect()
+}
+
+/// What a scorer reads of layer `l`'s saved tensors.
+fn layer_inputs<'a>(l: usize, saved: &'a BlockSaved, ctx: &Context) -> LayerInputs<'a> {
+    LayerInputs { layer: l, x_norm: &saved.x_attn, q: &saved.attn.q, k: &saved.attn.k, scale: ctx.attn[l].scale }
+}
+
+/// Every document of `batch` spanning two blocks or more, for each sparse layer of `rule`.
+fn examples(model: &Model, rule: &Sparsity, batch: &Batch) -> Result<Vec<Example>> {
+    let mut out = Vec::new();
+    model.visit_layers(batch, &mut |l, saved, ctx| {
+        if !rule.is_sparse(l) {
+            return Ok(());
+        }
+        let at = layer_inputs(l, saved, ctx);
+        let acc = kernels::accum_kind(at.q.kind());
+        for w in ctx.cu_seqlens.windows(2) {
+            let (s, n) = (w[0], w[1] - w[0]);
+            if n <= rule.block {
+                continue;
+            }
+            let target = sparse::exact_map(&at.q.narrow(0, s, n).to_kind(acc), &at.k.narrow(0, s, n).to_kind(acc), rule.block, at.scale);
+            out.push(Example { layer: l, x_norm: at.x_norm.narrow(0, s, n).copy(), target });
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// The mean of the maps' causal entries (1 when there are none or they are all zero).
+fn mean_causal<'a>(maps: impl Iterator<Item = &'a Tensor>) -> f64 {
+    let (mut sum, mut n) = (0.0, 0i64);
+    for m in maps {
+        let nb = m.size()[0];
+        sum += m.sum(Kind::Double).double_value(&[]);
+        n += nb * (nb + 1) / 2;
+    }
+    if n == 0 || sum <= 0.0 {
+        1.0
+    } else {
+        sum / n as f64
+    }
+}
+
+/// SmoothL1 of the predicted maps against the scaled exact ones over their causal entries,
+/// summed over layers (each layer's mean over its documents' entries); None without examples.
+fn fit_loss(p: &Predictor, examples: &[Example], scale: &[(usize, f64)]) -> Result<Option<Tensor>> {
+    let mut total: Option<Tensor> = None;
+    for &(l, s) in scale {
+        let (mut sum, mut n): (Option<Tensor>, i64) = (None, 0);
+        for e in examples.iter().filter(|e| e.layer == l) {
+            let pred = p.map(l, &e.x_norm)?;
+            let target = (&e.target / s).to_kind(pred.kind());
+            let nb = pred.size()[0];
+            let causal = Tensor::ones([nb, nb], (pred.kind(), pred.device())).tril(0);
+            let err = (pred.smooth_l1_loss(&target, tch::Reduction::None, 1.0) * causal).sum(pred.kind());
+            sum = Some(match sum {
+                Some(a) => a + err,
+                None => err,
+            });
+            n += nb * (nb + 1) / 2;
+        }
+        if let Some(sum) = sum {
+            let layer = sum / n as f64;
+            total = Some(match total {
+                Some(t) => t + layer,
+                None => layer,
+            });
+        }
+    }
+    Ok(total)
+}
