@@ -98,6 +98,10 @@ enum Cmd {
         /// Write here instead of `sparsity.predictor`.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// "rank" (fit the block ranking the scorer makes: ListNet on the block scores) or "map"
+        /// (the reference's: SmoothL1 on the block map's entries).
+        #[arg(long, default_value = "rank")]
+        objective: String,
         /// key.path=value overrides.
         overrides: Vec<String>,
     },
@@ -625,8 +629,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
     match cli.cmd {
         Cmd::Eval { model, adapter, data, max_tokens, device, dtype, loss_chunk, json } => eval_cmd(model, adapter, data, max_tokens, device, dtype, loss_chunk, json),
         Cmd::Run { recipe, resume, overrides } => run_cmd(recipe, resume, overrides),
-        Cmd::Predictor { recipe, from, steps, lr, width, rank, held_out, out, overrides } => {
-            let opts = trainer::train::predictor_fit::FitOptions { steps, lr, width, rank, held_out, from, out, log_every: 50 };
+        Cmd::Predictor { recipe, from, steps, lr, width, rank, held_out, out, objective, overrides } => {
+            let objective = trainer::train::predictor_fit::Objective::parse(&objective).ok_or_else(|| format!("train predictor: --objective {objective}: rank or map"))?;
+            let opts = trainer::train::predictor_fit::FitOptions { steps, lr, width, rank, held_out, from, out, log_every: 50, objective };
             predictor_cmd(&recipe, &overrides, &opts)
         }
         Cmd::Launch { nproc_per_node, nnodes, node_rank, master_addr, master_port, cmd } => {
