@@ -311,6 +311,49 @@ fn sparse_runs_report_what_they_keep_and_refuse_bad_settings() {
 }
 
 #[test]
+fn train_predictor_fits_the_scorer_that_train_run_reads() {
+    let dir = tmp_dir("run-predictor");
+    let (model, data) = tiny_llama_and_texts(&dir);
+    let file = dir.join("fitted").join("p.safetensors");
+    let sparse = format!("\n[sparsity]\nblock_size = 8\nkeep_ratio = 0.5\nlayers = [1]\nscorer = \"predictor\"\npredictor = \"{}\"\nrecall_every = 2\n", file.display());
+    let r = recipe(&dir, "sparse.toml", &dir.join("unused"), &model, &data, &sparse);
+    let r_dense = recipe(&dir, "dense.toml", &dir.join("unused"), &model, &data, "");
+    let fails = |args: &[&str], says: &[&str]| {
+        let e = train(args);
+        let se = String::from_utf8_lossy(&e.stderr);
+        assert!(e.status.code() == Some(1) && says.iter().all(|s| se.contains(s)) && !se.contains("panicked"), "{args:?}: {se}");
+    };
+    let run_dir = format!("run.dir={}", dir.join("sparse").display());
+    // Before the fit: the run names the key, the file and the command that makes it.
+    fails(&["run", "--recipe", r.to_str().unwrap(), &run_dir], &["`sparsity.predictor`", "p.safetensors", "train predictor"]);
+    fails(&["predictor", "--recipe", r_dense.to_str().unwrap()], &["no [sparsity] section"]);
+    let (out, _) = run_ok(&["predictor", "--recipe", r.to_str().unwrap(), "--steps", "60", "--held-out", "4", "--lr", "3e-4"]);
+    assert!(file.exists(), "{out}");
+    // "held-out loss: A unfitted -> B fitted": the fit lowers the objective on batches it did not see.
+    let held: Vec<f64> = out.lines().find(|l| l.starts_with("held-out loss: ")).map(|l| l.split_whitespace().filter_map(|x| x.parse().ok()).collect()).unwrap_or_default();
+    assert!(held.len() == 2 && held[1] < held[0], "{out}");
+    let recall: f64 = out.lines().find(|l| l.trim().starts_with("layer 1: predictor")).and_then(|l| l.split_whitespace().nth(3)).and_then(|x| x.parse().ok()).unwrap_or(-1.0);
+    assert!((0.0..=1.0).contains(&recall), "{out}");
+    run_ok(&["run", "--recipe", r.to_str().unwrap(), &run_dir, "train.steps=6"]);
+    let records: Vec<Value> = std::fs::read_to_string(dir.join("sparse").join("metrics.jsonl")).unwrap().lines().filter(|l| l.contains("train/loss")).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.len(), 6);
+    for r in &records {
+        // Steps 1, 3, 5 (0-based 0, 2, 4: every recall_every = 2 from step 0) measure recall.
+        let step = r["step"].as_i64().unwrap();
+        match r.get("sparsity/predictor_recall_layer1").and_then(|v| v.as_f64()) {
+            Some(x) => assert!(step % 2 == 1 && (0.0..=1.0).contains(&x), "{r}"),
+            None => assert!(step % 2 == 0, "step {step} should measure recall: {r}"),
+        }
+        assert!(r["sparsity/kept_fraction_layer1"].as_f64().unwrap() < 1.0, "{r}");
+    }
+    // The file serves its own layers and blocks only.
+    let run_dir = format!("run.dir={}", dir.join("bad").display());
+    fails(&["run", "--recipe", r.to_str().unwrap(), &run_dir, "sparsity.layers=[0]"], &["`sparsity.predictor`", "no predictor for sparse layer 0"]);
+    fails(&["run", "--recipe", r.to_str().unwrap(), &run_dir, "sparsity.block_size=4"], &["`sparsity.predictor`", "blocks of 8 tokens, not sparsity.block_size = 4"]);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn lora_run_exports_a_peft_adapter() {
     let dir = tmp_dir("run-lora");
     let (model, data) = tiny_llama_and_texts(&dir);

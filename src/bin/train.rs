@@ -376,7 +376,8 @@ fn eval_cmd(model: PathBuf, adapter: Option<PathBuf>, data: Vec<PathBuf>, max_to
 /// `train predictor`: fits, then prints the loss and each layer's recall beside the baselines.
 fn predictor_cmd(recipe: &Path, overrides: &[String], opts: &trainer::train::predictor_fit::FitOptions) -> Result<(), Box<dyn std::error::Error>> {
     let r = trainer::train::predictor_fit::fit_recipe(recipe, overrides, opts)?;
-    println!("predictor: {} updates in {:.1} s, loss {:.5} -> {:.5}", opts.steps, r.seconds, r.first_loss, r.last_loss);
+    println!("predictor: {} updates in {:.1} s, loss {:.5} -> {:.5} (first and last tenth of the updates)", opts.steps, r.seconds, r.first_loss, r.last_loss);
+    println!("held-out loss: {:.5} unfitted -> {:.5} fitted", r.held_loss.0, r.held_loss.1);
     println!("recall of the exact scorer's choice on {} held-out batches:", opts.held_out);
     for l in &r.recall {
         println!("  layer {}: predictor {:.3} (pooled {:.3}, unfitted {:.3})", l.layer, l.fitted, l.pooled, l.unfitted);

@@ -73,6 +73,8 @@ pub struct FitReport {
     /// Mean loss of the first and the last tenth of the updates.
     pub first_loss: f64,
     pub last_loss: f64,
+    /// The objective on the held-out batches: of the initial (unfitted) paths, of the fitted.
+    pub held_loss: (f64, f64),
     /// Per sparse layer on the held-out batches: the fitted predictor's recall of the exact
     /// choice, the pooled scorer's, and an unfitted predictor's (the same initial weights).
     pub recall: Vec<LayerRecall>,
@@ -167,6 +169,16 @@ pub fn fit_recipe(recipe_path: &Path, overrides: &[String], opts: &FitOptions) -
     // (synthetic data; file data takes the batches after the fitted ones).
     let held: Vec<Batch> = (0..opts.held_out).map(|j| batch(HELD_OUT_FROM + j as u64)).collect::<Result<_>>()?;
     p.save()?;
+    // The objective on the held-out batches, of the fitted paths and of the initial ones.
+    let held_loss = {
+        let _guard = tch::no_grad_guard();
+        let mut ex = Vec::new();
+        for b in &held {
+            ex.extend(examples(&model, &rule, b)?);
+        }
+        let value = |q: &Predictor| -> Result<f64> { Ok(fit_loss(q, &ex, &scale, opts.objective)?.map_or(f64::NAN, |t| t.double_value(&[]))) };
+        (value(&fresh())?, value(&p)?)
+    };
     let (fitted, unfitted) = (Scorer::predictor(p), Scorer::predictor(fresh()));
     let mut counts = vec![[(0u64, 0u64); 3]; rule.layers.len()];
     for b in &held {
@@ -186,7 +198,7 @@ pub fn fit_recipe(recipe_path: &Path, overrides: &[String], opts: &FitOptions) -
     }
     let ratio = |(h, t): (u64, u64)| if t == 0 { 1.0 } else { h as f64 / t as f64 };
     let recall = rule.layers.iter().zip(&counts).map(|(&layer, c)| LayerRecall { layer, fitted: ratio(c[0]), pooled: ratio(c[1]), unfitted: ratio(c[2]) }).collect();
-    Ok(FitReport { path, first_loss, last_loss, recall, seconds: t0.elapsed().as_secs_f64() })
+    Ok(FitReport { path, first_loss, last_loss, held_loss, recall, seconds: t0.elapsed().as_secs_f64() })
 }
 
 /// Offsets of documents of these lengths packed one after another.
