@@ -164,7 +164,11 @@ fn an_8b_lora_step_plans_at_a_million_tokens_from_a_preset() {
     };
     let (ok, dense) = plan(&["--tokens", "131072", "--tile-tokens", "0", "lora.dropout=0.1"]);
     assert!(ok, "{dense}");
-    let (ok, sparse) = plan(&["--tokens", "131072", "lora.dropout=0.1", "sparsity.layers=\"upper\"", "sparsity.keep_ratio=0.4"]);
+    let (ok, sparse) = plan(&["--tokens", "131072", "lora.dropout=0.1", "sparsity.layers=\"upper\"", "sparsity.keep_ratio=0.4", "sparsity.scorer=\"predictor\""]);
+    // The learned scorer's weights are resident: not fitted yet, train predictor's defaults (two
+    // paths of 128 × 64·128 + 128 × 128 float32 weights per sparse layer).
+    let row = sparse.lines().find(|l| l.contains("predictor") && l.starts_with("weights")).unwrap_or("");
+    assert!(row.contains("not fitted yet") && row.contains("[2129920]") && row.contains("float") && row.contains(" 15 ") && row.contains("121.88 MiB"), "{row}\n{sparse}");
     assert!(ok && sparse.contains("sparsity   layers [16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30] keep 0.4 of each document's 64-token blocks: K = 52480 of T = 131072 tokens"), "{sparse}");
     assert!(sparse.contains("(sparse layers)") && sparse.contains("[K, 4096]") && sparse.contains("sparse_kept") && sparse.contains("whole-sequence blocks"), "{sparse}");
     assert!(nvme_gib(&sparse) < nvme_gib(&dense) - 30.0, "nvme: dense {} GiB, sparse {} GiB\n{dense}\n{sparse}", nvme_gib(&dense), nvme_gib(&sparse));

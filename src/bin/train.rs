@@ -87,10 +87,10 @@ enum Cmd {
         #[arg(long, default_value_t = 1e-3)]
         lr: f64,
         /// Hidden width of each path (query and key MLP).
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = trainer::model::predictor::DEFAULT_WIDTH)]
         width: i64,
         /// Output width of each path per head-wide slice of the hidden state.
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = trainer::model::predictor::DEFAULT_RANK)]
         rank: i64,
         /// Batches after the fitted ones on which recall is measured.
         #[arg(long, default_value_t = 8)]

@@ -17,6 +17,11 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, TrainerError};
 
+/// `train predictor`'s default hidden width of each path (the reference's 128).
+pub const DEFAULT_WIDTH: i64 = 128;
+/// `train predictor`'s default output width per slice.
+pub const DEFAULT_RANK: i64 = 128;
+
 /// One path: `block·d → width` (ReLU) `→ rank`, no biases.
 pub struct Mlp {
     /// `[width, block·d]`

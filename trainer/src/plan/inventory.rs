@@ -124,6 +124,36 @@ fn probe_saved(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device:
         .collect())
 }
 
+/// The learned scorer's weights, resident for the whole run: the fitted file's when it exists,
+/// else those `train predictor` makes by default for the recipe's sparse layers.
+pub fn predictor_weights(s: &crate::train::recipe::SparsitySection, run_dir: &std::path::Path, cfg: &ModelConfig, kind: Kind) -> Result<TensorClass> {
+    use crate::model::predictor::{Predictor, DEFAULT_RANK, DEFAULT_WIDTH};
+    let acc = kernels::accum_kind(kind);
+    let path = s.predictor_path(run_dir);
+    let (numel, layers, note) = if path.is_file() {
+        let p = Predictor::load(&path, cfg.head_dim, kind, Device::Cpu)?;
+        (p.parameters().iter().map(|(_, t)| t.numel() as u64).sum::<u64>(), p.layers.len() as u64, "fitted")
+    } else {
+        let layers = s.layers.resolve("sparsity.layers", cfg.num_layers as usize).map_err(TrainerError::Device)?.len() as u64;
+        let per_path = (DEFAULT_WIDTH * s.block_size * cfg.head_dim + DEFAULT_RANK * DEFAULT_WIDTH) as u64;
+        (2 * per_path * layers, layers, "not fitted yet: train predictor's default widths")
+    };
+    Ok(TensorClass {
+        group: Group::Weights,
+        name: format!("predictor {} ({note})", path.display()),
+        shape: format!("[{}]", numel / layers.max(1)),
+        dtype: kind_name(acc),
+        count: layers,
+        fixed_bytes: numel / layers.max(1) * acc.elt_size_in_bytes() as u64,
+        per_token_bytes: 0,
+        recomputable: false,
+        sliced: false,
+        in_sparse: SparseRows::All,
+        recomputable_in_sparse: false,
+        in_channel_layers: ChannelCols::Same,
+    })
+}
+
 /// `inv` with token sparsity `s`: which saved tensors hold the kept tokens only in a sparse
 /// layer, measured by running the block as one (whole sequence: sparse layers run no tiles);
 /// what MEMO's split may recompute there is [`block::recomputable`] of [`block::Layout::Sparse`].

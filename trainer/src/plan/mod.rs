@@ -137,7 +137,10 @@ pub fn plan_recipe(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lor
 fn recipe_inventory(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lora: Option<&LoraConfig>, tile: Option<u64>) -> Result<Inventory> {
     let (dev, kind) = (recipe.run.device.target()?, recipe.run.dtype.0);
     let sp = recipe.dist.sequence_parallel.max(1) as i64;
-    let inv = crate::plan::inventory::build_sharded(cfg, kind, lora, dev, recipe.train.loss_chunk, tile, sp)?;
+    let mut inv = crate::plan::inventory::build_sharded(cfg, kind, lora, dev, recipe.train.loss_chunk, tile, sp)?;
+    if let Some(s) = recipe.sparsity.as_ref().filter(|s| s.scorer == crate::train::recipe::SparseScorer::Predictor) {
+        inv.statics.push(crate::plan::inventory::predictor_weights(s, &recipe.run.dir, cfg, kind)?);
+    }
     match recipe.sparsity.as_ref().filter(|s| s.from_the_start()) {
         Some(s) => {
             let s = s.resolve_with(cfg.num_layers as usize, &cfg.sliding_window, crate::model::sparse::Scorer::Exact).map_err(|e| TrainerError::Device(format!("recipe: {e}")))?;

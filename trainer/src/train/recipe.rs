@@ -217,7 +217,7 @@ impl SparsitySection {
 
 impl SparseLayers {
     /// The layer indices of a model of `layers` layers; errors name `key`.
-    fn resolve(&self, key: &str, layers: usize) -> std::result::Result<Vec<usize>, String> {
+    pub fn resolve(&self, key: &str, layers: usize) -> std::result::Result<Vec<usize>, String> {
         let list = match self {
             SparseLayers::Named(n) if n == "upper" => crate::model::sparse::Sparsity::upper_layers(layers),
             SparseLayers::Named(n) if n == "all" => (0..layers).collect(),
