@@ -6,17 +6,21 @@
 # channel sparsity 0.2 as well. Every run's final eval loss is scored dense on the held-out tenth.
 # About an hour on 2 cores. Each finished stage is kept in runs/lm-text and not run again.
 #
-#   scripts/lm-sparsity.sh [TEXT]      # default: the Rust toolchain's release notes (~0.9 MB)
+#   scripts/lm-sparsity.sh [TEXT ...]  # default: Vim's help files (~10 MB of English), else the
+#                                      # Rust toolchain's release notes (~0.9 MB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TEXT=${1:-$(rustc --print sysroot)/share/doc/rust/html/releases.md}
 OUT=runs/lm-text
 R=recipes/lm-text-sparse-cpu.toml
 BIN=target/release/train
-[ -f "$TEXT" ] || { echo "lm-sparsity: no text at $TEXT (pass a text file)" >&2; exit 2; }
+if [ $# -eq 0 ]; then
+  set -- /usr/share/vim/vim*/doc/*.txt
+  [ -f "$1" ] || set -- "$(rustc --print sysroot)/share/doc/rust/html/releases.md"
+fi
+for t in "$@"; do [ -f "$t" ] || { echo "lm-sparsity: no text at $t (pass text files)" >&2; exit 2; }; done
 [ -x "$BIN" ] || cargo build --release --bin train
 mkdir -p "$OUT"
-[ -f "$OUT/data/train.jsonl" ] || .venv/bin/python scripts/lm_text_prep.py "$TEXT" "$OUT/data"
+[ -f "$OUT/data/train.jsonl" ] || .venv/bin/python scripts/lm_text_prep.py "$OUT/data" "$@"
 
 # run NAME OVERRIDES...: a `train run` of the recipe into $OUT/NAME, unless it finished before.
 run() {

@@ -1,9 +1,9 @@
 """Builds what `scripts/lm-sparsity.sh` trains on: English text cut into documents of about
-2048 tokens (train.jsonl / val.jsonl, the last tenth of the text held out), a byte-level BPE
-tokenizer fitted on the training part, and a small Llama model with random weights in the
-Hugging Face layout (config.json, model.safetensors, tokenizer.json).
+2000 tokens (train.jsonl / val.jsonl: every tenth document held out), a byte-level BPE tokenizer
+fitted on the training documents, and a small Llama model with random weights in the Hugging
+Face layout (config.json, model.safetensors, tokenizer.json).
 
-    .venv/bin/python scripts/lm_text_prep.py TEXT OUT_DIR
+    .venv/bin/python scripts/lm_text_prep.py OUT_DIR TEXT [TEXT ...]
 """
 import json
 import os
@@ -33,13 +33,14 @@ def documents(text):
 
 
 def main():
-    if len(sys.argv) != 3:
+    if len(sys.argv) < 3:
         sys.exit(__doc__)
-    src, out = sys.argv[1], sys.argv[2]
-    with open(src, encoding="utf-8", errors="replace") as f:
-        text = f.read()
-    cut = text.rfind("\n", 0, len(text) * 9 // 10) + 1
-    train, val = documents(text[:cut]), documents(text[cut:])
+    out, docs = sys.argv[1], []
+    for src in sys.argv[2:]:
+        with open(src, encoding="utf-8", errors="replace") as f:
+            docs += documents(f.read())
+    train = [d for i, d in enumerate(docs) if i % 10 != 9]
+    val = [d for i, d in enumerate(docs) if i % 10 == 9]
     os.makedirs(os.path.join(out, "model"), exist_ok=True)
     for name, docs in (("train", train), ("val", val)):
         with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
