@@ -20,7 +20,8 @@ fi
 for t in "$@"; do [ -f "$t" ] || { echo "lm-sparsity: no text at $t (pass text files)" >&2; exit 2; }; done
 [ -x "$BIN" ] || cargo build --release --bin train
 mkdir -p "$OUT"
-[ -f "$OUT/data/train.jsonl" ] || .venv/bin/python scripts/lm_text_prep.py "$OUT/data" "$@"
+# The model's config is the last file the preparation writes.
+[ -f "$OUT/data/model/config.json" ] || .venv/bin/python scripts/lm_text_prep.py "$OUT/data" "$@"
 
 # run NAME OVERRIDES...: a `train run` of the recipe into $OUT/NAME, unless it finished before.
 run() {
@@ -28,7 +29,8 @@ run() {
   if [ ! -f "$OUT/$name/final/config.json" ] && [ ! -f "$OUT/$name/final/adapter_config.json" ]; then
     rm -rf "${OUT:?}/$name"
     echo "== $name: $*"
-    "$BIN" run --recipe "$R" run.dir="$OUT/$name" "$@" 2>&1 | grep -E "^(step .*0/|eval|done|plan)" || true
+    "$BIN" run --recipe "$R" run.dir="$OUT/$name" "$@" > "$OUT/$name.log" 2>&1 || { echo "lm-sparsity: $name failed:" >&2; tail -5 "$OUT/$name.log" >&2; exit 1; }
+    grep -E "^done" "$OUT/$name.log" || true
   fi
 }
 
@@ -46,9 +48,9 @@ run sparse-exact-mlp sparsity.scorer=exact sparsity.mlp_keep_ratio=0.2
 echo "== final eval loss (dense scoring of $OUT/data/val.jsonl)"
 for name in pretrained dense sparse-exact sparse-pooled sparse-predictor sparse-exact-mlp; do
   m="$OUT/$name/metrics.jsonl"
-  loss=$(grep '"eval/loss"' "$m" | tail -1 | sed -E 's/.*"eval\/loss":([0-9.eE+-]+).*/\1/')
-  kept=$(grep '"sparsity/kept_fraction"' "$m" | tail -1 | sed -E 's/.*"sparsity\/kept_fraction":([0-9.eE+-]+).*/\1/' || true)
-  recall=$(grep '"sparsity/predictor_recall"' "$m" | tail -1 | sed -E 's/.*"sparsity\/predictor_recall":([0-9.eE+-]+).*/\1/' || true)
-  printf '%-18s eval loss %s%s%s\n' "$name" "$loss" "${kept:+  kept $kept}" "${recall:+  recall $recall}"
+  loss=$(grep '"eval/loss"' "$m" 2>/dev/null | tail -1 | sed -E 's/.*"eval\/loss":([0-9.eE+-]+).*/\1/' || true)
+  kept=$(grep '"sparsity/kept_fraction"' "$m" 2>/dev/null | tail -1 | sed -E 's/.*"sparsity\/kept_fraction":([0-9.eE+-]+).*/\1/' || true)
+  recall=$(grep '"sparsity/predictor_recall"' "$m" 2>/dev/null | tail -1 | sed -E 's/.*"sparsity\/predictor_recall":([0-9.eE+-]+).*/\1/' || true)
+  printf '%-18s eval loss %s%s%s\n' "$name" "${loss:-missing}" "${kept:+  kept $kept}" "${recall:+  recall $recall}"
 done
 grep -A3 "^recall" "$OUT/predictor.txt" || true

@@ -372,20 +372,21 @@ fn eval_cmd(model: PathBuf, adapter: Option<PathBuf>, data: Vec<PathBuf>, max_to
     Ok(())
 }
 
-/// `train run`: trains a recipe and prints the summary.
 /// `train predictor`: fits, then prints the loss and each layer's recall beside the baselines.
 fn predictor_cmd(recipe: &Path, overrides: &[String], opts: &trainer::train::predictor_fit::FitOptions) -> Result<(), Box<dyn std::error::Error>> {
     let r = trainer::train::predictor_fit::fit_recipe(recipe, overrides, opts)?;
-    println!("predictor: {} updates in {:.1} s, loss {:.5} -> {:.5} (first and last tenth of the updates)", opts.steps, r.seconds, r.first_loss, r.last_loss);
+    println!("predictor: {} updates in {:.1} s, loss {:.5} -> {:.5} (first and last tenth of the updates)", r.updates, r.seconds, r.first_loss, r.last_loss);
     println!("held-out loss: {:.5} unfitted -> {:.5} fitted", r.held_loss.0, r.held_loss.1);
     println!("recall of the exact scorer's choice on {} held-out batches:", opts.held_out);
     for l in &r.recall {
-        println!("  layer {}: predictor {:.3} (pooled {:.3}, unfitted {:.3})", l.layer, l.fitted, l.pooled, l.unfitted);
+        let f = |r: Option<f64>| r.map_or("n/a (no block to choose)".to_string(), |r| format!("{r:.3}"));
+        println!("  layer {}: predictor {} (pooled {}, unfitted {})", l.layer, f(l.fitted), f(l.pooled), f(l.unfitted));
     }
     println!("wrote {} (sparsity.scorer = \"predictor\" reads it)", r.path.display());
     Ok(())
 }
 
+/// `train run`: trains a recipe and prints the summary.
 fn run_cmd(recipe: PathBuf, resume: bool, overrides: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
     // One rank of a job when torchrun or `train launch` says so (WORLD_SIZE and the rest).
     let env = trainer::world::Env::from_process()?;

@@ -69,6 +69,14 @@ impl Source {
 
     /// The micro-batch number `index` of the run (step · grad_accum + micro). File data advances
     /// `cursor`; synthetic data is a pure function of (seed, index).
+    /// How many documents file data holds (None: synthetic samples, new for every index).
+    pub fn documents(&self) -> Option<usize> {
+        match self {
+            Source::Files { examples, .. } => Some(examples.len()),
+            _ => None,
+        }
+    }
+
     pub fn batch(&self, data: &DataSection, seed: u64, tokens: &Tokens, step: i64, index: u64, cursor: &mut u64) -> Result<Batch> {
         let budget = data.tokens_per_batch;
         match self {

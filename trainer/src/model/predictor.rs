@@ -121,8 +121,11 @@ impl Predictor {
             let [a, b, c, d] = names(l);
             let w = |n: &str| files.load_any(n, acc, device);
             let (qa, qb, ka, kb) = (w(&a)?, w(&b)?, w(&c)?, w(&d)?);
+            if [&qa, &qb, &ka, &kb].iter().any(|t| t.dim() != 2) {
+                return Err(bad(format!("layer {l}: every path weight is a matrix ({:?}, {:?}, {:?}, {:?})", qa.size(), qb.size(), ka.size(), kb.size())));
+            }
             let (width, inp, rank) = (qa.size()[0], qa.size()[1], qb.size()[0]);
-            if qa.dim() != 2 || qb.size() != [rank, width] || ka.size() != [width, inp] || kb.size() != [rank, width] {
+            if qb.size() != [rank, width] || ka.size() != [width, inp] || kb.size() != [rank, width] {
                 return Err(bad(format!("layer {l}: the paths' shapes disagree ({:?}, {:?}, {:?}, {:?})", qa.size(), qb.size(), ka.size(), kb.size())));
             }
             if inp % slice != 0 {

@@ -130,11 +130,15 @@ pub fn predictor_weights(s: &crate::train::recipe::SparsitySection, run_dir: &st
     use crate::model::predictor::{Predictor, DEFAULT_RANK, DEFAULT_WIDTH};
     let acc = kernels::accum_kind(kind);
     let path = s.predictor_path(run_dir);
+    let sparse = s.layers.resolve("sparsity.layers", cfg.num_layers as usize).map_err(TrainerError::Device)?;
+    let keyed = |e: String| TrainerError::Device(format!("`sparsity.predictor`: {e}"));
     let (numel, layers, note) = if path.is_file() {
-        let p = Predictor::load(&path, cfg.head_dim, kind, Device::Cpu)?;
+        // The run would refuse a file that does not serve it: so does the plan.
+        let p = Predictor::load(&path, cfg.head_dim, kind, Device::Cpu).map_err(|e| keyed(e.to_string()))?;
+        p.check(&sparse, s.block_size).map_err(keyed)?;
         (p.parameters().iter().map(|(_, t)| t.numel() as u64).sum::<u64>(), p.layers.len() as u64, "fitted")
     } else {
-        let layers = s.layers.resolve("sparsity.layers", cfg.num_layers as usize).map_err(TrainerError::Device)?.len() as u64;
+        let layers = sparse.len() as u64;
         let per_path = (DEFAULT_WIDTH * s.block_size * cfg.head_dim + DEFAULT_RANK * DEFAULT_WIDTH) as u64;
         (2 * per_path * layers, layers, "not fitted yet: train predictor's default widths")
     };

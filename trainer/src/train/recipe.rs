@@ -185,6 +185,9 @@ impl SparsitySection {
         let scorer = match self.scorer.training_free() {
             Some(s) => s,
             None => {
+                if cfg.hidden_size % cfg.head_dim != 0 {
+                    return Err(format!("`sparsity.scorer` = \"predictor\" reads the hidden state in head_dim-wide slices: hidden_size {} is not a multiple of head_dim {}", cfg.hidden_size, cfg.head_dim));
+                }
                 let path = self.predictor_path(run_dir);
                 let p = crate::model::predictor::Predictor::load(&path, cfg.head_dim, kind, device).map_err(|e| format!("`sparsity.predictor`: {e}"))?;
                 p.check(&self.layers.resolve("sparsity.layers", cfg.num_layers as usize)?, self.block_size).map_err(|e| format!("`sparsity.predictor`: {e}"))?;

@@ -133,8 +133,8 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
     });
     Ok(StepOutcome { loss, lr, grad_norm, tokens, seconds: t0.elapsed().as_secs_f64(), saved_peak, step_peak_rss: step_peak.bytes(), all_to_all,
         kept: kept.into_iter().map(|(l, k, t)| (l, k as f64 / t.max(1) as f64)).collect(),
-        // A layer whose documents had no block to choose by score (every block kept) recalls all.
-        recall: recall.into_iter().map(|(l, h, t)| (l, if t == 0 { 1.0 } else { h as f64 / t as f64 })).collect(),
+        // A layer whose documents had no block to choose by score has no recall to report.
+        recall: recall.into_iter().filter(|&(_, _, t)| t > 0).map(|(l, h, t)| (l, h as f64 / t as f64)).collect(),
     })
 }
 
