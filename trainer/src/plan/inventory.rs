@@ -142,20 +142,26 @@ pub fn predictor_weights(s: &crate::train::recipe::SparsitySection, run_dir: &st
         let per_path = (DEFAULT_WIDTH * s.block_size * cfg.head_dim + DEFAULT_RANK * DEFAULT_WIDTH) as u64;
         (2 * per_path * layers, layers, "not fitted yet: train predictor's default widths")
     };
-    Ok(TensorClass {
-        group: Group::Weights,
-        name: format!("predictor {} ({note})", path.display()),
-        shape: format!("[{}]", numel / layers.max(1)),
-        dtype: kind_name(acc),
-        count: layers,
-        fixed_bytes: numel / layers.max(1) * acc.elt_size_in_bytes() as u64,
+    let per_layer = (numel / layers.max(1)) as i64;
+    Ok(fixed_class(Group::Weights, format!("predictor {} ({note})", path.display()), &[per_layer], acc.elt_size_in_bytes() as u64, layers, kind_name(acc)))
+}
+
+/// `count` tensors of `shape` whose bytes do not depend on the tokens.
+fn fixed_class(group: Group, name: String, shape: &[i64], elt: u64, count: u64, dtype: String) -> TensorClass {
+    TensorClass {
+        group,
+        name,
+        shape: format!("{shape:?}"),
+        dtype,
+        count,
+        fixed_bytes: shape.iter().product::<i64>() as u64 * elt,
         per_token_bytes: 0,
         recomputable: false,
         sliced: false,
         in_sparse: SparseRows::All,
         recomputable_in_sparse: false,
         in_channel_layers: ChannelCols::Same,
-    })
+    }
 }
 
 /// `inv` with token sparsity `s`: which saved tensors hold the kept tokens only in a sparse
@@ -269,20 +275,7 @@ fn statics(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>) -> Vec<Tens
         let key = n.split('.').map(|p| if p.parse::<u64>().is_ok() { "*" } else { p }).collect::<Vec<_>>().join(".");
         classes.entry(key).or_insert((shape, 0)).1 += 1;
     }
-    let class = |group, name: String, shape: &[i64], elt: u64, count: u64, dtype: String| TensorClass {
-        group,
-        name,
-        shape: format!("{shape:?}"),
-        dtype,
-        count,
-        fixed_bytes: shape.iter().product::<i64>() as u64 * elt,
-        per_token_bytes: 0,
-        recomputable: false,
-        sliced: false,
-        in_sparse: SparseRows::All,
-        recomputable_in_sparse: false,
-        in_channel_layers: ChannelCols::Same,
-    };
+    let class = fixed_class;
     let mut v = Vec::new();
     for (name, (shape, count)) in &classes {
         v.push(class(Group::Weights, name.clone(), shape, e, *count, kind_name(kind)));
