@@ -289,8 +289,10 @@ fn example_loss(p: &Predictor, e: &Example, scale: f64, objective: Objective) ->
             // ListNet: the exact scores' softmax (at their own spread) is the distribution the
             // predicted scores' softmax is fitted to, over the blocks that may be chosen by score.
             let score = |m: &Tensor| ((m + m.tr()) * &e.query_weight).sum_dim_intlist(0, false, pred.kind()).index_select(0, &e.rated);
-            let (got, want) = (score(&pred), score(&target));
-            let want = (&want / want.std(false).clamp_min(1e-12)).softmax(0, pred.kind());
+            // Both at their own spread: a ranking does not depend on the scores' scale, and the
+            // paths' initial scale (far from the map's) would otherwise dominate the fit.
+            let spread = |x: Tensor| &x / x.std(false).clamp_min(1e-12);
+            let (got, want) = (spread(score(&pred)), spread(score(&target)).softmax(0, pred.kind()));
             // Each block that may be chosen weighs the same, as in the recall: a long document
             // counts more than a short one (weighing documents alike fitted the many short
             // samples and ranked the long ones' blocks worse).
