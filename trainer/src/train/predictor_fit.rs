@@ -8,7 +8,7 @@
 //! scale). [`Objective::Rank`] (the default) fits the ranking the scorer makes from it;
 //! [`Objective::Map`], the reference's, fits the map's entries: on the passkey demo's trained
 //! model (400 updates) it recalled 0.36 of the exact choice, below the unfitted paths' 0.44;
-//! the ranking objective 0.67 (0.83 after 800 updates).
+//! the ranking objective 0.69.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -49,8 +49,8 @@ pub struct FitOptions {
 pub enum Objective {
     /// The ranking the scorer makes: per document, the softmax of the predicted block scores
     /// (the map made symmetric and summed over the rating query blocks, as the exact scorer
-    /// rates) against the exact scores' softmax at their spread (ListNet), over the blocks that
-    /// may be chosen by score (not the first, not forced).
+    /// rates) against the exact scores' softmax (ListNet), each score vector divided by its own
+    /// spread, over the blocks that may be chosen by score (not the first, not forced).
     Rank,
     /// The reference's: SmoothL1 of the predicted map's causal entries against the exact ones.
     Map,
@@ -286,8 +286,8 @@ fn example_loss(p: &Predictor, e: &Example, scale: f64, objective: Objective) ->
         }
         Objective::Rank if e.rated.size()[0] < 2 => None,
         Objective::Rank => {
-            // ListNet: the exact scores' softmax (at their own spread) is the distribution the
-            // predicted scores' softmax is fitted to, over the blocks that may be chosen by score.
+            // ListNet: the exact scores' softmax is the distribution the predicted scores' softmax
+            // is fitted to, over the blocks that may be chosen by score.
             let score = |m: &Tensor| ((m + m.tr()) * &e.query_weight).sum_dim_intlist(0, false, pred.kind()).index_select(0, &e.rated);
             // Both at their own spread: a ranking does not depend on the scores' scale, and the
             // paths' initial scale (far from the map's) would otherwise dominate the fit.
