@@ -51,6 +51,15 @@ pub struct Context {
     pub recall: Option<std::sync::Mutex<Vec<(usize, u64, u64)>>>,
 }
 
+/// Offsets of documents of these lengths packed one after another (`cu_seqlens`).
+pub fn offsets(doc_lens: &[i64]) -> Vec<i64> {
+    let mut cu = vec![0];
+    for n in doc_lens {
+        cu.push(cu.last().copied().unwrap_or(0) + n);
+    }
+    cu
+}
+
 /// A [`Context`]'s sequence-parallel part.
 pub struct SeqShard {
     pub group: Arc<SeqParallel>,
@@ -64,11 +73,7 @@ impl Context {
     /// each document.
     pub fn new(cfg: &ModelConfig, doc_lens: &[i64], kind: Kind, device: Device) -> Context {
         let positions: Vec<i64> = doc_lens.iter().flat_map(|&n| 0..n).collect();
-        let mut cu_seqlens = vec![0];
-        for n in doc_lens {
-            cu_seqlens.push(cu_seqlens.last().copied().unwrap_or(0) + n);
-        }
-        Self::with_positions(cfg, &cfg.rope, &Tensor::from_slice(&positions), cu_seqlens, kind, device)
+        Self::with_positions(cfg, &cfg.rope, &Tensor::from_slice(&positions), offsets(doc_lens), kind, device)
     }
 
     pub fn with_positions(cfg: &ModelConfig, rope_cfg: &RopeConfig, positions: &Tensor, cu_seqlens: Vec<i64>, kind: Kind, device: Device) -> Context {

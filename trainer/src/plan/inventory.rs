@@ -556,20 +556,7 @@ fn build_with(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: 
         // The final hidden state and its norm, then the gradients of both (the loss's, then the
         // norm's, which the last layer's backward takes over).
         TensorClass { group: Group::Head, name: "final norm: input, output and their gradients".into(), shape: format!("4 × [T, {d}]"), dtype: kind_name(kind), count: 1, fixed_bytes: 0, per_token_bytes: 4 * d * e, recomputable: false, sliced: false, in_sparse: SparseRows::All, recomputable_in_sparse: false, in_channel_layers: ChannelCols::Same },
-        TensorClass {
-            group: Group::Head,
-            name: "loss: logits chunk and its gradient".into(),
-            shape: format!("2 × [{ce_chunk}, {v}]"),
-            dtype: "float32".into(),
-            count: 1,
-            fixed_bytes: 2 * ce_chunk as u64 * v * 4,
-            per_token_bytes: 0,
-            recomputable: false,
-            sliced: false,
-            in_sparse: SparseRows::All,
-            recomputable_in_sparse: false,
-            in_channel_layers: ChannelCols::Same,
-        },
+        TensorClass { shape: format!("2 × [{ce_chunk}, {v}]"), ..fixed_class(Group::Head, "loss: logits chunk and its gradient".into(), &[2, ce_chunk, v as i64], 4, 1, "float32".into()) },
         TensorClass { group: Group::Head, name: "loss: logsumexp per token".into(), shape: "[T]".into(), dtype: "float32".into(), count: 1, fixed_bytes: 0, per_token_bytes: 4, recomputable: false, sliced: false, in_sparse: SparseRows::All, recomputable_in_sparse: false, in_channel_layers: ChannelCols::Same },
         TensorClass {
             group: Group::Context,

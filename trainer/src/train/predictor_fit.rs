@@ -192,7 +192,7 @@ pub fn fit_recipe(recipe_path: &Path, overrides: &[String], opts: &FitOptions) -
     let (fitted, unfitted) = (Scorer::predictor(p), Scorer::predictor(fresh()));
     let mut counts = vec![[(0u64, 0u64); 3]; rule.layers.len()];
     for b in &held {
-        let forced = rule.target_queries.then(|| sparse::target_weights(&b.labels, &doc_offsets(&b.doc_lens), rule.block)).transpose()?;
+        let forced = rule.target_queries.then(|| sparse::target_weights(&b.labels, &crate::model::block::offsets(&b.doc_lens), rule.block)).transpose()?;
         model.visit_layers(b, &mut |l, saved, ctx| {
             let Some(at) = rule.layers.iter().position(|&m| m == l) else { return Ok(()) };
             let inputs = layer_inputs(l, saved, ctx);
@@ -211,14 +211,6 @@ pub fn fit_recipe(recipe_path: &Path, overrides: &[String], opts: &FitOptions) -
     Ok(FitReport { path, updates: losses.len(), first_loss, last_loss, held_loss, recall, seconds: t0.elapsed().as_secs_f64() })
 }
 
-/// Offsets of documents of these lengths packed one after another.
-fn doc_offsets(lens: &[i64]) -> Vec<i64> {
-    std::iter::once(0).chain(lens.iter().scan(0, |a, &n| {
-        *a += n;
-        Some(*a)
-    })).collect()
-}
-
 /// What a scorer reads of layer `l`'s saved tensors.
 fn layer_inputs<'a>(l: usize, saved: &'a BlockSaved, ctx: &Context) -> LayerInputs<'a> {
     LayerInputs { layer: l, x_norm: &saved.x_attn, q: &saved.attn.q, k: &saved.attn.k, scale: ctx.attn[l].scale }
@@ -227,7 +219,7 @@ fn layer_inputs<'a>(l: usize, saved: &'a BlockSaved, ctx: &Context) -> LayerInpu
 /// Every document of `batch` spanning two blocks or more, for each sparse layer of `rule`.
 fn examples(model: &Model, rule: &Sparsity, batch: &Batch) -> Result<Vec<Example>> {
     let mut out = Vec::new();
-    let cu = doc_offsets(&batch.doc_lens);
+    let cu = crate::model::block::offsets(&batch.doc_lens);
     let forced = rule.target_queries.then(|| sparse::target_weights(&batch.labels, &cu, rule.block)).transpose()?;
     let mut first_block = 0usize;
     model.visit_layers(batch, &mut |l, saved, ctx| {
