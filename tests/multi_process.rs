@@ -344,6 +344,70 @@ fn a_killed_rank_stops_the_job_and_resume_continues_exactly() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The pid of the worker of `rank` whose environment carries `tag` and torchrun's restart count
+/// `attempt` (torchrun names neither; the workers' environments do).
+fn worker_pid(tag: &str, rank: usize, attempt: u32) -> Option<i32> {
+    let want = [format!("STRATA_TEST_TAG={tag}"), format!("RANK={rank}"), format!("TORCHELASTIC_RESTART_COUNT={attempt}")];
+    std::fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()).find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let environ = std::fs::read(e.path().join("environ")).ok()?;
+        let vars: Vec<String> = environ.split(|&b| b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect();
+        let exe = std::fs::read_link(e.path().join("exe")).ok()?;
+        (exe.file_name()? == "train" && want.iter().all(|w| vars.contains(w))).then_some(pid)
+    })
+}
+
+/// torchrun's elastic agent with `--max-restarts 1`: rank 1 SIGKILLed once step 8's checkpoint
+/// exists; the agent stops rank 0 and starts both again with TORCHELASTIC_RESTART_COUNT=1, whose
+/// store keys live under `/worker/attempt_1/`; they resume from the newest checkpoint, and the job
+/// ends with every loss and the final weights of the uninterrupted job, bit for bit.
+#[test]
+fn torchrun_restarts_a_failed_job_and_it_resumes_exactly() {
+    let dir = tmp_dir("multi-process-restart");
+    let (model, data) = tiny_llama_and_texts(&dir);
+    let r = recipe(&dir, &model, &data, "");
+    let job = |run: &Path, restarts: &str| {
+        let mut c = Command::new(torchrun());
+        c.args(["--no-python", "--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", restarts, "--monitor-interval", "0.1", "--rdzv-backend", "c10d", "--rdzv-endpoint", &format!("127.0.0.1:{}", free_port()), env!("CARGO_BIN_EXE_train"), "run", "--recipe"])
+            .arg(&r)
+            .args([format!("run.dir={}", run.display()), "train.steps=40".into(), "checkpoint.every=4".into(), "checkpoint.keep_last=20".into()])
+            .env("OMP_NUM_THREADS", "1")
+            .env("STRATA_TEST_TAG", run.display().to_string());
+        c
+    };
+    let full = dir.join("uninterrupted");
+    let out = job(&full, "0").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = dir.join("killed-once");
+    let mut child = job(&run, "1").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
+    let t0 = std::time::Instant::now();
+    while !run.join("step_00000008/DONE").exists() {
+        assert!(t0.elapsed().as_secs() < 120, "no checkpoint after 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let tag = run.display().to_string();
+    let pid = worker_pid(&tag, 1, 0).expect("rank 1 of the first attempt runs");
+    assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    let text = reader.join().unwrap();
+    assert!(status.success(), "the restarted job: {text}");
+    // The agent saw rank 1 die and started both workers again; both resumed from a checkpoint.
+    assert!(text.contains("exitcode: -9) local_rank: 1"), "torchrun reports the killed rank: {text}");
+    assert_eq!(text.matches("resuming from ").count(), 2, "both restarted workers resume: {text}");
+    let (a, b) = (losses_by_step(&full), losses_by_step(&run));
+    assert_eq!(a.len(), 40);
+    assert_eq!(a, b, "losses of the restarted job");
+    assert!(weights_at(&full, 40).iter().zip(weights_at(&run, 40)).all(|((n, x), (m, y))| n == &m && x.equal(&y)), "final weights of the restarted job");
+    println!("torchrun --max-restarts 1: rank 1 killed after step 8's checkpoint; the restarted workers resumed and 40 steps equal the uninterrupted job's");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn a_job_of_one_process_runs_its_group_and_equals_a_plain_run() {
     let dir = tmp_dir("multi-process-one");
