@@ -228,6 +228,17 @@ impl World {
         Ok(t.double_value(&[0]))
     }
 
+    /// Sums counts of a step's micro-batches (targets, tokens) over the data-parallel ranks: the
+    /// ranks of one sequence-parallel group (`sp` of them) count the same micro-batches.
+    pub fn sum_step_counts(&self, counts: [i64; 2], sp: usize) -> Result<[i64; 2]> {
+        let Some(pg) = &self.pg else { return Ok(counts) };
+        let t = Tensor::from_slice(&counts).to_device(self.on);
+        self.collective(pg.all_reduce(&t, ReduceOp::Sum))?;
+        let sum = Vec::<i64>::try_from(&t.to_device(Device::Cpu)).map_err(|e| TrainerError::Dist(e.to_string()))?;
+        let sp = sp.max(1) as i64;
+        Ok([sum[0] / sp, sum[1] / sp])
+    }
+
     /// Starts summing `grads` over the ranks: flattened (per dtype and device) into one tensor
     /// whose all-reduce runs while the caller goes on; alone they are kept as they are.
     pub fn start_sum(&self, grads: crate::model::Grads, pending: &mut PendingSums) -> Result<()> {

@@ -67,8 +67,6 @@ impl Source {
         })
     }
 
-    /// The micro-batch number `index` of the run (step · grad_accum + micro). File data advances
-    /// `cursor`; synthetic data is a pure function of (seed, index).
     /// How many documents file data holds (None: synthetic samples, new for every index).
     pub fn documents(&self) -> Option<usize> {
         match self {
@@ -77,40 +75,21 @@ impl Source {
         }
     }
 
+    /// Moves `cursor` past the micro-batch [`Source::batch`] would build next, without building
+    /// it: what a rank does for the micro-batches the other ranks compute. File data packs by the
+    /// documents' lengths alone; synthetic data is a pure function of the index (nothing to do).
+    pub fn skip(&self, data: &DataSection, seed: u64, cursor: &mut u64) {
+        if let Source::Files { examples, shuffle } = self {
+            pick_files(examples, *shuffle, seed, data.tokens_per_batch, cursor);
+        }
+    }
+
+    /// The micro-batch number `index` of the run (step · grad_accum + micro). File data advances
+    /// `cursor`; synthetic data is a pure function of (seed, index).
     pub fn batch(&self, data: &DataSection, seed: u64, tokens: &Tokens, step: i64, index: u64, cursor: &mut u64) -> Result<Batch> {
         let budget = data.tokens_per_batch;
         match self {
-            Source::Files { examples, shuffle } => {
-                let n = examples.len() as u64;
-                let order = |epoch: u64| -> Vec<usize> {
-                    let mut v: Vec<usize> = (0..examples.len()).collect();
-                    if *shuffle {
-                        Rng::derive(seed, 3, epoch).shuffle(&mut v);
-                    }
-                    v
-                };
-                let mut picked: Vec<&Example> = Vec::new();
-                let mut used = 0usize;
-                let mut epoch = u64::MAX;
-                let mut perm = Vec::new();
-                loop {
-                    if *cursor / n != epoch {
-                        epoch = *cursor / n;
-                        perm = order(epoch);
-                    }
-                    let e = &examples[perm[(*cursor % n) as usize]];
-                    if !picked.is_empty() && used + e.ids.len() > budget {
-                        break;
-                    }
-                    used += e.ids.len();
-                    picked.push(e);
-                    *cursor += 1;
-                    if used >= budget {
-                        break;
-                    }
-                }
-                Ok(pack(&picked))
-            }
+            Source::Files { examples, shuffle } => Ok(pack(&pick_files(examples, *shuffle, seed, budget, cursor))),
             Source::Synth { task, words, from_step, digits, mix_shorter } => {
                 let stage = from_step.iter().rposition(|&s| s <= step).unwrap_or(0);
                 let (lo, hi) = (words[0] as f64, words[stage] as f64);
@@ -133,4 +112,38 @@ impl Source {
             }
         }
     }
+}
+
+/// The documents of the next micro-batch of file data from `cursor` on (advanced past them): in
+/// the epoch's order (shuffled by `seed` and the epoch), packed up to `budget` tokens, at least one.
+fn pick_files<'a>(examples: &'a [Example], shuffle: bool, seed: u64, budget: usize, cursor: &mut u64) -> Vec<&'a Example> {
+    let n = examples.len() as u64;
+    let order = |epoch: u64| -> Vec<usize> {
+        let mut v: Vec<usize> = (0..examples.len()).collect();
+        if shuffle {
+            Rng::derive(seed, 3, epoch).shuffle(&mut v);
+        }
+        v
+    };
+    let mut picked: Vec<&'a Example> = Vec::new();
+    let mut used = 0usize;
+    let mut epoch = u64::MAX;
+    let mut perm = Vec::new();
+    loop {
+        if *cursor / n != epoch {
+            epoch = *cursor / n;
+            perm = order(epoch);
+        }
+        let e = &examples[perm[(*cursor % n) as usize]];
+        if !picked.is_empty() && used + e.ids.len() > budget {
+            break;
+        }
+        used += e.ids.len();
+        picked.push(e);
+        *cursor += 1;
+        if used >= budget {
+            break;
+        }
+    }
+    picked
 }

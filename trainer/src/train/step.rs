@@ -48,22 +48,28 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
     s.model.measure_recall = s.recipe.sparsity.as_ref().is_some_and(|r| r.recall_every > 0 && step % r.recall_every as i64 == 0);
     let recipe = &s.recipe;
     // The step's micro-batches are those one process with grad_accum × data-parallel size would
-    // take; every rank draws them all (file data advances its cursor through all of them) and
-    // computes its data-parallel rank's run of `grad_accum` (under sequence parallelism the
-    // ranks of one group take the same micro-batches, each its shard of every sequence).
+    // take; a rank builds its data-parallel rank's run of `grad_accum` of them and moves the data
+    // cursor past the others' (under sequence parallelism the ranks of one group take the same
+    // micro-batches, each its shard of every sequence).
     let (accum, world) = (recipe.train.grad_accum, &s.world);
-    let (dp_rank, dp_size) = world.data_parallel(recipe.dist.sequence_parallel);
+    let sp = recipe.dist.sequence_parallel;
+    let (dp_rank, dp_size) = world.data_parallel(sp);
     let per_step = accum * dp_size as i64;
-    let mut all = Vec::new();
+    let first = dp_rank as i64 * accum;
+    let mut mine = Vec::new();
     for micro in 0..per_step {
         let index = step * per_step + micro;
-        all.push((index, source.batch(&recipe.data, recipe.run.seed, &s.tokens, step, index as u64, &mut s.state.cursor)?));
+        if (first..first + accum).contains(&micro) {
+            mine.push((index, source.batch(&recipe.data, recipe.run.seed, &s.tokens, step, index as u64, &mut s.state.cursor)?));
+        } else {
+            source.skip(&recipe.data, recipe.run.seed, &mut s.state.cursor);
+        }
     }
     // The objective is the mean over the whole step's target tokens, on every rank.
-    let total: i64 = all.iter().map(|(_, b)| count_targets(b)).sum();
-    let tokens: i64 = all.iter().map(|(_, b)| b.ids.size()[0]).sum();
+    let targets: i64 = mine.iter().map(|(_, b)| count_targets(b)).sum();
+    let tokens: i64 = mine.iter().map(|(_, b)| b.ids.size()[0]).sum();
+    let [total, tokens] = world.sum_step_counts([targets, tokens], sp)?;
     let scale = 1.0 / total.max(1) as f64;
-    let mine: Vec<_> = all.into_iter().skip(dp_rank * accum as usize).take(accum as usize).collect();
     let last = mine.len().saturating_sub(1);
     // The earlier micro-batches' gradient sums; the last micro-batch adds its own layer by layer
     // and starts each layer's sum across the ranks as soon as its backward is done.
