@@ -152,6 +152,9 @@ fn one_vs_two(dir: &Path, tag: &str, extra: &str, overrides: &[&str]) {
 fn data_parallel_ranks_equal_one_process_with_their_micro_batches() {
     let dir = tmp_dir("multi-process-dp");
     one_vs_two(&dir, "full", "", &[]);
+    // Buckets of 2 KiB: the projections' gradients are summed alone and in place, the norms'
+    // flattened together (the default 25 MiB puts each layer's in one bucket).
+    one_vs_two(&dir, "full-small-buckets", "", &["dist.bucket_cap_mb=0.002"]);
     let lora = "\n[lora]\nrank = 4\nalpha = 8.0\ndropout = 0.1\ntargets = [\"q_proj\", \"v_proj\", \"down_proj\"]\n";
     one_vs_two(&dir, "lora", lora, &["train.mode=lora"]);
     let _ = std::fs::remove_dir_all(dir);
@@ -215,6 +218,7 @@ fn sequence_parallel_ranks_equal_one_process() {
         (3, vec!["dist.sequence_parallel=3"], "dist.sequence_parallel = 3: 4 attention heads do not divide over 3 ranks"),
         (1, vec!["dist.sequence_parallel=2"], "dist.sequence_parallel = 2 needs a job of 2 or more processes (torchrun or `train launch`); this one has 1"),
         (2, vec!["dist.sequence_parallel=0"], "dist.sequence_parallel"),
+        (2, vec!["dist.bucket_cap_mb=0"], "`dist.bucket_cap_mb`: 0: must be a positive number of MiB"),
     ] {
         let out = torchrun_job(n, &r, &dir.join("refused"), &overrides);
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -148,6 +148,12 @@ fn an_8b_lora_step_plans_at_a_million_tokens_from_a_preset() {
     // A data-parallel job: each rank holds what one process does; the node holds them all.
     let (ok, text) = plan(&["--tokens", "131072", "--nproc-per-node", "8"]);
     assert!(ok && text.contains("job        8 processes per node, data parallel") && text.contains("an optimizer step trains on 8 × 2 × 131072 = 2097152 tokens per node"), "{text}");
+    // Its gradients are summed across ranks in buckets: one layer's LoRA gradients (q, k, v, o at
+    // rank 16, float32: 1.62 MiB) are copied into one; a process alone sums nothing.
+    let bucket = text.lines().find(|l| l.contains("all-reduce bucket: small gradients flattened")).unwrap_or_else(|| panic!("no bucket row: {text}"));
+    assert!(bucket.contains("[1703936]") && bucket.ends_with("1.62 MiB"), "{bucket}");
+    let (_, alone) = plan(&["--tokens", "131072"]);
+    assert!(!alone.contains("all-reduce bucket"), "{alone}");
     // One sequence over 8 ranks: each plans its shard with token tiles; the exchanges, the step
     // with them and MFU are printed; 4M tokens fit 8 × 80 GB.
     let (ok, text) = plan(&["--tokens", "4194304", "--sequence-parallel", "8", "--nproc-per-node", "8"]);

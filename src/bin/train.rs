@@ -444,6 +444,7 @@ fn plan_cmd(recipe: PathBuf, device_mem: Option<String>, host_mem: Option<String
         tokens,
         calibrate,
         mip_seconds,
+        ranks: nproc_per_node,
     };
     if tokens == Some(0) {
         return Err("--tokens must be positive".into());
@@ -462,7 +463,7 @@ fn plan_cmd(recipe: PathBuf, device_mem: Option<String>, host_mem: Option<String
     let lora = trainer::train::session::lora_config(&r);
     let (inv, plan) = trainer::plan::plan_recipe(&r, &cfg, lora.as_ref(), &req)?;
     print!("{}", planner::report::table(&inv, &plan));
-    let fit = trainer::plan::what_would_fit(&r, &cfg, lora.as_ref(), &inv, &plan)?;
+    let fit = trainer::plan::what_would_fit(&r, &cfg, lora.as_ref(), &inv, &plan, nproc_per_node)?;
     print!("{}", fit.lines(plan.tokens));
     let mut extra = String::new();
     let sp = r.dist.sequence_parallel as u64;

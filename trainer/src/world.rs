@@ -239,23 +239,38 @@ impl World {
         Ok([sum[0] / sp, sum[1] / sp])
     }
 
-    /// Starts summing `grads` over the ranks: flattened (per dtype and device) into one tensor
-    /// whose all-reduce runs while the caller goes on; alone they are kept as they are.
-    pub fn start_sum(&self, grads: crate::model::Grads, pending: &mut PendingSums) -> Result<()> {
+    /// Starts summing `grads` over the ranks while the caller goes on: a gradient of `bucket`
+    /// bytes or more alone and in place; the smaller ones flattened (per dtype and device, in
+    /// name order, the same on every rank) into buckets of up to `bucket` bytes
+    /// (`dist.bucket_cap_mb`), so the copy beside them is at most one bucket. Alone they are kept
+    /// as they are.
+    pub fn start_sum(&self, grads: crate::model::Grads, pending: &mut PendingSums, bucket: u64) -> Result<()> {
         let Some(pg) = &self.pg else {
             pending.done.extend(grads);
             return Ok(());
         };
-        let mut groups: Vec<((Kind, Device), Vec<(String, Tensor)>)> = Vec::new();
+        let mut buckets: Vec<((Kind, Device), u64, Vec<(String, Tensor)>)> = Vec::new();
         for (n, g) in grads {
-            let key = (g.kind(), g.device());
-            match groups.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, v)) => v.push((n, g)),
-                None => groups.push((key, vec![(n, g)])),
+            let (key, bytes) = ((g.kind(), g.device()), g.numel() as u64 * g.kind().elt_size_in_bytes() as u64);
+            if bytes >= bucket {
+                buckets.push((key, bytes, vec![(n, g)]));
+                continue;
+            }
+            match buckets.iter_mut().find(|(k, b, _)| *k == key && b + bytes <= bucket) {
+                Some((_, b, v)) => {
+                    *b += bytes;
+                    v.push((n, g));
+                }
+                None => buckets.push((key, bytes, vec![(n, g)])),
             }
         }
-        for (_, members) in groups {
-            let flat = Tensor::cat(&members.iter().map(|(_, g)| g.reshape([-1])).collect::<Vec<_>>(), 0);
+        for (_, _, members) in buckets {
+            // One member is summed where it lies (a view of its own storage); several are copied
+            // into one flat tensor, and their own storage goes as `members` is consumed.
+            let flat = match members.as_slice() {
+                [(_, g)] => g.contiguous().view([-1]),
+                _ => Tensor::cat(&members.iter().map(|(_, g)| g.reshape([-1])).collect::<Vec<_>>(), 0),
+            };
             let work = self.collective(pg.all_reduce_async(&flat, ReduceOp::Sum))?;
             let shapes = members.into_iter().map(|(n, g)| (n, g.size())).collect();
             pending.flights.push((shapes, flat, work));

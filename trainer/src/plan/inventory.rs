@@ -146,6 +146,19 @@ pub fn predictor_weights(s: &crate::train::recipe::SparsitySection, run_dir: &st
     Ok(fixed_class(Group::Weights, format!("predictor {} ({note})", path.display()), &[per_layer], acc.elt_size_in_bytes() as u64, layers, kind_name(acc)))
 }
 
+/// A job of several processes sums gradients across ranks ([`crate::world::World::start_sum`]):
+/// the small gradients of one hand-over (a layer's, or the embedding's, head's and final norm's)
+/// are copied into buckets of up to `cap` bytes (`dist.bucket_cap_mb`), larger ones are summed in
+/// place. One bucket is the copy beside the gradients; counted for the whole step (it lives while
+/// a layer's gradients are handed over in the last micro-batch's backward). None: nothing small.
+pub fn all_reduce_bucket(statics: &[TensorClass], layers: u64, cap: u64) -> Option<TensorClass> {
+    let small: Vec<&TensorClass> = statics.iter().filter(|c| c.group == Group::Grads && c.fixed_bytes < cap).collect();
+    let per_layer: u64 = small.iter().filter(|c| c.count == layers).map(|c| c.fixed_bytes).sum();
+    let others: u64 = small.iter().filter(|c| c.count != layers).map(|c| c.fixed_bytes * c.count).sum();
+    let bytes = per_layer.max(others).min(cap);
+    (bytes > 0).then(|| fixed_class(Group::Grads, "all-reduce bucket: small gradients flattened".into(), &[bytes as i64], 1, 1, "bytes".into()))
+}
+
 /// `count` tensors of `shape` whose bytes do not depend on the tokens.
 fn fixed_class(group: Group, name: String, shape: &[i64], elt: u64, count: u64, dtype: String) -> TensorClass {
     TensorClass {

@@ -27,6 +27,8 @@ pub struct Request {
     /// Measure speeds again instead of the cached figures.
     pub calibrate: bool,
     pub mip_seconds: Option<f64>,
+    /// Processes of the job (0 or 1: one): several sum their gradients in buckets.
+    pub ranks: usize,
 }
 
 /// RAM the kernel would give this process now (MemAvailable).
@@ -92,7 +94,7 @@ pub fn plan_recipe(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lor
     let dev = recipe.run.device.target()?;
     let kind = recipe.run.dtype.0;
     let sp = recipe.dist.sequence_parallel.max(1);
-    let probe = |tile: Option<u64>| recipe_inventory(recipe, cfg, lora, tile);
+    let probe = |tile: Option<u64>| recipe_inventory(recipe, cfg, lora, tile, req.ranks);
     let whole = probe(None)?;
     // After the probe (whose tensors are small and gone): it ran libtorch's kernels once, so the
     // thread pools and kernel buffers that every step will hold are in the figure; before the
@@ -133,11 +135,15 @@ pub fn plan_recipe(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lor
 }
 
 /// The inventory of the recipe's step over token tiles of `tile` tokens (None: whole sequences):
-/// per rank of a sequence-parallel group, with the recipe's token sparsity.
-fn recipe_inventory(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lora: Option<&LoraConfig>, tile: Option<u64>) -> Result<Inventory> {
+/// per rank of a sequence-parallel group, with the recipe's token sparsity, for a job of `ranks`
+/// processes.
+fn recipe_inventory(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lora: Option<&LoraConfig>, tile: Option<u64>, ranks: usize) -> Result<Inventory> {
     let (dev, kind) = (recipe.run.device.target()?, recipe.run.dtype.0);
     let sp = recipe.dist.sequence_parallel.max(1) as i64;
     let mut inv = crate::plan::inventory::build_sharded(cfg, kind, lora, dev, recipe.train.loss_chunk, tile, sp)?;
+    if ranks.max(sp as usize) > 1 {
+        inv.statics.extend(crate::plan::inventory::all_reduce_bucket(&inv.statics, cfg.num_layers as u64, recipe.dist.bucket_bytes()));
+    }
     if let Some(s) = recipe.sparsity.as_ref().filter(|s| s.scorer == crate::train::recipe::SparseScorer::Predictor) {
         inv.statics.push(crate::plan::inventory::predictor_weights(s, &recipe.run.dir, cfg, kind)?);
     }
@@ -205,7 +211,7 @@ impl Fit {
 /// an unbounded NVMe tier where those are too small) and the longest step that fits the budgets:
 /// with the plan's tile, or with tiles of [`REACH_TILE`] tokens when the recipe leaves the tile to
 /// the plan (which takes tiles wherever the whole sequence does not fit).
-pub fn what_would_fit(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lora: Option<&LoraConfig>, inv: &Inventory, plan: &Plan) -> Result<Fit> {
+pub fn what_would_fit(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lora: Option<&LoraConfig>, inv: &Inventory, plan: &Plan, ranks: usize) -> Result<Fit> {
     let cal = &plan.calibration;
     let req = Request::default();
     let mut opt = options(recipe, &req, plan.tokens);
@@ -224,7 +230,7 @@ pub fn what_would_fit(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, 
     };
     let sp = recipe.dist.sequence_parallel.max(1) as u64;
     let reach = match (recipe.compute.fixed_tile(), inv.tile_tokens, &recipe.sparsity) {
-        (None, None, None) => Some(recipe_inventory(recipe, cfg, lora, Some(REACH_TILE))?),
+        (None, None, None) => Some(recipe_inventory(recipe, cfg, lora, Some(REACH_TILE), ranks)?),
         _ => None,
     };
     let (reach_inv, reach_opt) = match &reach {
@@ -333,7 +339,7 @@ pub fn engine_placement(
 /// the cached calibration or assumed figures (the answer depends on bytes only).
 ///
 /// `tile`: the token tile the step ran with.
-pub fn fit_after_failure(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lora: Option<&LoraConfig>, tile: Option<u64>) -> Result<String> {
+pub fn fit_after_failure(recipe: &Recipe, cfg: &crate::model::config::ModelConfig, lora: Option<&LoraConfig>, tile: Option<u64>, ranks: usize) -> Result<String> {
     let dev = recipe.run.device.target()?;
     let kind = recipe.run.dtype.0;
     let device_memory = match (recipe.plan.as_ref(), dev) {
@@ -341,15 +347,15 @@ pub fn fit_after_failure(recipe: &Recipe, cfg: &crate::model::config::ModelConfi
         (None, tch::Device::Cuda(i)) => offload::cuda::runtime().and_then(|rt| rt.memory(i).ok()).map(|(_, total)| total),
         (None, _) => None,
     };
-    let req = Request { device_memory, ..Request::default() };
+    let req = Request { device_memory, ranks, ..Request::default() };
     let sp = recipe.dist.sequence_parallel.max(1);
-    let inv = recipe_inventory(recipe, cfg, lora, tile)?;
+    let inv = recipe_inventory(recipe, cfg, lora, tile, ranks)?;
     let cal = crate::plan::calibrate::cached_or_assumed(dev, kind);
     let tokens = crate::model::seq::shard(recipe.data.tokens_per_batch as i64, 0, sp).tokens as u64;
     let o = options(recipe, &req, tokens);
     let opt = Options { mip_seconds: 0.0, allow_recompute: o.allow_recompute || tile.is_some(), ..o };
     let plan = planner::plan::plan(&inv, budgets(recipe, &req)?, &cal, &opt).map_err(|e| TrainerError::Device(format!("planner: {e}")))?;
-    let fit = what_would_fit(recipe, cfg, lora, &inv, &plan)?;
+    let fit = what_would_fit(recipe, cfg, lora, &inv, &plan, ranks)?;
     Ok(format!(
         "\n  `train plan` for this step with a device budget of {}: {}; least device memory with every layer offloaded{}: {}; longest step that fits: {}",
         human(plan.budgets.device),

@@ -256,16 +256,33 @@ pub struct DistSection {
     /// per layer forward and five backward.
     #[serde(default = "default_sequence_parallel")]
     pub sequence_parallel: usize,
+    /// MiB of small gradients summed across ranks in one all-reduce (torch DDP's
+    /// `bucket_cap_mb`): a layer's gradients below it are copied into flat buckets of up to this
+    /// size, larger ones are summed in place. Trade-off: larger buckets, fewer collectives; the
+    /// plan counts one bucket of memory beside the gradients.
+    #[serde(default = "default_bucket_cap_mb")]
+    pub bucket_cap_mb: f64,
+}
+
+impl DistSection {
+    /// `bucket_cap_mb` in bytes.
+    pub fn bucket_bytes(&self) -> u64 {
+        (self.bucket_cap_mb * (1u64 << 20) as f64) as u64
+    }
 }
 
 impl Default for DistSection {
     fn default() -> Self {
-        DistSection { backend: Backend::Auto, timeout_seconds: default_dist_timeout(), sequence_parallel: 1 }
+        DistSection { backend: Backend::Auto, timeout_seconds: default_dist_timeout(), sequence_parallel: 1, bucket_cap_mb: default_bucket_cap_mb() }
     }
 }
 
 fn default_sequence_parallel() -> usize {
     1
+}
+
+fn default_bucket_cap_mb() -> f64 {
+    25.0
 }
 
 fn default_dist_timeout() -> u64 {
@@ -833,6 +850,9 @@ impl Recipe {
                     return err("sparsity", format!("with {key}: sparse layers do not run with it yet; remove one of them"));
                 }
             }
+        }
+        if !(self.dist.bucket_cap_mb > 0.0 && self.dist.bucket_cap_mb.is_finite()) {
+            return err("dist.bucket_cap_mb", format!("{}: must be a positive number of MiB (default 25)", self.dist.bucket_cap_mb));
         }
         if self.dist.sequence_parallel == 0 {
             return err("dist.sequence_parallel", "must be at least 1 (ranks one sequence is split over; 1: not split)".into());

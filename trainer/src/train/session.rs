@@ -96,11 +96,12 @@ fn claim_run_dir(recipe: &Recipe, resume: bool, main: bool) -> Result<(Vec<(i64,
 /// With a `[plan]` section: plans the step before any weight is loaded, writes plan.txt /
 /// plan.json / plan.svg into the run directory, refuses a step that cannot fit (with what
 /// would), and returns the plan's placement when `apply`.
-fn plan_before_loading(recipe: &Recipe, cfg: &ModelConfig, lora: Option<&LoraConfig>, main: bool) -> Result<Option<(Placement, Option<u64>)>> {
+fn plan_before_loading(recipe: &Recipe, cfg: &ModelConfig, lora: Option<&LoraConfig>, world: &World) -> Result<Option<(Placement, Option<u64>)>> {
+    let (main, ranks) = (world.is_main(), world.size);
     let Some(ps) = &recipe.plan else { return Ok(None) };
-    let (inv, plan) = crate::plan::plan_recipe(recipe, cfg, lora, &crate::plan::Request::default())?;
+    let (inv, plan) = crate::plan::plan_recipe(recipe, cfg, lora, &crate::plan::Request { ranks, ..Default::default() })?;
     if !plan.fits {
-        let fit = crate::plan::what_would_fit(recipe, cfg, lora, &inv, &plan)?;
+        let fit = crate::plan::what_would_fit(recipe, cfg, lora, &inv, &plan, ranks)?;
         if main {
             crate::plan::write(&recipe.run.dir, &inv, &plan, Some(&fit), "")?;
         }
@@ -219,7 +220,7 @@ impl Session {
             crate::model::seq::kv_copies(cfg.num_heads, cfg.num_kv_heads, sp as i64).map_err(|e| TrainerError::config(recipe_path, format!("dist.sequence_parallel = {sp}: {e}")))?;
         }
         let lora = lora_config(&recipe);
-        let planned = plan_before_loading(&recipe, &cfg, lora.as_ref(), world.is_main())?;
+        let planned = plan_before_loading(&recipe, &cfg, lora.as_ref(), &world)?;
         // The process before any weight exists: what a plan after a failure counts as its own.
         crate::plan::baseline_rss();
         let (mut model, tokens, base_name, export_source) = load_model(&recipe, recipe_path, cfg, cfg_text, dev, &world)?;
@@ -323,7 +324,7 @@ impl Session {
     /// even planning fails).
     pub fn what_would_fit(&self) -> String {
         // The probe allocates on the device that just ran out: guarded too.
-        match crate::guard::run(|| crate::plan::fit_after_failure(&self.recipe, &self.model.cfg, self.lora.as_ref(), self.model.tile_tokens.map(|t| t as u64))) {
+        match crate::guard::run(|| crate::plan::fit_after_failure(&self.recipe, &self.model.cfg, self.lora.as_ref(), self.model.tile_tokens.map(|t| t as u64), self.world.size)) {
             Ok(Ok(lines)) => lines,
             Ok(Err(e)) => format!("\n  (no plan: {e})"),
             Err(f) => format!("\n  (no plan: the planner's probe failed too: {})", f.message),

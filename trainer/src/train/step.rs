@@ -53,6 +53,7 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
     // micro-batches, each its shard of every sequence).
     let (accum, world) = (recipe.train.grad_accum, &s.world);
     let sp = recipe.dist.sequence_parallel;
+    let bucket = recipe.dist.bucket_bytes();
     let (dp_rank, dp_size) = world.data_parallel(sp);
     let per_step = accum * dp_size as i64;
     let first = dp_rank as i64 * accum;
@@ -98,7 +99,7 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
                 earlier.extend(g);
                 Ok(())
             } else {
-                world.start_sum(g, &mut pending)
+                world.start_sum(g, &mut pending, bucket)
             }
         })?;
         loss_sum += l.sum.to_device(Device::Cpu).to_kind(Kind::Double).double_value(&[]);
@@ -116,7 +117,7 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
             }
         }
     }
-    world.start_sum(earlier, &mut pending)?;
+    world.start_sum(earlier, &mut pending, bucket)?;
     guard::enter(Phase::Optimizer, None);
     let mut grads = pending.finish(world)?;
     let loss_sum = world.sum_f64(loss_sum)?;
