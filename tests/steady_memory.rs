@@ -51,6 +51,13 @@ fn per_step_peak_rss_does_not_grow_after_the_second_step() {
     for s in 2..peaks.len() {
         assert!(peaks[s] <= 1.10 * peaks[1], "step {} peak {} grew more than 10% over step 2's {}", s + 1, gib(peaks[s]), gib(peaks[1]));
     }
+    // The plan (the recipe's [plan] section, not applied) predicted that steady state: the device
+    // peak (on CPU the whole process) within 10% of the largest step after the first.
+    let plan: Value = serde_json::from_str(&std::fs::read_to_string(run.join("plan.json")).unwrap()).unwrap();
+    let planned = plan["plan"]["device_peak"].as_f64().unwrap();
+    let steady = peaks[1..].iter().cloned().fold(0.0, f64::max);
+    println!("plan {} vs steady {} ({:.3})", gib(planned), gib(steady), steady / planned);
+    assert!((steady / planned - 1.0).abs() <= 0.10, "steady peak {} vs the plan's {}", gib(steady), gib(planned));
     // The run's peak is the largest step's (the per-step reset keeps the process-wide figure).
     let max_step = peaks.iter().cloned().fold(0.0, f64::max);
     assert!(run_peak >= max_step, "run peak {} below a step's {}", gib(run_peak), gib(max_step));

@@ -228,6 +228,11 @@ pub struct Inventory {
     /// Tokens per tile of a block's token-local ops; None: the whole sequence at once.
     #[serde(default)]
     pub tile_tokens: Option<u64>,
+    /// Whole-sequence blocks: the op of a layer's backward (in [`Inventory::backward`]'s
+    /// numbering) from which the next layers' saved tensors (`lookahead`) arrive beside its
+    /// buffers; 0: from its start.
+    #[serde(default)]
+    pub prefetch_at_op: u32,
     /// One layer's forward transients with lifetimes in its op sequence.
     pub forward: Vec<OpBuffer>,
     /// One layer's backward buffers with lifetimes in its op sequence (the level-1 layout's input).

@@ -176,15 +176,23 @@ pub fn level1_buffers(inv: &Inventory, layer: usize, tokens: u64, stored: u64, o
 /// until their backward; an offloaded layer holds them during its forward and the next layer's
 /// (the swap-out) and again from the prefetch `lookahead` layers early. A backward slot's working
 /// set is the level-1 peak, which includes the layer's own saved tensors (so those end one slot
-/// before); a forward slot's is the forward's transients.
+/// before); a forward slot's is the forward's transients. Whole-sequence blocks ask for the
+/// layers ahead part-way through a layer's backward (`inv.prefetch_at_op`), so their bytes are
+/// part of that backward's working set, beside its later ops only; under token tiles they are
+/// live from the slot's start.
 ///
-/// `backward(layer, kept)`: the level-1 peak of that layer's backward, kept or offloaded (equal
-/// without token tiles). `in_flight(bytes)`: what of a layer's swap-out of `bytes` still waits
-/// in memory when the next layer's forward ends.
+/// `backward(layer, kept, ahead)`: the level-1 peak of that layer's backward, kept or offloaded
+/// (equal without token tiles), with `ahead` bytes arriving from `inv.prefetch_at_op` on.
+/// `in_flight(bytes)`: what of a layer's swap-out of `bytes` still waits in memory when the next
+/// layer's forward ends.
 #[allow(clippy::too_many_arguments)]
-fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usize, in_flight: &dyn Fn(u64) -> u64, splits: &[u64], backward: &dyn Fn(usize, bool) -> u64) -> Vec<Buf> {
+fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usize, in_flight: &dyn Fn(u64) -> u64, splits: &[u64], backward: &dyn Fn(usize, bool, u64) -> u64) -> Vec<Buf> {
     let l = inv.layers;
     let bwd_slot = |layer: usize| (l + 1 + (l - 1 - layer)) as u32;
+    let within = inv.tile_tokens.is_none();
+    // Bytes each layer's backward asks for ahead (filled from the layers below it, which the
+    // loop visits first).
+    let mut ahead = vec![0u64; l];
     let mut v = Vec::new();
     for layer in 0..l {
         let kept = layer + keep_last >= l;
@@ -196,16 +204,23 @@ fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usi
             // the engine lets wait for the I/O thread.
             v.push(Buf::new(format!("layer{layer}.saved (swap-out)"), w + r, layer as u32, layer as u32));
             v.push(Buf::new(format!("layer{layer}.saved (in flight)"), in_flight(w + r), (layer + 1) as u32, (layer + 1) as u32));
-            if lookahead > 0 {
-                let from = bwd_slot((layer + lookahead).min(l - 1));
+            let by = (layer + lookahead).min(l - 1);
+            if lookahead > 0 && by > layer {
+                let bytes = inv.layer_read_whole(layer, tokens, splits[layer]);
+                let from = if within {
+                    ahead[by] += bytes;
+                    bwd_slot(by) + 1
+                } else {
+                    bwd_slot(by)
+                };
                 if from < bwd_slot(layer) {
-                    let ahead = inv.layer_read_whole(layer, tokens, splits[layer]);
-                    v.push(Buf::new(format!("layer{layer}.saved (prefetched)"), ahead, from, bwd_slot(layer) - 1));
+                    v.push(Buf::new(format!("layer{layer}.saved (prefetched)"), bytes, from, bwd_slot(layer) - 1));
                 }
             }
         }
         v.push(Buf::new(format!("layer{layer}.forward work"), inv.forward_work(layer, tokens, if kept { tokens } else { splits[layer] }), layer as u32, layer as u32));
-        v.push(Buf::new(format!("layer{layer}.backward work"), backward(layer, kept), bwd_slot(layer), bwd_slot(layer)));
+        let name = if ahead[layer] > 0 { format!("layer{layer}.backward work, the layers ahead arriving") } else { format!("layer{layer}.backward work") };
+        v.push(Buf::new(name, backward(layer, kept, ahead[layer]), bwd_slot(layer), bwd_slot(layer)));
     }
     for h in &inv.head {
         // The head's tensors live in the loss slot (the engine drops them before the first
@@ -215,6 +230,14 @@ fn level2_buffers(inv: &Inventory, tokens: u64, keep_last: usize, lookahead: usi
         v.push(Buf::new(h.name.clone(), h.total(tokens), start, end));
     }
     v
+}
+
+/// A whole-sequence layer backward's peak (the best-fit layout of its level-1 buffers `bufs`) with
+/// `ahead` bytes of the next layers' saved tensors live from op `from` to its last op.
+fn backward_with_ahead(mut bufs: Vec<Buf>, ahead: u64, from: u32) -> u64 {
+    let last = bufs.iter().map(|b| b.end).max().unwrap_or(0).max(from);
+    bufs.push(Buf::new("the layers ahead (prefetched)", ahead, from, last));
+    layout::greedy(&bufs).peak
 }
 
 /// The LP's tiers and the placement's capacities from the budgets (on CPU the host tier is the
@@ -316,6 +339,7 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     // backward restores every row first): there the device bounds α too.
     let tiled = inv.tile_tokens.is_some();
     let level1_greedy = |layer: usize, split: u64| layout::greedy(&level1_buffers(inv, layer, t, split, true)).peak;
+    let with_ahead = |layer: usize, ahead: u64| backward_with_ahead(level1_buffers(inv, layer, t, t, false), ahead, inv.prefetch_at_op);
     // A layer's buffers depend on whether its MLP keeps only some channels: one report for each
     // kind present (indexed by that), the table shows the larger.
     let level1_kinds: Vec<(bool, usize, LayoutReport)> = [false, true]
@@ -348,7 +372,11 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
     // the device use, independent of the LP), then let the LP choose α for it.
     let device_fits = |k: usize, split: u64| {
         let splits: Vec<u64> = (0..l).map(|i| if i + k >= l { t } else { split }).collect();
-        let backward = |layer: usize, kept: bool| if tiled && !kept { level1_greedy(layer, split) } else { level1_peak_at_t(layer) };
+        let backward = |layer: usize, kept: bool, ahead: u64| match (tiled && !kept, ahead) {
+            (true, _) => level1_greedy(layer, split),
+            (false, 0) => level1_peak_at_t(layer),
+            (false, a) => with_ahead(layer, a),
+        };
         let l2 = level2_buffers(inv, t, k, opt.lookahead, &in_flight, &splits, &backward);
         static_bytes + staging_for(l - k, split) + layout::greedy(&l2).peak <= budgets.device
     };
@@ -380,7 +408,11 @@ pub fn plan(inv: &Inventory, budgets: Budgets, cal: &Calibration, opt: &Options)
         (true, false) => level1_greedy(layer, split),
         (false, _) => level1_peak_at_t(layer),
     };
-    let level2 = layout_report(level2_buffers(inv, t, k, opt.lookahead, &in_flight, &splits, &|layer, kept| if kept { level1_peak_at_t(layer) } else { offloaded_peak(layer) }), opt.mip_seconds);
+    let level2 = layout_report(level2_buffers(inv, t, k, opt.lookahead, &in_flight, &splits, &|layer, kept, ahead| match (ahead, kept) {
+            (0, true) => level1_peak_at_t(layer),
+            (0, false) => offloaded_peak(layer),
+            (a, _) => with_ahead(layer, a),
+        }), opt.mip_seconds);
     // The LP chose α and how much each tier should take; which tensor goes where is the fill
     // rule's, which the engine runs too (so the tier peaks below are what the store will hold).
     let alpha = if off > 0 { split as f64 / t as f64 } else { 1.0 };

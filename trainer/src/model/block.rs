@@ -645,7 +645,12 @@ fn proj_backward_channels(dy: &Tensor, x: &Tensor, layer: &Layer, p: Proj, chann
 
 /// Consumes the layer's saved activations; returns the gradient of the block input and the
 /// parameter gradients under their names relative to `model.layers.{i}`.
-pub fn backward(layer: &Layer, dy: Tensor, s: BlockSaved, ctx: &Context, layer_idx: usize) -> Result<(Tensor, Vec<(String, Tensor)>)> {
+///
+/// `mlp_done` runs once the MLP's saved tensors and gradients are gone, before attention (op
+/// [`crate::plan::inventory::PREFETCH_AT_OP`] of the planner's level-1 layout): the model asks
+/// for the next layers' saved tensors there, so they arrive beside the attention's buffers and
+/// not at the MLP backward's peak.
+pub fn backward(layer: &Layer, dy: Tensor, s: BlockSaved, ctx: &Context, layer_idx: usize, mlp_done: &mut dyn FnMut() -> Result<()>) -> Result<(Tensor, Vec<(String, Tensor)>)> {
     let mut grads = Vec::new();
     // Each saved tensor is released right after the op that consumes it, which is what the
     // planner's level-1 layout of this backward assumes (`inventory::backward_buffers`).
@@ -668,6 +673,7 @@ pub fn backward(layer: &Layer, dy: Tensor, s: BlockSaved, ctx: &Context, layer_i
         grads.push(("post_attention_layernorm.weight".into(), w));
     }
     let dh = dy + dh_norm;
+    mlp_done()?;
     // Attention: on every row, or a sparse layer's kept rows (`kept`).
     let (dh_a, x, cos, sin, cu) = match &kept {
         None => (dh.shallow_clone(), x, ctx.cos.shallow_clone(), ctx.sin.shallow_clone(), ctx.cu_seqlens.clone()),

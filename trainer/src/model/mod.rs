@@ -481,10 +481,13 @@ impl Model {
                     tiled::backward(layer, dx, reader, &ctx, l)?
                 }
                 None => {
-                    for (a, names) in &ahead {
-                        store.prefetch(*a, names)?;
-                    }
-                    block::backward(layer, dx, stash::take(store, layer, l, &stashed[l], &ctx, t_all)?, &ctx, l)?
+                    let saved = stash::take(store, layer, l, &stashed[l], &ctx, t_all)?;
+                    block::backward(layer, dx, saved, &ctx, l, &mut || {
+                        for (a, names) in &ahead {
+                            store.prefetch(*a, names)?;
+                        }
+                        Ok(())
+                    })?
                 }
             };
             done(g.into_iter().map(|(name, t)| (format!("model.layers.{l}.{name}"), t)).collect())?;

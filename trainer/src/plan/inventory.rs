@@ -425,6 +425,10 @@ fn lora_terms(kind: Kind, lora: Option<&LoraConfig>, what: &str, ops: &[(&[Proj]
 ///
 /// `channels`: with MLP channel sparsity, the channels its layers keep (their MLP gradients span
 /// those only, and their saved tensors are as `saved` has them there).
+/// The op of [`backward_buffers`] (`d h`, after the MLP and its norm) at which a whole-sequence
+/// layer backward asks for the next layers' saved tensors ([`block::backward`]'s `mlp_done`).
+pub const PREFETCH_AT_OP: u32 = 5;
+
 fn backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, saved: &[TensorClass], channels: Option<u64>) -> Vec<OpBuffer> {
     let e = kind.elt_size_in_bytes() as u64;
     let (d, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
@@ -619,6 +623,7 @@ fn build_with(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, device: 
         saved,
         head,
         tile_tokens: tile,
+        prefetch_at_op: PREFETCH_AT_OP,
         forward,
         backward,
         flops: LayerFlops { linear_per_token: 2.0 * proj_params as f64, attention_per_pair: 4.0 * qd as f64 * sp.max(1) as f64, linear_backward_ratio: if lora.is_some() { 1.0 } else { 2.0 } },
