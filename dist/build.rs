@@ -8,6 +8,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/c10d_shim.cpp");
     println!("cargo:rerun-if-changed=csrc/nccl_shim.cpp");
     println!("cargo:rerun-if-changed=csrc/shim.hpp");
+    println!("cargo:rerun-if-changed=csrc/cuda_memory.cpp");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let lib = PathBuf::from(std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports DEP_TCH_LIBTORCH_LIB"));
     let include = lib.parent().map(|p| p.join("include")).expect("libtorch's include directory");
@@ -35,7 +36,7 @@ fn main() {
     // beside it.
     let complete = cuda_include.as_ref().is_some_and(|c| c.join("crt/host_config.h").exists() && c.join("nv/target").exists());
     if let (Some(cuda), Some(nccl), true, true) = (cuda_include, nccl_include, complete, lib.join("libtorch_cuda.so").exists()) {
-        base().file("csrc/nccl_shim.cpp").include(cuda).include(nccl).flag("-DUSE_C10D_NCCL").flag("-DUSE_CUDA").compile("strata_nccl");
+        base().file("csrc/nccl_shim.cpp").file("csrc/cuda_memory.cpp").include(cuda).include(nccl).flag("-DUSE_C10D_NCCL").flag("-DUSE_CUDA").compile("strata_nccl");
         println!("cargo:rustc-link-lib=dylib=torch_cuda");
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
         println!("cargo:rustc-cfg=strata_nccl");

@@ -67,6 +67,27 @@ echo "== the demo recipe on CUDA (first 300 steps: 128-word samples), for its to
 echo "== one rank under train launch on CUDA: the NCCL process group with world size 1 (same code path as many ranks)"
 "$BIN/train" launch --nproc-per-node 1 -- run --recipe recipes/demo-passkey-cpu.toml run.device=cuda "run.dir=$run/nccl" train.steps=20 eval.every=0 eval.samples=2 log.every=10 dist.backend=nccl || fail=1
 
+echo "== the plan's device peak against libtorch's CUDA allocator over 6 steps of train run (issue 12):"
+echo "   memory-check recipe on CUDA, bf16, hidden 2048 × 8 layers, 32K tokens; resident, and every layer in host memory"
+for place in resident host; do
+  extra=()
+  [ $place = host ] && extra=('offload.tiers=["host"]' offload.host_bytes=34359738368 offload.keep_last=0)
+  "$BIN/train" run --recipe recipes/memory-check-cpu.toml run.device=cuda run.dtype=bfloat16 "run.dir=$run/mem-$place" \
+    train.steps=6 data.tokens_per_batch=32768 data.max_tokens=32768 'data.synth.words=[8160]' model.init.hidden_size=2048 \
+    model.init.intermediate_size=5632 model.init.num_attention_heads=16 model.init.num_key_value_heads=8 "${extra[@]}" || fail=1
+  $PY - "$run/mem-$place" "$place" <<'PY' || fail=1
+import json, sys
+run, place = sys.argv[1:]
+plan = json.load(open(run + "/plan.json"))["plan"]["device_peak"]
+rows = [json.loads(l) for l in open(run + "/metrics.jsonl") if '"train/loss"' in l]
+alloc = [r["memory/cuda_step_peak_allocated_bytes"] for r in rows]
+res = [r["memory/cuda_step_peak_reserved_bytes"] for r in rows]
+g = lambda b: f"{b / 2**30:.2f} GiB"
+print(f"{place}: plan device peak {g(plan)}; per-step max_memory_allocated {[g(a) for a in alloc]}; max_memory_reserved {[g(r) for r in res]}")
+print(f"{place}: steady (steps 2-6) allocated/plan {max(alloc[1:]) / plan:.3f}, reserved/plan {max(res[1:]) / plan:.3f}")
+PY
+done
+
 echo "== bench: Llama-3-8B-shaped layers (hidden 4096, 32/8 heads, intermediate 14336, vocab 128256), bf16"
 for tokens in 8192 32768; do
   "$BIN/train" bench step --device cuda --dtype bfloat16 --layers 4 --hidden 4096 --heads 32 --kv-heads 8 \

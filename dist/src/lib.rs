@@ -2,6 +2,7 @@
 //! process group and its collectives on tch tensors, through a small C++ shim compiled against
 //! the venv's libtorch (`csrc/c10d_shim.cpp`). Errors are values: every shim call returns a
 //! message instead of throwing, and a collective waits with a timeout.
+pub mod cuda_memory;
 use std::ffi::{c_char, CStr, CString};
 use std::time::Duration;
 

@@ -11,12 +11,14 @@ use trainer::{device, eval};
 /// jemalloc serves every allocation of the process, libtorch's tensors included: freed memory is
 /// reused by the next step instead of fragmenting glibc's heap (`trainer::memory` has the
 /// measurements behind this choice).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options, read at its start-up (`MALLOC_CONF` in the environment is read after them
 /// and wins): no separate arena that returns every large block at once, and freed pages given back
 /// to the kernel within about 5 s, so a run's resident set stays at what the plan predicts.
+#[cfg(feature = "jemalloc")]
 #[allow(non_upper_case_globals)]
 #[export_name = "malloc_conf"]
 pub static malloc_conf: &[u8; 68] = b"narenas:1,oversize_threshold:0,dirty_decay_ms:5000,muzzy_decay_ms:0\0";

@@ -72,6 +72,7 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
     let batch = crate::model::Batch::single(ids, labels);
     let mut times = Vec::new();
     let mut peaks = Vec::new();
+    let mut cuda_peaks: Vec<Option<(u64, u64)>> = Vec::new();
     let mut saved = 0;
     let mut loss = 0.0;
     let mut kept = Vec::new();
@@ -93,13 +94,14 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
     let placement = crate::plan::engine_placement(&model, None, 1024, b.tokens as u64, &section, &store)?;
     for i in 0..b.iters + 1 {
         sync(device);
-        let peak = PhasePeak::start();
+        let peak = PhasePeak::start_on(device);
         let t0 = Instant::now();
         let (l, grads, stats) = model.forward_backward_with(&batch, None, 1024, &mut store, &placement)?;
         sync(device);
         let dt = t0.elapsed().as_secs_f64();
         drop(grads);
         peaks.push(peak.bytes());
+        cuda_peaks.push(peak.cuda().map(|c| (c.allocated_peak, c.reserved_peak)));
         if i > 0 {
             times.push(dt); // the first step warms up allocators and kernels
         }
@@ -131,6 +133,10 @@ pub fn run_step_bench(b: &StepBench, kind: Kind, device: Device) -> Result<serde
         "first_iter_peak_rss_bytes": peaks[0],
         "steady_peak_rss_bytes": peaks[1..].iter().copied().max().flatten(),
         "iter_peak_rss_bytes": peaks,
+        // CUDA: the caching allocator's peaks per iteration, allocated and reserved (null on CPU).
+        "iter_cuda_peak_allocated_bytes": cuda_peaks.iter().map(|c| c.map(|c| c.0)).collect::<Vec<_>>(),
+        "iter_cuda_peak_reserved_bytes": cuda_peaks.iter().map(|c| c.map(|c| c.1)).collect::<Vec<_>>(),
+        "steady_cuda_peak_reserved_bytes": cuda_peaks[1..].iter().map(|c| c.map(|c| c.1)).max().flatten(),
         "loss": loss,
     }))
 }

@@ -18,7 +18,10 @@
 //!
 //! CUDA: libtorch's caching allocator keeps freed blocks reserved; with expandable segments
 //! (set here unless the user set `PYTORCH_CUDA_ALLOC_CONF` / `PYTORCH_ALLOC_CONF`) its segments
-//! grow in place, so reserved memory stays close to allocated memory.
+//! grow in place, so reserved memory stays close to allocated memory. [`PhasePeak::start_on`] a
+//! CUDA device also resets the allocator's peaks, and [`PhasePeak::cuda`] reads them (through
+//! `dist::cuda_memory`): each step's `max_memory_allocated` and `max_memory_reserved` go to the
+//! metrics, beside the plan's device peak.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -54,19 +57,37 @@ fn reset_peak_rss() -> bool {
 }
 
 /// Peak resident set of one phase (a step, a benchmark iteration): resets the high-water mark
-/// when created, reads it when asked.
+/// when created, reads it when asked. On a CUDA device also the caching allocator's peaks.
 pub struct PhasePeak {
     reset: bool,
+    /// The CUDA device whose allocator peaks were reset at the start (None: CPU, or a build
+    /// without the allocator's statistics).
+    cuda: Option<usize>,
 }
 
 impl PhasePeak {
+    /// The process's phase (its resident set).
     pub fn start() -> PhasePeak {
-        PhasePeak { reset: reset_peak_rss() }
+        PhasePeak { reset: reset_peak_rss(), cuda: None }
+    }
+
+    /// A phase computing on `device`: on CUDA the allocator's allocated and reserved peaks too.
+    pub fn start_on(device: tch::Device) -> PhasePeak {
+        let cuda = match device {
+            tch::Device::Cuda(i) => dist::cuda_memory::reset_peaks(i).ok().map(|_| i),
+            _ => None,
+        };
+        PhasePeak { cuda, ..PhasePeak::start() }
     }
 
     /// The phase's peak; None where /proc is missing or the mark could not be reset.
     pub fn bytes(&self) -> Option<u64> {
         self.reset.then(|| status_field("VmHWM:")).flatten()
+    }
+
+    /// The CUDA caching allocator's figures, peaks over the phase; None on CPU.
+    pub fn cuda(&self) -> Option<dist::cuda_memory::CudaMemory> {
+        self.cuda.and_then(|i| dist::cuda_memory::stats(i).ok())
     }
 }
 

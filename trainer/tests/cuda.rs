@@ -51,6 +51,33 @@ fn cuda_model_gradients_match_cpu_reference() {
     println!("cuda float32 gradients: worst relative error {worst:.2e} over {} tensors", ref_grads.len());
 }
 
+/// The caching allocator's figures that a step's metrics report (issue 12): a phase's allocated
+/// peak covers a 64 MiB tensor made and freed in it, reserved is at least allocated, and the next
+/// phase's peaks start again from what is held now.
+#[test]
+fn cuda_allocator_peaks_follow_a_phase() {
+    if !tch::Cuda::is_available() {
+        assert!(trainer::memory::PhasePeak::start_on(Device::Cpu).cuda().is_none());
+        // Without a device the shim says so (an error, not a crash), built with CUDA or not.
+        let e = dist::cuda_memory::stats(0).unwrap_err().to_string();
+        assert!(e.contains("no CUDA device 0") || e.contains("no CUDA allocator statistics"), "{e}");
+        println!("SKIPPED: no CUDA device visible to libtorch");
+        return;
+    }
+    let dev = Device::Cuda(0);
+    let _warm = Tensor::zeros([1], (Kind::Float, dev));
+    let phase = trainer::memory::PhasePeak::start_on(dev);
+    let t = Tensor::ones([16 << 20], (Kind::Float, dev));
+    drop(t);
+    tch::Cuda::synchronize(0);
+    let c = phase.cuda().expect("the allocator's figures on CUDA");
+    println!("{c:?}");
+    assert!(c.allocated_peak >= 64 << 20 && c.allocated < c.allocated_peak, "{c:?}");
+    assert!(c.reserved_peak >= c.allocated_peak && c.reserved >= c.allocated, "{c:?}");
+    let next = trainer::memory::PhasePeak::start_on(dev).cuda().unwrap();
+    assert!(next.allocated_peak < 64 << 20, "the reset peak starts from what is held now: {next:?}");
+}
+
 /// Offload of CUDA activations to page-locked host memory (and NUMA memory, and NVMe) through
 /// the copy stream: losses and gradients identical to the all-resident CUDA run, for α in
 /// {0, 0.3, 1} and keep_last in {0, 2}.

@@ -64,6 +64,13 @@ pub fn step_record(step: i64, o: &StepOutcome, store: &offload::store::Activatio
     if let Some(rss) = crate::memory::peak_rss_bytes() {
         m["memory/host_peak_rss_bytes"] = json!(rss as f64);
     }
+    // CUDA: what libtorch's caching allocator handed to tensors and held from the driver, at
+    // their peaks in the step (torch.cuda.max_memory_allocated / max_memory_reserved).
+    if let Some(c) = &o.cuda_memory {
+        m["memory/cuda_step_peak_allocated_bytes"] = json!(c.allocated_peak as f64);
+        m["memory/cuda_step_peak_reserved_bytes"] = json!(c.reserved_peak as f64);
+        m["memory/cuda_reserved_bytes"] = json!(c.reserved as f64);
+    }
     // Token sparsity: the tokens each sparse layer kept (rank 0's micro-batches).
     for (l, f) in &o.kept {
         m[format!("sparsity/kept_fraction_layer{l}")] = json!(f);

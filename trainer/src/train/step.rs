@@ -29,6 +29,9 @@ pub struct StepOutcome {
     pub saved_peak: usize,
     /// The process's peak resident set during the step.
     pub step_peak_rss: Option<u64>,
+    /// On CUDA: the caching allocator's figures, with its allocated and reserved peaks over the
+    /// step (what the plan's device peak is checked against).
+    pub cuda_memory: Option<dist::cuda_memory::CudaMemory>,
     /// Under sequence parallelism: bytes this rank sent by all-to-all in the step, and seconds.
     pub all_to_all: Option<(u64, f64)>,
     /// Token sparsity: each sparse layer's kept fraction of tokens over this rank's micro-batches.
@@ -41,7 +44,7 @@ pub struct StepOutcome {
 /// Step `step` (0-based) of the run; on success the session's state says `step + 1` is done.
 pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::ActivationStore, placement: &Placement, step: i64) -> Result<StepOutcome> {
     let t0 = Instant::now();
-    let step_peak = crate::memory::PhasePeak::start();
+    let step_peak = crate::memory::PhasePeak::start_on(s.model.device());
     let traffic_before = s.model.seq.as_ref().map(|g| g.traffic());
     // Sparse layers run sparse from `sparsity.start_step` on (dense before it: the warm-up).
     s.model.sparsity = s.sparsity.clone().filter(|_| s.recipe.sparsity.as_ref().is_some_and(|r| r.active_at(step)));
@@ -138,7 +141,7 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
         let (b, secs) = g.traffic();
         (b - b0, secs - s0)
     });
-    Ok(StepOutcome { loss, lr, grad_norm, tokens, seconds: t0.elapsed().as_secs_f64(), saved_peak, step_peak_rss: step_peak.bytes(), all_to_all,
+    Ok(StepOutcome { loss, lr, grad_norm, tokens, seconds: t0.elapsed().as_secs_f64(), saved_peak, step_peak_rss: step_peak.bytes(), cuda_memory: step_peak.cuda(), all_to_all,
         kept: kept.into_iter().map(|(l, k, t)| (l, k as f64 / t.max(1) as f64)).collect(),
         // A layer whose documents had no block to choose by score has no recall to report.
         recall: recall.into_iter().filter(|&(_, _, t)| t > 0).map(|(l, h, t)| (l, h as f64 / t as f64)).collect(),
