@@ -16,12 +16,14 @@ cd "$(dirname "$0")/.."
 CASES=${CASES:-"4096:resident 8192:nvme"}
 ROUNDS=${ROUNDS:-3}
 STEPS=${STEPS:-5}
+[ "$STEPS" -ge 2 ] || { echo "STEPS must be at least 2 (step 1 is not measured)"; exit 1; }
 export LIBTORCH_USE_PYTORCH=1
-cargo build --release --bin train --no-default-features >/dev/null 2>&1
-cp target/release/train target/release/train-glibc
-cargo build --release --bin train >/dev/null 2>&1
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+build() { cargo build --release --bin train "$@" > "$tmp/build.log" 2>&1 || { tail -20 "$tmp/build.log"; exit 1; }; }
+build --no-default-features
+cp target/release/train target/release/train-glibc
+build
 mkdir -p "$tmp/nvme"
 VARIANTS=("glibc|" "jemalloc (built in)|" "jemalloc, freed pages kept|dirty_decay_ms:-1,muzzy_decay_ms:-1" "jemalloc, huge pages|thp:always")
 for case in $CASES; do
@@ -39,7 +41,7 @@ for case in $CASES; do
       echo "$t $place $i $r $(python3 -c '
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl") if "\"train/loss\"" in l]
-print(statistics.median(r["train/tokens_per_sec"] for r in rows[1:]), max(r["memory/step_peak_rss_bytes"] for r in rows[1:]))' "$run")" >> "$tmp/results"
+print(statistics.median(r["train/tokens_per_sec"] for r in rows[1:]), int(max(r["memory/step_peak_rss_bytes"] for r in rows[1:])))' "$run")" >> "$tmp/results"
     done
   done
 done
@@ -51,7 +53,7 @@ rows = [l.split() for l in open(sys.argv[1])]
 print("| tokens | activations | allocator | MALLOC_CONF added | tokens/s per round (median of steps 2..) | vs glibc | steady peak RSS per round | vs glibc |")
 print("|---:|---|---|---|---|---:|---|---:|")
 for case in dict.fromkeys((r[0], r[1]) for r in rows):
-    got = {i: [(float(r[4]), int(r[5])) for r in rows if (r[0], r[1]) == case and int(r[2]) == i] for i in range(len(names))}
+    got = {i: [(float(r[4]), float(r[5])) for r in rows if (r[0], r[1]) == case and int(r[2]) == i] for i in range(len(names))}
     base_tps = statistics.median(x[0] for x in got[0])
     base_rss = statistics.median(x[1] for x in got[0])
     for i, n in enumerate(names):

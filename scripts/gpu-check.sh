@@ -68,12 +68,12 @@ echo "== one rank under train launch on CUDA: the NCCL process group with world 
 "$BIN/train" launch --nproc-per-node 1 -- run --recipe recipes/demo-passkey-cpu.toml run.device=cuda "run.dir=$run/nccl" train.steps=20 eval.every=0 eval.samples=2 log.every=10 dist.backend=nccl || fail=1
 
 echo "== the plan's device peak against libtorch's CUDA allocator over 6 steps of train run (issue 12):"
-echo "   memory-check recipe on CUDA, bf16, hidden 2048 × 8 layers, 32K tokens; resident, and every layer in host memory"
+echo "   memory-check recipe on CUDA, bf16, hidden 2048 × 8 layers, 32K tokens, whole-sequence blocks (the plan of what runs: apply = false); resident, and every layer in host memory"
 for place in resident host; do
   extra=()
   [ $place = host ] && extra=('offload.tiers=["host"]' offload.host_bytes=34359738368 offload.keep_last=0)
   "$BIN/train" run --recipe recipes/memory-check-cpu.toml run.device=cuda run.dtype=bfloat16 "run.dir=$run/mem-$place" \
-    train.steps=6 data.tokens_per_batch=32768 data.max_tokens=32768 'data.synth.words=[8160]' model.init.hidden_size=2048 \
+    plan.device_memory=120GiB compute.tile_tokens=0 train.steps=6 data.tokens_per_batch=32768 data.max_tokens=32768 'data.synth.words=[8160]' model.init.hidden_size=2048 \
     model.init.intermediate_size=5632 model.init.num_attention_heads=16 model.init.num_key_value_heads=8 "${extra[@]}" || fail=1
   $PY - "$run/mem-$place" "$place" <<'PY' || fail=1
 import json, sys

@@ -403,7 +403,8 @@ fn torchrun_restarts_a_failed_job_and_it_resumes_exactly() {
     assert!(status.success(), "the restarted job: {text}");
     // The agent saw rank 1 die and started both workers again; both resumed from a checkpoint.
     assert!(text.contains("exitcode: -9) local_rank: 1"), "torchrun reports the killed rank: {text}");
-    assert_eq!(text.matches("resuming from ").count(), 2, "both restarted workers resume: {text}");
+    let resumed: Vec<i64> = text.lines().filter_map(|l| l.split("resuming from ").nth(1)?.rsplit("(step ").next()?.trim_end_matches(')').parse().ok()).collect();
+    assert!(resumed.len() == 2 && resumed[0] == resumed[1] && resumed[0] >= 8, "both restarted workers resume from the newest checkpoint: {text}");
     let (a, b) = (losses_by_step(&full), losses_by_step(&run));
     assert_eq!(a.len(), 40);
     assert_eq!(a, b, "losses of the restarted job");

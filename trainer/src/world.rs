@@ -265,8 +265,9 @@ impl World {
             }
         }
         for (_, _, members) in buckets {
-            // One member is summed where it lies (a view of its own storage); several are copied
-            // into one flat tensor, and their own storage goes as `members` is consumed.
+            // One member is summed where it lies (a view of its own storage: the explicit backward
+            // makes contiguous gradients, so `contiguous` copies nothing); several are copied into
+            // one flat tensor, and their own storage goes as `members` is consumed.
             let flat = match members.as_slice() {
                 [(_, g)] => g.contiguous().view([-1]),
                 _ => Tensor::cat(&members.iter().map(|(_, g)| g.reshape([-1])).collect::<Vec<_>>(), 0),

@@ -419,16 +419,17 @@ fn lora_terms(kind: Kind, lora: Option<&LoraConfig>, what: &str, ops: &[(&[Proj]
         .collect()
 }
 
+/// The first op of [`backward_buffers`] after a whole-sequence layer backward asked for the next
+/// layers' saved tensors ([`block::backward`]'s `mlp_done`, once `d h` exists and `dy` and the
+/// post-norm's gradient are gone): o_proj's backward, the first of the attention's ops.
+pub const PREFETCH_AT_OP: u32 = 6;
+
 /// One layer's backward buffers in [`block::backward`]'s op order (slots 1..=11: down, swiglu,
 /// gate/up, post-norm, residual, o_proj, attention, RoPE, q/k/v, input norm, residual), and each
 /// saved tensor until the op that consumes it.
 ///
 /// `channels`: with MLP channel sparsity, the channels its layers keep (their MLP gradients span
 /// those only, and their saved tensors are as `saved` has them there).
-/// The op of [`backward_buffers`] (`d h`, after the MLP and its norm) at which a whole-sequence
-/// layer backward asks for the next layers' saved tensors ([`block::backward`]'s `mlp_done`).
-pub const PREFETCH_AT_OP: u32 = 5;
-
 fn backward_buffers(cfg: &ModelConfig, kind: Kind, lora: Option<&LoraConfig>, saved: &[TensorClass], channels: Option<u64>) -> Vec<OpBuffer> {
     let e = kind.elt_size_in_bytes() as u64;
     let (d, i) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);

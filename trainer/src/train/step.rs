@@ -69,7 +69,8 @@ pub fn train_step(s: &mut Session, source: &Source, store: &mut offload::store::
             source.skip(&recipe.data, recipe.run.seed, &mut s.state.cursor);
         }
     }
-    // The objective is the mean over the whole step's target tokens, on every rank.
+    // The objective is the mean over the whole step's target tokens, on every rank. (A rank that
+    // failed to build its micro-batch has stopped with its error; the launcher stops the others.)
     let targets: i64 = mine.iter().map(|(_, b)| count_targets(b)).sum();
     let tokens: i64 = mine.iter().map(|(_, b)| b.ids.size()[0]).sum();
     let [total, tokens] = world.sum_step_counts([targets, tokens], sp)?;
