@@ -4,8 +4,8 @@
 # table; asserts nothing.
 #
 # Variants: glibc's malloc (a `train` built with --no-default-features), jemalloc as built in
-# (narenas:1, oversize_threshold:0, dirty_decay_ms:5000, muzzy_decay_ms:0), and jemalloc with
-# MALLOC_CONF variants on top. They run interleaved, ROUNDS times, so that drift of this shared
+# (narenas:1, oversize_threshold:0, dirty_decay_ms:5000, muzzy_decay_ms:0, and its freed pages
+# purged at each step's start), and jemalloc with a MALLOC_CONF variant on top. They run interleaved, ROUNDS times, so that drift of this shared
 # machine falls on all of them alike. Each run: `train run` of recipes/memory-check-cpu.toml for
 # STEPS steps; tokens/s is the median of steps 2.., steady = the largest per-step peak RSS of steps 2...
 #
@@ -25,7 +25,7 @@ build --no-default-features
 cp target/release/train target/release/train-glibc
 build
 mkdir -p "$tmp/nvme"
-VARIANTS=("glibc|" "jemalloc (built in)|" "jemalloc, freed pages kept|dirty_decay_ms:-1,muzzy_decay_ms:-1" "jemalloc, huge pages|thp:always")
+VARIANTS=("glibc|" "jemalloc (built in)|" "jemalloc, freed pages kept|dirty_decay_ms:-1,muzzy_decay_ms:-1")
 for case in $CASES; do
   t=${case%%:*}; place=${case##*:}
   extra=()

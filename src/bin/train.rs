@@ -23,6 +23,23 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[export_name = "malloc_conf"]
 pub static malloc_conf: &[u8; 68] = b"narenas:1,oversize_threshold:0,dirty_decay_ms:5000,muzzy_decay_ms:0\0";
 
+#[cfg(feature = "jemalloc")]
+extern "C" {
+    /// jemalloc's control interface (the unprefixed symbol tikv-jemallocator links in).
+    fn mallctl(name: *const std::ffi::c_char, oldp: *mut std::ffi::c_void, oldlenp: *mut usize, newp: *mut std::ffi::c_void, newlen: usize) -> std::ffi::c_int;
+}
+
+/// Returns every arena's unused dirty pages to the kernel now (`arena.<MALLCTL_ARENAS_ALL>.purge`):
+/// at the start of each step (`trainer::memory::PhasePeak`), so the step starts from live memory.
+#[cfg(feature = "jemalloc")]
+fn purge_freed_pages() {
+    // SAFETY: a NUL-terminated control name and no old or new value: the documented call form of
+    // a purge; jemalloc is this process's malloc.
+    unsafe {
+        mallctl(c"arena.4096.purge".as_ptr(), std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut(), 0);
+    }
+}
+
 #[derive(Parser)]
 #[command(name = "train", version, about = "Long-context fine-tuning with explicit activation placement")]
 struct Cli {
@@ -674,6 +691,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
 fn main() -> ExitCode {
     // Before any thread exists and before libtorch touches CUDA.
     trainer::memory::configure_cuda_allocator();
+    #[cfg(feature = "jemalloc")]
+    trainer::memory::set_page_release(purge_freed_pages);
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,10 +11,15 @@
 //! `M_MMAP_THRESHOLD` fixed at 128 KiB gives the live peak (1.47 GiB) but every tensor is fresh,
 //! page-faulted memory; jemalloc keeping freed pages (`dirty_decay_ms:-1`) is the fastest (~25%
 //! faster than glibc) but holds 1.72 GiB; jemalloc's defaults purge blocks ≥ 8 MiB at once; a
-//! second arena for the I/O thread's tensors held 0.4 GiB more. As built in: 1.26, 1.42, 1.43,
-//! 1.44, 1.41 GiB, ~12% slower than glibc in single runs (purged pages are faulted in again).
-//! Users who prefer speed to memory set `MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1` (read
-//! after the built-in options).
+//! second arena for the I/O thread's tensors held 0.4 GiB more. Every phase ([`PhasePeak`]: a
+//! step, a bench iteration) also starts by purging all freed pages at once (the binary registers
+//! jemalloc's `arena.<all>.purge` with [`set_page_release`]): one call instead of the decay's
+//! many, which made steps faster and lower. `scripts/bench-allocator.sh`, interleaved, 2 rounds
+//! (2026-11-30): 4K resident / 8K NVMe, tokens/s vs glibc 0.91 / 0.91 at 1.64 / 1.15 GiB (plan
+//! 1.73 / 1.15; glibc 1.80 / 2.14); keeping freed pages (`MALLOC_CONF=dirty_decay_ms:-1,
+//! muzzy_decay_ms:-1`, read after the built-in options) 1.08 / 1.07 at 1.73 / 1.35 GiB. A purge
+//! before each backward as well did not lower the kept-pages variant (1.31-1.34 GiB at 8K NVMe):
+//! its excess forms within the backward.
 //!
 //! CUDA: libtorch's caching allocator keeps freed blocks reserved; with expandable segments
 //! (set here unless the user set `PYTORCH_CUDA_ALLOC_CONF` / `PYTORCH_ALLOC_CONF`) its segments
@@ -56,8 +61,25 @@ fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// Peak resident set of one phase (a step, a benchmark iteration): resets the high-water mark
-/// when created, reads it when asked. On a CUDA device also the caching allocator's peaks.
+/// How the process gives freed pages back to the kernel (set by the `train` binary: jemalloc's
+/// purge); nothing where unset.
+static PAGE_RELEASE: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Registers how to give the allocator's freed pages back to the kernel at a phase's start.
+pub fn set_page_release(release: fn()) {
+    let _ = PAGE_RELEASE.set(release);
+}
+
+/// Gives the allocator's freed pages back to the kernel now (where the binary registered how).
+pub fn release_freed_pages() {
+    if let Some(release) = PAGE_RELEASE.get() {
+        release();
+    }
+}
+
+/// Peak resident set of one phase (a step, a benchmark iteration): gives freed pages back to the
+/// kernel and resets the high-water mark when created, reads it when asked. On a CUDA device also
+/// the caching allocator's peaks.
 pub struct PhasePeak {
     reset: bool,
     /// The CUDA device whose allocator peaks were reset at the start (None: CPU, or a build
@@ -68,6 +90,7 @@ pub struct PhasePeak {
 impl PhasePeak {
     /// The process's phase (its resident set).
     pub fn start() -> PhasePeak {
+        release_freed_pages();
         PhasePeak { reset: reset_peak_rss(), cuda: None }
     }
 
