@@ -186,7 +186,10 @@ fn resume_from(existing: &[(i64, PathBuf)], recipe: &Recipe, model: &mut Model, 
     for (_, dir) in existing {
         match checkpoints::load(dir, model, opt) {
             Ok(s) => {
-                eprintln!("resuming from {} (step {})", dir.display(), s.step);
+                // One write: the ranks of a job share torchrun's stderr, and a line written in
+                // pieces interleaves with theirs.
+                let line = format!("resuming from {} (step {})\n", dir.display(), s.step);
+                let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
                 return s;
             }
             Err(e) => eprintln!("warning: skipping checkpoint: {e}"),
