@@ -38,6 +38,9 @@ done
 echo "== memory over a whole run: plan vs per-step peak RSS, 5 steps at 4096 tokens (scripts/bench-memory.sh)"
 TOKENS=4096 bash scripts/bench-memory.sh
 
+echo "== the allocator: glibc vs jemalloc as built in vs jemalloc keeping freed pages, tokens/s and steady peak RSS (scripts/bench-allocator.sh)"
+CASES="4096:resident" ROUNDS=2 STEPS=4 bash scripts/bench-allocator.sh
+
 echo "== several processes: all-reduce GB/s (shim vs torch.distributed), tokens/s of 1 vs 2 processes (scripts/bench-dist.sh)"
 bash scripts/bench-dist.sh
 
