@@ -43,21 +43,28 @@ pub fn rss_bytes() -> Option<u64> {
     status_field("VmRSS:")
 }
 
-/// The process's peak before the last reset of the kernel's high-water mark.
-static PEAK_BEFORE_RESET: AtomicU64 = AtomicU64::new(0);
+/// The largest high-water mark read so far (across resets of the kernel's mark).
+static PEAK_SEEN: AtomicU64 = AtomicU64::new(0);
+
+/// The kernel's high-water mark now, kept in [`PEAK_SEEN`]: every reading is kept, because the
+/// kernel folds the current resident set into its mark only lazily (at reads and some unmaps), so
+/// a peak seen by one reading can be gone from the mark once pages are given back.
+fn observed_hwm() -> Option<u64> {
+    let b = status_field("VmHWM:")?;
+    PEAK_SEEN.fetch_max(b, Ordering::Relaxed);
+    Some(b)
+}
 
 /// Peak resident set of this process since it started, in bytes (across [`PhasePeak`] resets).
 pub fn peak_rss_bytes() -> Option<u64> {
-    status_field("VmHWM:").map(|b| b.max(PEAK_BEFORE_RESET.load(Ordering::Relaxed)))
+    observed_hwm().map(|b| b.max(PEAK_SEEN.load(Ordering::Relaxed)))
 }
 
 /// Restarts the kernel's high-water mark (VmHWM) from the current resident set (Linux ≥ 4.0: `5`
 /// to clear_refs), keeping the process's peak so far for [`peak_rss_bytes`]. False where that is
 /// not possible.
 fn reset_peak_rss() -> bool {
-    if let Some(b) = status_field("VmHWM:") {
-        PEAK_BEFORE_RESET.fetch_max(b, Ordering::Relaxed);
-    }
+    observed_hwm();
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
@@ -90,6 +97,8 @@ pub struct PhasePeak {
 impl PhasePeak {
     /// The process's phase (its resident set).
     pub fn start() -> PhasePeak {
+        // The mark before the purge gives the pages back (see observed_hwm).
+        observed_hwm();
         release_freed_pages();
         PhasePeak { reset: reset_peak_rss(), cuda: None }
     }
@@ -105,7 +114,7 @@ impl PhasePeak {
 
     /// The phase's peak; None where /proc is missing or the mark could not be reset.
     pub fn bytes(&self) -> Option<u64> {
-        self.reset.then(|| status_field("VmHWM:")).flatten()
+        self.reset.then(observed_hwm).flatten()
     }
 
     /// The CUDA caching allocator's figures, peaks over the phase; None on CPU.
