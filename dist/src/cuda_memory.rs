@@ -58,8 +58,3 @@ pub fn reset_peaks(device: usize) -> Result<()> {
         Err(not_built())
     }
 }
-
-/// Whether this build reads the CUDA allocator's figures.
-pub fn available() -> bool {
-    cfg!(strata_nccl)
-}

@@ -57,7 +57,7 @@ fn observed_hwm() -> Option<u64> {
 
 /// Peak resident set of this process since it started, in bytes (across [`PhasePeak`] resets).
 pub fn peak_rss_bytes() -> Option<u64> {
-    observed_hwm().map(|b| b.max(PEAK_SEEN.load(Ordering::Relaxed)))
+    observed_hwm().map(|_| PEAK_SEEN.load(Ordering::Relaxed))
 }
 
 /// Restarts the kernel's high-water mark (VmHWM) from the current resident set (Linux ≥ 4.0: `5`
@@ -78,7 +78,7 @@ pub fn set_page_release(release: fn()) {
 }
 
 /// Gives the allocator's freed pages back to the kernel now (where the binary registered how).
-pub fn release_freed_pages() {
+fn release_freed_pages() {
     if let Some(release) = PAGE_RELEASE.get() {
         release();
     }

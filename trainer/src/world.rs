@@ -231,12 +231,10 @@ impl World {
     /// Sums counts of a step's micro-batches (targets, tokens) over the data-parallel ranks: the
     /// ranks of one sequence-parallel group (`sp` of them) count the same micro-batches.
     pub fn sum_step_counts(&self, counts: [i64; 2], sp: usize) -> Result<[i64; 2]> {
-        let Some(pg) = &self.pg else { return Ok(counts) };
         let t = Tensor::from_slice(&counts).to_device(self.on);
-        self.collective(pg.all_reduce(&t, ReduceOp::Sum))?;
-        let sum = Vec::<i64>::try_from(&t.to_device(Device::Cpu)).map_err(|e| TrainerError::Dist(e.to_string()))?;
+        self.sum(&t)?;
         let sp = sp.max(1) as i64;
-        Ok([sum[0] / sp, sum[1] / sp])
+        Ok([t.int64_value(&[0]) / sp, t.int64_value(&[1]) / sp])
     }
 
     /// Starts summing `grads` over the ranks while the caller goes on: a gradient of `bucket`
